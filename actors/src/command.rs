@@ -1,0 +1,107 @@
+//! What the shard log carries, and what applying it yields.
+//!
+//! The router turns a validated [`ChannelEvent`] into a [`ShardMessage`] for the customer's
+//! shard; redeem commands and clock ticks travel the same log, so replaying a shard's log
+//! reproduces every state change, time-driven ones included. [`ApplyOutcome`] is what one
+//! command did to one customer: the actor events to publish, whether it was a duplicate or
+//! refused, and the reply owed to a waiting client.
+
+use crate::event::{ChannelEvent, Rejection};
+use crate::identity::IdentityKind;
+use serde::{Deserialize, Serialize};
+
+/// One record of the shard log `crm.shard.<n>` (bincode, behind the codec's version byte).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardMessage {
+    /// A command for one customer.
+    Customer {
+        customer_id: String,
+        command: CustomerCommand,
+        /// Where the node should send the command's reply once it is durable (an inbox the
+        /// requester listens on); `None` when nobody waits.
+        reply_to: Option<String>,
+    },
+    /// The shard's rule clock moves to `at_ms`: time-driven rules fire for every customer of
+    /// the shard whose next due time is at or before it.
+    Tick { at_ms: i64 },
+}
+
+/// A command applied by one customer actor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CustomerCommand {
+    /// A channel event, with what the router learned while resolving its identity.
+    Event {
+        event: ChannelEvent,
+        /// Set when a lower-priority identifier of the event belongs to another customer.
+        conflict: Option<IdentityConflict>,
+    },
+    /// Spend points on a reward from the catalogue; idempotent by `request_id`.
+    Redeem {
+        request_id: String,
+        reward_id: String,
+        at_ms: i64,
+    },
+    /// Time-driven rules (expiry, pending release, lapse, tier anniversary) at `at_ms`.
+    Tick { at_ms: i64 },
+}
+
+/// Identifiers of one event that resolve to two customers; the event was applied to the
+/// customer of the highest-priority identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityConflict {
+    /// The kind of the identifier that pointed elsewhere.
+    pub kind: IdentityKind,
+    /// The customer that identifier belongs to.
+    pub other_customer_id: String,
+}
+
+/// An event an actor emits for dashboards: published as JSON on
+/// `crm.events.<event_type>.<customer_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorEvent {
+    /// `customer.created`, `points.earned`, `tier.changed`, ...
+    pub event_type: String,
+    pub customer_id: String,
+    /// Event time it happened at, Unix ms.
+    pub at_ms: i64,
+    /// Deterministic unique id: `<cause>:<event_type>:<index>`; dashboards dedup on it.
+    pub id: String,
+    /// Type-specific fields.
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What happened to one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ApplyStatus {
+    /// State changed (or a time rule ran).
+    Applied,
+    /// Already applied (same event id, or same order id): acknowledged, applied zero times.
+    Duplicate,
+    /// Valid input the rules refused; goes to the dead-letter stream with this reason.
+    Rejected(Rejection),
+}
+
+/// The outcome of a redeem command: the JSON reply on `crm.cmd.redeem`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedeemOutcome {
+    pub request_id: String,
+    pub customer_id: String,
+    pub reward_id: String,
+    /// `true`: the points were spent.
+    pub approved: bool,
+    /// Points spent (0 when denied).
+    pub points_spent: i64,
+    /// Balance after the command.
+    pub points_balance: i64,
+    /// Why it was denied (`insufficient_points`, `unknown_reward`, `unknown_customer`, ...).
+    pub reason: Option<String>,
+}
+
+/// What applying one command produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyOutcome {
+    pub status: ApplyStatus,
+    pub events: Vec<ActorEvent>,
+    /// The reply owed to the requester of a `Redeem` (also for a repeated request id).
+    pub redeem: Option<RedeemOutcome>,
+}

@@ -1,0 +1,20 @@
+//! The CRM domain: channel events, the single customer view, loyalty and retention rules,
+//! the customer actor and the sled store. Pure of NATS: the node crate feeds it commands
+//! read from the shard log and publishes what it returns.
+//!
+//! Map: [`event`] validates public JSON into [`event::ChannelEvent`]; [`command`] is what
+//! the shard log carries and what applying it yields; [`apply::apply`] is the one pure
+//! function from (state, command, rules) to (new state, outcome); [`rules`], [`loyalty`]
+//! and [`retention`] hold the rule engines; [`state`] the customer state; [`view`] the
+//! 360 JSON; [`codec`] the versioned bincode format; [`store`] the sled store;
+//! [`actor`] the customer actors and the per-shard engine that drives them.
+
+pub mod apply;
+pub mod command;
+pub mod event;
+pub mod identity;
+pub mod money;
+pub mod rules;
+pub mod state;
+pub mod time;
+pub mod view;

@@ -1,0 +1,57 @@
+//! Event time: instants as Unix milliseconds, read from and written as RFC 3339.
+//!
+//! Rules never look at the wall clock; every instant they use comes from an event's
+//! `occurred_at` or from a tick written into the shard log. This module is the one place that
+//! converts between RFC 3339 text and the `i64` milliseconds the state stores.
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Milliseconds in one day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// An RFC 3339 text that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{text}' is not an RFC 3339 timestamp (send e.g. 2026-03-01T10:15:00Z)")]
+pub struct TimeError {
+    pub text: String,
+}
+
+/// Parses RFC 3339 into Unix milliseconds.
+pub fn parse_rfc3339_ms(text: &str) -> Result<i64, TimeError> {
+    let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| TimeError {
+        text: text.to_string(),
+    })?;
+    Ok((parsed.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Formats Unix milliseconds as RFC 3339 in UTC.
+pub fn format_rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("@{ms}ms"))
+}
+
+/// Whole days from `earlier` to `later` (floor; negative when `later` is before `earlier`).
+pub fn days_between(earlier_ms: i64, later_ms: i64) -> i64 {
+    (later_ms - earlier_ms).div_euclid(DAY_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips_through_milliseconds() {
+        let ms = parse_rfc3339_ms("2026-03-01T10:15:00Z").unwrap();
+        assert_eq!(format_rfc3339(ms), "2026-03-01T10:15:00Z");
+        assert_eq!(parse_rfc3339_ms("2026-03-01T12:15:00+02:00").unwrap(), ms);
+    }
+
+    #[test]
+    fn a_bad_timestamp_names_the_text() {
+        let error = parse_rfc3339_ms("yesterday").unwrap_err();
+        assert!(error.to_string().contains("'yesterday'"));
+    }
+}
