@@ -9,12 +9,18 @@
 //! 360 JSON; [`codec`] the versioned bincode format; [`store`] the sled store;
 //! [`actor`] the customer actors and the per-shard engine that drives them.
 
+pub mod actor;
 pub mod apply;
+pub mod codec;
 pub mod command;
+pub mod engine;
 pub mod event;
 pub mod identity;
+pub mod loyalty;
 pub mod money;
+pub mod retention;
 pub mod rules;
 pub mod state;
+pub mod store;
 pub mod time;
 pub mod view;

@@ -1,23 +1,883 @@
-//! The rules file (placeholder; the domain helper fills it in).
+//! The rules file (`cluster-config/rules.toml`): earning, pending and expiring points, tiers,
+//! rewards, retention thresholds and the per-customer limits, validated once at load.
+//!
+//! The node calls [`Rules::load`] at start (and on a hot reload); [`crate::apply::apply`],
+//! [`crate::loyalty`], [`crate::retention`] and [`crate::view`] read the validated [`Rules`].
+//! Decimals from the file (money, multipliers, factors) become integers here (minor units,
+//! basis points, milliseconds) so that no float ever reaches customer state. A rules file is
+//! either fully valid or refused with a [`RulesError`] that names the field, the problem and
+//! the fix; nothing downstream re-checks it, and this module never touches customer state.
 
+use crate::money::parse_decimal_minor;
+use crate::time::DAY_MS;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// 1.0x as basis points.
+pub const BASIS_POINTS_ONE: i64 = 10_000;
+/// The largest multiplier or factor the file may hold (100x).
+const MULTIPLIER_MAX_BASIS_POINTS: i64 = 100 * BASIS_POINTS_ONE;
+/// The longest period in days any `*_days` field may hold (100 years).
+const DAYS_MAX: i64 = 36_500;
+
+/// Validated rules. Every amount is in minor units, every period in ms or days as named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rules {
+    /// The rules version; stamped into state and events so replays can be explained.
     pub version: u32,
+    /// The loyalty currency (ISO 4217); points are earned on amounts in it.
+    pub currency: String,
+    /// Currencies ingest accepts (always contains `currency`).
+    pub accepted_currencies: Vec<String>,
+    pub limits: Limits,
+    pub earning: Earning,
+    /// Days after earning at which a points lot expires; 0 = points never expire.
+    pub expiry_days: i64,
+    pub tiering: Tiering,
+    /// Tiers, ascending by threshold; `tiers[0]` is the base tier (threshold 0).
+    pub tiers: Vec<Tier>,
+    /// The rewards catalogue, by id.
+    pub rewards: BTreeMap<String, Reward>,
+    pub retention: Retention,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RulesError(pub String);
+/// Bounds on what one customer's state may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub timeline_max_entries: usize,
+    pub orders_max: usize,
+    pub redemptions_max: usize,
+    pub event_ids_max: usize,
+    pub identities_max: usize,
+    pub tier_history_max: usize,
+    pub lots_max: usize,
+}
+
+/// How points are earned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Earning {
+    /// Points per one major currency unit (1.00 EUR), before multipliers.
+    pub points_per_currency_unit: i64,
+    /// Channel multipliers in basis points (10 000 = 1.0x); absent channel = 1.0x.
+    pub channel_multiplier_basis_points: BTreeMap<String, i64>,
+    /// Category multipliers in basis points, applied per item line; absent = 1.0x.
+    pub category_multiplier_basis_points: BTreeMap<String, i64>,
+    /// Bonus points on a customer's first purchase (pending and reversed with the order).
+    pub first_purchase_bonus_points: i64,
+    /// Bonus points once the profile holds every field of `profile_completion_fields`.
+    pub profile_completion_bonus_points: i64,
+    pub profile_completion_fields: Vec<String>,
+    /// Days before earned points become spendable; 0 = at once.
+    pub pending_days: i64,
+}
+
+/// Tier evaluation periods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiering {
+    /// Net spend counted for tiers: purchases minus returns of the last N days.
+    pub rolling_window_days: i64,
+    /// A tier is reviewed for downgrade this many days after it was reached, then every
+    /// period after that.
+    pub review_period_days: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub name: String,
+    /// Rolling net spend that qualifies, minor units.
+    pub threshold_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reward {
+    pub id: String,
+    pub name: String,
+    pub points_cost: i64,
+}
+
+/// Retention (lapse and win-back) thresholds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// k: a customer lapses when days since the last purchase exceed k x their mean gap.
+    pub lapse_factor_basis_points: i64,
+    /// The gap assumed for customers with a single purchase (time), days.
+    pub default_gap_days: i64,
+    /// The smallest gap ever used (so two purchases a minute apart don't lapse in minutes).
+    pub min_gap_days: i64,
+    /// Days after lapsing at which the win-back offer is made (once per lapse); 0 = at once.
+    pub winback_delay_days: i64,
+}
 
 impl Rules {
-    pub fn from_toml_str(_text: &str) -> Result<Rules, RulesError> {
-        Ok(Rules { version: 1 })
+    /// Days as ms.
+    pub fn days_ms(days: i64) -> i64 {
+        days.saturating_mul(DAY_MS)
     }
-    pub fn load(path: &std::path::Path) -> Result<Rules, RulesError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RulesError(format!("{}: {e}", path.display())))?;
-        Rules::from_toml_str(&text)
-    }
+
+    /// The currencies ingest should accept.
     pub fn currencies(&self) -> Vec<String> {
-        vec!["EUR".to_string()]
+        self.accepted_currencies.clone()
+    }
+
+    /// Index of the tier named `name`, if it still exists in these rules.
+    pub fn tier_index(&self, name: &str) -> Option<usize> {
+        self.tiers.iter().position(|t| t.name == name)
+    }
+
+    /// The highest tier whose threshold `net_spend_minor` reaches.
+    pub fn qualifying_tier(&self, net_spend_minor: i64) -> usize {
+        self.tiers
+            .iter()
+            .rposition(|t| net_spend_minor >= t.threshold_minor)
+            .unwrap_or(0)
+    }
+
+    /// Reads and validates a rules file.
+    pub fn load(path: &Path) -> Result<Rules, RulesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Rules::parse_named(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates rules TOML (errors are prefixed `rules.toml:`).
+    pub fn from_toml_str(text: &str) -> Result<Rules, RulesError> {
+        Rules::parse_named(text, "rules.toml")
+    }
+
+    fn parse_named(text: &str, file: &str) -> Result<Rules, RulesError> {
+        let raw: RawRules = toml::from_str(text).map_err(|error| RulesError::Syntax {
+            file: file.to_string(),
+            message: error.to_string().trim_end().replace('\n', " | "),
+        })?;
+        raw.validate()
+            .map_err(|(field, problem)| RulesError::Invalid {
+                file: file.to_string(),
+                field,
+                problem,
+            })
+    }
+}
+
+/// Why a rules file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error(
+        "{path}: cannot read the rules file ({source}); check the rules path in the node config"
+    )]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: not valid rules TOML: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {field} {problem}")]
+    Invalid {
+        file: String,
+        field: String,
+        problem: String,
+    },
+}
+
+impl RulesError {
+    /// The offending field for validation errors (`tiers[1].threshold`).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            RulesError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+// ---- raw file shape -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    version: i64,
+    currency: String,
+    #[serde(default)]
+    accepted_currencies: Option<Vec<String>>,
+    #[serde(default)]
+    limits: RawLimits,
+    earning: RawEarning,
+    #[serde(default)]
+    expiry: RawExpiry,
+    #[serde(default)]
+    tiering: RawTiering,
+    tiers: Vec<RawTier>,
+    #[serde(default)]
+    rewards: Vec<RawReward>,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    timeline_max_entries: i64,
+    orders_max: i64,
+    redemptions_max: i64,
+    event_ids_max: i64,
+    identities_max: i64,
+    tier_history_max: i64,
+    lots_max: i64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            timeline_max_entries: 50,
+            orders_max: 200,
+            redemptions_max: 100,
+            event_ids_max: 1000,
+            identities_max: 32,
+            tier_history_max: 20,
+            lots_max: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEarning {
+    points_per_currency_unit: i64,
+    #[serde(default)]
+    pending_days: i64,
+    #[serde(default)]
+    first_purchase_bonus_points: i64,
+    #[serde(default)]
+    channel_multipliers: BTreeMap<String, f64>,
+    #[serde(default)]
+    category_multipliers: BTreeMap<String, f64>,
+    #[serde(default)]
+    profile_completion: Option<RawProfileCompletion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfileCompletion {
+    bonus_points: i64,
+    fields: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawExpiry {
+    expiry_days: i64,
+}
+
+impl Default for RawExpiry {
+    fn default() -> Self {
+        RawExpiry { expiry_days: 365 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTiering {
+    rolling_window_days: i64,
+    review_period_days: i64,
+}
+
+impl Default for RawTiering {
+    fn default() -> Self {
+        RawTiering {
+            rolling_window_days: 365,
+            review_period_days: 365,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: String,
+    threshold: toml::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReward {
+    id: String,
+    name: String,
+    points_cost: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    lapse_factor: f64,
+    default_gap_days: i64,
+    min_gap_days: i64,
+    winback_delay_days: i64,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        RawRetention {
+            lapse_factor: 2.0,
+            default_gap_days: 90,
+            min_gap_days: 7,
+            winback_delay_days: 0,
+        }
+    }
+}
+
+type Check<T> = Result<T, (String, String)>;
+
+fn fail<T>(field: impl Into<String>, problem: impl Into<String>) -> Check<T> {
+    Err((field.into(), problem.into()))
+}
+
+fn is_token(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn in_range(field: &str, value: i64, min: i64, max: i64, unit: &str) -> Check<i64> {
+    if value < min || value > max {
+        return fail(
+            field,
+            format!("({value}) must be from {min} to {max} {unit}; set it in that range"),
+        );
+    }
+    Ok(value)
+}
+
+fn limit(field: &str, value: i64) -> Check<usize> {
+    in_range(&format!("limits.{field}"), value, 1, 1_000_000, "entries").map(|v| v as usize)
+}
+
+fn currency_code(field: &str, code: &str) -> Check<String> {
+    if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(code.to_string())
+    } else {
+        fail(
+            field,
+            format!(
+                "('{code}') is not an ISO 4217 code; write three capital letters, e.g. \"EUR\""
+            ),
+        )
+    }
+}
+
+/// A multiplier or factor (`1.5`) as basis points (`15000`), exact to 4 decimals.
+fn basis_points(field: &str, value: f64, min_basis_points: i64) -> Check<i64> {
+    if !value.is_finite() {
+        return fail(field, "is not a finite number; write a decimal such as 1.5");
+    }
+    let scaled = value * BASIS_POINTS_ONE as f64;
+    let rounded = scaled.round();
+    if (scaled - rounded).abs() > 1e-6 {
+        return fail(
+            field,
+            format!("({value}) has more than 4 decimals; round it, e.g. 1.25"),
+        );
+    }
+    let bp = rounded as i64;
+    if bp < min_basis_points || bp > MULTIPLIER_MAX_BASIS_POINTS {
+        return fail(
+            field,
+            format!(
+                "({value}) must be from {} to 100; use 1.0 for no change",
+                min_basis_points as f64 / BASIS_POINTS_ONE as f64
+            ),
+        );
+    }
+    Ok(bp)
+}
+
+/// A money amount in major units (`500`, `499.99` or `"499.99"`) as minor units.
+fn money(field: &str, value: &toml::Value) -> Check<i64> {
+    let text = match value {
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => format!("{f}"),
+        toml::Value::String(s) => s.clone(),
+        other => {
+            return fail(
+                field,
+                format!(
+                    "is a {}; write an amount in major units, e.g. 500 or 499.99",
+                    other.type_str()
+                ),
+            )
+        }
+    };
+    match parse_decimal_minor(&text) {
+        Ok(minor) if minor >= 0 => Ok(minor),
+        Ok(_) => fail(field, format!("({text}) is negative; write 0 or more")),
+        Err(error) => fail(field, format!("({text}) {error}")),
+    }
+}
+
+/// Minor units as the file writes them: `400`, `499.99`.
+fn major_text(minor: i64) -> String {
+    if minor % 100 == 0 {
+        format!("{}", minor / 100)
+    } else {
+        format!("{}.{:02}", minor / 100, (minor % 100).abs())
+    }
+}
+
+fn multipliers(section: &str, raw: &BTreeMap<String, f64>) -> Check<BTreeMap<String, i64>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in raw {
+        let field = format!("{section}.{key}");
+        if key.is_empty() || key.len() > 256 {
+            return fail(
+                field,
+                "has an empty or over-long name; name a channel or category",
+            );
+        }
+        out.insert(key.clone(), basis_points(&field, *value, 0)?);
+    }
+    Ok(out)
+}
+
+impl RawRules {
+    fn validate(self) -> Check<Rules> {
+        let version = in_range("version", self.version, 1, i64::from(u32::MAX), "")? as u32;
+        let currency = currency_code("currency", &self.currency)?;
+        let mut accepted_currencies = Vec::new();
+        match &self.accepted_currencies {
+            None => accepted_currencies.push(currency.clone()),
+            Some(list) => {
+                for (index, code) in list.iter().enumerate() {
+                    let code = currency_code(&format!("accepted_currencies[{index}]"), code)?;
+                    if accepted_currencies.contains(&code) {
+                        return fail(
+                            format!("accepted_currencies[{index}]"),
+                            format!("('{code}') is listed twice; list each currency once"),
+                        );
+                    }
+                    accepted_currencies.push(code);
+                }
+                if !accepted_currencies.contains(&currency) {
+                    return fail(
+                        "accepted_currencies",
+                        format!("does not contain currency ('{currency}'); add \"{currency}\" to the list"),
+                    );
+                }
+            }
+        }
+
+        let l = &self.limits;
+        let limits = Limits {
+            timeline_max_entries: limit("timeline_max_entries", l.timeline_max_entries)?,
+            orders_max: limit("orders_max", l.orders_max)?,
+            redemptions_max: limit("redemptions_max", l.redemptions_max)?,
+            event_ids_max: limit("event_ids_max", l.event_ids_max)?,
+            identities_max: limit("identities_max", l.identities_max)?,
+            tier_history_max: limit("tier_history_max", l.tier_history_max)?,
+            lots_max: limit("lots_max", l.lots_max)?,
+        };
+
+        let e = &self.earning;
+        let (profile_completion_bonus_points, profile_completion_fields) = match &e
+            .profile_completion
+        {
+            None => (0, Vec::new()),
+            Some(p) => {
+                let points = in_range(
+                    "earning.profile_completion.bonus_points",
+                    p.bonus_points,
+                    0,
+                    1_000_000,
+                    "points",
+                )?;
+                if p.fields.is_empty() {
+                    return fail(
+                            "earning.profile_completion.fields",
+                            "is empty; list the profile attributes that complete a profile, e.g. [\"first_name\", \"birthday\"]",
+                        );
+                }
+                let mut seen = BTreeSet::new();
+                for (index, name) in p.fields.iter().enumerate() {
+                    if name.trim().is_empty() || !seen.insert(name.clone()) {
+                        return fail(
+                            format!("earning.profile_completion.fields[{index}]"),
+                            format!(
+                                "('{name}') is empty or listed twice; list each attribute once"
+                            ),
+                        );
+                    }
+                }
+                (points, p.fields.clone())
+            }
+        };
+        let earning = Earning {
+            points_per_currency_unit: in_range(
+                "earning.points_per_currency_unit",
+                e.points_per_currency_unit,
+                0,
+                10_000,
+                "points",
+            )?,
+            channel_multiplier_basis_points: multipliers(
+                "earning.channel_multipliers",
+                &e.channel_multipliers,
+            )?,
+            category_multiplier_basis_points: multipliers(
+                "earning.category_multipliers",
+                &e.category_multipliers,
+            )?,
+            first_purchase_bonus_points: in_range(
+                "earning.first_purchase_bonus_points",
+                e.first_purchase_bonus_points,
+                0,
+                1_000_000,
+                "points",
+            )?,
+            profile_completion_bonus_points,
+            profile_completion_fields,
+            pending_days: in_range("earning.pending_days", e.pending_days, 0, 365, "days")?,
+        };
+
+        let expiry_days = in_range(
+            "expiry.expiry_days",
+            self.expiry.expiry_days,
+            0,
+            DAYS_MAX,
+            "days",
+        )?;
+        if expiry_days != 0 && expiry_days <= earning.pending_days {
+            return fail(
+                "expiry.expiry_days",
+                format!(
+                    "({expiry_days}) must be greater than earning.pending_days ({}), or points would expire before they can be spent; raise it or set 0 for no expiry",
+                    earning.pending_days
+                ),
+            );
+        }
+
+        let tiering = Tiering {
+            rolling_window_days: in_range(
+                "tiering.rolling_window_days",
+                self.tiering.rolling_window_days,
+                1,
+                DAYS_MAX,
+                "days",
+            )?,
+            review_period_days: in_range(
+                "tiering.review_period_days",
+                self.tiering.review_period_days,
+                1,
+                DAYS_MAX,
+                "days",
+            )?,
+        };
+
+        if self.tiers.is_empty() {
+            return fail(
+                "tiers",
+                "is empty; add at least a base tier: [[tiers]] name = \"member\" threshold = 0",
+            );
+        }
+        let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
+        for (index, raw) in self.tiers.iter().enumerate() {
+            let field = format!("tiers[{index}]");
+            if !is_token(&raw.name) {
+                return fail(
+                    format!("{field}.name"),
+                    format!(
+                        "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
+                        raw.name
+                    ),
+                );
+            }
+            if let Some(previous) = tiers.iter().position(|t| t.name == raw.name) {
+                return fail(
+                    format!("{field}.name"),
+                    format!(
+                        "('{}') repeats tiers[{previous}].name; give each tier its own name",
+                        raw.name
+                    ),
+                );
+            }
+            let threshold_minor = money(&format!("{field}.threshold"), &raw.threshold)?;
+            if index == 0 && threshold_minor != 0 {
+                return fail(
+                    format!("{field}.threshold"),
+                    format!(
+                        "({}) must be 0: the first tier is the base tier every customer starts in",
+                        major_text(threshold_minor)
+                    ),
+                );
+            }
+            if let Some(previous) = tiers.last() {
+                if threshold_minor <= previous.threshold_minor {
+                    return fail(
+                        format!("{field}.threshold"),
+                        format!(
+                            "({}) must be greater than tiers[{}].threshold ({}); list tiers from lowest to highest",
+                            major_text(threshold_minor),
+                            index - 1,
+                            major_text(previous.threshold_minor)
+                        ),
+                    );
+                }
+            }
+            tiers.push(Tier {
+                name: raw.name.clone(),
+                threshold_minor,
+            });
+        }
+
+        let mut rewards = BTreeMap::new();
+        for (index, raw) in self.rewards.iter().enumerate() {
+            let field = format!("rewards[{index}]");
+            if !is_token(&raw.id) {
+                return fail(
+                    format!("{field}.id"),
+                    format!(
+                        "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
+                        raw.id
+                    ),
+                );
+            }
+            if rewards.contains_key(&raw.id) {
+                return fail(
+                    format!("{field}.id"),
+                    format!(
+                        "('{}') is used by an earlier reward; give each reward its own id",
+                        raw.id
+                    ),
+                );
+            }
+            if raw.name.trim().is_empty() {
+                return fail(
+                    format!("{field}.name"),
+                    "is empty; name the reward for the customer",
+                );
+            }
+            let points_cost = in_range(
+                &format!("{field}.points_cost"),
+                raw.points_cost,
+                1,
+                100_000_000,
+                "points",
+            )?;
+            rewards.insert(
+                raw.id.clone(),
+                Reward {
+                    id: raw.id.clone(),
+                    name: raw.name.clone(),
+                    points_cost,
+                },
+            );
+        }
+
+        let r = &self.retention;
+        let retention = Retention {
+            lapse_factor_basis_points: basis_points(
+                "retention.lapse_factor",
+                r.lapse_factor,
+                BASIS_POINTS_ONE,
+            )?,
+            default_gap_days: in_range(
+                "retention.default_gap_days",
+                r.default_gap_days,
+                1,
+                DAYS_MAX,
+                "days",
+            )?,
+            min_gap_days: in_range(
+                "retention.min_gap_days",
+                r.min_gap_days,
+                0,
+                DAYS_MAX,
+                "days",
+            )?,
+            winback_delay_days: in_range(
+                "retention.winback_delay_days",
+                r.winback_delay_days,
+                0,
+                DAYS_MAX,
+                "days",
+            )?,
+        };
+        if retention.min_gap_days > retention.default_gap_days {
+            return fail(
+                "retention.min_gap_days",
+                format!(
+                    "({}) must not exceed retention.default_gap_days ({}); lower it",
+                    retention.min_gap_days, retention.default_gap_days
+                ),
+            );
+        }
+
+        Ok(Rules {
+            version,
+            currency,
+            accepted_currencies,
+            limits,
+            earning,
+            expiry_days,
+            tiering,
+            tiers,
+            rewards,
+            retention,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The rules file shipped in `cluster-config/`.
+    pub(crate) const SHIPPED: &str = include_str!("../../cluster-config/rules.toml");
+
+    /// A small rules file for unit tests: 1 point per EUR, no pending, 365-day expiry.
+    pub(crate) const MINIMAL: &str = r#"
+version = 1
+currency = "EUR"
+
+[earning]
+points_per_currency_unit = 1
+
+[[tiers]]
+name = "member"
+threshold = 0
+
+[[tiers]]
+name = "silver"
+threshold = 500
+
+[[tiers]]
+name = "gold"
+threshold = 1000.00
+"#;
+
+    fn error_for(text: &str) -> RulesError {
+        Rules::from_toml_str(text).expect_err("the rules should be refused")
+    }
+
+    #[test]
+    fn the_shipped_rules_file_is_valid() {
+        let rules = Rules::from_toml_str(SHIPPED).unwrap();
+        assert!(rules.tiers.len() >= 3);
+        assert_eq!(rules.currencies(), vec!["EUR".to_string()]);
+        assert!(!rules.rewards.is_empty());
+    }
+
+    #[test]
+    fn decimals_become_integers_at_load() {
+        let text = MINIMAL.replace(
+            "points_per_currency_unit = 1",
+            "points_per_currency_unit = 1\n[earning.channel_multipliers]\napp = 1.5",
+        );
+        let text = format!("{text}\n[retention]\nlapse_factor = 2.5\n");
+        let rules = Rules::from_toml_str(&text).unwrap();
+        assert_eq!(rules.earning.channel_multiplier_basis_points["app"], 15_000);
+        assert_eq!(rules.retention.lapse_factor_basis_points, 25_000);
+        assert_eq!(rules.tiers[2].threshold_minor, 100_000);
+    }
+
+    #[test]
+    fn tiers_out_of_order_name_both_thresholds() {
+        let text = MINIMAL.replace("threshold = 1000.00", "threshold = 400");
+        let error = error_for(&text);
+        assert_eq!(error.field(), Some("tiers[2].threshold"));
+        let message = error.to_string();
+        assert!(
+            message.contains("rules.toml: tiers[2].threshold (400) must be greater than tiers[1].threshold (500)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_base_tier_above_zero_is_refused() {
+        let text = MINIMAL.replacen("threshold = 0", "threshold = 10", 1);
+        assert_eq!(error_for(&text).field(), Some("tiers[0].threshold"));
+    }
+
+    #[test]
+    fn an_unknown_field_is_named() {
+        let text = MINIMAL.replace(
+            "points_per_currency_unit = 1",
+            "points_per_currency_unit = 1\npoints_per_euro = 2",
+        );
+        let message = error_for(&text).to_string();
+        assert!(message.contains("points_per_euro"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_section_is_named() {
+        let text = MINIMAL.replace("[earning]\npoints_per_currency_unit = 1\n", "");
+        let message = error_for(&text).to_string();
+        assert!(message.contains("earning"), "{message}");
+    }
+
+    #[test]
+    fn a_negative_multiplier_is_refused_with_its_path() {
+        let text = MINIMAL.replace(
+            "points_per_currency_unit = 1",
+            "points_per_currency_unit = 1\n[earning.category_multipliers]\nshoes = -2.0",
+        );
+        let error = error_for(&text);
+        assert_eq!(error.field(), Some("earning.category_multipliers.shoes"));
+    }
+
+    #[test]
+    fn a_lapse_factor_below_one_is_refused() {
+        let text = format!("{MINIMAL}\n[retention]\nlapse_factor = 0.5\n");
+        let error = error_for(&text);
+        assert_eq!(error.field(), Some("retention.lapse_factor"));
+        assert!(
+            error.to_string().contains("must be from 1 to 100"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn expiry_not_after_pending_is_refused() {
+        let text = MINIMAL.replace(
+            "points_per_currency_unit = 1",
+            "points_per_currency_unit = 1\npending_days = 30",
+        );
+        let text = format!("{text}\n[expiry]\nexpiry_days = 30\n");
+        assert_eq!(error_for(&text).field(), Some("expiry.expiry_days"));
+    }
+
+    #[test]
+    fn duplicate_reward_ids_and_zero_costs_are_refused() {
+        let reward = "\n[[rewards]]\nid = \"coffee\"\nname = \"Coffee\"\npoints_cost = 100\n";
+        let text = format!("{MINIMAL}{reward}{reward}");
+        assert_eq!(error_for(&text).field(), Some("rewards[1].id"));
+        let text = format!("{MINIMAL}{}", reward.replace("100", "0"));
+        assert_eq!(error_for(&text).field(), Some("rewards[0].points_cost"));
+    }
+
+    #[test]
+    fn a_currency_must_be_an_iso_code_and_accepted() {
+        let text = MINIMAL.replace("currency = \"EUR\"", "currency = \"euro\"");
+        assert_eq!(error_for(&text).field(), Some("currency"));
+        let text = MINIMAL.replace(
+            "currency = \"EUR\"",
+            "currency = \"EUR\"\naccepted_currencies = [\"USD\"]",
+        );
+        assert_eq!(error_for(&text).field(), Some("accepted_currencies"));
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused() {
+        let text = format!("{MINIMAL}\n[limits]\ntimeline_max_entries = 0\n");
+        let error = error_for(&text);
+        assert_eq!(error.field(), Some("limits.timeline_max_entries"));
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let error = Rules::load(Path::new("/nonexistent/rules.toml")).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent/rules.toml"),
+            "{error}"
+        );
     }
 }

@@ -1,1 +1,108 @@
-fn main(){}
+//! `crm-node`: the cluster node and its operator/developer commands.
+//!
+//! `run` starts a node (router, shard workers, responders); the other subcommands are NATS
+//! clients: `send` (a reference channel adapter), `query`, `redeem`, `watch`, `tick`,
+//! `load` (sample multi-channel traffic) and `stats`. Everything a command prints to stdout
+//! is its result; logs go to stderr. `anyhow` lives only here, at the binary's edge.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "crm-node", version, about = "Distributed actor-based CRM node")]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, global = true, env = "CRM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node: route ingest, apply shard logs, answer queries and commands.
+    Run {
+        /// Node config file (TOML); see docs/config.md.
+        #[arg(long, env = "CRM_CONFIG")]
+        config: PathBuf,
+        /// Overrides node.data_dir.
+        #[arg(long, env = "CRM_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides node.node_id.
+        #[arg(long, env = "CRM_NODE_ID")]
+        node_id: Option<String>,
+    },
+    /// Publish one channel event (JSON) to crm.ingest.<channel> and print the ack.
+    Send(crm_node::client::SendArgs),
+    /// Print a customer's 360 view.
+    Query {
+        #[command(flatten)]
+        who: crm_node::client::Who,
+        /// Print the reply exactly as received.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Spend points on a reward.
+    Redeem {
+        #[command(flatten)]
+        who: crm_node::client::Who,
+        /// Reward id from the rules file's catalogue.
+        #[arg(long)]
+        reward: String,
+        /// Idempotency key: repeating it returns the first outcome.
+        #[arg(long)]
+        request_id: String,
+    },
+    /// Print actor events live (crm.events.>).
+    Watch(crm_node::client::WatchArgs),
+    /// Append a clock tick at a chosen time to every shard (moves time-driven rules).
+    Tick {
+        /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        at: String,
+    },
+    /// Publish generated sample traffic (several channels, realistic shapes).
+    Load(LoadCommand),
+    /// Print the counters of a running node.
+    Stats,
+}
+
+#[derive(Args, Debug)]
+struct LoadCommand {
+    #[command(flatten)]
+    args: crm_node::client::LoadArgs,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let is_node = matches!(cli.command, Command::Run { .. });
+    crm_node::logging::init(if is_node { "info" } else { "warn" });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let url = cli.nats_url;
+        match cli.command {
+            Command::Run { config, data_dir, node_id } => {
+                crm_node::node::run_from_cli(&config, url_override(&url), data_dir, node_id).await
+            }
+            Command::Send(args) => crm_node::client::send(&url, args).await,
+            Command::Query { who, json } => crm_node::client::query(&url, who, json).await,
+            Command::Redeem { who, reward, request_id } => {
+                crm_node::client::redeem(&url, who, reward, request_id).await
+            }
+            Command::Watch(args) => crm_node::client::watch(&url, args).await,
+            Command::Tick { at } => crm_node::client::tick(&url, &at).await,
+            Command::Load(load) => crm_node::client::load(&url, load.args).await,
+            Command::Stats => crm_node::client::stats(&url).await,
+        }
+    })
+}
+
+/// The `--nats-url` given explicitly (flag or env) overrides the config file's `nats.url`.
+fn url_override(url: &str) -> Option<String> {
+    let explicit = std::env::args().any(|a| a == "--nats-url" || a.starts_with("--nats-url="))
+        || std::env::var_os("CRM_NATS_URL").is_some();
+    explicit.then(|| url.to_string())
+}

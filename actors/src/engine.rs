@@ -1,0 +1,697 @@
+//! The shard engine: the NATS-free core of one shard that the node's shard worker drives.
+//!
+//! The worker decodes a chunk of `crm.shard.<n>` and calls [`ShardEngine::apply_batch`]:
+//! messages at or below the shard's applied sequence are skipped (a redelivery), customer
+//! commands go to their customer actors (activated from sled on demand, see
+//! [`crate::actor`]), ticks run the time-driven rules of every customer whose timer is due.
+//! The whole batch then becomes ONE atomic [`Store::commit`] (states, timer index, shard
+//! meta, outbox of actor events) and ONE flush; only after `apply_batch` returns may the
+//! worker ack the chunk. Actor events wait in the outbox until the worker has published
+//! them and called [`ShardEngine::published`]; [`ShardEngine::pending_outbox`] lists what a
+//! crash left behind.
+//!
+//! Between batches the worker calls [`ShardEngine::passivate`] (wall clock: passivation is
+//! memory management, not a rule) to stop idle actors and keep the resident count under
+//! [`EngineLimits::resident_max`]. A batch never passivates: its states are not committed
+//! until it ends, so residency may exceed the cap by one batch's customers. If a batch
+//! fails, every resident actor is stopped so that memory never runs ahead of sled.
+
+use crate::actor::{spawn_customer, Applied, CustomerMessage};
+use crate::codec::CodecError;
+use crate::command::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
+use crate::rules::Rules;
+use crate::state::CustomerState;
+use crate::store::{
+    CommitBatch, CustomerWrite, DueTimer, EncodedState, ShardMeta, Store, StoreError,
+};
+use ractor::concurrency::{oneshot, JoinHandle, OneshotReceiver};
+use ractor::{ActorRef, ActorStatus, SpawnErr};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info_span, warn, Instrument};
+
+pub use crate::store::OutboxKey;
+
+/// Limits of one shard engine; from the node config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Most customer actors resident between batches (LRU beyond it).
+    pub resident_max: usize,
+    /// Wall-clock idle time after which a resident actor is stopped, in ms.
+    pub passivate_after_ms: u64,
+    /// Most due timers read and ticked at a time while running one tick (page size).
+    pub tick_batch_max: usize,
+}
+
+/// Why a batch or a view failed. After a failed batch nothing of it is committed and every
+/// actor was stopped: deliver the batch again.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("shard {shard}: state store: {source}")]
+    Store {
+        shard: u32,
+        #[source]
+        source: StoreError,
+    },
+    #[error("shard {shard}: customer {customer_id}: actor could not start: {source}")]
+    Spawn {
+        shard: u32,
+        customer_id: String,
+        #[source]
+        source: SpawnErr,
+    },
+    #[error("shard {shard}: customer {customer_id}: actor stopped before answering (a panic in the rules?)")]
+    ActorStopped { shard: u32, customer_id: String },
+    #[error("shard {shard}: customer {customer_id}: state cannot be encoded: {source}")]
+    Encode {
+        shard: u32,
+        customer_id: String,
+        #[source]
+        source: CodecError,
+    },
+}
+
+/// What happened to one customer message of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageResult {
+    /// Its shard-log stream sequence.
+    pub seq: u64,
+    pub customer_id: String,
+    pub status: ApplyStatus,
+    /// The reply to a redeem command.
+    pub redeem: Option<RedeemOutcome>,
+    /// Where the reply goes (copied from the message).
+    pub reply_to: Option<String>,
+    /// The channel event's `event_id`, or the redeem's `request_id`; `None` for a tick.
+    pub event_id: Option<String>,
+}
+
+/// What one applied (committed and flushed) batch produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchResult {
+    /// One entry per customer message applied, in log order (skipped ones and ticks have
+    /// none).
+    pub messages: Vec<MessageResult>,
+    /// Actor events in the outbox, in order: publish, then call [`ShardEngine::published`].
+    pub events: Vec<(OutboxKey, ActorEvent)>,
+    /// Customer messages applied (state changed or a rule ran).
+    pub applied: u64,
+    /// Customer messages recognised as already applied (same event id / order id).
+    pub duplicates: u64,
+    /// Customer messages refused by the rules (dead-letter them).
+    pub rejected: u64,
+    /// Messages at or below the applied sequence: redeliveries, applied zero times.
+    pub skipped: u64,
+    /// Tick applications (one per due customer per tick message).
+    pub customers_ticked: u64,
+    /// The shard meta after the batch.
+    pub meta: ShardMeta,
+}
+
+struct Resident {
+    actor: ActorRef<CustomerMessage>,
+    handle: JoinHandle<()>,
+    /// Key in the engine's LRU order.
+    touch: u64,
+    last_used: Instant,
+}
+
+/// A command sent to an actor whose reply is not collected yet.
+struct Pending {
+    seq: u64,
+    customer_id: String,
+    /// `Some` for a customer message; `None` for a tick application.
+    message: Option<PendingMessage>,
+    reply: OneshotReceiver<Result<Applied, CodecError>>,
+}
+
+struct PendingMessage {
+    reply_to: Option<String>,
+    event_id: Option<String>,
+}
+
+/// What a batch has produced so far (nothing of it is committed yet).
+#[derive(Default)]
+struct BatchWork {
+    /// Latest encoded state per customer changed in this batch: overrides the store.
+    changed: HashMap<String, EncodedState>,
+    outbox: Vec<(OutboxKey, ActorEvent)>,
+    /// Next outbox index per sequence.
+    next_index: HashMap<u64, u32>,
+    result: BatchResult,
+}
+
+/// The per-shard engine; see the module notes.
+pub struct ShardEngine {
+    shard: u32,
+    store: Store,
+    rules: Arc<Rules>,
+    limits: EngineLimits,
+    meta: ShardMeta,
+    resident: HashMap<String, Resident>,
+    /// Resident customers by last use, oldest first.
+    lru: BTreeMap<u64, String>,
+    next_touch: u64,
+}
+
+impl std::fmt::Debug for ShardEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardEngine")
+            .field("shard", &self.shard)
+            .field("meta", &self.meta)
+            .field("resident", &self.resident.len())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardEngine {
+    /// An engine for `shard`, starting from the shard meta in `store`.
+    pub fn new(
+        shard: u32,
+        store: Store,
+        rules: Arc<Rules>,
+        limits: EngineLimits,
+    ) -> Result<ShardEngine, EngineError> {
+        let meta = store
+            .shard_meta(shard)
+            .map_err(|source| EngineError::Store { shard, source })?;
+        Ok(ShardEngine {
+            shard,
+            store,
+            rules,
+            limits: EngineLimits {
+                tick_batch_max: limits.tick_batch_max.max(1),
+                ..limits
+            },
+            meta,
+            resident: HashMap::new(),
+            lru: BTreeMap::new(),
+            next_touch: 0,
+        })
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// The shard meta as last committed.
+    pub fn meta(&self) -> ShardMeta {
+        self.meta
+    }
+
+    /// Customer actors resident now.
+    pub fn resident_count(&self) -> usize {
+        self.resident.len()
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    /// Applies `messages` (stream sequence, record) in order, commits and flushes them as
+    /// one batch, and returns what they produced. Messages with a sequence at or below the
+    /// applied sequence are skipped. On error nothing is committed and all actors stopped.
+    pub async fn apply_batch(
+        &mut self,
+        messages: Vec<(u64, ShardMessage)>,
+        owner_epoch: u64,
+    ) -> Result<BatchResult, EngineError> {
+        let span = info_span!("apply_batch", shard = self.shard, messages = messages.len());
+        let outcome = self
+            .apply_batch_inner(messages, owner_epoch)
+            .instrument(span)
+            .await;
+        if outcome.is_err() {
+            // Actors may hold state that was never committed: forget them all.
+            self.stop_all();
+        }
+        outcome
+    }
+
+    async fn apply_batch_inner(
+        &mut self,
+        messages: Vec<(u64, ShardMessage)>,
+        owner_epoch: u64,
+    ) -> Result<BatchResult, EngineError> {
+        let mut work = BatchWork::default();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut last_seq = self.meta.applied_seq;
+        let mut clock_ms = self.meta.clock_ms;
+        for (seq, message) in messages {
+            if seq <= last_seq {
+                work.result.skipped += 1;
+                continue;
+            }
+            last_seq = seq;
+            match message {
+                ShardMessage::Customer {
+                    customer_id,
+                    command,
+                    reply_to,
+                } => {
+                    clock_ms = clock_ms.max(command_time_ms(&command));
+                    let event_id = match &command {
+                        CustomerCommand::Event { event, .. } => Some(event.event_id.clone()),
+                        CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
+                        CustomerCommand::Tick { .. } => None,
+                    };
+                    let reply = self.send_apply(&customer_id, command).await?;
+                    pending.push(Pending {
+                        seq,
+                        customer_id,
+                        message: Some(PendingMessage { reply_to, event_id }),
+                        reply,
+                    });
+                }
+                ShardMessage::Tick { at_ms } => {
+                    // Ticks see every earlier message of the batch applied.
+                    self.collect(&mut pending, &mut work).await?;
+                    clock_ms = clock_ms.max(at_ms);
+                    self.run_tick(seq, at_ms, &mut work).await?;
+                }
+            }
+        }
+        self.collect(&mut pending, &mut work).await?;
+
+        if last_seq == self.meta.applied_seq {
+            work.result.meta = self.meta;
+            return Ok(work.result);
+        }
+        let meta = ShardMeta {
+            applied_seq: last_seq,
+            clock_ms,
+            owner_epoch,
+        };
+        let mut customers: Vec<CustomerWrite> = work
+            .changed
+            .into_iter()
+            .map(|(customer_id, state)| CustomerWrite { customer_id, state })
+            .collect();
+        customers.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        let batch = CommitBatch {
+            customers,
+            meta,
+            outbox: work.outbox,
+        };
+        self.store
+            .commit(self.shard, &batch)
+            .map_err(|source| self.store_error(source))?;
+        self.store
+            .flush()
+            .await
+            .map_err(|source| self.store_error(source))?;
+        self.meta = meta;
+        debug!(
+            applied_seq = meta.applied_seq,
+            customers = batch.customers.len(),
+            events = batch.outbox.len(),
+            "batch committed"
+        );
+        work.result.events = batch.outbox;
+        work.result.meta = meta;
+        Ok(work.result)
+    }
+
+    /// Sends `command` to the customer's actor (activating it) without waiting.
+    async fn send_apply(
+        &mut self,
+        customer_id: &str,
+        command: CustomerCommand,
+    ) -> Result<OneshotReceiver<Result<Applied, CodecError>>, EngineError> {
+        let actor = self.activate(customer_id).await?;
+        let (sender, receiver) = oneshot();
+        actor
+            .cast(CustomerMessage::Apply {
+                command,
+                reply: sender.into(),
+            })
+            .map_err(|_| EngineError::ActorStopped {
+                shard: self.shard,
+                customer_id: customer_id.to_string(),
+            })?;
+        Ok(receiver)
+    }
+
+    /// Waits for every pending reply, in send order, and records it.
+    async fn collect(
+        &mut self,
+        pending: &mut Vec<Pending>,
+        work: &mut BatchWork,
+    ) -> Result<(), EngineError> {
+        for item in pending.drain(..) {
+            let applied = match item.reply.await {
+                Ok(Ok(applied)) => applied,
+                Ok(Err(source)) => {
+                    return Err(EngineError::Encode {
+                        shard: self.shard,
+                        customer_id: item.customer_id,
+                        source,
+                    })
+                }
+                Err(_) => {
+                    return Err(EngineError::ActorStopped {
+                        shard: self.shard,
+                        customer_id: item.customer_id,
+                    })
+                }
+            };
+            let Applied { outcome, changed } = applied;
+            if let Some(state) = changed {
+                work.changed.insert(item.customer_id.clone(), state);
+            }
+            let next_index = work.next_index.entry(item.seq).or_insert(0);
+            for event in outcome.events {
+                work.outbox.push((
+                    OutboxKey {
+                        shard: self.shard,
+                        seq: item.seq,
+                        index: *next_index,
+                    },
+                    event,
+                ));
+                *next_index += 1;
+            }
+            match item.message {
+                Some(message) => {
+                    match &outcome.status {
+                        ApplyStatus::Applied => work.result.applied += 1,
+                        ApplyStatus::Duplicate => work.result.duplicates += 1,
+                        ApplyStatus::Rejected(_) => work.result.rejected += 1,
+                    }
+                    work.result.messages.push(MessageResult {
+                        seq: item.seq,
+                        customer_id: item.customer_id,
+                        status: outcome.status,
+                        redeem: outcome.redeem,
+                        reply_to: message.reply_to,
+                        event_id: message.event_id,
+                    });
+                }
+                None => {
+                    work.result.customers_ticked += 1;
+                    if let ApplyStatus::Rejected(rejection) = &outcome.status {
+                        warn!(customer_id = %item.customer_id, %rejection, "tick refused by the rules");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `Tick { at_ms }` to every customer of the shard due at or before `at_ms`:
+    /// those in the store's timer index (unless this batch changed them) and those this
+    /// batch changed whose new due time has come. Each customer is ticked once per tick.
+    async fn run_tick(
+        &mut self,
+        seq: u64,
+        at_ms: i64,
+        work: &mut BatchWork,
+    ) -> Result<(), EngineError> {
+        let page_max = self.limits.tick_batch_max;
+        let mut ticked: HashSet<String> = HashSet::new();
+        let mut pending = Vec::with_capacity(page_max.min(1024));
+        let mut cursor: Option<DueTimer> = None;
+        loop {
+            let page = self
+                .store
+                .due_timers(self.shard, at_ms, cursor.as_ref(), page_max)
+                .map_err(|source| self.store_error(source))?;
+            let full = page.len() >= page_max;
+            cursor = page.last().cloned();
+            for timer in page {
+                // The store's entry is stale for a customer changed in this batch.
+                if work.changed.contains_key(&timer.customer_id)
+                    || !ticked.insert(timer.customer_id.clone())
+                {
+                    continue;
+                }
+                let reply = self
+                    .send_apply(&timer.customer_id, CustomerCommand::Tick { at_ms })
+                    .await?;
+                pending.push(tick_pending(seq, timer.customer_id, reply));
+            }
+            self.collect(&mut pending, work).await?;
+            if !full {
+                break;
+            }
+        }
+        let mut changed_due: Vec<String> = work
+            .changed
+            .iter()
+            .filter(|(id, state)| {
+                state.next_due_ms.is_some_and(|due| due <= at_ms) && !ticked.contains(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        changed_due.sort();
+        for chunk in changed_due.chunks(page_max) {
+            for customer_id in chunk {
+                let reply = self
+                    .send_apply(customer_id, CustomerCommand::Tick { at_ms })
+                    .await?;
+                pending.push(tick_pending(seq, customer_id.clone(), reply));
+            }
+            self.collect(&mut pending, work).await?;
+        }
+        Ok(())
+    }
+
+    /// The resident actor of `customer_id`, activated from the store (or new) if needed.
+    async fn activate(
+        &mut self,
+        customer_id: &str,
+    ) -> Result<ActorRef<CustomerMessage>, EngineError> {
+        let touch = self.next_touch;
+        self.next_touch += 1;
+        if let Some(resident) = self.resident.get_mut(customer_id) {
+            if is_alive(&resident.actor) {
+                self.lru.remove(&resident.touch);
+                self.lru.insert(touch, customer_id.to_string());
+                resident.touch = touch;
+                resident.last_used = Instant::now();
+                return Ok(resident.actor.clone());
+            }
+        }
+        // Not resident, or its actor died (a panic): start from what is committed.
+        self.forget(customer_id);
+        let loaded = self
+            .store
+            .load_customer_encoded(customer_id)
+            .map_err(|source| self.store_error(source))?;
+        let (state, stored_bytes) =
+            loaded.unwrap_or_else(|| (CustomerState::new(customer_id), Vec::new()));
+        self.spawn_resident(customer_id, state, stored_bytes, touch)
+            .await
+    }
+
+    async fn spawn_resident(
+        &mut self,
+        customer_id: &str,
+        state: CustomerState,
+        stored_bytes: Vec<u8>,
+        touch: u64,
+    ) -> Result<ActorRef<CustomerMessage>, EngineError> {
+        let (actor, handle) = spawn_customer(state, stored_bytes, self.rules.clone())
+            .await
+            .map_err(|source| EngineError::Spawn {
+                shard: self.shard,
+                customer_id: customer_id.to_string(),
+                source,
+            })?;
+        self.lru.insert(touch, customer_id.to_string());
+        self.resident.insert(
+            customer_id.to_string(),
+            Resident {
+                actor: actor.clone(),
+                handle,
+                touch,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(actor)
+    }
+
+    /// The 360 view of `customer_id` as of the shard clock; `None` if it does not exist.
+    /// Activates a stored customer; never creates one.
+    pub async fn view(&mut self, customer_id: &str) -> Result<Option<Value>, EngineError> {
+        let resident = self
+            .resident
+            .get(customer_id)
+            .is_some_and(|r| is_alive(&r.actor));
+        let actor = if resident {
+            self.activate(customer_id).await?
+        } else {
+            let loaded = self
+                .store
+                .load_customer_encoded(customer_id)
+                .map_err(|source| self.store_error(source))?;
+            let Some((state, stored_bytes)) = loaded else {
+                return Ok(None);
+            };
+            self.forget(customer_id);
+            let touch = self.next_touch;
+            self.next_touch += 1;
+            self.spawn_resident(customer_id, state, stored_bytes, touch)
+                .await?
+        };
+        let (sender, receiver) = oneshot();
+        let stopped = || EngineError::ActorStopped {
+            shard: self.shard,
+            customer_id: customer_id.to_string(),
+        };
+        actor
+            .cast(CustomerMessage::View {
+                as_of_ms: self.meta.clock_ms,
+                reply: sender.into(),
+            })
+            .map_err(|_| stopped())?;
+        receiver.await.map_err(|_| stopped())
+    }
+
+    /// Stops actors idle for `passivate_after_ms` or more at `now`, then the least recently
+    /// used while more than `resident_max` are resident. Call only between batches. Returns
+    /// how many were stopped.
+    pub fn passivate(&mut self, now: Instant) -> usize {
+        let idle_max = Duration::from_millis(self.limits.passivate_after_ms);
+        let mut stopped = 0;
+        while let Some((&touch, customer_id)) = self.lru.first_key_value() {
+            let Some(resident) = self.resident.get(customer_id) else {
+                debug_assert!(false, "LRU entry without a resident actor");
+                self.lru.remove(&touch);
+                continue;
+            };
+            let over_cap = self.resident.len() > self.limits.resident_max;
+            let idle = now.saturating_duration_since(resident.last_used) >= idle_max;
+            if !over_cap && !idle {
+                break;
+            }
+            let customer_id = customer_id.clone();
+            self.forget(&customer_id);
+            stopped += 1;
+        }
+        debug_assert!(self.resident.len() <= self.limits.resident_max);
+        debug_assert_eq!(self.resident.len(), self.lru.len());
+        if stopped > 0 {
+            debug!(
+                shard = self.shard,
+                stopped,
+                resident = self.resident.len(),
+                "passivated"
+            );
+        }
+        stopped
+    }
+
+    /// Uses `rules` for every later command: resident actors get them before their next
+    /// message, activations start with them.
+    pub fn set_rules(&mut self, rules: Arc<Rules>) {
+        self.rules = rules;
+        let mut dead = Vec::new();
+        for (customer_id, resident) in &self.resident {
+            if resident
+                .actor
+                .cast(CustomerMessage::SetRules(self.rules.clone()))
+                .is_err()
+            {
+                dead.push(customer_id.clone());
+            }
+        }
+        for customer_id in dead {
+            self.forget(&customer_id);
+        }
+    }
+
+    /// Actor events committed but not yet published (left by a crash or a failed publish).
+    pub fn pending_outbox(&self) -> Result<Vec<(OutboxKey, ActorEvent)>, EngineError> {
+        self.store
+            .outbox(self.shard)
+            .map_err(|source| self.store_error(source))
+    }
+
+    /// Removes published events from the outbox.
+    pub fn published(&self, keys: &[OutboxKey]) -> Result<(), EngineError> {
+        debug_assert!(keys.iter().all(|key| key.shard == self.shard));
+        self.store
+            .remove_outbox(keys)
+            .map_err(|source| self.store_error(source))
+    }
+
+    /// Stops every actor and waits for them to end.
+    pub async fn shutdown(&mut self) {
+        let handles: Vec<JoinHandle<()>> = self
+            .resident
+            .drain()
+            .map(|(_, resident)| {
+                resident.actor.stop(None);
+                resident.handle
+            })
+            .collect();
+        self.lru.clear();
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (_, resident) in self.resident.drain() {
+            resident.actor.stop(None);
+        }
+        self.lru.clear();
+    }
+
+    /// Stops the customer's actor (if resident) and drops it from the maps.
+    fn forget(&mut self, customer_id: &str) {
+        if let Some(resident) = self.resident.remove(customer_id) {
+            self.lru.remove(&resident.touch);
+            resident.actor.stop(None);
+        }
+    }
+
+    fn store_error(&self, source: StoreError) -> EngineError {
+        EngineError::Store {
+            shard: self.shard,
+            source,
+        }
+    }
+}
+
+impl Drop for ShardEngine {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn tick_pending(
+    seq: u64,
+    customer_id: String,
+    reply: OneshotReceiver<Result<Applied, CodecError>>,
+) -> Pending {
+    Pending {
+        seq,
+        customer_id,
+        message: None,
+        reply,
+    }
+}
+
+fn is_alive(actor: &ActorRef<CustomerMessage>) -> bool {
+    !matches!(
+        actor.get_status(),
+        ActorStatus::Stopping | ActorStatus::Stopped
+    )
+}
+
+/// The rule time a command carries.
+fn command_time_ms(command: &CustomerCommand) -> i64 {
+    match command {
+        CustomerCommand::Event { event, .. } => event.occurred_at_ms,
+        CustomerCommand::Redeem { at_ms, .. } | CustomerCommand::Tick { at_ms } => *at_ms,
+    }
+}

@@ -1,0 +1,458 @@
+//! The loyalty engine: points earned per order, pending points, expiring lots, returns that
+//! take points back, redemption, and tiers on rolling net spend.
+//!
+//! [`crate::apply`] calls these functions while applying one command; they change the
+//! [`Loyalty`] part of one customer's state and emit actor events through the
+//! [`Emitter`]. All arithmetic is integer (minor units, basis points, ms; floors where a
+//! fraction of a point appears), and every instant is an event time passed in by the caller:
+//! this module never reads the wall clock, never fails, and never lets a balance go negative
+//! (what a return cannot take back is recorded as a shortfall).
+
+use crate::apply::Emitter;
+use crate::event::Purchase;
+use crate::money::{to_decimal, MINOR_PER_MAJOR};
+use crate::rules::{Rules, BASIS_POINTS_ONE};
+use crate::state::{Loyalty, PendingPoints, PointsLot, TierChange};
+use crate::time::{format_rfc3339, DAY_MS};
+use serde_json::json;
+
+/// Points an order earns before any bonus: each item line at its category multiplier, the
+/// part of the amount not covered by items at 1.0x, all times the channel multiplier and
+/// `points_per_currency_unit`, floored once at the end.
+///
+/// When the lines add up to more than the amount (an order-level discount), their weighted
+/// value is scaled down to the amount.
+pub fn order_points(rules: &Rules, channel: &str, purchase: &Purchase) -> i64 {
+    if purchase.currency != rules.currency || purchase.amount_minor <= 0 {
+        return 0;
+    }
+    let amount = i128::from(purchase.amount_minor);
+    let mut items_total: i128 = 0;
+    let mut weighted: i128 = 0;
+    for item in &purchase.items {
+        let line = i128::from(item.qty) * i128::from(item.price_minor.max(0));
+        let multiplier = rules
+            .earning
+            .category_multiplier_basis_points
+            .get(&item.category)
+            .copied()
+            .unwrap_or(BASIS_POINTS_ONE);
+        items_total += line;
+        weighted += line * i128::from(multiplier);
+    }
+    // `scaled` is minor units x basis points.
+    let scaled = if items_total == 0 {
+        amount * i128::from(BASIS_POINTS_ONE)
+    } else if items_total <= amount {
+        weighted + (amount - items_total) * i128::from(BASIS_POINTS_ONE)
+    } else {
+        weighted * amount / items_total
+    };
+    let channel_multiplier = rules
+        .earning
+        .channel_multiplier_basis_points
+        .get(channel)
+        .copied()
+        .unwrap_or(BASIS_POINTS_ONE);
+    let points = scaled
+        * i128::from(channel_multiplier)
+        * i128::from(rules.earning.points_per_currency_unit)
+        / (i128::from(BASIS_POINTS_ONE)
+            * i128::from(BASIS_POINTS_ONE)
+            * i128::from(MINOR_PER_MAJOR));
+    i64::try_from(points).unwrap_or(i64::MAX)
+}
+
+/// Spend per category for an order: item lines (scaled down to the amount when they exceed
+/// it), the uncovered rest as `uncategorised`.
+pub fn category_split(purchase: &Purchase) -> Vec<(String, i64)> {
+    let amount = purchase.amount_minor;
+    let lines: Vec<(String, i64)> = purchase
+        .items
+        .iter()
+        .map(|i| {
+            (
+                i.category.clone(),
+                i64::from(i.qty).saturating_mul(i.price_minor.max(0)),
+            )
+        })
+        .collect();
+    let items_total: i64 = lines.iter().map(|(_, v)| *v).fold(0, i64::saturating_add);
+    let mut split = Vec::with_capacity(lines.len() + 1);
+    if items_total <= amount {
+        split.extend(lines.into_iter().filter(|(_, v)| *v > 0));
+        if amount > items_total {
+            split.push(("uncategorised".to_string(), amount - items_total));
+        }
+    } else {
+        let mut assigned = 0;
+        let count = lines.len();
+        for (index, (category, value)) in lines.into_iter().enumerate() {
+            let share = if index + 1 == count {
+                amount - assigned
+            } else {
+                (i128::from(value) * i128::from(amount) / i128::from(items_total)) as i64
+            };
+            assigned += share;
+            if share > 0 {
+                split.push((category, share));
+            }
+        }
+    }
+    split
+}
+
+/// When a lot earned at `earned_at_ms` expires under `rules`.
+pub fn expiry_for(rules: &Rules, earned_at_ms: i64) -> Option<i64> {
+    (rules.expiry_days > 0).then(|| earned_at_ms.saturating_add(Rules::days_ms(rules.expiry_days)))
+}
+
+fn lot_key(lot: &PointsLot) -> (bool, i64, i64, &str) {
+    (
+        lot.expires_at_ms.is_none(),
+        lot.expires_at_ms.unwrap_or(0),
+        lot.earned_at_ms,
+        lot.source.as_str(),
+    )
+}
+
+/// Adds a spendable lot in expiry order. Beyond `lots_max`, the new points merge into the
+/// latest-expiring lot (the customer keeps the later expiry).
+pub fn add_lot(loyalty: &mut Loyalty, rules: &Rules, lot: PointsLot) {
+    if lot.points <= 0 {
+        return;
+    }
+    if let Some(same) = loyalty.lots.iter_mut().find(|l| {
+        l.source == lot.source
+            && l.expires_at_ms == lot.expires_at_ms
+            && l.earned_at_ms == lot.earned_at_ms
+    }) {
+        same.points += lot.points;
+        return;
+    }
+    if loyalty.lots.len() >= rules.limits.lots_max {
+        if let Some(last) = loyalty.lots.pop() {
+            let later_expiry = match (last.expires_at_ms, lot.expires_at_ms) {
+                (None, _) | (_, None) => None,
+                (Some(a), Some(b)) => Some(a.max(b)),
+            };
+            let merged = PointsLot {
+                earned_at_ms: last.earned_at_ms.max(lot.earned_at_ms),
+                expires_at_ms: later_expiry,
+                points: last.points + lot.points,
+                source: "merged".to_string(),
+            };
+            insert_lot(loyalty, merged);
+            return;
+        }
+    }
+    insert_lot(loyalty, lot);
+}
+
+fn insert_lot(loyalty: &mut Loyalty, lot: PointsLot) {
+    let position = loyalty
+        .lots
+        .partition_point(|l| lot_key(l) <= lot_key(&lot));
+    loyalty.lots.insert(position, lot);
+}
+
+/// Points to grant: who earned them, when, and whether they may wait in pending.
+#[derive(Debug, Clone)]
+pub struct Grant<'a> {
+    /// The order id, or `bonus:<kind>`.
+    pub source: &'a str,
+    pub earned_at_ms: i64,
+    pub points: i64,
+    /// Order points wait `pending_days`; bonuses for non-purchase actions do not.
+    pub pending_allowed: bool,
+}
+
+/// Grants points: pending for `pending_days`, or a spendable lot at once. Emits
+/// `points.earned` at `emit_at_ms` with `data` plus the grant's fields. Returns whether they
+/// went pending.
+pub fn grant(
+    loyalty: &mut Loyalty,
+    rules: &Rules,
+    grant: Grant<'_>,
+    emit_at_ms: i64,
+    emitter: &mut Emitter,
+    mut data: serde_json::Map<String, serde_json::Value>,
+) -> bool {
+    let Grant {
+        source,
+        earned_at_ms,
+        points,
+        pending_allowed,
+    } = grant;
+    if points <= 0 {
+        return false;
+    }
+    loyalty.earned_total += points;
+    let pending = pending_allowed && rules.earning.pending_days > 0;
+    data.insert("source".into(), json!(source));
+    data.insert("points".into(), json!(points));
+    data.insert("pending".into(), json!(pending));
+    data.insert("earned_at".into(), json!(format_rfc3339(earned_at_ms)));
+    if pending {
+        let release_at_ms = earned_at_ms.saturating_add(Rules::days_ms(rules.earning.pending_days));
+        let entry = PendingPoints {
+            earned_at_ms,
+            release_at_ms,
+            points,
+            source: source.to_string(),
+        };
+        let position = loyalty
+            .pending
+            .partition_point(|p| (p.release_at_ms, p.source.as_str()) <= (release_at_ms, source));
+        loyalty.pending.insert(position, entry);
+        data.insert("available_at".into(), json!(format_rfc3339(release_at_ms)));
+    } else {
+        let expires_at_ms = expiry_for(rules, earned_at_ms);
+        add_lot(
+            loyalty,
+            rules,
+            PointsLot {
+                earned_at_ms,
+                expires_at_ms,
+                points,
+                source: source.to_string(),
+            },
+        );
+        data.insert("expires_at".into(), optional_time(expires_at_ms));
+    }
+    data.insert("points_balance".into(), json!(loyalty.balance()));
+    data.insert("points_pending".into(), json!(loyalty.pending_points()));
+    emitter.emit("points.earned", emit_at_ms, data);
+    pending
+}
+
+/// An optional instant as RFC 3339 or JSON null.
+pub fn optional_time(at_ms: Option<i64>) -> serde_json::Value {
+    at_ms.map_or(serde_json::Value::Null, |t| json!(format_rfc3339(t)))
+}
+
+/// Spends `points` from the lots, oldest expiry first. The caller checked the balance.
+pub fn spend_oldest_first(loyalty: &mut Loyalty, points: i64) -> i64 {
+    let mut left = points;
+    for lot in loyalty.lots.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        let take = lot.points.min(left);
+        lot.points -= take;
+        left -= take;
+    }
+    loyalty.lots.retain(|l| l.points > 0);
+    points - left
+}
+
+/// Takes back up to `points` for a return of the order `source`: its pending points first,
+/// then its own lot, then other lots oldest expiry first. Returns (from pending, from lots).
+pub fn take_back(loyalty: &mut Loyalty, source: &str, points: i64) -> (i64, i64) {
+    let mut left = points;
+    let mut from_pending = 0;
+    for entry in loyalty.pending.iter_mut().filter(|p| p.source == source) {
+        let take = entry.points.min(left);
+        entry.points -= take;
+        left -= take;
+        from_pending += take;
+    }
+    loyalty.pending.retain(|p| p.points > 0);
+    let mut from_lots = 0;
+    for lot in loyalty.lots.iter_mut().filter(|l| l.source == source) {
+        let take = lot.points.min(left);
+        lot.points -= take;
+        left -= take;
+        from_lots += take;
+    }
+    loyalty.lots.retain(|l| l.points > 0);
+    from_lots += spend_oldest_first(loyalty, left);
+    (from_pending, from_lots)
+}
+
+/// Moves pending points whose release time is at or before `now_ms` into lots.
+pub fn release_due(loyalty: &mut Loyalty, rules: &Rules, now_ms: i64, emitter: &mut Emitter) {
+    let due = loyalty
+        .pending
+        .partition_point(|p| p.release_at_ms <= now_ms);
+    if due == 0 {
+        return;
+    }
+    let released: Vec<PendingPoints> = loyalty.pending.drain(..due).collect();
+    for entry in released {
+        let expires_at_ms = expiry_for(rules, entry.earned_at_ms);
+        add_lot(
+            loyalty,
+            rules,
+            PointsLot {
+                earned_at_ms: entry.earned_at_ms,
+                expires_at_ms,
+                points: entry.points,
+                source: entry.source.clone(),
+            },
+        );
+        let mut data = serde_json::Map::new();
+        data.insert("source".into(), json!(entry.source));
+        data.insert("points".into(), json!(entry.points));
+        data.insert(
+            "earned_at".into(),
+            json!(format_rfc3339(entry.earned_at_ms)),
+        );
+        data.insert("expires_at".into(), optional_time(expires_at_ms));
+        data.insert("points_balance".into(), json!(loyalty.balance()));
+        data.insert("points_pending".into(), json!(loyalty.pending_points()));
+        emitter.emit("points.released", entry.release_at_ms, data);
+    }
+}
+
+/// Removes lots expired at or before `now_ms`; emits one `points.expired` for them.
+pub fn expire_due(loyalty: &mut Loyalty, now_ms: i64, emitter: &mut Emitter) {
+    let mut expired = 0;
+    let mut lots = 0;
+    let mut sources = Vec::new();
+    loyalty.lots.retain(|lot| match lot.expires_at_ms {
+        Some(at) if at <= now_ms => {
+            expired += lot.points;
+            lots += 1;
+            sources.push(lot.source.clone());
+            false
+        }
+        _ => true,
+    });
+    if lots == 0 {
+        return;
+    }
+    loyalty.expired_total += expired;
+    let mut data = serde_json::Map::new();
+    data.insert("points".into(), json!(expired));
+    data.insert("lots".into(), json!(lots));
+    data.insert("sources".into(), json!(sources));
+    data.insert("points_balance".into(), json!(loyalty.balance()));
+    emitter.emit("points.expired", now_ms, data);
+}
+
+/// UTC day index of an instant.
+pub fn day_of(at_ms: i64) -> i64 {
+    at_ms.div_euclid(DAY_MS)
+}
+
+/// Adds `delta_minor` (negative for returns) to the net spend of the day of `at_ms`.
+pub fn record_spend(loyalty: &mut Loyalty, at_ms: i64, delta_minor: i64) {
+    let entry = loyalty.spend_by_day_minor.entry(day_of(at_ms)).or_insert(0);
+    *entry += delta_minor;
+    if *entry == 0 {
+        loyalty.spend_by_day_minor.remove(&day_of(at_ms));
+    }
+}
+
+/// Drops spend days that can no longer count at or after `clock_ms`.
+pub fn prune_spend(loyalty: &mut Loyalty, rules: &Rules, clock_ms: i64) {
+    let first_counted = day_of(clock_ms) - rules.tiering.rolling_window_days + 1;
+    loyalty.spend_by_day_minor = loyalty.spend_by_day_minor.split_off(&first_counted);
+}
+
+/// Net spend of the `rolling_window_days` UTC days ending with the day of `now_ms`.
+pub fn rolling_spend(loyalty: &Loyalty, rules: &Rules, now_ms: i64) -> i64 {
+    let today = day_of(now_ms);
+    let first = today - rules.tiering.rolling_window_days + 1;
+    loyalty
+        .spend_by_day_minor
+        .range(first..=today)
+        .map(|(_, v)| *v)
+        .sum::<i64>()
+        .max(0)
+}
+
+/// The current tier's index in `rules` (the base tier if unknown to these rules).
+pub fn tier_index(loyalty: &Loyalty, rules: &Rules) -> usize {
+    loyalty
+        .tier
+        .as_deref()
+        .and_then(|name| rules.tier_index(name))
+        .unwrap_or(0)
+}
+
+/// Puts a new customer in the base tier.
+pub fn start_in_base_tier(loyalty: &mut Loyalty, rules: &Rules, at_ms: i64) {
+    loyalty.tier = Some(rules.tiers[0].name.clone());
+    loyalty.tier_since_ms = Some(at_ms);
+    loyalty.tier_review_at_ms = None;
+}
+
+fn change_tier(
+    loyalty: &mut Loyalty,
+    rules: &Rules,
+    to: usize,
+    at_ms: i64,
+    direction: &str,
+    spend_minor: i64,
+    emitter: &mut Emitter,
+) {
+    let from = loyalty.tier.clone();
+    let name = rules.tiers[to].name.clone();
+    loyalty.tier = Some(name.clone());
+    loyalty.tier_since_ms = Some(at_ms);
+    loyalty.tier_review_at_ms =
+        (to > 0).then(|| at_ms.saturating_add(Rules::days_ms(rules.tiering.review_period_days)));
+    loyalty.tier_history.push_back(TierChange {
+        at_ms,
+        from: from.clone(),
+        to: name.clone(),
+        direction: direction.to_string(),
+        rolling_spend_minor: spend_minor,
+    });
+    while loyalty.tier_history.len() > rules.limits.tier_history_max {
+        loyalty.tier_history.pop_front();
+    }
+    let mut data = serde_json::Map::new();
+    data.insert("from".into(), json!(from));
+    data.insert("to".into(), json!(name));
+    data.insert("direction".into(), json!(direction));
+    data.insert("rolling_spend".into(), to_decimal(spend_minor));
+    data.insert("review_at".into(), optional_time(loyalty.tier_review_at_ms));
+    emitter.emit("tier.changed", at_ms, data);
+}
+
+/// Upgrades at once when the rolling spend at `now_ms` qualifies for a higher tier.
+pub fn upgrade_if_qualified(
+    loyalty: &mut Loyalty,
+    rules: &Rules,
+    now_ms: i64,
+    emitter: &mut Emitter,
+) {
+    let spend = rolling_spend(loyalty, rules, now_ms);
+    let qualifying = rules.qualifying_tier(spend);
+    let known = loyalty.tier.as_deref().and_then(|n| rules.tier_index(n));
+    if known.is_none() || qualifying > tier_index(loyalty, rules) {
+        if known.is_none() && qualifying == 0 {
+            start_in_base_tier(loyalty, rules, now_ms);
+            return;
+        }
+        change_tier(loyalty, rules, qualifying, now_ms, "up", spend, emitter);
+    }
+}
+
+/// The tier's review date has come: downgrade to the tier the rolling spend qualifies for,
+/// or keep the tier for another review period.
+pub fn review_tier(loyalty: &mut Loyalty, rules: &Rules, now_ms: i64, emitter: &mut Emitter) {
+    let spend = rolling_spend(loyalty, rules, now_ms);
+    let qualifying = rules.qualifying_tier(spend);
+    let current = tier_index(loyalty, rules);
+    if qualifying < current {
+        change_tier(loyalty, rules, qualifying, now_ms, "down", spend, emitter);
+    } else if qualifying > current {
+        change_tier(loyalty, rules, qualifying, now_ms, "up", spend, emitter);
+    } else {
+        let period = Rules::days_ms(rules.tiering.review_period_days);
+        loyalty.tier_review_at_ms = loyalty.tier_review_at_ms.map(|at| {
+            let mut next = at.saturating_add(period);
+            if next <= now_ms {
+                next = now_ms.saturating_add(period);
+            }
+            next
+        });
+        if current == 0 {
+            loyalty.tier_review_at_ms = None;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The retention engine: when a customer counts as lapsed, the one win-back offer per lapse,
+//! and reactivation when a lapsed customer buys again.
+//!
+//! A customer lapses when the time since their last purchase exceeds k times their own mean
+//! gap between distinct purchase times (`retention.lapse_factor`), with `default_gap_days`
+//! for one-time buyers and `min_gap_days` as a floor. [`crate::apply`] calls
+//! [`record_purchase`] for every purchase and [`lapse`] / [`offer_winback`] when the due
+//! times stored in [`RetentionState`] come (by tick or by a later event). Everything runs on
+//! event time in integer ms; this module never reads the wall clock and never touches
+//! loyalty points.
+
+use crate::apply::Emitter;
+use crate::loyalty::optional_time;
+use crate::rules::{Rules, BASIS_POINTS_ONE};
+use crate::state::{RetentionState, RetentionStatus};
+use crate::time::{format_rfc3339, DAY_MS};
+use serde_json::json;
+
+/// The gap used for lapse decisions, ms, and whether it is the default (single purchase).
+pub fn effective_gap_ms(retention: &RetentionState, rules: &Rules) -> (i64, bool) {
+    let min_gap = Rules::days_ms(rules.retention.min_gap_days);
+    match retention.mean_gap_ms() {
+        Some(gap) => (gap.max(min_gap), false),
+        None => (Rules::days_ms(rules.retention.default_gap_days), true),
+    }
+}
+
+/// How long after the last purchase the customer lapses, ms (k x gap).
+pub fn lapse_after_ms(retention: &RetentionState, rules: &Rules) -> i64 {
+    let (gap, _) = effective_gap_ms(retention, rules);
+    let threshold = i128::from(gap) * i128::from(rules.retention.lapse_factor_basis_points)
+        / i128::from(BASIS_POINTS_ONE);
+    i64::try_from(threshold).unwrap_or(i64::MAX)
+}
+
+/// Recomputes when an active customer lapses: strictly more than the threshold after the
+/// last purchase.
+pub fn schedule(retention: &mut RetentionState, rules: &Rules) {
+    retention.lapse_due_ms = match (retention.status, retention.last_purchase_ms()) {
+        (RetentionStatus::Active, Some(last)) => Some(
+            last.saturating_add(lapse_after_ms(retention, rules))
+                .saturating_add(1),
+        ),
+        _ => None,
+    };
+}
+
+/// Records a purchase at `at_ms`, applied while the clock is `now_ms`; emits
+/// `retention.reactivated` when a lapsed customer buys again.
+pub fn record_purchase(
+    retention: &mut RetentionState,
+    rules: &Rules,
+    at_ms: i64,
+    now_ms: i64,
+    order_id: &str,
+    emitter: &mut Emitter,
+) {
+    retention.purchase_times_ms.insert(at_ms);
+    while retention.purchase_times_ms.len() > rules.limits.orders_max {
+        retention.purchase_times_ms.pop_first();
+    }
+    match retention.status {
+        RetentionStatus::New => retention.status = RetentionStatus::Active,
+        RetentionStatus::Active => {}
+        RetentionStatus::Lapsed => {
+            retention.status = RetentionStatus::Active;
+            retention.reactivated_count += 1;
+            let lapsed_at = retention.lapsed_at_ms;
+            let mut data = serde_json::Map::new();
+            data.insert("order_id".into(), json!(order_id));
+            data.insert("lapsed_at".into(), optional_time(lapsed_at));
+            data.insert(
+                "days_lapsed".into(),
+                json!(lapsed_at.map_or(0, |l| (at_ms - l).max(0) / DAY_MS)),
+            );
+            data.insert("winback_offered".into(), json!(retention.winback_offered));
+            data.insert(
+                "reactivated_count".into(),
+                json!(retention.reactivated_count),
+            );
+            retention.winback_due_ms = None;
+            retention.lapse_reason = None;
+            emitter.emit("retention.reactivated", at_ms.max(now_ms), data);
+        }
+    }
+    schedule(retention, rules);
+}
+
+/// `1.5`-style text for basis points.
+pub fn factor_text(basis_points: i64) -> String {
+    let whole = basis_points / BASIS_POINTS_ONE;
+    let fraction = basis_points % BASIS_POINTS_ONE;
+    if fraction == 0 {
+        format!("{whole}.0")
+    } else {
+        let digits = format!("{fraction:04}");
+        format!("{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// The lapse time has come: mark the customer lapsed, say why, schedule the win-back offer.
+pub fn lapse(retention: &mut RetentionState, rules: &Rules, now_ms: i64, emitter: &mut Emitter) {
+    retention.lapse_due_ms = None;
+    let Some(last) = retention.last_purchase_ms() else {
+        return;
+    };
+    let (gap_ms, default_gap) = effective_gap_ms(retention, rules);
+    let factor = factor_text(rules.retention.lapse_factor_basis_points);
+    let days_since = (now_ms - last) / DAY_MS;
+    let threshold_days = lapse_after_ms(retention, rules) / DAY_MS;
+    let reason = if default_gap {
+        format!(
+            "no second purchase for {days_since} days after the only one (more than {factor} x the default gap of {} days = {threshold_days} days)",
+            rules.retention.default_gap_days
+        )
+    } else {
+        format!(
+            "no purchase for {days_since} days, more than {factor} x the customer's mean gap of {} days between purchases ({threshold_days} days)",
+            gap_ms / DAY_MS
+        )
+    };
+    retention.status = RetentionStatus::Lapsed;
+    retention.lapsed_at_ms = Some(now_ms);
+    retention.lapse_reason = Some(reason.clone());
+    retention.lapse_count += 1;
+    retention.winback_offered = false;
+    retention.winback_offered_at_ms = None;
+    retention.winback_due_ms =
+        Some(now_ms.saturating_add(Rules::days_ms(rules.retention.winback_delay_days)));
+    let mut data = serde_json::Map::new();
+    data.insert("reason".into(), json!(reason));
+    data.insert("last_purchase_at".into(), json!(format_rfc3339(last)));
+    data.insert("days_since_purchase".into(), json!(days_since));
+    data.insert("mean_gap_days".into(), json!(gap_ms / DAY_MS));
+    data.insert("lapse_count".into(), json!(retention.lapse_count));
+    emitter.emit("retention.lapsed", now_ms, data);
+}
+
+/// The win-back offer for the current lapse (at most once per lapse).
+pub fn offer_winback(retention: &mut RetentionState, now_ms: i64, emitter: &mut Emitter) {
+    retention.winback_due_ms = None;
+    if retention.status != RetentionStatus::Lapsed || retention.winback_offered {
+        return;
+    }
+    retention.winback_offered = true;
+    retention.winback_offered_at_ms = Some(now_ms);
+    let mut data = serde_json::Map::new();
+    data.insert("lapsed_at".into(), optional_time(retention.lapsed_at_ms));
+    data.insert(
+        "reason".into(),
+        json!(retention.lapse_reason.clone().unwrap_or_default()),
+    );
+    data.insert("lapse_count".into(), json!(retention.lapse_count));
+    emitter.emit("retention.winback_offered", now_ms, data);
+}

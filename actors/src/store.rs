@@ -1,0 +1,624 @@
+//! The node-local state store: sled 0.34, one tree, one atomic batch per shard commit.
+//!
+//! The shard engine ([`crate::engine`]) is its only writer; it calls [`Store::commit`] once
+//! per applied batch and then [`Store::flush`] (sled writes are durable only after a flush).
+//! Everything that must change together lives in the single tree [`TREE_NAME`] under key
+//! prefixes, so one [`sled::Tree::apply_batch`] makes a commit all-or-nothing:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `c/<customer_id>` | customer state, [`crate::codec`] bytes |
+//! | `d/<customer_id>` | the customer's timer entry: shard (u32 BE) + sortable due ms (8 bytes) |
+//! | `m/<shard u32 BE>` | [`ShardMeta`], codec bytes |
+//! | `t/<shard u32 BE>/<due ms sortable BE>/<customer_id>` | empty: the timer index |
+//! | `o/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | JSON of an [`ActorEvent`] not yet published |
+//!
+//! "Sortable" due times flip the sign bit of the i64 so that big-endian byte order is
+//! numeric order, negative times included. Which shard a customer belongs to is the caller's
+//! decision; the store records the shard number it is given. Nothing here knows NATS or
+//! rules; values read from disk are decoded with errors, never unwrapped.
+
+use crate::codec::{self, CodecError};
+use crate::command::ActorEvent;
+use crate::state::CustomerState;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The one sled tree holding every key of this store.
+pub const TREE_NAME: &str = "crm";
+
+const CUSTOMER_PREFIX: &[u8] = b"c/";
+const DUE_PREFIX: &[u8] = b"d/";
+const META_PREFIX: &[u8] = b"m/";
+const TIMER_PREFIX: &[u8] = b"t/";
+const OUTBOX_PREFIX: &[u8] = b"o/";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store at {path}: {source}; check the directory exists, is writable and no other crm-node uses it")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("state store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored value under {key} does not decode: {source}")]
+    Codec {
+        key: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("outbox event under {key} is not valid JSON: {source}")]
+    OutboxJson {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("stored key or value {key} is malformed: {reason}")]
+    Corrupt { key: String, reason: &'static str },
+}
+
+/// What the store keeps per shard, committed with every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// Last `crm.shard.<n>` stream sequence applied (0: none).
+    pub applied_seq: u64,
+    /// Largest rule (event) time the shard has seen, Unix ms (0: none).
+    pub clock_ms: i64,
+    /// The lease epoch of the owner that committed last (kept for fencing proofs).
+    pub owner_epoch: u64,
+}
+
+/// A customer's state as it goes to disk: codec bytes plus its next due time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedState {
+    /// [`codec::encode`] of the [`CustomerState`].
+    pub bytes: Vec<u8>,
+    /// `CustomerState::next_due_ms` of that state: where it sits in the timer index.
+    pub next_due_ms: Option<i64>,
+}
+
+/// One changed customer in a [`CommitBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerWrite {
+    pub customer_id: String,
+    pub state: EncodedState,
+}
+
+/// Where an actor event waits in the outbox until the node has published it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutboxKey {
+    pub shard: u32,
+    /// The shard-log sequence of the message that caused the event.
+    pub seq: u64,
+    /// Position among the events of that message.
+    pub index: u32,
+}
+
+impl OutboxKey {
+    /// `o/<shard BE>/<seq BE>/<index BE>`.
+    pub fn to_bytes(self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(OUTBOX_PREFIX.len() + 4 + 1 + 8 + 1 + 4);
+        key.extend_from_slice(OUTBOX_PREFIX);
+        key.extend_from_slice(&self.shard.to_be_bytes());
+        key.push(b'/');
+        key.extend_from_slice(&self.seq.to_be_bytes());
+        key.push(b'/');
+        key.extend_from_slice(&self.index.to_be_bytes());
+        key
+    }
+
+    fn from_bytes(key: &[u8]) -> Result<OutboxKey, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            key: printable(key),
+            reason: "outbox key is not o/<u32>/<u64>/<u32>",
+        };
+        let rest = key.strip_prefix(OUTBOX_PREFIX).ok_or_else(corrupt)?;
+        if rest.len() != 4 + 1 + 8 + 1 + 4 || rest[4] != b'/' || rest[13] != b'/' {
+            return Err(corrupt());
+        }
+        Ok(OutboxKey {
+            shard: u32::from_be_bytes(array(&rest[0..4]).ok_or_else(corrupt)?),
+            seq: u64::from_be_bytes(array(&rest[5..13]).ok_or_else(corrupt)?),
+            index: u32::from_be_bytes(array(&rest[14..18]).ok_or_else(corrupt)?),
+        })
+    }
+}
+
+/// Everything one applied batch of a shard changes, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct CommitBatch {
+    /// Customers whose state changed; at most one write per customer.
+    pub customers: Vec<CustomerWrite>,
+    /// The shard's meta after the batch.
+    pub meta: ShardMeta,
+    /// Actor events to publish, in order.
+    pub outbox: Vec<(OutboxKey, ActorEvent)>,
+}
+
+/// A customer whose timer is due, as read from the timer index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    pub due_ms: i64,
+    pub customer_id: String,
+}
+
+/// The sled store; cheap to clone (all clones share one database).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in directory `path`, with a page cache of at most
+    /// `cache_capacity_bytes`.
+    pub fn open(path: impl AsRef<Path>, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        let open_error = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity_bytes)
+            .open()
+            .map_err(open_error)?;
+        let tree = db.open_tree(TREE_NAME).map_err(open_error)?;
+        Ok(Store { db, tree })
+    }
+
+    /// The stored state of `customer_id`, if any.
+    pub fn load_customer(&self, customer_id: &str) -> Result<Option<CustomerState>, StoreError> {
+        Ok(self
+            .load_customer_encoded(customer_id)?
+            .map(|(state, _)| state))
+    }
+
+    /// The stored state of `customer_id` and the exact bytes it was decoded from.
+    pub fn load_customer_encoded(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<(CustomerState, Vec<u8>)>, StoreError> {
+        let key = customer_key(customer_id);
+        let Some(bytes) = self.tree.get(&key)? else {
+            return Ok(None);
+        };
+        let state = codec::decode(&bytes).map_err(|source| StoreError::Codec {
+            key: printable(&key),
+            source,
+        })?;
+        Ok(Some((state, bytes.to_vec())))
+    }
+
+    /// The due time under which `customer_id` sits in the timer index, if any.
+    pub fn customer_due(&self, customer_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.timer_entry(customer_id)?.map(|(_, due)| due))
+    }
+
+    fn timer_entry(&self, customer_id: &str) -> Result<Option<(u32, i64)>, StoreError> {
+        let key = due_key(customer_id);
+        let Some(value) = self.tree.get(&key)? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt {
+            key: printable(&key),
+            reason: "timer entry is not <u32 shard><u64 due>",
+        };
+        if value.len() != 12 {
+            return Err(corrupt());
+        }
+        let shard = u32::from_be_bytes(array(&value[0..4]).ok_or_else(corrupt)?);
+        let due = due_from_sortable(array(&value[4..12]).ok_or_else(corrupt)?);
+        Ok(Some((shard, due)))
+    }
+
+    /// The shard's meta; all zero for a shard never committed here.
+    pub fn shard_meta(&self, shard: u32) -> Result<ShardMeta, StoreError> {
+        let key = meta_key(shard);
+        match self.tree.get(&key)? {
+            None => Ok(ShardMeta::default()),
+            Some(bytes) => codec::decode(&bytes).map_err(|source| StoreError::Codec {
+                key: printable(&key),
+                source,
+            }),
+        }
+    }
+
+    /// Writes one batch of `shard` atomically: customer states, their timer index entries
+    /// (old entry removed, new one added), the shard meta and the outbox entries. Not
+    /// durable until [`Store::flush`].
+    pub fn commit(&self, shard: u32, batch: &CommitBatch) -> Result<(), StoreError> {
+        let mut writes = sled::Batch::default();
+        // Timer entries as this commit leaves them, for a customer listed twice.
+        let mut entries: HashMap<&str, Option<(u32, i64)>> = HashMap::new();
+        for write in &batch.customers {
+            let id = write.customer_id.as_str();
+            let old = match entries.get(id) {
+                Some(entry) => *entry,
+                None => self.timer_entry(id)?,
+            };
+            let new = write.state.next_due_ms.map(|due| (shard, due));
+            if old != new {
+                if let Some((old_shard, old_due)) = old {
+                    writes.remove(timer_key(old_shard, old_due, id));
+                }
+                match new {
+                    Some((_, due)) => {
+                        writes.insert(timer_key(shard, due, id), &[][..]);
+                        let mut value = Vec::with_capacity(12);
+                        value.extend_from_slice(&shard.to_be_bytes());
+                        value.extend_from_slice(&due_sortable(due));
+                        writes.insert(due_key(id), value);
+                    }
+                    None => writes.remove(due_key(id)),
+                }
+            }
+            entries.insert(id, new);
+            writes.insert(customer_key(id), write.state.bytes.as_slice());
+        }
+        let meta = codec::try_encode(&batch.meta).map_err(|source| StoreError::Codec {
+            key: printable(&meta_key(shard)),
+            source,
+        })?;
+        writes.insert(meta_key(shard), meta);
+        for (key, event) in &batch.outbox {
+            debug_assert_eq!(key.shard, shard, "outbox key of another shard");
+            let json = serde_json::to_vec(event).map_err(|source| StoreError::OutboxJson {
+                key: printable(&key.to_bytes()),
+                source,
+            })?;
+            writes.insert(key.to_bytes(), json);
+        }
+        self.tree.apply_batch(writes)?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable (sled `flush_async`); returns the bytes flushed.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush_async().await?)
+    }
+
+    /// Up to `limit` customers of `shard` whose due time is at or before `at_ms`, earliest
+    /// first.
+    pub fn due_customers(
+        &self,
+        shard: u32,
+        at_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .due_timers(shard, at_ms, None, limit)?
+            .into_iter()
+            .map(|timer| timer.customer_id)
+            .collect())
+    }
+
+    /// Up to `limit` timers of `shard` due at or before `at_ms`, in index order, starting
+    /// after `after` (a timer returned by an earlier call) to page through a long list.
+    pub fn due_timers(
+        &self,
+        shard: u32,
+        at_ms: i64,
+        after: Option<&DueTimer>,
+        limit: usize,
+    ) -> Result<Vec<DueTimer>, StoreError> {
+        let shard_prefix = timer_shard_prefix(shard);
+        let start = match after {
+            // The smallest key greater than the cursor's key.
+            Some(timer) => {
+                let mut key = timer_key(shard, timer.due_ms, &timer.customer_id);
+                key.push(0);
+                key
+            }
+            None => shard_prefix.clone(),
+        };
+        let end = match at_ms.checked_add(1) {
+            Some(next) => {
+                let mut key = shard_prefix.clone();
+                key.extend_from_slice(&due_sortable(next));
+                key
+            }
+            None => {
+                // Past every due time of this shard: `t/<shard>0` ('0' follows '/').
+                let mut key = shard_prefix[..shard_prefix.len() - 1].to_vec();
+                key.push(b'0');
+                key
+            }
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let mut timers = Vec::with_capacity(limit.min(1024));
+        for item in self.tree.range(start..end) {
+            if timers.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            timers.push(parse_timer_key(&key, shard_prefix.len())?);
+        }
+        Ok(timers)
+    }
+
+    /// Every outbox entry of `shard`, in commit order.
+    pub fn outbox(&self, shard: u32) -> Result<Vec<(OutboxKey, ActorEvent)>, StoreError> {
+        let mut prefix = OUTBOX_PREFIX.to_vec();
+        prefix.extend_from_slice(&shard.to_be_bytes());
+        prefix.push(b'/');
+        let mut entries = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let outbox_key = OutboxKey::from_bytes(&key)?;
+            let event =
+                serde_json::from_slice(&value).map_err(|source| StoreError::OutboxJson {
+                    key: printable(&key),
+                    source,
+                })?;
+            entries.push((outbox_key, event));
+        }
+        Ok(entries)
+    }
+
+    /// Removes published outbox entries (atomically; unknown keys are ignored). Durable
+    /// with the next flush; an entry that comes back after a crash is published again and
+    /// deduplicated by its event id.
+    pub fn remove_outbox(&self, keys: &[OutboxKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut writes = sled::Batch::default();
+        for key in keys {
+            writes.remove(key.to_bytes());
+        }
+        self.tree.apply_batch(writes)?;
+        Ok(())
+    }
+
+    /// How many customers are stored (all shards). Scans every state key: O(customers).
+    pub fn customer_count(&self) -> Result<usize, StoreError> {
+        let mut count = 0;
+        for item in self.tree.scan_prefix(CUSTOMER_PREFIX).keys() {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+fn customer_key(customer_id: &str) -> Vec<u8> {
+    [CUSTOMER_PREFIX, customer_id.as_bytes()].concat()
+}
+
+fn due_key(customer_id: &str) -> Vec<u8> {
+    [DUE_PREFIX, customer_id.as_bytes()].concat()
+}
+
+fn meta_key(shard: u32) -> Vec<u8> {
+    [META_PREFIX, &shard.to_be_bytes()[..]].concat()
+}
+
+/// `t/<shard BE>/`.
+fn timer_shard_prefix(shard: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(TIMER_PREFIX.len() + 5);
+    key.extend_from_slice(TIMER_PREFIX);
+    key.extend_from_slice(&shard.to_be_bytes());
+    key.push(b'/');
+    key
+}
+
+fn timer_key(shard: u32, due_ms: i64, customer_id: &str) -> Vec<u8> {
+    let mut key = timer_shard_prefix(shard);
+    key.extend_from_slice(&due_sortable(due_ms));
+    key.push(b'/');
+    key.extend_from_slice(customer_id.as_bytes());
+    key
+}
+
+fn parse_timer_key(key: &[u8], shard_prefix_len: usize) -> Result<DueTimer, StoreError> {
+    let corrupt = |reason| StoreError::Corrupt {
+        key: printable(key),
+        reason,
+    };
+    let rest = key
+        .get(shard_prefix_len..)
+        .ok_or_else(|| corrupt("timer key too short"))?;
+    if rest.len() < 9 || rest[8] != b'/' {
+        return Err(corrupt("timer key is not t/<shard>/<due>/<customer_id>"));
+    }
+    let due = array(&rest[0..8]).ok_or_else(|| corrupt("timer key due time"))?;
+    let customer_id = std::str::from_utf8(&rest[9..])
+        .map_err(|_| corrupt("timer key customer id is not UTF-8"))?;
+    Ok(DueTimer {
+        due_ms: due_from_sortable(due),
+        customer_id: customer_id.to_string(),
+    })
+}
+
+/// Big-endian bytes whose order is the numeric order of `ms` (sign bit flipped).
+fn due_sortable(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn due_from_sortable(bytes: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
+fn array<const N: usize>(bytes: &[u8]) -> Option<[u8; N]> {
+    bytes.try_into().ok()
+}
+
+/// A key for error messages: text where it is text, `\xNN` elsewhere.
+fn printable(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+    fn state_write(customer_id: &str, due: Option<i64>) -> CustomerWrite {
+        CustomerWrite {
+            customer_id: customer_id.to_string(),
+            state: EncodedState {
+                bytes: codec::encode(&CustomerState::new(customer_id)),
+                next_due_ms: due,
+            },
+        }
+    }
+
+    fn event(customer_id: &str, n: u32) -> ActorEvent {
+        ActorEvent {
+            event_type: "points.earned".to_string(),
+            customer_id: customer_id.to_string(),
+            at_ms: 1_000,
+            id: format!("e{n}:points.earned:0"),
+            data: Map::new(),
+        }
+    }
+
+    #[test]
+    fn sortable_due_times_order_like_numbers() {
+        let times = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
+        for pair in times.windows(2) {
+            assert!(due_sortable(pair[0]) < due_sortable(pair[1]));
+        }
+        for t in times {
+            assert_eq!(due_from_sortable(due_sortable(t)), t);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flushed_commit_survives_reopen_with_all_its_parts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox_key = OutboxKey {
+            shard: 3,
+            seq: 42,
+            index: 0,
+        };
+        {
+            let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+            let batch = CommitBatch {
+                customers: vec![state_write("ann", Some(5_000)), state_write("bob", None)],
+                meta: ShardMeta {
+                    applied_seq: 42,
+                    clock_ms: 4_000,
+                    owner_epoch: 7,
+                },
+                outbox: vec![(outbox_key, event("ann", 1))],
+            };
+            store.commit(3, &batch).expect("commit");
+            store.flush().await.expect("flush");
+        }
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("reopen");
+        assert!(store.load_customer("ann").expect("load").is_some());
+        assert!(store.load_customer("bob").expect("load").is_some());
+        assert!(store.load_customer("carl").expect("load").is_none());
+        assert_eq!(store.customer_count().expect("count"), 2);
+        assert_eq!(
+            store.shard_meta(3).expect("meta"),
+            ShardMeta {
+                applied_seq: 42,
+                clock_ms: 4_000,
+                owner_epoch: 7
+            }
+        );
+        assert_eq!(store.shard_meta(4).expect("meta"), ShardMeta::default());
+        assert_eq!(store.due_customers(3, 5_000, 10).expect("due"), vec!["ann"]);
+        assert!(store.due_customers(3, 4_999, 10).expect("due").is_empty());
+        assert!(store.due_customers(2, 5_000, 10).expect("due").is_empty());
+        assert_eq!(
+            store.outbox(3).expect("outbox"),
+            vec![(outbox_key, event("ann", 1))]
+        );
+        store.remove_outbox(&[outbox_key]).expect("remove");
+        assert!(store.outbox(3).expect("outbox").is_empty());
+    }
+
+    #[test]
+    fn a_changed_due_time_moves_the_timer_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        let commit = |customers| {
+            store
+                .commit(
+                    0,
+                    &CommitBatch {
+                        customers,
+                        ..CommitBatch::default()
+                    },
+                )
+                .expect("commit")
+        };
+        commit(vec![
+            state_write("ann", Some(100)),
+            state_write("bob", Some(-50)),
+        ]);
+        assert_eq!(
+            store.due_customers(0, 100, 10).expect("due"),
+            vec!["bob", "ann"]
+        );
+        commit(vec![state_write("ann", Some(300))]);
+        assert_eq!(store.due_customers(0, 299, 10).expect("due"), vec!["bob"]);
+        assert_eq!(store.customer_due("ann").expect("due"), Some(300));
+        commit(vec![state_write("bob", None)]);
+        assert_eq!(
+            store.due_customers(0, i64::MAX, 10).expect("due"),
+            vec!["ann"]
+        );
+        assert_eq!(store.customer_due("bob").expect("due"), None);
+    }
+
+    #[test]
+    fn due_timers_page_through_with_a_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        let customers = (0..7)
+            .map(|i| state_write(&format!("c{i}"), Some(10 * i64::from(i))))
+            .collect();
+        store
+            .commit(
+                1,
+                &CommitBatch {
+                    customers,
+                    ..CommitBatch::default()
+                },
+            )
+            .expect("commit");
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store.due_timers(1, 45, cursor.as_ref(), 2).expect("page");
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            cursor = page.last().cloned();
+            seen.extend(page.into_iter().map(|t| t.customer_id));
+        }
+        assert_eq!(seen, vec!["c0", "c1", "c2", "c3", "c4"]);
+    }
+
+    #[test]
+    fn an_undecodable_state_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        store
+            .tree
+            .insert(customer_key("ann"), &[9u8, 1, 2][..])
+            .expect("insert");
+        let error = store.load_customer("ann").expect_err("bad bytes");
+        assert!(error.to_string().contains("c/ann"), "{error}");
+    }
+}

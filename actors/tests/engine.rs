@@ -1,0 +1,521 @@
+//! The shard engine without NATS: batches of shard-log records in, sled contents, replies
+//! and outbox entries out. Each test owns a temporary sled directory.
+
+use crm_actors::apply;
+use crm_actors::codec;
+use crm_actors::command::{ApplyStatus, CustomerCommand, ShardMessage};
+use crm_actors::engine::{EngineLimits, ShardEngine};
+use crm_actors::event::{parse_ingest, IngestLimits};
+use crm_actors::rules::Rules;
+use crm_actors::state::CustomerState;
+use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, Store};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SHARD: u32 = 2;
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+const EPOCH: u64 = 9;
+/// 2026-01-02T10:00:00Z
+const JAN_2_MS: i64 = 1_767_348_000_000;
+
+fn rules() -> Arc<Rules> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster-config/rules.toml");
+    Arc::new(Rules::load(&path).expect("the cluster's rules file loads"))
+}
+
+fn limits(resident_max: usize) -> EngineLimits {
+    EngineLimits {
+        resident_max,
+        passivate_after_ms: 60_000,
+        tick_batch_max: 2,
+    }
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, CACHE_BYTES).expect("store opens")
+}
+
+fn engine(store: &Store, resident_max: usize) -> ShardEngine {
+    ShardEngine::new(SHARD, store.clone(), rules(), limits(resident_max)).expect("engine")
+}
+
+/// A purchase of `amount` EUR by `email`, `minutes` after Jan 2nd 10:00.
+fn purchase_command(event_id: &str, email: &str, amount: f64, minutes: i64) -> CustomerCommand {
+    let at = time_text(JAN_2_MS + minutes * 60_000);
+    let json = serde_json::json!({
+        "v": 1, "event_id": event_id, "type": "purchase", "occurred_at": at,
+        "identity": {"email": email},
+        "order_id": format!("order-{event_id}"), "amount": amount, "currency": "EUR",
+        "items": [{"sku": "s1", "category": "bags", "qty": 1, "price": amount}]
+    });
+    let event = parse_ingest("web", json.to_string().as_bytes(), &IngestLimits::default())
+        .expect("test event is valid");
+    CustomerCommand::Event {
+        event,
+        conflict: None,
+    }
+}
+
+fn time_text(ms: i64) -> String {
+    let time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .expect("test time is in range");
+    time.format(&time::format_description::well_known::Rfc3339)
+        .expect("formats")
+}
+
+fn purchase(seq: u64, customer: &str, event_id: &str, minutes: i64) -> (u64, ShardMessage) {
+    let email = format!("{customer}@example.com");
+    (
+        seq,
+        ShardMessage::Customer {
+            customer_id: customer.to_string(),
+            command: purchase_command(event_id, &email, 40.0, minutes),
+            reply_to: None,
+        },
+    )
+}
+
+fn statuses(result: &crm_actors::engine::BatchResult) -> Vec<ApplyStatus> {
+    result.messages.iter().map(|m| m.status.clone()).collect()
+}
+
+fn stored_bytes(store: &Store, customer: &str) -> Vec<u8> {
+    let state = store
+        .load_customer(customer)
+        .expect("load")
+        .expect("customer stored");
+    codec::encode(&state)
+}
+
+#[tokio::test]
+async fn a_batch_delivered_twice_is_applied_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    let batch = vec![purchase(1, "ann", "e1", 0), purchase(2, "bob", "e2", 1)];
+
+    let first = engine
+        .apply_batch(batch.clone(), EPOCH)
+        .await
+        .expect("apply");
+    assert_eq!((first.applied, first.skipped), (2, 0));
+    assert_eq!(first.meta.applied_seq, 2);
+    assert_eq!(first.meta.owner_epoch, EPOCH);
+    let ann_after_first = stored_bytes(&store, "ann");
+
+    let again = engine.apply_batch(batch, EPOCH).await.expect("redelivery");
+    assert_eq!((again.applied, again.skipped), (0, 2));
+    assert!(again.messages.is_empty() && again.events.is_empty());
+    assert_eq!(stored_bytes(&store, "ann"), ann_after_first);
+
+    let overlap = vec![purchase(2, "bob", "e2", 1), purchase(3, "ann", "e3", 2)];
+    let third = engine.apply_batch(overlap, EPOCH).await.expect("overlap");
+    assert_eq!((third.applied, third.skipped), (1, 1));
+    assert_eq!(third.messages[0].seq, 3);
+    assert_eq!(store.shard_meta(SHARD).expect("meta").applied_seq, 3);
+    assert_ne!(stored_bytes(&store, "ann"), ann_after_first);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_for_one_customer_apply_in_log_order_within_a_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    let batch = vec![
+        purchase(1, "ann", "e1", 0),
+        purchase(2, "bob", "e2", 0),
+        purchase(3, "ann", "e1", 0),
+        purchase(4, "ann", "e3", 5),
+    ];
+    let result = engine.apply_batch(batch, EPOCH).await.expect("apply");
+    assert_eq!(
+        statuses(&result),
+        vec![
+            ApplyStatus::Applied,
+            ApplyStatus::Applied,
+            ApplyStatus::Duplicate,
+            ApplyStatus::Applied
+        ]
+    );
+    let seqs: Vec<u64> = result.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(result.messages[2].event_id.as_deref(), Some("e1"));
+    assert_eq!((result.applied, result.duplicates), (3, 1));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn state_survives_engine_drop_and_store_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let view_before;
+    {
+        let store = open(dir.path());
+        let mut engine = engine(&store, 100);
+        engine
+            .apply_batch(
+                vec![purchase(1, "ann", "e1", 0), purchase(2, "ann", "e2", 30)],
+                EPOCH,
+            )
+            .await
+            .expect("apply");
+        view_before = engine.view("ann").await.expect("view").expect("ann exists");
+        drop(engine);
+    }
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    assert_eq!(engine.meta().applied_seq, 2);
+    assert_eq!(engine.resident_count(), 0);
+    let view_after = engine.view("ann").await.expect("view").expect("ann exists");
+    assert_eq!(view_after, view_before);
+    assert_eq!(engine.view("nobody").await.expect("view"), None);
+    assert_eq!(
+        engine.resident_count(),
+        1,
+        "a view of nobody activates nobody"
+    );
+
+    // Cold activation sees the applied event ids: a retry is a duplicate.
+    let retry = engine
+        .apply_batch(vec![purchase(3, "ann", "e2", 30)], EPOCH)
+        .await
+        .expect("retry");
+    assert_eq!(statuses(&retry), vec![ApplyStatus::Duplicate]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn passivation_keeps_residency_under_the_cap_and_loses_nothing() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let store_a = open(dir_a.path());
+    let store_b = open(dir_b.path());
+    let resident_max = 3;
+    let mut passivating = engine(&store_a, resident_max);
+    let mut resident = engine(&store_b, 1_000);
+
+    let customers: Vec<String> = (0..10).map(|i| format!("cust-{i}")).collect();
+    let mut seq = 0;
+    for round in 0..3 {
+        let batch: Vec<(u64, ShardMessage)> = customers
+            .iter()
+            .map(|c| {
+                seq += 1;
+                purchase(seq, c, &format!("{c}-r{round}"), round * 60)
+            })
+            .collect();
+        let a = passivating
+            .apply_batch(batch.clone(), EPOCH)
+            .await
+            .expect("a");
+        let b = resident.apply_batch(batch, EPOCH).await.expect("b");
+        assert_eq!(statuses(&a), statuses(&b));
+        assert_eq!(a.events, b.events);
+        assert_eq!(
+            passivating.resident_count(),
+            customers.len(),
+            "no passivation mid-batch"
+        );
+        let stopped = passivating.passivate(Instant::now());
+        assert_eq!(stopped, customers.len() - resident_max);
+        assert_eq!(passivating.resident_count(), resident_max);
+    }
+    for c in &customers {
+        assert_eq!(stored_bytes(&store_a, c), stored_bytes(&store_b, c), "{c}");
+        let view_a = passivating.view(c).await.expect("view");
+        let view_b = resident.view(c).await.expect("view");
+        assert_eq!(view_a, view_b, "{c}");
+        passivating.passivate(Instant::now());
+        assert!(passivating.resident_count() <= resident_max);
+    }
+
+    // Idle: everyone goes after passivate_after_ms of wall-clock silence.
+    let later = Instant::now() + Duration::from_millis(limits(0).passivate_after_ms + 1);
+    passivating.passivate(later);
+    assert_eq!(passivating.resident_count(), 0);
+    let retry = passivating
+        .apply_batch(vec![purchase(seq + 1, "cust-0", "cust-0-r0", 0)], EPOCH)
+        .await
+        .expect("retry");
+    assert_eq!(statuses(&retry), vec![ApplyStatus::Duplicate]);
+    passivating.shutdown().await;
+    resident.shutdown().await;
+}
+
+/// Stores `customer` (after one purchase) with an artificial timer entry at `due_ms`.
+fn store_with_due(store: &Store, customer: &str, due_ms: i64) -> CustomerState {
+    let mut state = CustomerState::new(customer);
+    let command = purchase_command(
+        &format!("{customer}-0"),
+        &format!("{customer}@x.org"),
+        10.0,
+        0,
+    );
+    apply::apply(&mut state, &command, &rules());
+    assert!(state.exists());
+    let batch = CommitBatch {
+        customers: vec![CustomerWrite {
+            customer_id: customer.to_string(),
+            state: EncodedState {
+                bytes: codec::encode(&state),
+                next_due_ms: Some(due_ms),
+            },
+        }],
+        ..CommitBatch::default()
+    };
+    store.commit(SHARD, &batch).expect("commit");
+    state
+}
+
+#[tokio::test]
+async fn a_tick_runs_only_due_customers_and_moves_their_timers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let tick_ms = JAN_2_MS + 1_000;
+    // Five due customers: more than one page of tick_batch_max = 2.
+    let due: Vec<String> = (0..5).map(|i| format!("due-{i}")).collect();
+    for (i, c) in due.iter().enumerate() {
+        store_with_due(&store, c, tick_ms - 10 + i as i64);
+    }
+    store_with_due(&store, "later", tick_ms + 1);
+    store_with_due(&store, "much-later", i64::MAX);
+    let mut engine = engine(&store, 100);
+
+    let result = engine
+        .apply_batch(vec![(1, ShardMessage::Tick { at_ms: tick_ms })], EPOCH)
+        .await
+        .expect("tick");
+    assert_eq!(result.customers_ticked, 5);
+    assert!(
+        result.messages.is_empty(),
+        "a tick has no per-message reply"
+    );
+    assert_eq!(result.meta.clock_ms, tick_ms);
+    for c in &due {
+        let state = store.load_customer(c).expect("load").expect("stored");
+        let index_due = store.customer_due(c).expect("due");
+        assert_eq!(
+            index_due,
+            state.next_due_ms(),
+            "{c}: index follows the state"
+        );
+        assert!(
+            !matches!(index_due, Some(d) if d <= tick_ms),
+            "{c}: {index_due:?}"
+        );
+    }
+    assert_eq!(store.customer_due("later").expect("due"), Some(tick_ms + 1));
+    assert_eq!(
+        store.customer_due("much-later").expect("due"),
+        Some(i64::MAX)
+    );
+    assert!(store
+        .due_customers(SHARD, tick_ms, 100)
+        .expect("due")
+        .is_empty());
+
+    // The same tick again finds nobody due.
+    let again = engine
+        .apply_batch(vec![(2, ShardMessage::Tick { at_ms: tick_ms })], EPOCH)
+        .await
+        .expect("tick");
+    assert_eq!(again.customers_ticked, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tick_sees_the_earlier_messages_of_its_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let tick_ms = JAN_2_MS + 1_000;
+    // The index says ann is due, but a purchase in the same batch, before the tick, moves
+    // her timer to whatever the rules say: the tick must follow the new due time.
+    let mut expected = store_with_due(&store, "ann", tick_ms - 1);
+    let before = codec::encode(&expected);
+    let command = purchase_command("ann-1", "ann@example.com", 40.0, 0);
+    apply::apply(&mut expected, &command, &rules());
+    assert_ne!(
+        codec::encode(&expected),
+        before,
+        "a new purchase changes the state"
+    );
+    let expect_ticked = u64::from(expected.next_due_ms().is_some_and(|d| d <= tick_ms));
+
+    let mut engine = engine(&store, 100);
+    let result = engine
+        .apply_batch(
+            vec![
+                (
+                    1,
+                    ShardMessage::Customer {
+                        customer_id: "ann".to_string(),
+                        command,
+                        reply_to: Some("_INBOX.1".to_string()),
+                    },
+                ),
+                (2, ShardMessage::Tick { at_ms: tick_ms }),
+            ],
+            EPOCH,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(result.customers_ticked, expect_ticked);
+    assert_eq!(result.messages.len(), 1);
+    assert_eq!(result.messages[0].reply_to.as_deref(), Some("_INBOX.1"));
+    let state = store.load_customer("ann").expect("load").expect("stored");
+    assert_eq!(store.customer_due("ann").expect("due"), state.next_due_ms());
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn events_wait_in_the_outbox_until_published() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    let result = engine
+        .apply_batch(
+            vec![purchase(1, "ann", "e1", 0), purchase(2, "bob", "e2", 0)],
+            EPOCH,
+        )
+        .await
+        .expect("apply");
+    assert!(
+        !result.events.is_empty(),
+        "a first purchase emits actor events"
+    );
+    assert!(result.events.iter().all(|(key, _)| key.shard == SHARD));
+    assert_eq!(engine.pending_outbox().expect("outbox"), result.events);
+
+    let (first, rest) = result.events.split_at(1);
+    let first_keys: Vec<_> = first.iter().map(|(key, _)| *key).collect();
+    engine.published(&first_keys).expect("published");
+    assert_eq!(engine.pending_outbox().expect("outbox"), rest.to_vec());
+    let rest_keys: Vec<_> = rest.iter().map(|(key, _)| *key).collect();
+    engine.published(&rest_keys).expect("published");
+    assert!(engine.pending_outbox().expect("outbox").is_empty());
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_outbox_survives_a_crash_before_publication() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events;
+    {
+        let store = open(dir.path());
+        let mut engine = engine(&store, 100);
+        events = engine
+            .apply_batch(vec![purchase(1, "ann", "e1", 0)], EPOCH)
+            .await
+            .expect("apply")
+            .events;
+        // Dropped without publishing: the node crashed after the ack.
+    }
+    let store = open(dir.path());
+    let engine = engine(&store, 100);
+    assert_eq!(engine.pending_outbox().expect("outbox"), events);
+}
+
+#[tokio::test]
+async fn new_rules_reach_resident_actors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    engine
+        .apply_batch(vec![purchase(1, "ann", "e1", 0)], EPOCH)
+        .await
+        .expect("apply");
+    let mut newer = (*rules()).clone();
+    newer.version += 1;
+    engine.set_rules(Arc::new(newer));
+    assert_eq!(engine.rules().version, rules().version + 1);
+    assert_eq!(engine.resident_count(), 1);
+    let result = engine
+        .apply_batch(vec![purchase(2, "ann", "e2", 1)], EPOCH)
+        .await
+        .expect("apply");
+    assert_eq!(statuses(&result), vec![ApplyStatus::Applied]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_batch_commits_nothing_and_keeps_no_actor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    // A stored state this build cannot read (another format version).
+    let unreadable = CommitBatch {
+        customers: vec![CustomerWrite {
+            customer_id: "broken".to_string(),
+            state: EncodedState {
+                bytes: vec![codec::FORMAT_VERSION + 1, 0, 0],
+                next_due_ms: None,
+            },
+        }],
+        ..CommitBatch::default()
+    };
+    store.commit(SHARD, &unreadable).expect("commit");
+    let mut engine = engine(&store, 100);
+
+    let error = engine
+        .apply_batch(
+            vec![purchase(1, "ann", "e1", 0), purchase(2, "broken", "e2", 0)],
+            EPOCH,
+        )
+        .await
+        .expect_err("the broken customer cannot be activated");
+    let text = error.to_string();
+    assert!(
+        text.contains("c/broken") && text.contains("format version"),
+        "{text}"
+    );
+    assert_eq!(
+        engine.resident_count(),
+        0,
+        "uncommitted actor state is dropped"
+    );
+    assert_eq!(engine.meta().applied_seq, 0);
+    assert_eq!(store.shard_meta(SHARD).expect("meta").applied_seq, 0);
+    assert!(store.load_customer("ann").expect("load").is_none());
+    assert!(engine.pending_outbox().expect("outbox").is_empty());
+
+    // Delivered again without the poison, ann's purchase applies once.
+    let retry = engine
+        .apply_batch(vec![purchase(1, "ann", "e1", 0)], EPOCH)
+        .await
+        .expect("retry");
+    assert_eq!(statuses(&retry), vec![ApplyStatus::Applied]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_engine_runs_on_a_spawned_task_and_views_use_the_shard_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    let task = tokio::spawn(async move {
+        engine
+            .apply_batch(
+                vec![
+                    purchase(1, "ann", "e1", 0),
+                    (
+                        2,
+                        ShardMessage::Tick {
+                            at_ms: JAN_2_MS + 3_600_000,
+                        },
+                    ),
+                ],
+                EPOCH,
+            )
+            .await
+            .expect("apply");
+        let view = engine.view("ann").await.expect("view");
+        let clock = engine.meta().clock_ms;
+        engine.shutdown().await;
+        (view, clock)
+    });
+    let (view, clock) = task.await.expect("task");
+    assert_eq!(clock, JAN_2_MS + 3_600_000);
+    let state = store.load_customer("ann").expect("load").expect("stored");
+    let expected = crm_actors::view::customer_view(&state, clock, &rules());
+    assert_eq!(view, Some(expected));
+}

@@ -1,0 +1,201 @@
+//! Command responders: `crm.cmd.redeem` (spend points) and `crm.cmd.tick` (move the rule
+//! clock), plus the automatic ticker.
+//!
+//! Both write into the shard log rather than touching state directly, so a replay of the
+//! log reproduces them. A redeem request waits for its reply from the shard worker (sent
+//! only after the outcome is durable); it is idempotent by `request_id` because the customer
+//! remembers the outcome of each request id. Ticks are appended by the shard's owner: the
+//! `tick` command appends one to every shard this node serves, the ticker does the same
+//! every `tick_interval_s` with the wall clock.
+
+use crate::metrics::Metrics;
+use crate::query::{error_reply, resolve_customer, Shards};
+use crate::sharding::shard_of;
+use crate::shutdown::Shutdown;
+use crate::subjects;
+use async_nats::jetstream::Context;
+use async_nats::Client;
+use crm_actors::codec;
+use crm_actors::command::{CustomerCommand, ShardMessage};
+use crm_actors::event::ID_MAX_BYTES;
+use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+/// Queue group of the command responders.
+pub const QUEUE_GROUP: &str = "crm-cmd";
+
+/// What the command responders need.
+#[derive(Clone)]
+pub struct Commands {
+    pub client: Client,
+    pub jetstream: Context,
+    pub shards: Shards,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The wall clock in Unix ms (only for stamping commands that carry no time of their own).
+pub fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Commands {
+    /// Answers one redeem request body.
+    pub async fn redeem(&self, body: &[u8]) -> Value {
+        let request: Value = match serde_json::from_slice(body) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => return error_reply("bad_request", "send a JSON object {\"request_id\", \"reward_id\", \"identity\" or \"customer_id\"}"),
+        };
+        let text = |name: &str| -> Result<String, Value> {
+            match request.get(name).and_then(Value::as_str) {
+                Some(s) if !s.trim().is_empty() && s.len() <= ID_MAX_BYTES => Ok(s.to_string()),
+                _ => Err(error_reply(
+                    "bad_request",
+                    format!("{name} is missing or not a non-empty string of at most {ID_MAX_BYTES} bytes"),
+                )),
+            }
+        };
+        let (request_id, reward_id) = match (text("request_id"), text("reward_id")) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
+        let at_ms = match request.get("occurred_at").and_then(Value::as_str) {
+            Some(text) => match parse_rfc3339_ms(text) {
+                Ok(ms) => ms,
+                Err(error) => return error_reply("bad_request", format!("occurred_at {error}")),
+            },
+            None => wall_clock_ms(),
+        };
+        let customer_id = match resolve_customer(&self.shards.directory, &request).await {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                return json!({"request_id": request_id, "reward_id": reward_id, "approved": false,
+                              "points_spent": 0, "points_balance": 0, "reason": "unknown_customer",
+                              "customer_id": null})
+            }
+            Err(error) => return error,
+        };
+        Metrics::add(&self.metrics.redeems, 1);
+        let inbox = self.client.new_inbox();
+        let mut replies = match self.client.subscribe(inbox.clone()).await {
+            Ok(subscription) => subscription,
+            Err(error) => return error_reply("unavailable", format!("cannot wait for the reply: {error}")),
+        };
+        let shard = shard_of(&customer_id, self.shards.count);
+        let record = ShardMessage::Customer {
+            customer_id,
+            command: CustomerCommand::Redeem { request_id, reward_id, at_ms },
+            reply_to: Some(inbox),
+        };
+        let published = match self
+            .jetstream
+            .publish(subjects::shard(shard), codec::encode(&record).into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = published {
+            return error_reply("unavailable", format!("the shard log did not accept the command: {error}"));
+        }
+        match tokio::time::timeout(self.shards.timeout, replies.next()).await {
+            Ok(Some(message)) => serde_json::from_slice(&message.payload)
+                .unwrap_or_else(|_| error_reply("unavailable", "unreadable reply from the shard")),
+            _ => error_reply(
+                "timeout",
+                "the command is logged and will be applied; repeat it with the same request_id to read its outcome",
+            ),
+        }
+    }
+
+    /// Answers one tick request body `{"at": RFC 3339}`.
+    pub async fn tick(&self, body: &[u8]) -> Value {
+        let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let at_ms = match request.get("at").and_then(Value::as_str).map(parse_rfc3339_ms) {
+            Some(Ok(ms)) => ms,
+            Some(Err(error)) => return error_reply("bad_request", format!("at {error}")),
+            None => return error_reply("bad_request", "send {\"at\": \"2027-01-01T00:00:00Z\"}"),
+        };
+        match self.append_ticks(at_ms).await {
+            Ok(shards) => json!({"v": 1, "at": format_rfc3339(at_ms), "shards": shards}),
+            Err(error) => error_reply("unavailable", error),
+        }
+    }
+
+    /// Appends `Tick { at_ms }` to the log of every shard this node serves.
+    pub async fn append_ticks(&self, at_ms: i64) -> Result<u32, String> {
+        let mut acks = Vec::new();
+        let record = codec::encode(&ShardMessage::Tick { at_ms });
+        for handle in self.shards.handles.iter().flatten() {
+            let ack = self
+                .jetstream
+                .publish(subjects::shard(handle.shard), record.clone().into())
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push(ack);
+        }
+        let count = acks.len() as u32;
+        for ack in acks {
+            ack.await.map_err(|e| e.to_string())?;
+        }
+        Metrics::add(&self.metrics.ticks_appended, u64::from(count));
+        Ok(count)
+    }
+
+    /// Serves `subject` with `handler` until shutdown.
+    pub async fn serve<F, Fut>(self, subject: &'static str, concurrency_max: usize, handler: F, mut shutdown: Shutdown)
+    where
+        F: Fn(Commands, bytes::Bytes) -> Fut + Clone,
+        Fut: std::future::Future<Output = Value>,
+    {
+        let subscription = match self.client.queue_subscribe(subject, QUEUE_GROUP.to_string()).await {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                warn!(%error, subject, "command responder could not subscribe");
+                return;
+            }
+        };
+        let work = subscription.for_each_concurrent(concurrency_max, |message| {
+            let commands = self.clone();
+            let handler = handler.clone();
+            async move {
+                let client = commands.client.clone();
+                let reply = handler(commands, message.payload).await;
+                if let Some(inbox) = message.reply {
+                    let body = serde_json::to_vec(&reply).unwrap_or_default();
+                    if let Err(error) = client.publish(inbox, body.into()).await {
+                        warn!(%error, "command reply not sent");
+                    }
+                }
+            }
+        });
+        tokio::select! {
+            _ = work => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+
+    /// Appends a wall-clock tick to every served shard every `interval` until shutdown.
+    pub async fn run_ticker(self, interval: Duration, mut shutdown: Shutdown) {
+        let mut timer = tokio::time::interval(interval);
+        timer.tick().await;
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {
+                    let at_ms = wall_clock_ms();
+                    match self.append_ticks(at_ms).await {
+                        Ok(count) => info!(shards = count, at = %format_rfc3339(at_ms), "ticks appended"),
+                        Err(error) => warn!(%error, "ticks not appended; next interval retries"),
+                    }
+                }
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}

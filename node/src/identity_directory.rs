@@ -1,0 +1,478 @@
+//! The identity directory: which customer an identifier (loyalty card, customer id, email,
+//! phone, device id) belongs to, shared by every router of the cluster through the
+//! `crm_identity` JetStream KV bucket.
+//!
+//! Keys are `hex(HMAC-SHA256(cluster_secret, "<kind>:<normalised value>"))`, so no raw PII
+//! ever appears in a NATS key, subject or log line; the value is the customer id (UTF-8).
+//! Every mapping is written with KV `create` (compare-and-set, create-if-absent): the first
+//! router to map an identifier wins and every other router reads its answer, so two routers
+//! resolving the same new person at once end with one customer. A new customer's id is
+//! minted deterministically from its primary identifier (`c` + the first 24 hex characters
+//! of that identifier's key), so racing routers even mint the same id.
+//!
+//! A mapping never changes once created (merging two customers is later work and will add
+//! an alias record rather than rewrite keys), so the bounded in-memory cache of key ->
+//! customer id can never go stale. Identifiers that already belong to another customer are
+//! reported as conflicts and never remapped. Called by the router (resolve, may create) and
+//! the query responder (lookup, never creates).
+
+use crate::subjects;
+use async_nats::jetstream::kv;
+use crm_actors::identity::{Identity, IdentityKind};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Hex characters of the identifier key used in a minted customer id (96 bits).
+pub const CUSTOMER_ID_HEX_CHARS: usize = 24;
+/// Attempts of one KV operation that fails transiently (timeouts, no responders).
+pub const KV_ATTEMPTS_MAX: u32 = 5;
+/// First pause between KV attempts, in milliseconds; doubles each time.
+pub const KV_RETRY_INITIAL_MS: u64 = 50;
+/// Longest pause between KV attempts, in milliseconds.
+pub const KV_RETRY_MAX_MS: u64 = 1_000;
+
+/// The outcome of [`IdentityDirectory::resolve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The customer the event belongs to.
+    pub customer_id: String,
+    /// True when this call minted the customer (its primary identifier was unknown and this
+    /// call's `create` won). Among racing routers at most one sees `true`.
+    pub created: bool,
+    /// Identifiers that were unknown when looked up and now map to `customer_id`, in input
+    /// order (includes the primary identifier when `created`).
+    pub linked: Vec<IdentityKind>,
+    /// Identifiers of the event that belong to another customer: (kind, that customer's id).
+    /// They are left as they are.
+    pub conflicts: Vec<(IdentityKind, String)>,
+}
+
+/// Counters of a directory, read with [`IdentityDirectory::metrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectoryMetrics {
+    /// Identifier look-ups answered from the cache.
+    pub cache_hits: u64,
+    /// Identifier look-ups that went to the KV bucket.
+    pub cache_misses: u64,
+    /// Customers minted by this directory.
+    pub creates: u64,
+    /// Identifiers this directory mapped to an existing or new customer.
+    pub links: u64,
+    /// Identifiers found to belong to another customer than the event's.
+    pub conflicts: u64,
+    /// KV operations retried after a transient failure.
+    pub kv_retries: u64,
+}
+
+/// Why the directory could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("no identifier given; an event or query needs at least one of loyalty_card, customer_id, email, phone, device_id")]
+    NoIdentity,
+    #[error("identity directory (KV bucket {bucket}) could not {operation} the {kind} key after {attempts} attempts: {detail}; check that NATS is reachable and JetStream is enabled")]
+    Unavailable {
+        bucket: &'static str,
+        operation: &'static str,
+        kind: IdentityKind,
+        attempts: u32,
+        detail: String,
+    },
+    #[error("identity directory (KV bucket {bucket}) key {key} for a {kind} holds '{value}', not a customer id; fix or delete that key (`nats kv del {bucket} {key}`)")]
+    CorruptValue {
+        bucket: &'static str,
+        kind: IdentityKind,
+        key: String,
+        value: String,
+    },
+}
+
+/// The identity directory over one KV bucket. Cheap to share behind an `Arc`.
+pub struct IdentityDirectory {
+    kv: kv::Store,
+    /// HMAC key state with the cluster secret already absorbed; cloned per identifier.
+    hmac: Hmac<Sha256>,
+    cache: Mutex<BoundedCache>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    creates: AtomicU64,
+    links: AtomicU64,
+    conflicts: AtomicU64,
+    kv_retries: AtomicU64,
+}
+
+impl IdentityDirectory {
+    /// A directory over `kv` (the [`subjects::KV_IDENTITY`] bucket), hashing identifiers with
+    /// `cluster_secret` (the same on every node of a cluster; changing it orphans every
+    /// mapping) and caching at most `cache_max_entries` mappings (0: no cache).
+    pub fn new(
+        kv: kv::Store,
+        cluster_secret: &[u8],
+        cache_max_entries: usize,
+    ) -> IdentityDirectory {
+        // HMAC accepts keys of any length (longer ones are hashed), so this cannot fail.
+        let hmac = <Hmac<Sha256> as Mac>::new_from_slice(cluster_secret)
+            .unwrap_or_else(|_| unreachable!("HMAC-SHA256 takes keys of any length"));
+        IdentityDirectory {
+            kv,
+            hmac,
+            cache: Mutex::new(BoundedCache::new(cache_max_entries)),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The KV key of an identifier: hex HMAC-SHA256 of `"<kind>:<value>"` (64 characters).
+    pub fn key_of(&self, identity: &Identity) -> String {
+        let mut mac = self.hmac.clone();
+        mac.update(identity.kind.as_str().as_bytes());
+        mac.update(b":");
+        mac.update(identity.value.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The id a new customer whose primary identifier is `identity` gets: `c` + 24 hex.
+    pub fn customer_id_for(&self, identity: &Identity) -> String {
+        let key = self.key_of(identity);
+        format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS])
+    }
+
+    /// The customer of these identifiers, creating it and linking unknown identifiers to it.
+    ///
+    /// `identities` are normalised and highest priority first (as `ChannelEvent::identities`
+    /// are). The customer is the one of the highest-priority identifier already known; when
+    /// none is known, a customer is minted from the first identifier. Every unknown
+    /// identifier is then mapped to that customer; known identifiers of other customers
+    /// are reported in [`Resolution::conflicts`].
+    pub async fn resolve(&self, identities: &[Identity]) -> Result<Resolution, DirectoryError> {
+        let Some(primary) = identities.first() else {
+            return Err(DirectoryError::NoIdentity);
+        };
+        debug_assert!(
+            identities.windows(2).all(|w| w[0].kind <= w[1].kind),
+            "identities must be highest priority first"
+        );
+        let keys: Vec<String> = identities.iter().map(|id| self.key_of(id)).collect();
+        let known = self.lookup_keys(identities, &keys).await?;
+
+        let mut created = false;
+        let mut linked = Vec::new();
+        let mut conflicts = Vec::new();
+        let winner = match known.iter().flatten().next() {
+            Some(customer_id) => customer_id.clone(),
+            None => {
+                let minted = format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]);
+                match self.create(primary.kind, &keys[0], &minted).await? {
+                    Created::Won => {
+                        created = true;
+                        linked.push(primary.kind);
+                        self.counters.creates.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(customer_id = %minted, "customer created");
+                        minted
+                    }
+                    // A concurrent router mapped the primary identifier first: use its answer.
+                    Created::Lost(stored) => stored,
+                }
+            }
+        };
+
+        for (index, (identity, found)) in identities.iter().zip(&known).enumerate() {
+            match found {
+                Some(customer_id) if *customer_id == winner => {}
+                Some(other) => conflicts.push((identity.kind, other.clone())),
+                None if index == 0 && created => {}
+                None => match self.create(identity.kind, &keys[index], &winner).await? {
+                    Created::Won => {
+                        linked.push(identity.kind);
+                        self.counters.links.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Mapped concurrently by another router to the same customer.
+                    Created::Lost(stored) if stored == winner => linked.push(identity.kind),
+                    Created::Lost(stored) => conflicts.push((identity.kind, stored)),
+                },
+            }
+        }
+        if !conflicts.is_empty() {
+            self.counters
+                .conflicts
+                .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
+            tracing::debug!(customer_id = %winner, conflicts = conflicts.len(), "identity conflict");
+        }
+        Ok(Resolution {
+            customer_id: winner,
+            created,
+            linked,
+            conflicts,
+        })
+    }
+
+    /// The customer of the highest-priority known identifier, or `None`; never creates.
+    pub async fn lookup(&self, identities: &[Identity]) -> Result<Option<String>, DirectoryError> {
+        if identities.is_empty() {
+            return Err(DirectoryError::NoIdentity);
+        }
+        let keys: Vec<String> = identities.iter().map(|id| self.key_of(id)).collect();
+        let known = self.lookup_keys(identities, &keys).await?;
+        Ok(known.into_iter().flatten().next())
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> DirectoryMetrics {
+        let c = &self.counters;
+        DirectoryMetrics {
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_misses: c.cache_misses.load(Ordering::Relaxed),
+            creates: c.creates.load(Ordering::Relaxed),
+            links: c.links.load(Ordering::Relaxed),
+            conflicts: c.conflicts.load(Ordering::Relaxed),
+            kv_retries: c.kv_retries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Mappings held in the cache now (never above `cache_max_entries`).
+    pub fn cache_len(&self) -> usize {
+        self.lock_cache().len()
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, BoundedCache> {
+        // The cache holds no invariant a panicking holder could break half-way.
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The customer of each key (cache first, then the KV bucket, concurrently).
+    async fn lookup_keys(
+        &self,
+        identities: &[Identity],
+        keys: &[String],
+    ) -> Result<Vec<Option<String>>, DirectoryError> {
+        let lookups = identities
+            .iter()
+            .zip(keys)
+            .map(|(identity, key)| self.lookup_key(identity.kind, key));
+        futures::future::try_join_all(lookups).await
+    }
+
+    async fn lookup_key(
+        &self,
+        kind: IdentityKind,
+        key: &str,
+    ) -> Result<Option<String>, DirectoryError> {
+        if let Some(customer_id) = self.lock_cache().get(key) {
+            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(customer_id));
+        }
+        self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let found = self.read(kind, key).await?;
+        if let Some(customer_id) = &found {
+            self.lock_cache().insert(key, customer_id);
+        }
+        Ok(found)
+    }
+
+    /// Reads one key from the bucket, retrying transient failures.
+    async fn read(&self, kind: IdentityKind, key: &str) -> Result<Option<String>, DirectoryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.kv.get(key).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(value)) => return self.customer_id_from(kind, key, &value).map(Some),
+                Err(error) => {
+                    self.retry_or_fail(attempt, "read", kind, error.to_string())
+                        .await?
+                }
+            }
+        }
+    }
+
+    /// Maps `key` to `customer_id` if it is unmapped (KV create). `Lost` carries the value
+    /// some other writer stored first. Retries transient failures; a write that succeeded but
+    /// whose ack was lost shows up as `Lost(customer_id)`.
+    async fn create(
+        &self,
+        kind: IdentityKind,
+        key: &str,
+        customer_id: &str,
+    ) -> Result<Created, DirectoryError> {
+        debug_assert!(subjects::is_token(customer_id));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .kv
+                .create(key, bytes::Bytes::copy_from_slice(customer_id.as_bytes()))
+                .await
+            {
+                Ok(_) => {
+                    self.lock_cache().insert(key, customer_id);
+                    return Ok(Created::Won);
+                }
+                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // Mappings never change: whatever is stored now is the answer.
+                    return match self.read(kind, key).await? {
+                        Some(stored) => {
+                            self.lock_cache().insert(key, &stored);
+                            Ok(Created::Lost(stored))
+                        }
+                        // Only a deleted key reads as absent; create it again.
+                        None => {
+                            self.retry_or_fail(attempt, "create", kind, "key deleted".into())
+                                .await?;
+                            continue;
+                        }
+                    };
+                }
+                Err(error) => {
+                    self.retry_or_fail(attempt, "create", kind, error.to_string())
+                        .await?
+                }
+            }
+        }
+    }
+
+    /// Sleeps before attempt `attempt + 1`, or fails when the attempts are used up.
+    async fn retry_or_fail(
+        &self,
+        attempt: u32,
+        operation: &'static str,
+        kind: IdentityKind,
+        detail: String,
+    ) -> Result<(), DirectoryError> {
+        if attempt >= KV_ATTEMPTS_MAX {
+            return Err(DirectoryError::Unavailable {
+                bucket: subjects::KV_IDENTITY,
+                operation,
+                kind,
+                attempts: attempt,
+                detail,
+            });
+        }
+        self.counters.kv_retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%kind, operation, attempt, error = %detail, "identity directory: retrying");
+        let delay_ms = (KV_RETRY_INITIAL_MS << (attempt - 1).min(10)).min(KV_RETRY_MAX_MS);
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        Ok(())
+    }
+
+    fn customer_id_from(
+        &self,
+        kind: IdentityKind,
+        key: &str,
+        value: &[u8],
+    ) -> Result<String, DirectoryError> {
+        match std::str::from_utf8(value) {
+            Ok(text) if subjects::is_token(text) => Ok(text.to_string()),
+            _ => Err(DirectoryError::CorruptValue {
+                bucket: subjects::KV_IDENTITY,
+                kind,
+                key: key.to_string(),
+                value: String::from_utf8_lossy(value).chars().take(64).collect(),
+            }),
+        }
+    }
+}
+
+enum Created {
+    Won,
+    Lost(String),
+}
+
+/// A bounded key -> customer id map with approximate-LRU eviction in two generations: hits
+/// and inserts go to `recent`; when `recent` holds half the capacity it becomes `older`
+/// (dropping the previous `older`), and a hit in `older` moves the entry back to `recent`.
+/// At most `capacity` entries, O(1) per operation, no per-entry bookkeeping.
+struct BoundedCache {
+    capacity: usize,
+    recent: HashMap<String, String>,
+    older: HashMap<String, String>,
+}
+
+impl BoundedCache {
+    fn new(capacity: usize) -> BoundedCache {
+        BoundedCache {
+            capacity,
+            recent: HashMap::new(),
+            older: HashMap::new(),
+        }
+    }
+
+    fn generation_max(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    fn len(&self) -> usize {
+        self.recent.len() + self.older.len()
+    }
+
+    fn get(&mut self, key: &str) -> Option<String> {
+        if let Some(value) = self.recent.get(key) {
+            return Some(value.clone());
+        }
+        let (key, value) = self.older.remove_entry(key)?;
+        self.put(key, value.clone());
+        Some(value)
+    }
+
+    fn insert(&mut self, key: &str, value: &str) {
+        if self.capacity == 0 || self.recent.contains_key(key) {
+            return;
+        }
+        self.older.remove(key);
+        self.put(key.to_string(), value.to_string());
+    }
+
+    fn put(&mut self, key: String, value: String) {
+        if self.capacity == 1 {
+            self.recent.clear();
+            self.older.clear();
+        } else if self.recent.len() >= self.generation_max() {
+            self.older = std::mem::take(&mut self.recent);
+        }
+        self.recent.insert(key, value);
+        debug_assert!(self.len() <= self.capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_never_holds_more_than_its_capacity() {
+        for capacity in [1, 2, 3, 10, 101] {
+            let mut cache = BoundedCache::new(capacity);
+            for i in 0..1_000 {
+                cache.insert(&format!("k{i}"), "c1");
+                let _ = cache.get(&format!("k{}", i / 2));
+                assert!(
+                    cache.len() <= capacity,
+                    "capacity {capacity}: {}",
+                    cache.len()
+                );
+            }
+        }
+        let mut none = BoundedCache::new(0);
+        none.insert("k", "c");
+        assert_eq!(none.get("k"), None);
+    }
+
+    #[test]
+    fn a_recently_used_entry_survives_eviction() {
+        let mut cache = BoundedCache::new(10);
+        cache.insert("hot", "c1");
+        for i in 0..100 {
+            cache.insert(&format!("k{i}"), "c2");
+            assert_eq!(cache.get("hot").as_deref(), Some("c1"), "after {i}");
+        }
+        assert_eq!(cache.get("k0"), None);
+    }
+}

@@ -1,0 +1,589 @@
+//! JetStream set-up: the four streams, the KV buckets, the recorded shard count and the
+//! durable consumers, created or checked idempotently by every node at start.
+//!
+//! Every node runs [`ensure_streams`], [`ensure_kv`] and [`ensure_shard_count`] before it
+//! serves; running them again (another node, a restart, two nodes at once) changes nothing
+//! when the settings agree, updates a stream whose limits changed, and refuses a node whose
+//! shard count differs from the one the cluster recorded. Works against nats-server 2.9.10
+//! (Debian) and newer: async-nats 0.51's `create_key_value` cannot parse a 2.9 account-info
+//! reply, so [`ensure_kv`] creates a bucket's backing stream itself, exactly as the client
+//! would, and opens it with `get_key_value`. A 2.9 consumer has a single filter subject, so
+//! each shard gets its own durable consumer ([`shard_consumer`]). Subject and stream names
+//! come from [`crate::subjects`]; this module never publishes application data.
+
+use crate::subjects;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
+use std::time::Duration;
+
+/// Attempts for each set-up request that fails transiently (timeouts, no responders).
+const SETUP_ATTEMPTS_MAX: u32 = 5;
+/// First pause between set-up attempts; doubles each time.
+const SETUP_RETRY_INITIAL_MS: u64 = 200;
+
+/// Size and age limits of one stream. `0` means "no limit" for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Messages older than this are removed, in seconds.
+    pub max_age_s: u64,
+    /// Total size of the stream, in bytes.
+    pub max_bytes: u64,
+}
+
+/// Settings of the four streams; from the node config ([`Default`] is a sane single node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Replicas of every stream and KV bucket (1 on a single server; 3 on a NATS cluster).
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped by a stream, in seconds (capped at a
+    /// stream's max_age). Adapter retries and router redeliveries within it are stored once.
+    pub duplicate_window_s: u64,
+    /// Largest message any stream stores, in bytes (0: the server's `max_payload`). Must be
+    /// above the ingest `payload_max_bytes` so that oversized events still reach the router
+    /// and its dead-letter stream rather than being refused at publish.
+    pub message_max_bytes: u32,
+    /// CRM_INGEST. Full means new publishes are refused (adapters retry), never old events
+    /// silently dropped.
+    pub ingest: StreamLimits,
+    /// CRM_SHARDS: the source of truth of every shard. Full means new publishes are refused.
+    pub shards: StreamLimits,
+    /// CRM_EVENTS: recent actor events for dashboards; the oldest are dropped when full.
+    pub events: StreamLimits,
+    /// CRM_DLQ: dead letters for operators; the oldest are dropped when full.
+    pub dlq: StreamLimits,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        const GIB: u64 = 1024 * 1024 * 1024;
+        const DAY_S: u64 = 24 * 3600;
+        StreamSettings {
+            replicas: 1,
+            duplicate_window_s: 120,
+            message_max_bytes: 1024 * 1024,
+            ingest: StreamLimits {
+                max_age_s: 7 * DAY_S,
+                max_bytes: 4 * GIB,
+            },
+            shards: StreamLimits {
+                max_age_s: 0,
+                max_bytes: 16 * GIB,
+            },
+            events: StreamLimits {
+                max_age_s: 3600,
+                max_bytes: GIB,
+            },
+            dlq: StreamLimits {
+                max_age_s: 30 * DAY_S,
+                max_bytes: GIB,
+            },
+        }
+    }
+}
+
+/// Settings of the per-shard durable consumers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConsumerSettings {
+    /// Durable name prefix; shard n's consumer is `<prefix>-<n>`.
+    pub durable_prefix: String,
+    /// Time a delivered message may stay unacked before redelivery, in seconds. Must exceed
+    /// the time to apply and flush one batch.
+    pub ack_wait_s: u64,
+    /// Most delivered-but-unacked messages per shard; at least the worker's batch size.
+    pub max_ack_pending: u32,
+}
+
+impl Default for ShardConsumerSettings {
+    fn default() -> Self {
+        ShardConsumerSettings {
+            durable_prefix: subjects::SHARD_DURABLE_PREFIX.to_string(),
+            ack_wait_s: 30,
+            max_ack_pending: 10_000,
+        }
+    }
+}
+
+/// Settings of the shared ingest consumer (`crm-router`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConsumerSettings {
+    /// Time a delivered message may stay unacked before redelivery, in seconds.
+    pub ack_wait_s: u64,
+    /// Most delivered-but-unacked messages across every router of the cluster.
+    pub max_ack_pending: u32,
+}
+
+impl Default for IngestConsumerSettings {
+    fn default() -> Self {
+        IngestConsumerSettings {
+            ack_wait_s: 30,
+            max_ack_pending: 10_000,
+        }
+    }
+}
+
+/// Why JetStream could not be set up. Each message names the stream, bucket or consumer and
+/// the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("JetStream {action} of stream {stream} failed: {detail}; check that nats-server runs with JetStream enabled (-js) and is reachable")]
+    Stream {
+        stream: String,
+        action: &'static str,
+        detail: String,
+    },
+    #[error("stream {stream} exists with settings the server refuses to change to the configured ones ({detail}); restore the old setting in the node config, or remove the stream (`nats stream rm {stream}`, losing its messages) and restart")]
+    StreamConflict { stream: String, detail: String },
+    #[error("KV bucket {bucket}: {detail}; check that nats-server runs with JetStream enabled (-js) and is reachable")]
+    Kv { bucket: String, detail: String },
+    #[error("stream {stream} exists but is not a KV bucket (max_msgs_per_subject < 1 or subjects not {subjects}); remove it (`nats stream rm {stream}`) and restart")]
+    NotKv { stream: String, subjects: String },
+    #[error("KV bucket name '{bucket}' is invalid; use letters, digits, '-' and '_'")]
+    InvalidBucket { bucket: String },
+    #[error("the shard count must be at least 1 (got {configured}); set cluster.shards in the node config")]
+    InvalidShardCount { configured: u32 },
+    #[error("this node is configured with {configured} shards but the cluster recorded {recorded} shards (KV bucket {bucket}, key {key}); set cluster.shards = {recorded} in the node config. The shard count of a cluster cannot change: every stored shard log and state store is laid out by it")]
+    ShardCountMismatch {
+        configured: u32,
+        recorded: u32,
+        bucket: &'static str,
+        key: &'static str,
+    },
+    #[error("KV bucket {bucket} key {key} holds '{value}', not a shard count; fix the value (`nats kv put {bucket} {key} <shards>`) or delete the key to let the next node record its count")]
+    ShardCountUnreadable {
+        value: String,
+        bucket: &'static str,
+        key: &'static str,
+    },
+    #[error("durable consumer {consumer} on stream {stream} could not be created or updated: {detail}; if its settings changed incompatibly, remove it (`nats consumer rm {stream} {consumer}`; unacked messages are redelivered to the new one) and restart")]
+    Consumer {
+        stream: &'static str,
+        consumer: String,
+        detail: String,
+    },
+}
+
+/// Creates the four streams, or updates their limits to the configured ones.
+pub async fn ensure_streams(js: &Context, settings: &StreamSettings) -> Result<(), SetupError> {
+    for config in stream_configs(settings) {
+        ensure_stream(js, config).await?;
+    }
+    Ok(())
+}
+
+/// The stream configurations [`ensure_streams`] creates, for tests and docs.
+pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
+    let config = |name: &str, subject: &str, limits: StreamLimits, discard: DiscardPolicy| {
+        let max_age = Duration::from_secs(limits.max_age_s);
+        // The server refuses a duplicate window longer than max_age.
+        let mut duplicate_window = Duration::from_secs(settings.duplicate_window_s.max(1));
+        if !max_age.is_zero() {
+            duplicate_window = duplicate_window.min(max_age);
+        }
+        stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject.to_string()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: settings.replicas.max(1),
+            discard,
+            max_age,
+            max_bytes: limit(limits.max_bytes),
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            max_consumers: -1,
+            max_message_size: if settings.message_max_bytes == 0 {
+                -1
+            } else {
+                i32::try_from(settings.message_max_bytes).unwrap_or(i32::MAX)
+            },
+            duplicate_window,
+            ..Default::default()
+        }
+    };
+    [
+        config(
+            subjects::INGEST_STREAM,
+            subjects::INGEST_ALL,
+            settings.ingest,
+            DiscardPolicy::New,
+        ),
+        config(
+            subjects::SHARDS_STREAM,
+            subjects::SHARDS_ALL,
+            settings.shards,
+            DiscardPolicy::New,
+        ),
+        config(
+            subjects::EVENTS_STREAM,
+            subjects::EVENTS_ALL,
+            settings.events,
+            DiscardPolicy::Old,
+        ),
+        config(
+            subjects::DLQ_STREAM,
+            subjects::DLQ_ALL,
+            settings.dlq,
+            DiscardPolicy::Old,
+        ),
+    ]
+}
+
+fn limit(value: u64) -> i64 {
+    if value == 0 {
+        -1
+    } else {
+        i64::try_from(value).unwrap_or(i64::MAX)
+    }
+}
+
+/// The fields this module manages, as they differ between `existing` and `desired`.
+fn managed_differences(existing: &stream::Config, desired: &stream::Config) -> Vec<&'static str> {
+    let mut differences = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            differences.push(name);
+        }
+    };
+    check("subjects", existing.subjects == desired.subjects);
+    check("retention", existing.retention == desired.retention);
+    check("storage", existing.storage == desired.storage);
+    check(
+        "num_replicas",
+        existing.num_replicas == desired.num_replicas,
+    );
+    check("discard", existing.discard == desired.discard);
+    check("max_age", existing.max_age == desired.max_age);
+    check("max_bytes", existing.max_bytes == desired.max_bytes);
+    check(
+        "max_msg_size",
+        existing.max_message_size == desired.max_message_size,
+    );
+    check(
+        "duplicate_window",
+        existing.duplicate_window == desired.duplicate_window,
+    );
+    check(
+        "max_msgs_per_subject",
+        existing.max_messages_per_subject == desired.max_messages_per_subject,
+    );
+    check(
+        "allow_rollup",
+        existing.allow_rollup == desired.allow_rollup,
+    );
+    check("deny_delete", existing.deny_delete == desired.deny_delete);
+    check(
+        "allow_direct",
+        existing.allow_direct == desired.allow_direct,
+    );
+    differences
+}
+
+/// Creates `desired`, or updates the managed fields of an existing stream of that name.
+async fn ensure_stream(js: &Context, desired: stream::Config) -> Result<stream::Info, SetupError> {
+    let name = desired.name.clone();
+    let stream_error = |action, detail: String| SetupError::Stream {
+        stream: name.clone(),
+        action,
+        detail,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let transient = match js.get_stream(&name).await {
+            Ok(stream) => {
+                let existing = stream.cached_info().config.clone();
+                let differences = managed_differences(&existing, &desired);
+                if differences.is_empty() {
+                    return Ok(stream.cached_info().clone());
+                }
+                tracing::info!(stream = %name, changed = ?differences, "updating stream settings");
+                // Keep whatever else the server or an operator set; change only what we manage.
+                let mut update = existing;
+                update.subjects = desired.subjects.clone();
+                update.retention = desired.retention;
+                update.storage = desired.storage;
+                update.num_replicas = desired.num_replicas;
+                update.discard = desired.discard;
+                update.max_age = desired.max_age;
+                update.max_bytes = desired.max_bytes;
+                update.max_message_size = desired.max_message_size;
+                update.duplicate_window = desired.duplicate_window;
+                update.max_messages_per_subject = desired.max_messages_per_subject;
+                update.allow_rollup = desired.allow_rollup;
+                update.deny_delete = desired.deny_delete;
+                update.allow_direct = desired.allow_direct;
+                match js.update_stream(&update).await {
+                    Ok(info) => return Ok(info),
+                    Err(error) => match error.kind() {
+                        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::Response => {
+                            error.to_string()
+                        }
+                        CreateStreamErrorKind::JetStreamUnavailable => error.to_string(),
+                        _ => {
+                            return Err(SetupError::StreamConflict {
+                                stream: name.clone(),
+                                detail: format!("changing {}: {error}", differences.join(", ")),
+                            })
+                        }
+                    },
+                }
+            }
+            Err(error) => match error.kind() {
+                GetStreamErrorKind::JetStream(js_error)
+                    if js_error.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    match js.create_stream(desired.clone()).await {
+                        Ok(stream) => return Ok(stream.cached_info().clone()),
+                        Err(error) => match error.kind() {
+                            // Another node created it between our look-up and create: check it.
+                            CreateStreamErrorKind::JetStream(js_error)
+                                if js_error.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+                            {
+                                error.to_string()
+                            }
+                            CreateStreamErrorKind::TimedOut
+                            | CreateStreamErrorKind::Response
+                            | CreateStreamErrorKind::JetStreamUnavailable => error.to_string(),
+                            _ => return Err(stream_error("create", error.to_string())),
+                        },
+                    }
+                }
+                GetStreamErrorKind::Request => error.to_string(),
+                _ => return Err(stream_error("look-up", error.to_string())),
+            },
+        };
+        if attempt >= SETUP_ATTEMPTS_MAX {
+            return Err(stream_error(
+                "set-up",
+                format!("{transient} (after {attempt} attempts)"),
+            ));
+        }
+        tracing::warn!(stream = %name, error = %transient, attempt, "stream set-up failed; retrying");
+        tokio::time::sleep(retry_delay(attempt)).await;
+    }
+}
+
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(SETUP_RETRY_INITIAL_MS << attempt.min(5).saturating_sub(1))
+}
+
+/// Opens KV bucket `bucket` keeping `history` values per key, creating it first if needed,
+/// with one replica.
+pub async fn ensure_kv(js: &Context, bucket: &str, history: i64) -> Result<kv::Store, SetupError> {
+    ensure_kv_replicated(js, bucket, history, 1).await
+}
+
+/// [`ensure_kv`] with `replicas` replicas of the backing stream.
+///
+/// The backing stream is the one `create_key_value` would create (`KV_<bucket>`, subjects
+/// `$KV.<bucket>.>`, roll-ups allowed, deletes denied, direct get, `max_msgs_per_subject` =
+/// history, discard new), made here because async-nats 0.51's `create_key_value` fails on
+/// nats-server 2.9. A bucket made by any NATS client with the same history opens unchanged.
+pub async fn ensure_kv_replicated(
+    js: &Context,
+    bucket: &str,
+    history: i64,
+    replicas: usize,
+) -> Result<kv::Store, SetupError> {
+    let valid = !bucket.is_empty()
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(SetupError::InvalidBucket {
+            bucket: bucket.to_string(),
+        });
+    }
+    let desired = stream::Config {
+        name: subjects::kv_stream(bucket),
+        subjects: vec![subjects::kv_subjects(bucket)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        discard: DiscardPolicy::New,
+        max_messages_per_subject: history.clamp(1, 64),
+        max_age: Duration::ZERO,
+        max_bytes: -1,
+        max_messages: -1,
+        max_message_size: -1,
+        duplicate_window: Duration::from_secs(120),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    };
+    // A stream of that name that is not a KV bucket is an operator mistake: do not "fix" it.
+    if let Ok(stream) = js.get_stream(&desired.name).await {
+        let config = &stream.cached_info().config;
+        if config.max_messages_per_subject < 1 || config.subjects != desired.subjects {
+            return Err(SetupError::NotKv {
+                stream: desired.name.clone(),
+                subjects: subjects::kv_subjects(bucket),
+            });
+        }
+    }
+    ensure_stream(js, desired).await?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|error| SetupError::Kv {
+            bucket: bucket.to_string(),
+            detail: format!("opening the bucket failed: {error}"),
+        })
+}
+
+/// Records `shards` as the cluster's shard count if none is recorded yet (the first node),
+/// otherwise checks that it equals the recorded one. `kv` is the [`subjects::KV_CLUSTER`]
+/// bucket.
+pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), SetupError> {
+    const BUCKET: &str = subjects::KV_CLUSTER;
+    const KEY: &str = subjects::CLUSTER_KEY_SHARD_COUNT;
+    if shards == 0 {
+        return Err(SetupError::InvalidShardCount { configured: shards });
+    }
+    let kv_error = |detail: String| SetupError::Kv {
+        bucket: BUCKET.to_string(),
+        detail: format!("key {KEY}: {detail}"),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let transient = match kv.create(KEY, shards.to_string().into()).await {
+            Ok(_) => {
+                tracing::info!(shards, "recorded the cluster's shard count");
+                return Ok(());
+            }
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match kv.get(KEY).await {
+                    Ok(Some(value)) => {
+                        let text = String::from_utf8_lossy(&value);
+                        let recorded: u32 = match text.trim().parse() {
+                            Ok(recorded) if recorded > 0 => recorded,
+                            _ => {
+                                return Err(SetupError::ShardCountUnreadable {
+                                    value: text.chars().take(64).collect(),
+                                    bucket: BUCKET,
+                                    key: KEY,
+                                })
+                            }
+                        };
+                        if recorded != shards {
+                            return Err(SetupError::ShardCountMismatch {
+                                configured: shards,
+                                recorded,
+                                bucket: BUCKET,
+                                key: KEY,
+                            });
+                        }
+                        return Ok(());
+                    }
+                    // Deleted between our create and get: try to record it again.
+                    Ok(None) => "the key vanished while it was read".to_string(),
+                    Err(error) => error.to_string(),
+                }
+            }
+            Err(error) if error.kind() == kv::CreateErrorKind::InvalidKey => {
+                return Err(kv_error(error.to_string()))
+            }
+            Err(error) => error.to_string(),
+        };
+        if attempt >= SETUP_ATTEMPTS_MAX {
+            return Err(kv_error(format!("{transient} (after {attempt} attempts)")));
+        }
+        tracing::warn!(error = %transient, attempt, "recording the shard count failed; retrying");
+        tokio::time::sleep(retry_delay(attempt)).await;
+    }
+}
+
+/// The durable pull consumer of shard `shard` on CRM_SHARDS: filter `crm.shard.<n>`, every
+/// message from the start of the log, explicit acks, bounded unacked messages.
+///
+/// Explicit acks (rather than `AckPolicy::All`) let the shard worker ack each message of a
+/// batch after the batch's sled commit, and nak a batch it could not apply; a message acked
+/// twice or redelivered after a crash is skipped by the per-shard applied sequence. Every
+/// node may create it (the same config is a no-op); only the lease holder pulls from it.
+pub async fn shard_consumer(
+    js: &Context,
+    shard: u32,
+    settings: &ShardConsumerSettings,
+) -> Result<PullConsumer, SetupError> {
+    let durable = subjects::shard_durable(&settings.durable_prefix, shard);
+    let config = pull::Config {
+        durable_name: Some(durable.clone()),
+        description: Some(format!("shard worker of shard {shard}")),
+        filter_subject: subjects::shard(shard),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(settings.ack_wait_s.max(1)),
+        max_ack_pending: i64::from(settings.max_ack_pending.max(1)),
+        // Unbounded redelivery: a shard message is never dropped; bad ones are dead-lettered
+        // by the worker itself.
+        max_deliver: -1,
+        ..Default::default()
+    };
+    ensure_consumer(js, subjects::SHARDS_STREAM, durable, config).await
+}
+
+/// The ingest consumer every node's router shares (durable `crm-router`, filter
+/// `crm.ingest.>`, explicit acks, bounded unacked messages). JetStream spreads its messages
+/// over the routers pulling from it.
+pub async fn ingest_consumer(
+    js: &Context,
+    settings: &IngestConsumerSettings,
+) -> Result<PullConsumer, SetupError> {
+    let config = pull::Config {
+        durable_name: Some(subjects::INGEST_DURABLE.to_string()),
+        description: Some("ingest router shared by every node".to_string()),
+        filter_subject: subjects::INGEST_ALL.to_string(),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(settings.ack_wait_s.max(1)),
+        max_ack_pending: i64::from(settings.max_ack_pending.max(1)),
+        max_deliver: -1,
+        ..Default::default()
+    };
+    ensure_consumer(
+        js,
+        subjects::INGEST_STREAM,
+        subjects::INGEST_DURABLE.to_string(),
+        config,
+    )
+    .await
+}
+
+async fn ensure_consumer(
+    js: &Context,
+    stream: &'static str,
+    durable: String,
+    config: pull::Config,
+) -> Result<PullConsumer, SetupError> {
+    let consumer_error = |detail: String| SetupError::Consumer {
+        stream,
+        consumer: durable.clone(),
+        detail,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // Create-or-update: the same config is a no-op, a changed ack_wait or max_ack_pending
+        // is applied, an incompatible change (filter, deliver or ack policy) is refused.
+        match js.create_consumer_on_stream(config.clone(), stream).await {
+            Ok(consumer) => return Ok(consumer),
+            Err(error) => {
+                let transient = matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::ConsumerErrorKind::TimedOut
+                        | async_nats::jetstream::stream::ConsumerErrorKind::Request
+                );
+                if !transient || attempt >= SETUP_ATTEMPTS_MAX {
+                    return Err(consumer_error(format!("{error} (attempt {attempt})")));
+                }
+                tracing::warn!(%stream, consumer = %durable, %error, attempt, "consumer set-up failed; retrying");
+            }
+        }
+        tokio::time::sleep(retry_delay(attempt)).await;
+    }
+}

@@ -1,0 +1,68 @@
+//! Node counters: what the router and shard workers did, readable by `crm-node stats`.
+//!
+//! Plain atomics, bumped on the hot path with relaxed ordering, snapshotted as JSON by the
+//! stats responder. Counts only; no rule logic here.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one node process since it started.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub ingest_received: AtomicU64,
+    pub ingest_routed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub shard_batches: AtomicU64,
+    pub shard_messages: AtomicU64,
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub replay_skipped: AtomicU64,
+    pub actor_events_published: AtomicU64,
+    pub queries: AtomicU64,
+    pub redeems: AtomicU64,
+    pub ticks_appended: AtomicU64,
+}
+
+/// A point-in-time copy of [`Metrics`], as JSON.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+pub struct MetricsSnapshot {
+    pub ingest_received: u64,
+    pub ingest_routed: u64,
+    pub dead_lettered: u64,
+    pub shard_batches: u64,
+    pub shard_messages: u64,
+    pub applied: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub replay_skipped: u64,
+    pub actor_events_published: u64,
+    pub queries: u64,
+    pub redeems: u64,
+    pub ticks_appended: u64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            ingest_received: get(&self.ingest_received),
+            ingest_routed: get(&self.ingest_routed),
+            dead_lettered: get(&self.dead_lettered),
+            shard_batches: get(&self.shard_batches),
+            shard_messages: get(&self.shard_messages),
+            applied: get(&self.applied),
+            duplicates: get(&self.duplicates),
+            rejected: get(&self.rejected),
+            replay_skipped: get(&self.replay_skipped),
+            actor_events_published: get(&self.actor_events_published),
+            queries: get(&self.queries),
+            redeems: get(&self.redeems),
+            ticks_appended: get(&self.ticks_appended),
+        }
+    }
+}

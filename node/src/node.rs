@@ -1,0 +1,271 @@
+//! The node runtime behind `crm-node run`: connect, set up JetStream, start every task,
+//! stop them gracefully.
+//!
+//! Start-up order: load and validate the config and the rules file (clear errors, nothing
+//! started yet), connect to NATS with back-off until it answers, create or check the
+//! streams and KV buckets and the recorded shard count, open the sled store, start one
+//! shard worker per served shard, then the router, the query and command responders, the
+//! stats responder and the ticker, and log `crm-node ready`. SIGTERM/SIGINT fire the
+//! shutdown: the router stops pulling, every shard worker finishes its batch (apply, flush,
+//! ack), and the process exits 0.
+
+use crate::commands::Commands;
+use crate::config::{Config, Overrides};
+use crate::identity_directory::IdentityDirectory;
+use crate::metrics::Metrics;
+use crate::query::Shards;
+use crate::router::Router;
+use crate::shard_worker::{ShardHandle, ShardWorker, WorkerSettings};
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::{jetstream as setup, subjects};
+use anyhow::{Context as _, Result};
+use crm_actors::engine::{EngineLimits, ShardEngine};
+use crm_actors::event::IngestLimits;
+use crm_actors::rules::Rules;
+use crm_actors::store::Store;
+use futures::StreamExt;
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+/// Queue depth of each shard worker's request channel (views waiting between batches).
+const SHARD_REQUESTS_MAX: usize = 256;
+/// Query and command requests handled at once per responder.
+const RESPONDER_CONCURRENCY_MAX: usize = 64;
+
+/// `crm-node run`: config file plus command-line/environment overrides.
+pub async fn run_from_cli(
+    config_path: &Path,
+    nats_url: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+    node_id: Option<String>,
+) -> Result<()> {
+    let config = Config::load(config_path)?.with_overrides(Overrides {
+        node_id,
+        data_dir,
+        nats_url,
+    });
+    config.validate()?;
+    let (trigger, _) = shutdown::channel();
+    tokio::spawn(fire_on_signal(trigger.clone()));
+    run(config, trigger).await
+}
+
+async fn fire_on_signal(trigger: ShutdownTrigger) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("signal handlers unavailable; stop with SIGKILL only");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: finishing the batch in hand, then stopping"),
+        _ = int.recv() => info!("SIGINT: finishing the batch in hand, then stopping"),
+    }
+    trigger.fire();
+}
+
+/// Connects to NATS, retrying with back-off until it answers or shutdown is asked for.
+async fn connect(config: &Config, shutdown: &mut Shutdown) -> Result<async_nats::Client> {
+    let mut delay = Duration::from_millis(config.nats.connect_retry_initial_ms);
+    let delay_max = Duration::from_millis(config.nats.connect_retry_max_ms);
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(format!("crm-node {}", config.node.node_id))
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .connect(config.nats.url.as_str())
+            .await;
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(error) => {
+                warn!(url = %config.nats.url, %error, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait() => anyhow::bail!("stopped while waiting for NATS at {}", config.nats.url),
+        }
+        delay = (delay * 2).min(delay_max);
+    }
+}
+
+/// Runs a node until `trigger` fires. A task that ends on its own (a bug or a fatal store
+/// error) fires it too, and the node exits with an error so a supervisor restarts it.
+pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
+    let mut shutdown = trigger.subscribe();
+    let rules_path = config.rules_path();
+    let rules = Arc::new(Rules::load(&rules_path)?);
+    info!(node_id = %config.node.node_id, rules = %rules_path.display(), rules_version = rules.version, "starting");
+    let client = connect(&config, &mut shutdown).await?;
+    let jetstream = async_nats::jetstream::new(client.clone());
+
+    setup::ensure_streams(&jetstream, &config.stream_settings()).await?;
+    let cluster_kv = setup::ensure_kv(&jetstream, subjects::KV_CLUSTER, 1).await?;
+    setup::ensure_shard_count(&cluster_kv, config.cluster.shards).await?;
+    let identity_kv = setup::ensure_kv(&jetstream, subjects::KV_IDENTITY, 1).await?;
+    let directory = Arc::new(IdentityDirectory::new(
+        identity_kv,
+        config.cluster.identity_secret.as_bytes(),
+        config.limits.identity_cache_max_entries,
+    ));
+
+    let store_path = config.node.data_dir.join("sled");
+    let store = Store::open(&store_path, config.limits.sled_cache_max_bytes)
+        .with_context(|| format!("opening the state store at {}", store_path.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let shards = config.cluster.shards;
+    let mut tasks = JoinSet::new();
+    let mut handles = Vec::with_capacity(shards as usize);
+    let resident_per_shard = (config.limits.resident_max_customers / shards as usize).max(1);
+    for shard in 0..shards {
+        let consumer = setup::shard_consumer(&jetstream, shard, &config.shard_consumer_settings()).await?;
+        let engine = ShardEngine::new(
+            shard,
+            store.clone(),
+            rules.clone(),
+            EngineLimits {
+                resident_max: resident_per_shard,
+                passivate_after_ms: config.limits.passivate_after_s * 1000,
+                tick_batch_max: config.limits.batch_max_events,
+            },
+        )?;
+        let (sender, requests) = mpsc::channel(SHARD_REQUESTS_MAX);
+        handles.push(Some(ShardHandle { shard, sender }));
+        let worker = ShardWorker {
+            shard,
+            jetstream: jetstream.clone(),
+            engine,
+            settings: WorkerSettings {
+                batch_max_events: config.limits.batch_max_events,
+                passivate_every: Duration::from_secs(config.limits.passivate_after_s.clamp(1, 60)),
+                owner_epoch: 0,
+            },
+            metrics: metrics.clone(),
+            requests,
+        };
+        tasks.spawn(worker.run(consumer, shutdown.clone()));
+    }
+
+    let ingest = setup::ingest_consumer(&jetstream, &config.ingest_consumer_settings()).await?;
+    let router = Router {
+        jetstream: jetstream.clone(),
+        directory: directory.clone(),
+        limits: IngestLimits {
+            payload_max_bytes: config.limits.payload_max_bytes,
+            amount_max_minor: config.amount_max_minor(),
+            items_max: config.limits.items_max,
+            item_qty_max: config.limits.item_qty_max,
+            currencies: rules.currencies(),
+        },
+        shards,
+        batch_max_events: config.limits.router_batch_max_events,
+        metrics: metrics.clone(),
+    };
+    tasks.spawn(router.run(ingest, shutdown.clone()));
+
+    let shard_map = Shards {
+        count: shards,
+        handles: Arc::new(handles),
+        directory,
+        timeout: Duration::from_millis(config.limits.query_timeout_ms),
+    };
+    tasks.spawn(crate::query::serve(
+        client.clone(),
+        shard_map.clone(),
+        metrics.clone(),
+        RESPONDER_CONCURRENCY_MAX,
+        shutdown.clone(),
+    ));
+    let commands = Commands {
+        client: client.clone(),
+        jetstream: jetstream.clone(),
+        shards: shard_map,
+        metrics: metrics.clone(),
+    };
+    tasks.spawn(commands.clone().serve(
+        subjects::CMD_REDEEM,
+        RESPONDER_CONCURRENCY_MAX,
+        |commands: Commands, body: bytes::Bytes| async move { commands.redeem(&body).await },
+        shutdown.clone(),
+    ));
+    tasks.spawn(commands.clone().serve(
+        subjects::CMD_TICK,
+        4,
+        |commands: Commands, body: bytes::Bytes| async move { commands.tick(&body).await },
+        shutdown.clone(),
+    ));
+    if config.limits.tick_interval_s > 0 {
+        tasks.spawn(
+            commands
+                .clone()
+                .run_ticker(Duration::from_secs(config.limits.tick_interval_s), shutdown.clone()),
+        );
+    }
+    tasks.spawn(serve_stats(
+        client.clone(),
+        config.node.node_id.clone(),
+        metrics.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
+
+    info!(node_id = %config.node.node_id, shards, nats = %config.nats.url, "crm-node ready");
+    let failure = tokio::select! {
+        _ = shutdown.wait() => None,
+        Some(ended) = tasks.join_next() => Some(match ended {
+            Ok(()) => "a node task ended on its own".to_string(),
+            Err(error) => format!("a node task failed: {error}"),
+        }),
+    };
+    if let Some(failure) = &failure {
+        error!(%failure, "stopping the node");
+        trigger.fire();
+    }
+    let grace = Duration::from_secs(config.limits.shutdown_grace_s);
+    let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(grace_s = grace.as_secs(), "tasks still busy after the grace period; stopping anyway");
+        tasks.abort_all();
+    }
+    store.flush().await?;
+    client.flush().await.ok();
+    info!("crm-node stopped");
+    match failure {
+        Some(failure) => anyhow::bail!("{failure}"),
+        None => Ok(()),
+    }
+}
+
+/// Answers `crm.node.stats` with this node's counters.
+async fn serve_stats(
+    client: async_nats::Client,
+    node_id: String,
+    metrics: Arc<Metrics>,
+    store: Store,
+    mut shutdown: Shutdown,
+) {
+    let Ok(mut subscription) = client.subscribe(subjects::NODE_STATS).await else {
+        warn!("stats responder could not subscribe");
+        return;
+    };
+    loop {
+        tokio::select! {
+            message = subscription.next() => {
+                let Some(message) = message else { return };
+                let body = json!({
+                    "node_id": node_id,
+                    "stored_customers": store.customer_count().ok(),
+                    "metrics": metrics.snapshot(),
+                });
+                if let Some(inbox) = message.reply {
+                    let _ = client.publish(inbox, body.to_string().into()).await;
+                }
+            }
+            _ = shutdown.wait() => return,
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The shard worker: applies one shard's log, in order, through the customer actors.
+//!
+//! One task per owned shard pulls `crm.shard.<n>` from its own durable consumer, hands each
+//! ready chunk (at most `batch_max_events`) to the shard's [`ShardEngine`] (dedup by applied
+//! sequence, actors, rules, one sled commit and one flush), and only then acks the chunk.
+//! After the ack it publishes what the batch produced: dead letters for refused commands,
+//! replies to waiting redeem requests, and actor events (from the engine's durable outbox,
+//! removed once JetStream acked them). Between batches it answers view requests for its
+//! customers and passivates idle actors. It holds no rules itself.
+
+use crate::dlq;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::subjects;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::{AckKind, Context, Message};
+use crm_actors::codec;
+use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
+use crm_actors::engine::{OutboxKey, ShardEngine};
+use crm_actors::event::{RejectReason, Rejection};
+use futures::StreamExt;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, info_span, warn, Instrument};
+
+/// A request a shard worker answers between batches.
+pub enum ShardRequest {
+    /// The 360 view of a customer of this shard (`None`: not found).
+    View {
+        customer_id: String,
+        reply: oneshot::Sender<Result<Option<Value>, String>>,
+    },
+}
+
+/// How other tasks reach a shard worker.
+#[derive(Clone)]
+pub struct ShardHandle {
+    pub shard: u32,
+    pub sender: mpsc::Sender<ShardRequest>,
+}
+
+/// Settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub batch_max_events: usize,
+    pub passivate_every: Duration,
+    /// Recorded with every applied batch (lease epoch; 0 on a single node).
+    pub owner_epoch: u64,
+}
+
+/// One shard's worker.
+pub struct ShardWorker {
+    pub shard: u32,
+    pub jetstream: Context,
+    pub engine: ShardEngine,
+    pub settings: WorkerSettings,
+    pub metrics: Arc<Metrics>,
+    pub requests: mpsc::Receiver<ShardRequest>,
+}
+
+/// Delay before a batch that could not be applied is delivered again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+impl ShardWorker {
+    /// Runs until shutdown; the batch in hand is finished (applied, flushed, acked) first.
+    pub async fn run(mut self, consumer: PullConsumer, mut shutdown: Shutdown) {
+        let span = info_span!("shard", shard = self.shard);
+        async move {
+            self.publish_outbox().await;
+            let mut backoff = Duration::from_millis(100);
+            let mut last_passivation = Instant::now();
+            'outer: while !shutdown.is_triggered() {
+                let stream = match consumer
+                    .stream()
+                    .max_messages_per_batch(self.settings.batch_max_events)
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        warn!(%error, "cannot pull the shard log; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait() => break,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(100);
+                let mut chunks = stream.ready_chunks(self.settings.batch_max_events);
+                let mut passivation = tokio::time::interval(self.settings.passivate_every);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => break 'outer,
+                        Some(request) = self.requests.recv() => self.answer(request).await,
+                        chunk = chunks.next() => {
+                            let Some(chunk) = chunk else { break };
+                            let mut messages = Vec::with_capacity(chunk.len());
+                            let mut broken = false;
+                            for item in chunk {
+                                match item {
+                                    Ok(message) => messages.push(message),
+                                    Err(error) => {
+                                        warn!(%error, "shard log pull error; reconnecting");
+                                        broken = true;
+                                    }
+                                }
+                            }
+                            if !messages.is_empty() {
+                                self.process(messages).await;
+                            }
+                            if broken {
+                                break;
+                            }
+                        }
+                        _ = passivation.tick() => {}
+                    }
+                    if last_passivation.elapsed() >= self.settings.passivate_every {
+                        self.engine.passivate(Instant::now());
+                        last_passivation = Instant::now();
+                    }
+                }
+            }
+            self.engine.shutdown().await;
+            info!("shard worker stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn answer(&mut self, request: ShardRequest) {
+        match request {
+            ShardRequest::View { customer_id, reply } => {
+                let view = self
+                    .engine
+                    .view(&customer_id)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(view);
+            }
+        }
+    }
+
+    /// Applies one chunk: decode, engine (commit + flush), ack, then publish the results.
+    async fn process(&mut self, messages: Vec<Message>) {
+        Metrics::add(&self.metrics.shard_batches, 1);
+        Metrics::add(&self.metrics.shard_messages, messages.len() as u64);
+        let mut batch = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let sequence = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(error) => {
+                    warn!(%error, "shard message without JetStream info; skipped");
+                    continue;
+                }
+            };
+            match codec::decode::<ShardMessage>(&message.payload) {
+                Ok(record) => batch.push((sequence, record)),
+                Err(error) => {
+                    // Only a foreign publisher can write an undecodable record: keep it.
+                    let rejection = Rejection::new(
+                        RejectReason::Malformed,
+                        format!("shard log record is not a crm-node record ({error})"),
+                    );
+                    self.dead_letter(&rejection, message.subject.as_str(), sequence, message.payload.clone())
+                        .await;
+                }
+            }
+        }
+        let result = match self
+            .engine
+            .apply_batch(batch, self.settings.owner_epoch)
+            .await
+        {
+            Ok(result) => result,
+            Err(failure) => {
+                error!(error = %failure, "batch could not be applied; it will be delivered again");
+                for message in &messages {
+                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                }
+                return;
+            }
+        };
+        // Durable in sled: now the log may forget these messages.
+        for message in &messages {
+            if let Err(error) = message.ack().await {
+                warn!(%error, "ack to CRM_SHARDS failed; the batch will be skipped on redelivery");
+            }
+        }
+        Metrics::add(&self.metrics.applied, result.applied);
+        Metrics::add(&self.metrics.duplicates, result.duplicates);
+        Metrics::add(&self.metrics.rejected, result.rejected);
+        Metrics::add(&self.metrics.replay_skipped, result.skipped);
+        let client = self.jetstream.client();
+        for outcome in &result.messages {
+            if let ApplyStatus::Rejected(rejection) = &outcome.status {
+                let subject = subjects::shard(self.shard);
+                let payload = rejected_event_json(&messages, outcome.seq);
+                self.dead_letter(rejection, &subject, outcome.seq, payload.into())
+                    .await;
+            }
+            if let (Some(reply_to), Some(redeem)) = (&outcome.reply_to, &outcome.redeem) {
+                match serde_json::to_vec(redeem) {
+                    Ok(body) => {
+                        if let Err(error) = client.publish(reply_to.clone(), body.into()).await {
+                            warn!(%error, "redeem reply could not be sent");
+                        }
+                    }
+                    Err(error) => warn!(%error, "redeem reply could not be encoded"),
+                }
+            }
+        }
+        self.publish_events(result.events).await;
+    }
+
+    async fn dead_letter(
+        &self,
+        rejection: &Rejection,
+        subject: &str,
+        sequence: u64,
+        payload: bytes::Bytes,
+    ) {
+        Metrics::add(&self.metrics.dead_lettered, 1);
+        match dlq::publish(&self.jetstream, rejection, subject, sequence, payload).await {
+            Ok(ack) => {
+                if let Err(error) = ack.await {
+                    warn!(%error, "dead letter not acked");
+                }
+            }
+            Err(error) => warn!(%error, "dead letter not published"),
+        }
+    }
+
+    /// Publishes events left in the outbox by a previous run (crash between commit and
+    /// publish).
+    async fn publish_outbox(&mut self) {
+        match self.engine.pending_outbox() {
+            Ok(events) if !events.is_empty() => {
+                info!(count = events.len(), "publishing actor events left in the outbox");
+                self.publish_events(events).await;
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "outbox unreadable"),
+        }
+    }
+
+    /// Publishes actor events to `CRM_EVENTS` (dedup by event id), then clears them from the
+    /// outbox. Events whose publish failed stay in the outbox for the next attempt.
+    async fn publish_events(&mut self, events: Vec<(OutboxKey, ActorEvent)>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut acks = Vec::with_capacity(events.len());
+        for (key, event) in events {
+            let body = match serde_json::to_vec(&crate::events::event_json(&event)) {
+                Ok(body) => body,
+                Err(error) => {
+                    warn!(%error, "actor event not encodable");
+                    continue;
+                }
+            };
+            let publish = Publish::build()
+                .payload(body.into())
+                .message_id(event.id.as_str());
+            let subject = subjects::event(&event.event_type, &event.customer_id);
+            match self.jetstream.send_publish(subject, publish).await {
+                Ok(ack) => acks.push((key, ack)),
+                Err(error) => warn!(%error, "actor event not published; kept in the outbox"),
+            }
+        }
+        let mut done = Vec::with_capacity(acks.len());
+        for (key, ack) in acks {
+            match ack.await {
+                Ok(_) => done.push(key),
+                Err(error) => warn!(%error, "actor event not acked; kept in the outbox"),
+            }
+        }
+        Metrics::add(&self.metrics.actor_events_published, done.len() as u64);
+        if let Err(error) = self.engine.published(&done) {
+            warn!(%error, "outbox not cleared; events may be published again (dedup by id)");
+        }
+    }
+}
+
+/// The JSON of the event behind a refused shard record, for its dead letter.
+fn rejected_event_json(messages: &[Message], sequence: u64) -> Vec<u8> {
+    messages
+        .iter()
+        .find(|m| m.info().map(|i| i.stream_sequence).ok() == Some(sequence))
+        .and_then(|m| codec::decode::<ShardMessage>(&m.payload).ok())
+        .and_then(|record| match record {
+            ShardMessage::Customer { command, .. } => serde_json::to_vec(&command).ok(),
+            ShardMessage::Tick { .. } => None,
+        })
+        .unwrap_or_default()
+}

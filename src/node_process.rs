@@ -1,0 +1,220 @@
+//! `crm-node` processes for integration tests: start one with a config, wait until it is
+//! ready, stop it with SIGTERM or kill it with SIGKILL, and never leave one behind.
+//!
+//! The binary is the workspace's `target/<profile>/crm-node` (built by
+//! `cargo test --workspace`, whose `crm-node` integration tests require it, or by
+//! `scripts/test`). A missing or stale binary is a clear panic naming the fix.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Path of the `crm-node` binary next to this test binary's profile directory.
+pub fn crm_node_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    // Test binaries live in target/<profile>/deps; prefer the same profile.
+    let profile = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent()?.file_name().map(|n| n.to_owned()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("debug"));
+    let binary = target.join(profile).join("crm-node");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build -p crm-node` (scripts/test does)",
+        binary.display()
+    );
+    let built = modified(&binary);
+    let newest_source = ["node/src", "actors/src"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(root.join(dir)).into_iter().flatten().flatten())
+        .map(|entry| modified(&entry.path()))
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    assert!(
+        built >= newest_source,
+        "{} is older than the sources: rebuild with `cargo build -p crm-node`",
+        binary.display()
+    );
+    binary
+}
+
+fn modified(path: &Path) -> SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// A running `crm-node run` process; killed on drop.
+pub struct NodeProcess {
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    pub config: PathBuf,
+    pub nats_url: String,
+    extra_env: Vec<(String, String)>,
+}
+
+impl NodeProcess {
+    /// Starts `crm-node run --config <config>` against `nats_url` and waits until it logs
+    /// `crm-node ready` (panics with its log after `timeout`).
+    pub fn start(config: &Path, nats_url: &str, timeout: Duration) -> NodeProcess {
+        Self::start_with_env(config, nats_url, timeout, Vec::new())
+    }
+
+    /// As [`NodeProcess::start`], with extra environment variables.
+    pub fn start_with_env(
+        config: &Path,
+        nats_url: &str,
+        timeout: Duration,
+        extra_env: Vec<(String, String)>,
+    ) -> NodeProcess {
+        let mut node = NodeProcess {
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            config: config.to_path_buf(),
+            nats_url: nats_url.to_string(),
+            extra_env,
+        };
+        node.spawn();
+        node.wait_for_log("crm-node ready", timeout);
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(crm_node_binary());
+        command
+            .args(["--nats-url", &self.nats_url, "run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", std::env::var("CRM_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("crm-node could not be started");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("CRM_TEST_ECHO").is_some() {
+                    eprintln!("[crm-node] {line}");
+                }
+                if let Ok(mut log) = log.lock() {
+                    log.push(line);
+                }
+            }
+        });
+        self.child = Some(child);
+    }
+
+    /// Waits until a log line contains `needle` (counting only lines after the last restart
+    /// is not needed: needles are specific enough). Panics with the log tail on timeout.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let start_len = 0;
+        loop {
+            if self.log_lines()[start_len..].iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("crm-node exited ({status}) before logging '{needle}':\n{}", self.log_tail(40));
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "crm-node did not log '{needle}' within {timeout:?}:\n{}",
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// All log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The last `n` log lines, joined.
+    pub fn log_tail(&self, n: usize) -> String {
+        let lines = self.log_lines();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGKILL: no chance to flush or ack.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns whether it exited with success.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        // SAFETY: plain libc call with a pid we own.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Starts the same node again (after `kill` or `terminate`) and waits until ready.
+    pub fn restart(&mut self, timeout: Duration) {
+        self.kill();
+        let before = self.log_lines().len();
+        self.spawn();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines();
+            if lines[before.min(lines.len())..].iter().any(|l| l.contains("crm-node ready")) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "crm-node did not become ready after restart:\n{}", self.log_tail(40));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Is the process still running?
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `crm-node <args>` to completion and returns (exit success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(crm_node_binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("crm-node could not be run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,267 @@
+//! The identity directory against a real nats-server: one customer per person, race-free
+//! across routers, conflicts reported, no raw identifiers in NATS, a bounded cache.
+
+use crm_actors::identity::{by_priority, Identity, IdentityKind};
+use crm_cluster::NatsServer;
+use crm_node::identity_directory::IdentityDirectory;
+use crm_node::jetstream::ensure_kv;
+use crm_node::subjects;
+use futures::{StreamExt, TryStreamExt};
+use std::sync::Arc;
+
+const SECRET: &[u8] = b"test-cluster-secret";
+
+async fn directory(server: &NatsServer, cache_max_entries: usize) -> IdentityDirectory {
+    // Each directory has its own connection, as two routers on two nodes would.
+    let client = async_nats::connect(server.url())
+        .await
+        .expect("the test server accepts clients");
+    let js = async_nats::jetstream::new(client);
+    let kv = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
+    IdentityDirectory::new(kv, SECRET, cache_max_entries)
+}
+
+fn ids(pairs: &[(IdentityKind, &str)]) -> Vec<Identity> {
+    let mut identities: Vec<Identity> = pairs
+        .iter()
+        .map(|(kind, raw)| Identity::normalise(*kind, raw).unwrap())
+        .collect();
+    by_priority(&mut identities);
+    identities
+}
+
+async fn kv_keys(server: &NatsServer) -> Vec<String> {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let kv = js.get_key_value(subjects::KV_IDENTITY).await.unwrap();
+    kv.keys().await.unwrap().try_collect().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_new_identity_gets_one_customer_and_the_same_id_next_time() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    let email = ids(&[(IdentityKind::Email, "Ann@Example.com")]);
+
+    let first = directory.resolve(&email).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.linked, vec![IdentityKind::Email]);
+    assert!(first.conflicts.is_empty());
+    assert!(first.customer_id.starts_with('c'));
+    assert_eq!(first.customer_id.len(), 25);
+    assert!(subjects::is_token(&first.customer_id));
+    assert_eq!(first.customer_id, directory.customer_id_for(&email[0]));
+
+    let second = directory.resolve(&email).await.unwrap();
+    assert_eq!(second.customer_id, first.customer_id);
+    assert!(!second.created);
+    assert!(second.linked.is_empty());
+
+    // A fresh directory (another node, empty cache) reads the same mapping from NATS.
+    let other = self::directory(&server, 100).await;
+    let same = ids(&[(IdentityKind::Email, " ann@EXAMPLE.com ")]);
+    assert_eq!(
+        other.lookup(&same).await.unwrap(),
+        Some(first.customer_id.clone())
+    );
+    assert_eq!(
+        other.resolve(&same).await.unwrap().customer_id,
+        first.customer_id
+    );
+}
+
+#[tokio::test]
+async fn lookup_never_creates() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    let phone = ids(&[(IdentityKind::Phone, "+49 151 12345678")]);
+
+    assert_eq!(directory.lookup(&phone).await.unwrap(), None);
+    assert_eq!(directory.lookup(&phone).await.unwrap(), None);
+    assert!(kv_keys(&server).await.is_empty());
+    assert!(directory.lookup(&[]).await.is_err());
+    assert!(directory.resolve(&[]).await.is_err());
+}
+
+#[tokio::test]
+async fn a_known_email_with_a_new_loyalty_card_links_the_card_to_that_customer() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    let ann = directory
+        .resolve(&ids(&[(IdentityKind::Email, "ann@example.com")]))
+        .await
+        .unwrap();
+
+    let both = ids(&[
+        (IdentityKind::Email, "ann@example.com"),
+        (IdentityKind::LoyaltyCard, "LC-1001"),
+    ]);
+    let resolution = directory.resolve(&both).await.unwrap();
+
+    assert_eq!(resolution.customer_id, ann.customer_id);
+    assert!(!resolution.created);
+    assert_eq!(resolution.linked, vec![IdentityKind::LoyaltyCard]);
+    assert!(resolution.conflicts.is_empty());
+    let card = ids(&[(IdentityKind::LoyaltyCard, "LC-1001")]);
+    assert_eq!(
+        directory.lookup(&card).await.unwrap(),
+        Some(ann.customer_id.clone())
+    );
+    let metrics = directory.metrics();
+    assert_eq!(metrics.creates, 1);
+    assert_eq!(metrics.links, 1);
+}
+
+#[tokio::test]
+async fn two_identifiers_of_different_customers_are_reported_as_a_conflict_and_not_remapped() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    let by_email = directory
+        .resolve(&ids(&[(IdentityKind::Email, "bob@example.com")]))
+        .await
+        .unwrap();
+    let by_card = directory
+        .resolve(&ids(&[(IdentityKind::LoyaltyCard, "LC-7")]))
+        .await
+        .unwrap();
+    assert_ne!(by_email.customer_id, by_card.customer_id);
+
+    let both = ids(&[
+        (IdentityKind::Email, "bob@example.com"),
+        (IdentityKind::LoyaltyCard, "LC-7"),
+        (IdentityKind::DeviceId, "device-9"),
+    ]);
+    let resolution = directory.resolve(&both).await.unwrap();
+
+    // The loyalty card has the highest priority: its customer wins.
+    assert_eq!(resolution.customer_id, by_card.customer_id);
+    assert_eq!(
+        resolution.conflicts,
+        vec![(IdentityKind::Email, by_email.customer_id.clone())]
+    );
+    assert_eq!(resolution.linked, vec![IdentityKind::DeviceId]);
+    assert_eq!(
+        directory
+            .lookup(&ids(&[(IdentityKind::Email, "bob@example.com")]))
+            .await
+            .unwrap(),
+        Some(by_email.customer_id)
+    );
+    assert_eq!(directory.metrics().conflicts, 1);
+}
+
+#[tokio::test]
+async fn two_routers_racing_on_the_same_new_identities_end_with_one_customer() {
+    let server = NatsServer::start();
+    let routers = [
+        Arc::new(directory(&server, 1000).await),
+        Arc::new(directory(&server, 1000).await),
+    ];
+    // 20 new people, each resolved 50 times across both routers at once, with the
+    // identifiers in varying combinations.
+    let mut tasks = Vec::new();
+    for person in 0..20 {
+        for attempt in 0..50 {
+            let router = routers[attempt % 2].clone();
+            let identities = match attempt % 3 {
+                0 => ids(&[(IdentityKind::Email, &format!("p{person}@example.com"))]),
+                1 => ids(&[
+                    (IdentityKind::Email, &format!("p{person}@example.com")),
+                    (IdentityKind::DeviceId, &format!("dev-{person}")),
+                ]),
+                _ => ids(&[
+                    (IdentityKind::DeviceId, &format!("dev-{person}")),
+                    (IdentityKind::Email, &format!("p{person}@example.com")),
+                ]),
+            };
+            tasks.push(tokio::spawn(async move {
+                (person, router.resolve(&identities).await.unwrap())
+            }));
+        }
+    }
+    let mut customer_of = std::collections::HashMap::new();
+    let mut created = 0;
+    for task in tasks {
+        let (person, resolution) = task.await.unwrap();
+        created += usize::from(resolution.created);
+        let first = customer_of
+            .entry(person)
+            .or_insert(resolution.customer_id.clone());
+        assert_eq!(*first, resolution.customer_id, "person {person}");
+        assert!(resolution.conflicts.is_empty(), "{resolution:?}");
+    }
+    assert_eq!(created, 20, "exactly one resolve minted each customer");
+    let distinct: std::collections::HashSet<_> = customer_of.values().collect();
+    assert_eq!(distinct.len(), 20);
+    assert_eq!(kv_keys(&server).await.len(), 40);
+}
+
+#[tokio::test]
+async fn no_raw_identifier_appears_in_the_kv_keys_or_values() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    directory
+        .resolve(&ids(&[
+            (IdentityKind::Email, "carol.secret@example.com"),
+            (IdentityKind::Phone, "+4915112345678"),
+            (IdentityKind::LoyaltyCard, "LC-SECRET-42"),
+        ]))
+        .await
+        .unwrap();
+
+    let keys = kv_keys(&server).await;
+    assert_eq!(keys.len(), 3);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(subjects::KV_IDENTITY)
+        .await
+        .unwrap();
+    for key in &keys {
+        assert_eq!(key.len(), 64, "{key}");
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        let value = kv.get(key).await.unwrap().unwrap();
+        let value = String::from_utf8(value.to_vec()).unwrap();
+        for raw in ["carol", "secret", "example", "4915112345678", "LC-", "@"] {
+            assert!(!key.to_lowercase().contains(&raw.to_lowercase()), "{key}");
+            assert!(!value.contains(raw), "{value}");
+        }
+    }
+    // The same value under two kinds hashes to two keys.
+    let as_card = Identity::normalise(IdentityKind::LoyaltyCard, "x1").unwrap();
+    let as_device = Identity::normalise(IdentityKind::DeviceId, "x1").unwrap();
+    assert_ne!(directory.key_of(&as_card), directory.key_of(&as_device));
+}
+
+#[tokio::test]
+async fn the_cache_stays_within_its_bound_and_answers_repeat_lookups() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 8).await;
+    let people: Vec<Vec<Identity>> = (0..40)
+        .map(|i| ids(&[(IdentityKind::DeviceId, &format!("d{i}"))]))
+        .collect();
+    futures::stream::iter(&people)
+        .for_each_concurrent(8, |identities| {
+            let directory = &directory;
+            async move {
+                directory.resolve(identities).await.unwrap();
+            }
+        })
+        .await;
+    assert!(directory.cache_len() <= 8, "{}", directory.cache_len());
+
+    let before = directory.metrics();
+    let last = &people[39];
+    let expected = directory.customer_id_for(&last[0]);
+    assert_eq!(directory.lookup(last).await.unwrap(), Some(expected));
+    let after = directory.metrics();
+    assert_eq!(after.cache_hits, before.cache_hits + 1);
+    assert_eq!(after.cache_misses, before.cache_misses);
+
+    // Evicted entries are read back from NATS, correctly.
+    let first = &people[0];
+    assert_eq!(
+        directory.lookup(first).await.unwrap(),
+        Some(directory.customer_id_for(&first[0]))
+    );
+    assert!(directory.cache_len() <= 8);
+}

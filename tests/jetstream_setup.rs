@@ -1,0 +1,266 @@
+//! JetStream set-up against a real nats-server: streams, KV buckets, the recorded shard
+//! count and the durable consumers are created once and left alone by every later run.
+
+use crm_cluster::NatsServer;
+use crm_node::jetstream::{
+    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, shard_consumer,
+    IngestConsumerSettings, SetupError, ShardConsumerSettings, StreamSettings,
+};
+use crm_node::subjects;
+use futures::StreamExt;
+use std::time::Duration;
+
+async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(server.url())
+        .await
+        .expect("the test server accepts clients");
+    async_nats::jetstream::new(client)
+}
+
+#[tokio::test]
+async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let settings = StreamSettings::default();
+
+    ensure_streams(&js, &settings).await.unwrap();
+    ensure_streams(&js, &settings).await.unwrap();
+
+    for (name, subject) in [
+        (subjects::INGEST_STREAM, subjects::INGEST_ALL),
+        (subjects::SHARDS_STREAM, subjects::SHARDS_ALL),
+        (subjects::EVENTS_STREAM, subjects::EVENTS_ALL),
+        (subjects::DLQ_STREAM, subjects::DLQ_ALL),
+    ] {
+        let stream = js.get_stream(name).await.unwrap();
+        let config = &stream.cached_info().config;
+        assert_eq!(config.subjects, vec![subject.to_string()], "{name}");
+        assert_eq!(
+            config.storage,
+            async_nats::jetstream::stream::StorageType::File
+        );
+        assert_eq!(config.num_replicas, 1);
+    }
+    let ingest = js.get_stream(subjects::INGEST_STREAM).await.unwrap();
+    assert_eq!(
+        ingest.cached_info().config.duplicate_window,
+        Duration::from_secs(settings.duplicate_window_s)
+    );
+    let events = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    assert_eq!(
+        events.cached_info().config.max_age,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        events.cached_info().config.max_bytes,
+        settings.events.max_bytes as i64
+    );
+}
+
+#[tokio::test]
+async fn a_changed_limit_is_applied_to_the_existing_stream() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let mut settings = StreamSettings::default();
+    ensure_streams(&js, &settings).await.unwrap();
+
+    settings.events.max_age_s = 600;
+    settings.dlq.max_bytes = 0;
+    ensure_streams(&js, &settings).await.unwrap();
+
+    let events = js.get_stream(subjects::EVENTS_STREAM).await.unwrap();
+    assert_eq!(
+        events.cached_info().config.max_age,
+        Duration::from_secs(600)
+    );
+    let dlq = js.get_stream(subjects::DLQ_STREAM).await.unwrap();
+    assert_eq!(dlq.cached_info().config.max_bytes, -1);
+}
+
+#[tokio::test]
+async fn ingest_deduplicates_a_repeated_message_id() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    ensure_streams(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+
+    for _ in 0..3 {
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload("{}".into())
+            .message_id("event-1");
+        js.send_publish(subjects::ingest("web"), publish)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut stream = js.get_stream(subjects::INGEST_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test]
+async fn kv_buckets_are_created_on_this_server_and_reopened_unchanged() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+
+    let kv = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
+    kv.create("k1", "c1".into()).await.unwrap();
+    let again = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
+    assert_eq!(again.get("k1").await.unwrap().as_deref(), Some(&b"c1"[..]));
+    // create is compare-and-set: a second create of the same key fails.
+    let error = again.create("k1", "c2".into()).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
+    );
+
+    let stream = js
+        .get_stream(subjects::kv_stream(subjects::KV_IDENTITY))
+        .await
+        .unwrap();
+    let config = &stream.cached_info().config;
+    assert!(config.allow_rollup && config.deny_delete && config.allow_direct);
+    assert_eq!(config.max_messages_per_subject, 1);
+    assert_eq!(
+        config.subjects,
+        vec![subjects::kv_subjects(subjects::KV_IDENTITY)]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_is_not_a_kv_bucket_is_refused_by_name() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_impostor".to_string(),
+        subjects: vec!["impostor.>".to_string()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let error = ensure_kv(&js, "impostor", 1).await.unwrap_err();
+    assert!(matches!(error, SetupError::NotKv { .. }), "{error}");
+    assert!(error.to_string().contains("KV_impostor"), "{error}");
+}
+
+#[tokio::test]
+async fn the_first_node_records_the_shard_count_and_a_different_count_is_refused() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let kv = ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+
+    ensure_shard_count(&kv, 16).await.unwrap();
+    ensure_shard_count(&kv, 16).await.unwrap();
+    let error = ensure_shard_count(&kv, 32).await.unwrap_err();
+
+    assert!(
+        matches!(
+            error,
+            SetupError::ShardCountMismatch {
+                configured: 32,
+                recorded: 16,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("32") && message.contains("16"),
+        "{message}"
+    );
+    assert!(message.contains("cluster.shards = 16"), "{message}");
+    let zero = ensure_shard_count(&kv, 0).await.unwrap_err();
+    assert!(
+        matches!(zero, SetupError::InvalidShardCount { .. }),
+        "{zero}"
+    );
+}
+
+#[tokio::test]
+async fn shard_and_ingest_consumers_are_created_once_and_deliver_only_their_subjects() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    ensure_streams(&js, &StreamSettings::default())
+        .await
+        .unwrap();
+    let settings = ShardConsumerSettings::default();
+    for shard in 0..4 {
+        shard_consumer(&js, shard, &settings).await.unwrap();
+    }
+    // Creating them again (another node, a restart) is a no-op.
+    let mut shard_2 = shard_consumer(&js, 2, &settings).await.unwrap();
+    let ingest = ingest_consumer(&js, &IngestConsumerSettings::default())
+        .await
+        .unwrap();
+    ingest_consumer(&js, &IngestConsumerSettings::default())
+        .await
+        .unwrap();
+
+    for shard in 0..4u32 {
+        js.publish(subjects::shard(shard), shard.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    js.publish(subjects::ingest("web"), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let info = shard_2.info().await.unwrap();
+    assert_eq!(info.name, "crm-shard-2");
+    assert_eq!(info.config.filter_subject, "crm.shard.2");
+    assert_eq!(info.num_pending, 1);
+    let mut messages = shard_2
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .unwrap();
+    let message = messages.next().await.unwrap().unwrap();
+    assert_eq!(message.subject.as_str(), "crm.shard.2");
+    assert_eq!(&message.payload[..], b"2");
+    message.ack().await.unwrap();
+    assert!(messages.next().await.is_none());
+
+    let mut ingest = ingest;
+    let info = ingest.info().await.unwrap();
+    assert_eq!(info.name, subjects::INGEST_DURABLE);
+    assert_eq!(info.num_pending, 1);
+}
+
+#[tokio::test]
+async fn the_test_server_restarts_on_its_port_with_its_streams_and_leaves_no_process() {
+    let mut server = NatsServer::start();
+    let port = server.port();
+    {
+        let js = connect(&server).await;
+        ensure_streams(&js, &StreamSettings::default())
+            .await
+            .unwrap();
+        js.publish(subjects::shard(1), "kept".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    server.restart();
+    assert_eq!(server.port(), port);
+    let js = connect(&server).await;
+    let mut stream = js.get_stream(subjects::SHARDS_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+
+    server.kill();
+    assert!(!server.is_running());
+    server.restart();
+    let pid = server.pid().expect("restarted");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(server);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
