@@ -322,3 +322,6 @@ pub fn create_dir_all(path: &Path) {
 // crm-node processes (added by the lead: starting nodes with a config, readiness, SIGTERM /
 // SIGKILL). Keep the NATS harness above generic; put node helpers below this line.
 // ---------------------------------------------------------------------------------------
+
+pub mod cluster_env;
+pub mod node_process;

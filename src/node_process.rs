@@ -3,7 +3,7 @@
 //!
 //! The binary is the workspace's `target/<profile>/crm-node` (built by
 //! `cargo test --workspace`, whose `crm-node` integration tests require it, or by
-//! `scripts/test`). A missing or stale binary is a clear panic naming the fix.
+//! `scripts/test`). A missing binary is a clear panic naming the fix; a stale one a warning.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -36,11 +36,12 @@ pub fn crm_node_binary() -> PathBuf {
         .map(|entry| modified(&entry.path()))
         .max()
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    assert!(
-        built >= newest_source,
-        "{} is older than the sources: rebuild with `cargo build -p crm-node`",
-        binary.display()
-    );
+    if built < newest_source {
+        eprintln!(
+            "warning: {} is older than the sources: rebuild with `cargo build -p crm-node`",
+            binary.display()
+        );
+    }
     binary
 }
 
@@ -97,7 +98,8 @@ impl NodeProcess {
         for (key, value) in &self.extra_env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("crm-node could not be started");
+        let mut child =
+            crate::spawn_tied_to_test_process(command).expect("crm-node could not be started");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = self.log.clone();
         std::thread::spawn(move || {
@@ -113,13 +115,11 @@ impl NodeProcess {
         self.child = Some(child);
     }
 
-    /// Waits until a log line contains `needle` (counting only lines after the last restart
-    /// is not needed: needles are specific enough). Panics with the log tail on timeout.
+    /// Waits until a log line contains `needle`. Panics with the log tail on timeout.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let start_len = 0;
         loop {
-            if self.log_lines()[start_len..].iter().any(|l| l.contains(needle)) {
+            if self.log_lines().iter().any(|l| l.contains(needle)) {
                 return;
             }
             if let Some(child) = self.child.as_mut() {

@@ -17,7 +17,7 @@
 //! fails, every resident actor is stopped so that memory never runs ahead of sled.
 
 use crate::actor::{spawn_customer, Applied, CustomerMessage};
-use crate::codec::CodecError;
+use crate::codec::{self, CodecError};
 use crate::command::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
 use crate::rules::Rules;
 use crate::state::CustomerState;
@@ -64,8 +64,8 @@ pub enum EngineError {
     },
     #[error("shard {shard}: customer {customer_id}: actor stopped before answering (a panic in the rules?)")]
     ActorStopped { shard: u32, customer_id: String },
-    #[error("shard {shard}: customer {customer_id}: state cannot be encoded: {source}")]
-    Encode {
+    #[error("shard {shard}: customer {customer_id}: state bytes: {source}")]
+    Codec {
         shard: u32,
         customer_id: String,
         #[source]
@@ -262,7 +262,9 @@ impl ShardEngine {
                         CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
                         CustomerCommand::Tick { .. } => None,
                     };
-                    let reply = self.send_apply(&customer_id, command).await?;
+                    let (reply, _) = self
+                        .send_apply(&customer_id, command, &work.changed)
+                        .await?;
                     pending.push(Pending {
                         seq,
                         customer_id,
@@ -319,13 +321,15 @@ impl ShardEngine {
         Ok(work.result)
     }
 
-    /// Sends `command` to the customer's actor (activating it) without waiting.
+    /// Sends `command` to the customer's actor without waiting; activates the actor (from
+    /// `changed`, this batch's uncommitted states, else the store) and then says so.
     async fn send_apply(
         &mut self,
         customer_id: &str,
         command: CustomerCommand,
-    ) -> Result<OneshotReceiver<Result<Applied, CodecError>>, EngineError> {
-        let actor = self.activate(customer_id).await?;
+        changed: &HashMap<String, EncodedState>,
+    ) -> Result<(OneshotReceiver<Result<Applied, CodecError>>, bool), EngineError> {
+        let (actor, activated) = self.activate(customer_id, Some(changed)).await?;
         let (sender, receiver) = oneshot();
         actor
             .cast(CustomerMessage::Apply {
@@ -336,7 +340,7 @@ impl ShardEngine {
                 shard: self.shard,
                 customer_id: customer_id.to_string(),
             })?;
-        Ok(receiver)
+        Ok((receiver, activated))
     }
 
     /// Waits for every pending reply, in send order, and records it.
@@ -349,7 +353,7 @@ impl ShardEngine {
             let applied = match item.reply.await {
                 Ok(Ok(applied)) => applied,
                 Ok(Err(source)) => {
-                    return Err(EngineError::Encode {
+                    return Err(EngineError::Codec {
                         shard: self.shard,
                         customer_id: item.customer_id,
                         source,
@@ -408,6 +412,9 @@ impl ShardEngine {
     /// Applies `Tick { at_ms }` to every customer of the shard due at or before `at_ms`:
     /// those in the store's timer index (unless this batch changed them) and those this
     /// batch changed whose new due time has come. Each customer is ticked once per tick.
+    /// A customer activated only for the tick is stopped again once its reply is in (its
+    /// new state waits in `work.changed`), so a tick over many customers keeps at most
+    /// `tick_batch_max` extra actors resident.
     async fn run_tick(
         &mut self,
         seq: u64,
@@ -418,6 +425,7 @@ impl ShardEngine {
         let mut ticked: HashSet<String> = HashSet::new();
         let mut pending = Vec::with_capacity(page_max.min(1024));
         let mut cursor: Option<DueTimer> = None;
+        let mut activated_for_tick: Vec<String> = Vec::new();
         loop {
             let page = self
                 .store
@@ -432,12 +440,20 @@ impl ShardEngine {
                 {
                     continue;
                 }
-                let reply = self
-                    .send_apply(&timer.customer_id, CustomerCommand::Tick { at_ms })
+                let (reply, activated) = self
+                    .send_apply(
+                        &timer.customer_id,
+                        CustomerCommand::Tick { at_ms },
+                        &work.changed,
+                    )
                     .await?;
+                if activated {
+                    activated_for_tick.push(timer.customer_id.clone());
+                }
                 pending.push(tick_pending(seq, timer.customer_id, reply));
             }
             self.collect(&mut pending, work).await?;
+            self.forget_all(&mut activated_for_tick);
             if !full {
                 break;
             }
@@ -453,21 +469,28 @@ impl ShardEngine {
         changed_due.sort();
         for chunk in changed_due.chunks(page_max) {
             for customer_id in chunk {
-                let reply = self
-                    .send_apply(customer_id, CustomerCommand::Tick { at_ms })
+                let (reply, activated) = self
+                    .send_apply(customer_id, CustomerCommand::Tick { at_ms }, &work.changed)
                     .await?;
+                if activated {
+                    activated_for_tick.push(customer_id.clone());
+                }
                 pending.push(tick_pending(seq, customer_id.clone(), reply));
             }
             self.collect(&mut pending, work).await?;
+            self.forget_all(&mut activated_for_tick);
         }
         Ok(())
     }
 
-    /// The resident actor of `customer_id`, activated from the store (or new) if needed.
+    /// The resident actor of `customer_id`, and whether it was activated just now: from
+    /// `changed` (states of the running batch, not yet committed), else from the store, else
+    /// as a new customer.
     async fn activate(
         &mut self,
         customer_id: &str,
-    ) -> Result<ActorRef<CustomerMessage>, EngineError> {
+        changed: Option<&HashMap<String, EncodedState>>,
+    ) -> Result<(ActorRef<CustomerMessage>, bool), EngineError> {
         let touch = self.next_touch;
         self.next_touch += 1;
         if let Some(resident) = self.resident.get_mut(customer_id) {
@@ -476,19 +499,31 @@ impl ShardEngine {
                 self.lru.insert(touch, customer_id.to_string());
                 resident.touch = touch;
                 resident.last_used = Instant::now();
-                return Ok(resident.actor.clone());
+                return Ok((resident.actor.clone(), false));
             }
         }
         // Not resident, or its actor died (a panic): start from what is committed.
         self.forget(customer_id);
-        let loaded = self
-            .store
-            .load_customer_encoded(customer_id)
-            .map_err(|source| self.store_error(source))?;
+        let loaded = match changed.and_then(|changed| changed.get(customer_id)) {
+            Some(encoded) => {
+                let state = codec::decode(&encoded.bytes).map_err(|source| EngineError::Codec {
+                    shard: self.shard,
+                    customer_id: customer_id.to_string(),
+                    source,
+                })?;
+                Some((state, encoded.bytes.clone()))
+            }
+            None => self
+                .store
+                .load_customer_encoded(customer_id)
+                .map_err(|source| self.store_error(source))?,
+        };
         let (state, stored_bytes) =
             loaded.unwrap_or_else(|| (CustomerState::new(customer_id), Vec::new()));
-        self.spawn_resident(customer_id, state, stored_bytes, touch)
-            .await
+        let actor = self
+            .spawn_resident(customer_id, state, stored_bytes, touch)
+            .await?;
+        Ok((actor, true))
     }
 
     async fn spawn_resident(
@@ -526,7 +561,7 @@ impl ShardEngine {
             .get(customer_id)
             .is_some_and(|r| is_alive(&r.actor));
         let actor = if resident {
-            self.activate(customer_id).await?
+            self.activate(customer_id, None).await?.0
         } else {
             let loaded = self
                 .store
@@ -644,6 +679,13 @@ impl ShardEngine {
             resident.actor.stop(None);
         }
         self.lru.clear();
+    }
+
+    /// Stops the actors of `customer_ids` (emptied).
+    fn forget_all(&mut self, customer_ids: &mut Vec<String>) {
+        for customer_id in customer_ids.drain(..) {
+            self.forget(&customer_id);
+        }
     }
 
     /// Stops the customer's actor (if resident) and drops it from the maps.

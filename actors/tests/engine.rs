@@ -519,3 +519,54 @@ async fn the_engine_runs_on_a_spawned_task_and_views_use_the_shard_clock() {
     let expected = crm_actors::view::customer_view(&state, clock, &rules());
     assert_eq!(view, Some(expected));
 }
+
+#[tokio::test]
+async fn a_large_tick_keeps_no_extra_actors_and_later_messages_see_its_effects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let tick_ms = JAN_2_MS + 400 * 86_400_000;
+    let mut expected = None;
+    for i in 0..5 {
+        let state = store_with_due(&store, &format!("due-{i}"), JAN_2_MS + i);
+        if i == 0 {
+            expected = Some(state);
+        }
+    }
+    // What due-0 must end as: the tick, then a purchase later in the same batch.
+    let mut expected = expected.expect("due-0 stored");
+    let command = purchase_command("due-0-late", "due-0@x.org", 25.0, 400 * 24 * 60 + 1);
+    apply::apply(
+        &mut expected,
+        &CustomerCommand::Tick { at_ms: tick_ms },
+        &rules(),
+    );
+    apply::apply(&mut expected, &command, &rules());
+
+    let mut engine = engine(&store, 100);
+    let result = engine
+        .apply_batch(
+            vec![
+                (1, ShardMessage::Tick { at_ms: tick_ms }),
+                (
+                    2,
+                    ShardMessage::Customer {
+                        customer_id: "due-0".to_string(),
+                        command,
+                        reply_to: None,
+                    },
+                ),
+            ],
+            EPOCH,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(result.customers_ticked, 5);
+    assert_eq!(statuses(&result), vec![ApplyStatus::Applied]);
+    assert_eq!(
+        engine.resident_count(),
+        1,
+        "actors activated only for the tick were stopped"
+    );
+    assert_eq!(stored_bytes(&store, "due-0"), codec::encode(&expected));
+    engine.shutdown().await;
+}

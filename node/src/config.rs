@@ -472,7 +472,12 @@ impl Config {
         }
         self.range("limits.items_max", limits.items_max, 1, 10_000)?;
         self.range("limits.item_qty_max", limits.item_qty_max, 1, 1_000_000)?;
-        self.range("limits.batch_max_events", limits.batch_max_events, 1, 10_000)?;
+        self.range(
+            "limits.batch_max_events",
+            limits.batch_max_events,
+            1,
+            10_000,
+        )?;
         self.range(
             "limits.router_batch_max_events",
             limits.router_batch_max_events,
@@ -536,7 +541,12 @@ impl Config {
             1024 * 1024,
             1024 * 1024 * 1024 * 1024,
         )?;
-        self.range("limits.query_timeout_ms", limits.query_timeout_ms, 1, 60_000)?;
+        self.range(
+            "limits.query_timeout_ms",
+            limits.query_timeout_ms,
+            1,
+            60_000,
+        )?;
         self.range(
             "limits.tick_interval_s",
             limits.tick_interval_s,
@@ -630,16 +640,17 @@ impl Config {
         T: PartialOrd + std::fmt::Display + Copy,
     {
         if value < min || value > max {
-            return Err(self.invalid(
-                field,
-                value,
-                format!("must be between {min} and {max}"),
-            ));
+            return Err(self.invalid(field, value, format!("must be between {min} and {max}")));
         }
         Ok(())
     }
 
-    fn check_token(&self, field: &'static str, value: &str, max_bytes: usize) -> Result<(), ConfigError> {
+    fn check_token(
+        &self,
+        field: &'static str,
+        value: &str,
+        max_bytes: usize,
+    ) -> Result<(), ConfigError> {
         let ok = (1..=max_bytes).contains(&value.len())
             && value
                 .bytes()
@@ -648,7 +659,9 @@ impl Config {
             return Err(self.invalid(
                 field,
                 format!("{value:?}"),
-                format!("must be 1 to {max_bytes} characters of a-z, 0-9, '-' and '_', e.g. \"node-1\""),
+                format!(
+                    "must be 1 to {max_bytes} characters of a-z, 0-9, '-' and '_', e.g. \"node-1\""
+                ),
             ));
         }
         Ok(())
@@ -718,7 +731,10 @@ mod tests {
     fn a_relative_rules_path_resolves_against_the_config_directory() {
         let text = format!("{SECRET}[rules]\npath = \"rules/loyalty.toml\"\n");
         let config = Config::from_toml_str(&text, Path::new("/etc/crm/node.toml")).expect("config");
-        assert_eq!(config.rules_path(), Path::new("/etc/crm/rules/loyalty.toml"));
+        assert_eq!(
+            config.rules_path(),
+            Path::new("/etc/crm/rules/loyalty.toml")
+        );
         let text = format!("{SECRET}[rules]\npath = \"/opt/rules.toml\"\n");
         let config = Config::from_toml_str(&text, Path::new("/etc/crm/node.toml")).expect("config");
         assert_eq!(config.rules_path(), Path::new("/opt/rules.toml"));
@@ -732,7 +748,10 @@ mod tests {
             "cluster-config/x.toml: limits.batch_max_events = 0: must be between 1 and 10000"
         );
         let message = error_of(&format!("{SECRET}shards = 5000\n"));
-        assert!(message.contains("cluster.shards = 5000: must be between 1 and 4096"), "{message}");
+        assert!(
+            message.contains("cluster.shards = 5000: must be between 1 and 4096"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -748,7 +767,10 @@ mod tests {
     #[test]
     fn an_unknown_key_is_an_error_naming_the_key() {
         let message = error_of(&format!("{SECRET}[limits]\nbatch_max_event = 10\n"));
-        assert!(message.contains("unknown field `batch_max_event`"), "{message}");
+        assert!(
+            message.contains("unknown field `batch_max_event`"),
+            "{message}"
+        );
         assert!(message.contains("docs/config.md"), "{message}");
         let message = error_of(&format!("{SECRET}[limitz]\n"));
         assert!(message.contains("unknown field `limitz`"), "{message}");
@@ -757,11 +779,17 @@ mod tests {
     #[test]
     fn a_missing_or_short_secret_says_how_to_set_it() {
         let message = error_of("[node]\nnode_id = \"node-1\"\n");
-        assert!(message.contains("cluster.identity_secret = (missing)"), "{message}");
+        assert!(
+            message.contains("cluster.identity_secret = (missing)"),
+            "{message}"
+        );
         assert!(message.contains(IDENTITY_SECRET_ENV), "{message}");
         let message = error_of("[cluster]\nidentity_secret = \"short\"\n");
         assert!(message.contains("(5 bytes)"), "{message}");
-        assert!(!message.contains("short"), "a secret is never echoed: {message}");
+        assert!(
+            !message.contains("short"),
+            "a secret is never echoed: {message}"
+        );
     }
 
     #[test]
@@ -788,9 +816,17 @@ mod tests {
         let message = error_of(&format!(
             "{SECRET}[limits]\nbatch_max_events = 4000\nshard_max_ack_pending = 100\n"
         ));
-        assert!(message.contains("limits.shard_max_ack_pending = 100"), "{message}");
-        let message = error_of(&format!("{SECRET}[nats]\nconnect_retry_initial_ms = 900\nconnect_retry_max_ms = 100\n"));
-        assert!(message.contains("nats.connect_retry_max_ms = 100"), "{message}");
+        assert!(
+            message.contains("limits.shard_max_ack_pending = 100"),
+            "{message}"
+        );
+        let message = error_of(&format!(
+            "{SECRET}[nats]\nconnect_retry_initial_ms = 900\nconnect_retry_max_ms = 100\n"
+        ));
+        assert!(
+            message.contains("nats.connect_retry_max_ms = 100"),
+            "{message}"
+        );
         let message = error_of(&format!("{SECRET}[limits]\namount_max = 10.005\n"));
         assert!(message.contains("more than 2 decimals"), "{message}");
         let message = error_of(&format!("{SECRET}[node]\nnode_id = \"Node 1\"\n"));
@@ -845,13 +881,21 @@ mod tests {
         assert_eq!(config.ingest_consumer_settings().max_ack_pending, 8192);
         let shard = config.shard_consumer_settings();
         assert_eq!(shard.max_ack_pending, 2048);
-        assert_eq!(shard.durable_prefix, ShardConsumerSettings::default().durable_prefix);
+        assert_eq!(
+            shard.durable_prefix,
+            ShardConsumerSettings::default().durable_prefix
+        );
     }
 
     #[test]
     fn a_missing_file_names_the_path() {
         let error = Config::load(Path::new("/nonexistent/crm.toml")).expect_err("missing file");
-        assert!(error.to_string().starts_with("/nonexistent/crm.toml: cannot read"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("/nonexistent/crm.toml: cannot read"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -870,7 +914,11 @@ mod tests {
         }
         node_ids.sort();
         node_ids.dedup_by(|a, b| a.0 == b.0 || a.1 == b.1);
-        assert_eq!(node_ids.len(), 3, "node-N files need distinct node ids and data dirs");
+        assert_eq!(
+            node_ids.len(),
+            3,
+            "node-N files need distinct node ids and data dirs"
+        );
     }
 
     #[test]

@@ -498,47 +498,80 @@ pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), Setup
     }
 }
 
-/// The durable pull consumer of shard `shard` on CRM_SHARDS: filter `crm.shard.<n>`, every
-/// message from the start of the log, explicit acks, bounded unacked messages.
+/// An ordered reader of shard `shard`'s log from `start_sequence` (the shard's applied
+/// sequence in sled, plus one).
 ///
-/// Explicit acks (rather than `AckPolicy::All`) let the shard worker ack each message of a
-/// batch after the batch's sled commit, and nak a batch it could not apply; a message acked
-/// twice or redelivered after a crash is skipped by the per-shard applied sequence. Every
-/// node may create it (the same config is a no-op); only the lease holder pulls from it.
-pub async fn shard_consumer(
+/// The shard's progress lives with its state in sled, not in a JetStream consumer: a durable
+/// consumer redelivers unacked messages *after* newer ones (after a crash, a lost
+/// connection, a slow batch), and a worker that skips records at or below its applied
+/// sequence would then lose the older ones. An ordered consumer (ephemeral, no acks, the
+/// client recreates it from the last seen sequence on any gap or missed heartbeat) delivers
+/// the log strictly in order; on restart the worker opens a new one from its own applied
+/// sequence.
+pub async fn shard_log_reader(
     js: &Context,
     shard: u32,
-    settings: &ShardConsumerSettings,
-) -> Result<PullConsumer, SetupError> {
-    let durable = subjects::shard_durable(&settings.durable_prefix, shard);
-    let config = pull::Config {
-        durable_name: Some(durable.clone()),
-        description: Some(format!("shard worker of shard {shard}")),
+    start_sequence: u64,
+) -> Result<async_nats::jetstream::consumer::Consumer<pull::OrderedConfig>, SetupError> {
+    let consumer_error = |detail: String| SetupError::Consumer {
+        stream: subjects::SHARDS_STREAM,
+        consumer: format!("ordered reader of shard {shard}"),
+        detail,
+    };
+    let stream = js
+        .get_stream(subjects::SHARDS_STREAM)
+        .await
+        .map_err(|e| consumer_error(e.to_string()))?;
+    let config = pull::OrderedConfig {
         filter_subject: subjects::shard(shard),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(settings.ack_wait_s.max(1)),
-        max_ack_pending: i64::from(settings.max_ack_pending.max(1)),
-        // Unbounded redelivery: a shard message is never dropped; bad ones are dead-lettered
-        // by the worker itself.
-        max_deliver: -1,
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: start_sequence.max(1),
+        },
         ..Default::default()
     };
-    ensure_consumer(js, subjects::SHARDS_STREAM, durable, config).await
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| consumer_error(e.to_string()))
 }
 
 /// The ingest consumer every node's router shares (durable `crm-router`, filter
 /// `crm.ingest.>`, explicit acks, bounded unacked messages). JetStream spreads its messages
 /// over the routers pulling from it.
+///
+/// It is rewound to its ack floor first: after a crash or a lost connection, a durable
+/// consumer would redeliver the unacked messages only after `ack_wait`, *after* newer ones,
+/// and the router would reorder one customer's events (a return before its purchase, an
+/// event using a new identifier before the event that links it). Recreating the consumer
+/// from the first unacked message replays them in order; the ones already routed are
+/// dropped by the shard log's `Nats-Msg-Id` dedup (and, past its window, by the customer's
+/// event-id dedup).
 pub async fn ingest_consumer(
     js: &Context,
     settings: &IngestConsumerSettings,
 ) -> Result<PullConsumer, SetupError> {
+    let mut start_sequence = 1;
+    if let Ok(stream) = js.get_stream(subjects::INGEST_STREAM).await {
+        let existing: Result<PullConsumer, _> = stream.get_consumer(subjects::INGEST_DURABLE).await;
+        if let Ok(mut consumer) = existing {
+            if let Ok(info) = consumer.info().await {
+                start_sequence = info.ack_floor.stream_sequence + 1;
+            }
+            stream
+                .delete_consumer(subjects::INGEST_DURABLE)
+                .await
+                .map_err(|e| SetupError::Consumer {
+                    stream: subjects::INGEST_STREAM,
+                    consumer: subjects::INGEST_DURABLE.to_string(),
+                    detail: format!("could not rewind it to its ack floor: {e}"),
+                })?;
+        }
+    }
     let config = pull::Config {
         durable_name: Some(subjects::INGEST_DURABLE.to_string()),
         description: Some("ingest router shared by every node".to_string()),
         filter_subject: subjects::INGEST_ALL.to_string(),
-        deliver_policy: DeliverPolicy::All,
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
         ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_secs(settings.ack_wait_s.max(1)),
         max_ack_pending: i64::from(settings.max_ack_pending.max(1)),

@@ -243,11 +243,19 @@ const FIRST_NAMES: [&str; 20] = [
     "Leon", "Mia", "Noah", "Olga", "Paul", "Rosa", "Simon", "Tara", "Victor",
 ];
 const LAST_NAMES: [&str; 16] = [
-    "Schmidt", "Martin", "Rossi", "Garcia", "Novak", "Jansen", "Dubois", "Weber", "Silva",
-    "Berg", "Costa", "Fischer", "Moreau", "Kowalski", "Larsen", "Bauer",
+    "Schmidt", "Martin", "Rossi", "Garcia", "Novak", "Jansen", "Dubois", "Weber", "Silva", "Berg",
+    "Costa", "Fischer", "Moreau", "Kowalski", "Larsen", "Bauer",
 ];
 const CITIES: [&str; 10] = [
-    "Berlin", "Paris", "Madrid", "Rome", "Amsterdam", "Vienna", "Lisbon", "Prague", "Dublin",
+    "Berlin",
+    "Paris",
+    "Madrid",
+    "Rome",
+    "Amsterdam",
+    "Vienna",
+    "Lisbon",
+    "Prague",
+    "Dublin",
     "Copenhagen",
 ];
 
@@ -300,15 +308,39 @@ struct Planned {
 }
 
 enum Body {
-    Identify { profile: bool },
-    View { sku: String, category: &'static str },
-    Cart { add: bool, item: LineItem },
-    Purchase { order: Order },
-    Return { order_id: String, items: Vec<LineItem> },
-    Support { ticket_id: String, resolved: Option<u8> },
-    Email { action: &'static str, campaign: &'static str },
-    Visit { store_id: String },
-    Consent { purpose: &'static str, granted: bool },
+    Identify {
+        profile: bool,
+    },
+    View {
+        sku: String,
+        category: &'static str,
+    },
+    Cart {
+        add: bool,
+        item: LineItem,
+    },
+    Purchase {
+        order: Order,
+    },
+    Return {
+        order_id: String,
+        items: Vec<LineItem>,
+    },
+    Support {
+        ticket_id: String,
+        resolved: Option<u8>,
+    },
+    Email {
+        action: &'static str,
+        campaign: &'static str,
+    },
+    Visit {
+        store_id: String,
+    },
+    Consent {
+        purpose: &'static str,
+        granted: bool,
+    },
 }
 
 #[derive(Clone)]
@@ -377,7 +409,7 @@ impl Generator {
             let archetype = archetype_of(person);
             let days = f64::from(spec.days);
             let expected_sessions = match archetype {
-                Archetype::RepeatBuyer => 3.0 + days * 0.12,
+                Archetype::RepeatBuyer => 4.0 + days * 0.12,
                 Archetype::OneTimer => 1.0,
                 Archetype::Browser => 1.0 + days * 0.05,
                 Archetype::Subscriber => 2.0 + days * 0.1,
@@ -602,7 +634,13 @@ impl Generator {
         self.ensure(session, channel, identity);
         if channel == "store" {
             let store_id = self.store_id();
-            session.push(channel, identity, Body::Visit { store_id: store_id.clone() });
+            session.push(
+                channel,
+                identity,
+                Body::Visit {
+                    store_id: store_id.clone(),
+                },
+            );
             self.step(session, 120, 1_200);
             let order = self.order(session.person, Some(store_id));
             session.push(channel, identity, Body::Purchase { order });
@@ -694,7 +732,11 @@ impl Generator {
     /// Views, maybe cart changes, and with `buy_percent` a purchase, on web or mobile.
     fn shop_online(&mut self, session: &mut Session, channel: &'static str, buy_percent: u32) {
         self.ensure(session, channel, EMAIL | DEVICE);
-        let identity = if self.chance(70) { EMAIL | DEVICE } else { EMAIL };
+        let identity = if self.chance(70) {
+            EMAIL | DEVICE
+        } else {
+            EMAIL
+        };
         let views = self.rng.gen_range(1..=5);
         self.views(session, channel, identity, views);
         let mut cart = Vec::new();
@@ -727,7 +769,11 @@ impl Generator {
                 self.step(session, 10, 120);
             }
         }
-        let buy = if cart.is_empty() { buy_percent / 2 } else { buy_percent };
+        let buy = if cart.is_empty() {
+            buy_percent / 2
+        } else {
+            buy_percent
+        };
         if self.chance(buy) {
             let order = if cart.is_empty() {
                 self.order(session.person, None)
@@ -1035,7 +1081,8 @@ impl Generator {
                     (_, false) => 15,
                 };
                 if self.chance(percent) {
-                    let delay_ms = self.millis(HOUR_MS, (window_ms / 3).clamp(2 * HOUR_MS, 14 * DAY_MS));
+                    let delay_ms =
+                        self.millis(HOUR_MS, (window_ms / 3).clamp(2 * HOUR_MS, 14 * DAY_MS));
                     let items = self.returned_items(&order.items);
                     debug_assert!(items_total(&items) <= order.amount_minor());
                     self.queue(
@@ -1052,32 +1099,32 @@ impl Generator {
                     );
                 }
             }
+            // Most tickets are resolved, with a satisfaction score.
             Body::Support {
                 ticket_id,
                 resolved: None,
-            } => {
-                if self.chance(85) {
-                    let delay_ms = self.millis(30 * MINUTE_MS, (window_ms / 4).clamp(HOUR_MS, 2 * DAY_MS));
-                    let satisfaction = match self.rng.gen_range(0..100) {
-                        0..=4 => 1,
-                        5..=14 => 2,
-                        15..=34 => 3,
-                        35..=69 => 4,
-                        _ => 5,
-                    };
-                    self.queue(
-                        at_ms + delay_ms,
-                        person,
-                        Action::Emit(Planned {
-                            channel: planned.channel,
-                            identities: planned.identities,
-                            body: Body::Support {
-                                ticket_id,
-                                resolved: Some(satisfaction),
-                            },
-                        }),
-                    );
-                }
+            } if self.chance(85) => {
+                let delay_ms =
+                    self.millis(30 * MINUTE_MS, (window_ms / 4).clamp(HOUR_MS, 2 * DAY_MS));
+                let satisfaction = match self.rng.gen_range(0..100) {
+                    0..=4 => 1,
+                    5..=14 => 2,
+                    15..=34 => 3,
+                    35..=69 => 4,
+                    _ => 5,
+                };
+                self.queue(
+                    at_ms + delay_ms,
+                    person,
+                    Action::Emit(Planned {
+                        channel: planned.channel,
+                        identities: planned.identities,
+                        body: Body::Support {
+                            ticket_id,
+                            resolved: Some(satisfaction),
+                        },
+                    }),
+                );
             }
             _ => {}
         }
@@ -1216,7 +1263,8 @@ fn items_total(items: &[LineItem]) -> i64 {
 fn catalogue_item(category: usize, number: u64, qty: u32) -> LineItem {
     let (name, code, low, high) = CATEGORIES[category];
     let span = (high - low) as u64 / 100 + 1;
-    let price_minor = (low / 100 + (splitmix64(number * 31 + category as u64) % span) as i64) * 100 + 99;
+    let price_minor =
+        (low / 100 + (splitmix64(number * 31 + category as u64) % span) as i64) * 100 + 99;
     LineItem {
         sku: format!("{code}-{number:04}"),
         category: name.to_string(),
@@ -1313,16 +1361,21 @@ mod tests {
         let mut types = HashSet::new();
         let mut channels = HashSet::new();
         for event in &events {
-            let parsed = parse_ingest(&event.channel, &event.payload, &limits).unwrap_or_else(|rejection| {
-                panic!("{rejection}: {}", String::from_utf8_lossy(&event.payload))
-            });
+            let parsed =
+                parse_ingest(&event.channel, &event.payload, &limits).unwrap_or_else(|rejection| {
+                    panic!("{rejection}: {}", String::from_utf8_lossy(&event.payload))
+                });
             assert_eq!(parsed.event_id, event.event_id);
             assert_eq!(parsed.occurred_at_ms, event.occurred_at_ms);
             assert!(event.occurred_at_ms >= previous_ms, "event-time order");
             assert!(event.occurred_at_ms < end);
             previous_ms = event.occurred_at_ms;
             if let EventKind::Purchase(purchase) = &parsed.kind {
-                let items: i64 = purchase.items.iter().map(|i| i.price_minor * i64::from(i.qty)).sum();
+                let items: i64 = purchase
+                    .items
+                    .iter()
+                    .map(|i| i.price_minor * i64::from(i.qty))
+                    .sum();
                 assert_eq!(items, purchase.amount_minor, "items add up to the amount");
                 assert!((ORDER_MIN_MINOR..=ORDER_MAX_MINOR).contains(&purchase.amount_minor));
             }
@@ -1343,7 +1396,10 @@ mod tests {
         let other: Vec<_> = Generator::new(spec(300, 3, 12, 5)).collect();
         assert_ne!(first, other);
         let first_ids: HashSet<_> = first.iter().map(|e| e.event_id.clone()).collect();
-        assert!(other.iter().all(|e| !first_ids.contains(&e.event_id)), "ids differ between specs");
+        assert!(
+            other.iter().all(|e| !first_ids.contains(&e.event_id)),
+            "ids differ between specs"
+        );
     }
 
     #[test]
@@ -1393,14 +1449,21 @@ mod tests {
         let mut returned: HashSet<String> = HashSet::new();
         let mut returns = 0;
         for event in events.iter().filter(|e| e.duplicate.is_none()) {
-            match parse_ingest(&event.channel, &event.payload, &limits).expect("valid").kind {
+            match parse_ingest(&event.channel, &event.payload, &limits)
+                .expect("valid")
+                .kind
+            {
                 EventKind::Purchase(p) => {
                     orders.insert(p.order_id, (p.amount_minor, event.person));
                 }
                 EventKind::Return(r) => {
                     returns += 1;
                     let (amount, person) = orders[&r.order_id];
-                    assert!(r.amount_minor <= amount, "return {} above order {amount}", r.amount_minor);
+                    assert!(
+                        r.amount_minor <= amount,
+                        "return {} above order {amount}",
+                        r.amount_minor
+                    );
                     assert_eq!(person, event.person);
                     assert!(returned.insert(r.order_id), "one return per order");
                 }
@@ -1415,11 +1478,18 @@ mod tests {
             .iter()
             .flat_map(|p| p.returns.iter().map(move |r| (p, r)))
             .filter(|(p, r)| {
-                let order = p.purchases.iter().find(|o| o.order_id == r.order_id).expect("order");
+                let order = p
+                    .purchases
+                    .iter()
+                    .find(|o| o.order_id == r.order_id)
+                    .expect("order");
                 r.amount_minor < order.amount_minor
             })
             .count();
-        assert!(partial * 2 > returns, "mostly partial returns: {partial} of {returns}");
+        assert!(
+            partial * 2 > returns,
+            "mostly partial returns: {partial} of {returns}"
+        );
     }
 
     /// A stand-in for the identity directory: the first event that carries an identifier
@@ -1433,8 +1503,16 @@ mod tests {
         let mut customer_of_person: HashMap<usize, usize> = HashMap::new();
         for event in &events {
             let parsed = parse_ingest(&event.channel, &event.payload, &limits).expect("valid");
-            let known: HashSet<usize> = parsed.identities.iter().filter_map(|i| directory.get(i).copied()).collect();
-            assert!(known.len() <= 1, "an event never joins two customers: {}", String::from_utf8_lossy(&event.payload));
+            let known: HashSet<usize> = parsed
+                .identities
+                .iter()
+                .filter_map(|i| directory.get(i).copied())
+                .collect();
+            assert!(
+                known.len() <= 1,
+                "an event never joins two customers: {}",
+                String::from_utf8_lossy(&event.payload)
+            );
             let customer = known.into_iter().next().unwrap_or_else(|| {
                 customers += 1;
                 customers
@@ -1443,7 +1521,11 @@ mod tests {
                 directory.entry(identity).or_insert(customer);
             }
             let expected = *customer_of_person.entry(event.person).or_insert(customer);
-            assert_eq!(customer, expected, "person {} stays one customer", event.person);
+            assert_eq!(
+                customer, expected,
+                "person {} stays one customer",
+                event.person
+            );
         }
         assert_eq!(customers, customer_of_person.len());
         for (person, truth) in truth.people.iter().enumerate() {
@@ -1454,13 +1536,21 @@ mod tests {
         let linked = truth
             .people
             .iter()
-            .filter(|p| p.identity(IdentityKind::Email).is_some() && p.identity(IdentityKind::LoyaltyCard).is_some())
             .filter(|p| {
-                let channels: HashSet<&str> = p.purchases.iter().map(|o| o.channel.as_str()).collect();
-                channels.contains("store") && (channels.contains("web") || channels.contains("mobile"))
+                p.identity(IdentityKind::Email).is_some()
+                    && p.identity(IdentityKind::LoyaltyCard).is_some()
+            })
+            .filter(|p| {
+                let channels: HashSet<&str> =
+                    p.purchases.iter().map(|o| o.channel.as_str()).collect();
+                channels.contains("store")
+                    && (channels.contains("web") || channels.contains("mobile"))
             })
             .count();
-        assert!(linked > 50, "repeat buyers buy online and in store: {linked}");
+        assert!(
+            linked > 50,
+            "repeat buyers buy online and in store: {linked}"
+        );
     }
 
     #[test]
@@ -1470,7 +1560,10 @@ mod tests {
         let mut spend: HashMap<usize, i64> = HashMap::new();
         let mut seen_orders = HashSet::new();
         for event in &events {
-            match parse_ingest(&event.channel, &event.payload, &limits).expect("valid").kind {
+            match parse_ingest(&event.channel, &event.payload, &limits)
+                .expect("valid")
+                .kind
+            {
                 EventKind::Purchase(p) if seen_orders.insert(p.order_id.clone()) => {
                     *spend.entry(event.person).or_default() += p.amount_minor;
                 }
@@ -1481,20 +1574,52 @@ mod tests {
             }
         }
         for (person, person_truth) in truth.people.iter().enumerate() {
-            assert_eq!(person_truth.net_spend_minor(), spend.get(&person).copied().unwrap_or(0));
+            assert_eq!(
+                person_truth.net_spend_minor(),
+                spend.get(&person).copied().unwrap_or(0)
+            );
             match person_truth.archetype {
                 Archetype::Browser => {
                     assert!(person_truth.purchases.is_empty());
-                    assert!(person_truth.identities.iter().all(|i| i.kind == IdentityKind::DeviceId));
+                    assert!(person_truth
+                        .identities
+                        .iter()
+                        .all(|i| i.kind == IdentityKind::DeviceId));
                 }
                 Archetype::Subscriber => assert!(person_truth.purchases.is_empty()),
                 Archetype::OneTimer => assert!(person_truth.purchases.len() <= 1),
                 Archetype::RepeatBuyer => {}
             }
         }
-        let repeat_buyers = truth.people.iter().filter(|p| p.purchases.len() >= 2).count();
+        let repeat_buyers = truth
+            .people
+            .iter()
+            .filter(|p| p.purchases.len() >= 2)
+            .count();
         assert!(repeat_buyers > 100, "{repeat_buyers}");
         assert_eq!(truth.people[0].archetype, Archetype::RepeatBuyer);
+    }
+
+    #[test]
+    fn the_demo_sample_is_a_busy_day_whose_first_people_can_be_queried() {
+        let mut generator = Generator::new(spec(3_000, 1, 7, 2));
+        let events = generator.by_ref().count();
+        let truth = generator.truth();
+        assert!((10_000..100_000).contains(&events), "{events} events");
+        assert!(truth.purchases() > 1_000, "{} purchases", truth.purchases());
+        // scripts/demo queries the first people by email, or by loyalty card.
+        for person in 0..5 {
+            let by_email = truth.people[person].identity(IdentityKind::Email);
+            let by_card = truth.people[person].identity(IdentityKind::LoyaltyCard);
+            assert!(
+                by_email
+                    .map(|i| i.value == email_of(person))
+                    .unwrap_or(false)
+                    || by_card
+                        .map(|i| i.value == loyalty_card_of(person))
+                        .unwrap_or(false)
+            );
+        }
     }
 
     #[test]
@@ -1512,26 +1637,12 @@ mod tests {
                 (IdentityKind::LoyaltyCard, loyalty_card_of(person)),
                 (IdentityKind::DeviceId, device_id_of(person)),
             ] {
-                assert_eq!(Identity::normalise(kind, &value).expect("valid").value, value);
+                assert_eq!(
+                    Identity::normalise(kind, &value).expect("valid").value,
+                    value
+                );
             }
         }
         assert_ne!(device_id_of(1), device_id_of(2));
-    }
-}
-#[cfg(test)]
-mod scratch_stats {
-    use super::*;
-    #[test]
-    fn scratch_print_demo_stats() {
-        let start = crm_actors::time::parse_rfc3339_ms("2026-11-01T00:00:00Z").unwrap();
-        let t0 = std::time::Instant::now();
-        let mut g = Generator::new(GeneratorSpec { customers: 3000, start_ms: start, days: 1, seed: 7, duplicate_rate_percent: 2 });
-        let n = g.by_ref().count();
-        let t = g.truth();
-        eprintln!("events {n} distinct {} purchases {} returns {} dups {} in {:?}", t.events_distinct, t.purchases(), t.returns(), t.duplicates(), t0.elapsed());
-        for p in 0..5 { eprintln!("{p}: {:?} ids {:?} purchases {} spend {}", t.people[p].archetype, t.people[p].identities, t.people[p].purchases.len(), t.people[p].net_spend_minor()); }
-        let t0 = std::time::Instant::now();
-        let n = Generator::new(GeneratorSpec { customers: 100000, start_ms: start, days: 30, seed: 7, duplicate_rate_percent: 2 }).without_truth().count();
-        eprintln!("big: {n} in {:?}", t0.elapsed());
     }
 }

@@ -26,6 +26,7 @@ use crm_actors::store::Store;
 use futures::StreamExt;
 use serde_json::json;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -121,8 +122,8 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     let mut tasks = JoinSet::new();
     let mut handles = Vec::with_capacity(shards as usize);
     let resident_per_shard = (config.limits.resident_max_customers / shards as usize).max(1);
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
     for shard in 0..shards {
-        let consumer = setup::shard_consumer(&jetstream, shard, &config.shard_consumer_settings()).await?;
         let engine = ShardEngine::new(
             shard,
             store.clone(),
@@ -146,8 +147,9 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
             },
             metrics: metrics.clone(),
             requests,
+            progress: progress.clone(),
         };
-        tasks.spawn(worker.run(consumer, shutdown.clone()));
+        tasks.spawn(worker.run(shutdown.clone()));
     }
 
     let ingest = setup::ingest_consumer(&jetstream, &config.ingest_consumer_settings()).await?;
@@ -210,6 +212,7 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
         config.node.node_id.clone(),
         metrics.clone(),
         store.clone(),
+        progress,
         shutdown.clone(),
     ));
 
@@ -246,6 +249,7 @@ async fn serve_stats(
     node_id: String,
     metrics: Arc<Metrics>,
     store: Store,
+    progress: Arc<Vec<AtomicU64>>,
     mut shutdown: Shutdown,
 ) {
     let Ok(mut subscription) = client.subscribe(subjects::NODE_STATS).await else {
@@ -260,6 +264,7 @@ async fn serve_stats(
                     "node_id": node_id,
                     "stored_customers": store.customer_count().ok(),
                     "metrics": metrics.snapshot(),
+                    "applied_seq": progress.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>(),
                 });
                 if let Some(inbox) = message.reply {
                     let _ = client.publish(inbox, body.to_string().into()).await;

@@ -1,26 +1,29 @@
 //! The shard worker: applies one shard's log, in order, through the customer actors.
 //!
-//! One task per owned shard pulls `crm.shard.<n>` from its own durable consumer, hands each
-//! ready chunk (at most `batch_max_events`) to the shard's [`ShardEngine`] (dedup by applied
-//! sequence, actors, rules, one sled commit and one flush), and only then acks the chunk.
-//! After the ack it publishes what the batch produced: dead letters for refused commands,
+//! One task per owned shard reads `crm.shard.<n>` strictly in order with an ordered consumer
+//! that starts right after the shard's applied sequence in sled (the shard's progress lives
+//! with its state, so a crash loses nothing and a redelivery can never arrive after newer
+//! records). It hands each ready chunk (at most `batch_max_events`) to the shard's
+//! [`ShardEngine`] (dedup by applied sequence, actors, rules, one sled commit and one
+//! flush), then publishes what the batch produced: dead letters for refused commands,
 //! replies to waiting redeem requests, and actor events (from the engine's durable outbox,
-//! removed once JetStream acked them). Between batches it answers view requests for its
-//! customers and passivates idle actors. It holds no rules itself.
+//! removed once JetStream acked them). On any read or apply failure it reopens the reader
+//! from the applied sequence. Between batches it answers view requests for its customers
+//! and passivates idle actors. It holds no rules itself.
 
 use crate::dlq;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::subjects;
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::jetstream::{AckKind, Context, Message};
+use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
 use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
 use crm_actors::engine::{OutboxKey, ShardEngine};
 use crm_actors::event::{RejectReason, Rejection};
 use futures::StreamExt;
 use serde_json::Value;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -59,28 +62,30 @@ pub struct ShardWorker {
     pub settings: WorkerSettings,
     pub metrics: Arc<Metrics>,
     pub requests: mpsc::Receiver<ShardRequest>,
+    /// Applied sequence of every shard of the node, published for `crm.node.stats`.
+    pub progress: Arc<Vec<AtomicU64>>,
 }
 
-/// Delay before a batch that could not be applied is delivered again.
+/// Delay before the reader is reopened after a failure.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 impl ShardWorker {
     /// Runs until shutdown; the batch in hand is finished (applied, flushed, acked) first.
-    pub async fn run(mut self, consumer: PullConsumer, mut shutdown: Shutdown) {
+    pub async fn run(mut self, mut shutdown: Shutdown) {
         let span = info_span!("shard", shard = self.shard);
         async move {
             self.publish_outbox().await;
+            self.record_progress();
             let mut backoff = Duration::from_millis(100);
             let mut last_passivation = Instant::now();
             'outer: while !shutdown.is_triggered() {
-                let stream = match consumer
-                    .stream()
-                    .max_messages_per_batch(self.settings.batch_max_events)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
-                {
+                let start = self.engine.meta().applied_seq + 1;
+                let reader = crate::jetstream::shard_log_reader(&self.jetstream, self.shard, start);
+                let stream = match reader.await {
+                    Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                let stream = match stream {
                     Ok(stream) => stream,
                     Err(error) => {
                         warn!(%error, "cannot pull the shard log; retrying");
@@ -113,10 +118,11 @@ impl ShardWorker {
                                     }
                                 }
                             }
-                            if !messages.is_empty() {
-                                self.process(messages).await;
+                            if !messages.is_empty() && !self.process(messages).await {
+                                broken = true;
                             }
                             if broken {
+                                tokio::time::sleep(RETRY_DELAY).await;
                                 break;
                             }
                         }
@@ -148,8 +154,15 @@ impl ShardWorker {
         }
     }
 
-    /// Applies one chunk: decode, engine (commit + flush), ack, then publish the results.
-    async fn process(&mut self, messages: Vec<Message>) {
+    fn record_progress(&self) {
+        if let Some(slot) = self.progress.get(self.shard as usize) {
+            slot.store(self.engine.meta().applied_seq, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies one chunk: decode, engine (commit + flush), then publish the results.
+    /// `false`: nothing of it was applied; the reader must be reopened.
+    async fn process(&mut self, messages: Vec<Message>) -> bool {
         Metrics::add(&self.metrics.shard_batches, 1);
         Metrics::add(&self.metrics.shard_messages, messages.len() as u64);
         let mut batch = Vec::with_capacity(messages.len());
@@ -181,19 +194,11 @@ impl ShardWorker {
         {
             Ok(result) => result,
             Err(failure) => {
-                error!(error = %failure, "batch could not be applied; it will be delivered again");
-                for message in &messages {
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-                }
-                return;
+                error!(error = %failure, "batch could not be applied; reading it again");
+                return false;
             }
         };
-        // Durable in sled: now the log may forget these messages.
-        for message in &messages {
-            if let Err(error) = message.ack().await {
-                warn!(%error, "ack to CRM_SHARDS failed; the batch will be skipped on redelivery");
-            }
-        }
+        self.record_progress();
         Metrics::add(&self.metrics.applied, result.applied);
         Metrics::add(&self.metrics.duplicates, result.duplicates);
         Metrics::add(&self.metrics.rejected, result.rejected);
@@ -218,6 +223,7 @@ impl ShardWorker {
             }
         }
         self.publish_events(result.events).await;
+        true
     }
 
     async fn dead_letter(

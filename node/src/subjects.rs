@@ -14,11 +14,12 @@
 //! | `crm.cmd.redeem`, `crm.cmd.tick` | none (request/reply) | clients, ops | command responders |
 //! | `crm.node.stats` | none (request/reply) | ops | every node |
 //!
-//! A *token* (channel, event type, customer id, dead-letter reason) must be subject-safe:
-//! ASCII letters, digits, `-` and `_`, 1 to [`TOKEN_MAX_BYTES`] bytes ([`is_token`]). No dots
-//! (they split tokens), no `*`/`>` (wildcards), no spaces. Our customer ids are `c` followed by
-//! lower-case hex, event types and reasons are snake_case, so they always qualify; channel
-//! tokens come from adapters and are checked by [`is_token`] where they enter. Identifier
+//! A *token* (channel, customer id, dead-letter reason) must be subject-safe: ASCII letters,
+//! digits, `-` and `_`, 1 to [`TOKEN_MAX_BYTES`] bytes ([`is_token`]). No dots (they split
+//! tokens), no `*`/`>` (wildcards), no spaces. An actor event type is two such tokens joined by
+//! a dot (`points.earned`, [`is_event_type`]). Our customer ids are `c` followed by lower-case
+//! hex and reasons are snake_case, so they always qualify; channel tokens come from adapters
+//! and are checked by [`is_token`] where they enter. Identifier
 //! values (emails, phones, ...) never appear in a subject or a KV key: the identity directory
 //! stores keyed hashes of them.
 
@@ -150,13 +151,15 @@ pub fn events_of_type(event_type: &str) -> String {
     format!("{EVENTS_PREFIX}.{event_type}.*")
 }
 
-/// Subscription for every event of one customer: `crm.events.*.<customer_id>`.
+/// Subscription for every event of one customer: `crm.events.*.*.<customer_id>`. Matches the
+/// documented event types, which are all two tokens (`<family>.<name>`, e.g.
+/// `points.earned`); a wildcard cannot span a varying number of tokens.
 pub fn events_of_customer(customer_id: &str) -> String {
     debug_assert!(
         is_token(customer_id),
         "customer id '{customer_id}' is not a subject token"
     );
-    format!("{EVENTS_PREFIX}.*.{customer_id}")
+    format!("{EVENTS_PREFIX}.*.*.{customer_id}")
 }
 
 /// `crm.dlq.<reason>`. `reason` must be a token (the `RejectReason::as_str` values are).
@@ -194,6 +197,12 @@ mod tests {
             "crm.events.tier_changed.c0a1"
         );
         assert_eq!(dlq("malformed"), "crm.dlq.malformed");
+        assert_eq!(
+            events_of_customer("c0a1"),
+            "crm.events.*.*.c0a1",
+            "matches {}",
+            event("points.earned", "c0a1")
+        );
         assert_eq!(shard_durable(SHARD_DURABLE_PREFIX, 3), "crm-shard-3");
         assert_eq!(kv_stream(KV_IDENTITY), "KV_crm_identity");
         assert_eq!(kv_subjects(KV_IDENTITY), "$KV.crm_identity.>");

@@ -1,0 +1,284 @@
+//! A ready-made test environment: a private `nats-server`, a config file and one `crm-node`
+//! in a temporary directory, plus the async client helpers the integration tests share
+//! (publishing like an adapter, waiting until every log is drained, querying).
+
+use crate::node_process::NodeProcess;
+use crate::NatsServer;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use crm_node::subjects;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to become ready in tests.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Options of a test node's config.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub shards: u32,
+    /// Rules file (absolute path).
+    pub rules: PathBuf,
+    /// Extra lines appended to the `[limits]` section.
+    pub limits: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            shards: 8,
+            rules: fixture("rules-e2e.toml"),
+            limits: String::new(),
+        }
+    }
+}
+
+/// Path of a file in `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Path of a file at the repository root (`cluster-config/rules.toml`, `docs/…`).
+pub fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Writes a node config into `dir` and returns its path.
+pub fn write_config(dir: &Path, node_id: &str, nats_url: &str, options: &NodeOptions) -> PathBuf {
+    let data_dir = dir.join(node_id);
+    let text = format!(
+        r#"[node]
+node_id = "{node_id}"
+data_dir = "{data}"
+
+[nats]
+url = "{nats_url}"
+connect_retry_initial_ms = 100
+connect_retry_max_ms = 1000
+
+[cluster]
+name = "crm-test"
+shards = {shards}
+identity_secret = "integration-test-secret-0123456789"
+
+[limits]
+tick_interval_s = 0
+ack_wait_s = 5
+{limits}
+
+[rules]
+path = "{rules}"
+"#,
+        data = data_dir.display(),
+        shards = options.shards,
+        limits = options.limits,
+        rules = options.rules.display(),
+    );
+    let path = dir.join(format!("{node_id}.toml"));
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// A NATS server and one node, in a temporary directory; everything stops on drop.
+pub struct TestEnv {
+    pub node: NodeProcess,
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub options: NodeOptions,
+}
+
+impl TestEnv {
+    pub fn start(options: NodeOptions) -> TestEnv {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = write_config(dir.path(), "node-1", &nats.url(), &options);
+        let node = NodeProcess::start(&config, &nats.url(), NODE_READY_TIMEOUT);
+        TestEnv {
+            node,
+            nats,
+            dir,
+            options,
+        }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        connect(&self.nats.url()).await
+    }
+}
+
+/// A client that keeps reconnecting (tests restart servers under it).
+pub async fn connect(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// One event to publish like an adapter: channel, `Nats-Msg-Id`, body.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub channel: String,
+    pub event_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Publishes every event with JetStream, at most `in_flight_max` unacked, and retries any
+/// publish that is not acked (as an adapter must) until `deadline`. Returns how many acks
+/// said `duplicate`.
+pub async fn publish_all(
+    client: &async_nats::Client,
+    events: impl IntoIterator<Item = Outgoing>,
+    in_flight_max: usize,
+    deadline: Duration,
+) -> u64 {
+    let js = jetstream::new(client.clone());
+    let until = Instant::now() + deadline;
+    let mut in_flight: VecDeque<(Outgoing, PublishAckFuture)> = VecDeque::new();
+    let mut duplicates = 0;
+    let mut retry: VecDeque<Outgoing> = VecDeque::new();
+    let mut source = events.into_iter();
+    loop {
+        let next = retry.pop_front().or_else(|| source.next());
+        let Some(event) = next else {
+            if in_flight.is_empty() {
+                return duplicates;
+            }
+            let (event, ack) = in_flight.pop_front().expect("not empty");
+            settle(event, ack, &mut duplicates, &mut retry, until).await;
+            continue;
+        };
+        let publish = PublishMessage::build()
+            .payload(event.payload.clone().into())
+            .message_id(&event.event_id);
+        match js.send_publish(subjects::ingest(&event.channel), publish).await {
+            Ok(ack) => in_flight.push_back((event, ack)),
+            Err(_) => {
+                assert!(Instant::now() < until, "publishing did not succeed before the deadline");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                retry.push_back(event);
+            }
+        }
+        if in_flight.len() >= in_flight_max {
+            let (event, ack) = in_flight.pop_front().expect("not empty");
+            settle(event, ack, &mut duplicates, &mut retry, until).await;
+        }
+    }
+}
+
+async fn settle(
+    event: Outgoing,
+    ack: PublishAckFuture,
+    duplicates: &mut u64,
+    retry: &mut VecDeque<Outgoing>,
+    until: Instant,
+) {
+    match ack.await {
+        Ok(ack) => *duplicates += u64::from(ack.duplicate),
+        Err(_) => {
+            assert!(Instant::now() < until, "publishing did not succeed before the deadline");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            retry.push_back(event);
+        }
+    }
+}
+
+/// Waits until the router has nothing pending or unacked and every shard's applied
+/// sequence (from `crm.node.stats`) has reached the last record of its shard log.
+pub async fn wait_drained(client: &async_nats::Client, shards: u32, timeout: Duration) {
+    let until = Instant::now() + timeout;
+    let mut quiet_rounds = 0;
+    loop {
+        let busy = busy_logs(client, shards).await;
+        if busy.is_empty() {
+            quiet_rounds += 1;
+            if quiet_rounds >= 2 {
+                return;
+            }
+        } else {
+            quiet_rounds = 0;
+        }
+        assert!(Instant::now() < until, "logs not drained within {timeout:?}: {busy:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What is still pending: the router's consumer, and shards whose log is ahead of the
+/// node's applied sequence. Empty when everything is applied.
+pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> {
+    let js = jetstream::new(client.clone());
+    let mut busy = Vec::new();
+    let ingest = async {
+        let stream = js.get_stream(subjects::INGEST_STREAM).await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(subjects::INGEST_DURABLE).await.ok()?;
+        consumer.info().await.ok().cloned()
+    }
+    .await;
+    match ingest {
+        Some(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
+        Some(info) => busy.push(format!(
+            "router: {} pending, {} unacked",
+            info.num_pending, info.num_ack_pending
+        )),
+        None => busy.push("router consumer not readable yet".to_string()),
+    }
+    let stats = match tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subjects::NODE_STATS, "{}".into()),
+    )
+    .await
+    {
+        Ok(Ok(reply)) => serde_json::from_slice::<Value>(&reply.payload).unwrap_or(Value::Null),
+        _ => {
+            busy.push("no node answers crm.node.stats".to_string());
+            return busy;
+        }
+    };
+    let Ok(stream) = js.get_stream(subjects::SHARDS_STREAM).await else {
+        busy.push("shard log not readable".to_string());
+        return busy;
+    };
+    for shard in 0..shards {
+        let last = stream
+            .get_last_raw_message_by_subject(&subjects::shard(shard))
+            .await
+            .map(|m| m.sequence)
+            .unwrap_or(0);
+        let applied = stats["applied_seq"][shard as usize].as_u64().unwrap_or(0);
+        if applied < last {
+            busy.push(format!("shard {shard}: applied {applied} of {last}"));
+        }
+    }
+    busy
+}
+
+/// Sends a request and parses the JSON reply (retrying while no node answers yet).
+pub async fn request(client: &async_nats::Client, subject: &str, body: &Value) -> Value {
+    let payload = serde_json::to_vec(body).expect("json");
+    for _ in 0..50 {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            client.request(subject.to_string(), payload.clone().into()),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => return serde_json::from_slice(&reply.payload).expect("reply is JSON"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    panic!("no reply on {subject} for {body}");
+}
+
+/// The 360 view of the customer with `identity` (`{"email": ...}`).
+pub async fn view(client: &async_nats::Client, identity: Value) -> Value {
+    request(client, subjects::QUERY_CUSTOMER, &serde_json::json!({"identity": identity})).await
+}
+
+/// Decimal JSON money as minor units (exact for two-decimal values).
+pub fn minor(value: &Value) -> i64 {
+    crm_actors::money::minor_from_json(value).unwrap_or_else(|e| panic!("{value} is not money: {e}"))
+}

@@ -1,0 +1,158 @@
+//! End to end on one node, against a real `nats-server` and a real `crm-node` process:
+//! thousands of multi-channel events for hundreds of people, with duplicates (same
+//! `event_id`, and the same `order_id` under a new `event_id`), must leave every customer's
+//! purchase count, spend, returns and points exactly equal to an independent calculation —
+//! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
+
+use crm_cluster::cluster_env::{
+    minor, publish_all, view, wait_drained, NodeOptions, Outgoing, TestEnv,
+};
+use crm_node::loadgen::{Generator, GeneratorSpec, PersonTruth, Truth};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const START: &str = "2026-01-05T00:00:00Z";
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
+
+fn traffic(customers: usize, days: u32, seed: u64) -> (Vec<Outgoing>, Truth) {
+    let mut generator = Generator::new(GeneratorSpec {
+        customers,
+        start_ms: crm_actors::time::parse_rfc3339_ms(START).expect("start"),
+        days,
+        seed,
+        duplicate_rate_percent: 5,
+    });
+    let events: Vec<Outgoing> = generator
+        .by_ref()
+        .map(|e| Outgoing {
+            channel: e.channel,
+            event_id: e.event_id,
+            payload: e.payload,
+        })
+        .collect();
+    (events, generator.into_truth())
+}
+
+/// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:
+/// floor(amount × channel multiplier) per order (mobile 2×, else 1×), +100 on the first
+/// order, returns take back floor(granted × returned so far / amount) cumulatively.
+fn expected_points(person: &PersonTruth) -> i64 {
+    let mut granted: BTreeMap<&str, (i64, i64)> = BTreeMap::new(); // order -> (points, amount)
+    let mut purchases: Vec<_> = person.purchases.iter().collect();
+    purchases.sort_by_key(|p| p.occurred_at_ms);
+    for (index, purchase) in purchases.iter().enumerate() {
+        let multiplier = if purchase.channel == "mobile" { 2 } else { 1 };
+        let mut points = purchase.amount_minor * multiplier / 100;
+        if index == 0 {
+            points += 100;
+        }
+        granted.insert(&purchase.order_id, (points, purchase.amount_minor));
+    }
+    let mut returned: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut reversed_total = 0;
+    let mut returns: Vec<_> = person.returns.iter().collect();
+    returns.sort_by_key(|r| r.occurred_at_ms);
+    for ret in returns {
+        let (points, amount) = granted[ret.order_id.as_str()];
+        let before = returned.get(ret.order_id.as_str()).copied().unwrap_or(0);
+        let after = before + ret.amount_minor;
+        returned.insert(&ret.order_id, after);
+        let target_before = (points * before / amount).min(points);
+        let target_after = (points * after / amount).min(points);
+        reversed_total += target_after - target_before;
+    }
+    granted.values().map(|(p, _)| p).sum::<i64>() - reversed_total
+}
+
+fn identity_of(person: &PersonTruth) -> Value {
+    let identity = &person.identities[0];
+    json!({ identity.kind.as_str(): identity.value })
+}
+
+/// Asserts every person with a purchase or a return matches the truth; returns how many
+/// people were checked.
+async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
+    let mut checked = 0;
+    let mut mismatches = Vec::new();
+    for (index, person) in truth.people.iter().enumerate() {
+        if person.purchases.is_empty() {
+            continue;
+        }
+        let view = view(client, identity_of(person)).await;
+        let got = (
+            view["purchases"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
+            minor(&view["purchases"]["total_spend"]),
+            view["returns"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
+            minor(&view["returns"]["total"]),
+            view["loyalty"]["points_balance"].as_i64().unwrap_or(i64::MIN),
+            view["loyalty"]["points_pending"].as_i64().unwrap_or(i64::MIN),
+        );
+        let want = (
+            person.purchases.len(),
+            person.gross_spend_minor(),
+            person.returns.len(),
+            person.returned_minor(),
+            expected_points(person),
+            0,
+        );
+        if got != want {
+            mismatches.push(format!("person {index}: got {got:?}, want {want:?}"));
+        }
+        checked += 1;
+    }
+    assert!(mismatches.is_empty(), "{} of {checked} customers differ:\n{}", mismatches.len(), mismatches.join("\n"));
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
+    let env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let (events, truth) = traffic(400, 30, 11);
+    assert!(events.len() >= 3000, "only {} events generated", events.len());
+    assert!(truth.duplicates_same_event_id > 0 && truth.duplicates_same_order > 0);
+    let deduplicated = publish_all(&client, events, 512, PUBLISH_DEADLINE).await;
+    assert!(deduplicated >= truth.duplicates_same_event_id, "JetStream dropped the same-event-id resends");
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+    let checked = assert_exact(&client, &truth).await;
+    assert!(checked >= 100, "only {checked} buyers checked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sigkill_mid_stream_is_still_exact_after_restart() {
+    let mut env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let (events, truth) = traffic(300, 30, 23);
+    let half = events.len() / 2;
+    let (first, second) = events.split_at(half);
+    publish_all(&client, first.to_vec(), 512, PUBLISH_DEADLINE).await;
+    // Kill while the node is still routing and applying the first half.
+    env.node.kill();
+    let publisher = {
+        let client = client.clone();
+        let second = second.to_vec();
+        tokio::spawn(async move { publish_all(&client, second, 256, PUBLISH_DEADLINE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| env.node.restart(Duration::from_secs(60)));
+    publisher.await.expect("publisher");
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+    assert_exact(&client, &truth).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_stream_the_node_resumes_and_is_exact() {
+    let mut env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let (events, truth) = traffic(300, 30, 31);
+    let half = events.len() / 2;
+    let (first, second) = events.split_at(half);
+    publish_all(&client, first.to_vec(), 512, PUBLISH_DEADLINE).await;
+    tokio::task::block_in_place(|| env.nats.restart());
+    publish_all(&client, second.to_vec(), 256, PUBLISH_DEADLINE).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+    assert!(env.node.is_running(), "the node died with NATS:\n{}", env.node.log_tail(30));
+    assert_exact(&client, &truth).await;
+}
