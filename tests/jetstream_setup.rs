@@ -3,8 +3,8 @@
 
 use crm_cluster::NatsServer;
 use crm_node::jetstream::{
-    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, shard_consumer,
-    IngestConsumerSettings, SetupError, ShardConsumerSettings, StreamSettings,
+    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, shard_log_reader,
+    IngestConsumerSettings, SetupError, StreamSettings,
 };
 use crm_node::subjects;
 use futures::StreamExt;
@@ -180,18 +180,12 @@ async fn the_first_node_records_the_shard_count_and_a_different_count_is_refused
 }
 
 #[tokio::test]
-async fn shard_and_ingest_consumers_are_created_once_and_deliver_only_their_subjects() {
+async fn shard_log_readers_and_the_ingest_consumer_deliver_only_their_subjects() {
     let server = NatsServer::start();
     let js = connect(&server).await;
     ensure_streams(&js, &StreamSettings::default())
         .await
         .unwrap();
-    let settings = ShardConsumerSettings::default();
-    for shard in 0..4 {
-        shard_consumer(&js, shard, &settings).await.unwrap();
-    }
-    // Creating them again (another node, a restart) is a no-op.
-    let mut shard_2 = shard_consumer(&js, 2, &settings).await.unwrap();
     let ingest = ingest_consumer(&js, &IngestConsumerSettings::default())
         .await
         .unwrap();
@@ -212,22 +206,23 @@ async fn shard_and_ingest_consumers_are_created_once_and_deliver_only_their_subj
         .await
         .unwrap();
 
-    let info = shard_2.info().await.unwrap();
-    assert_eq!(info.name, "crm-shard-2");
-    assert_eq!(info.config.filter_subject, "crm.shard.2");
-    assert_eq!(info.num_pending, 1);
-    let mut messages = shard_2
-        .fetch()
-        .max_messages(10)
-        .expires(Duration::from_millis(500))
-        .messages()
+    // A second record on shard 2, so a reader started after the first sees only the second.
+    js.publish(subjects::shard(2), "2b".into())
+        .await
+        .unwrap()
         .await
         .unwrap();
-    let message = messages.next().await.unwrap().unwrap();
-    assert_eq!(message.subject.as_str(), "crm.shard.2");
-    assert_eq!(&message.payload[..], b"2");
-    message.ack().await.unwrap();
-    assert!(messages.next().await.is_none());
+    let reader = shard_log_reader(&js, 2, 1).await.unwrap();
+    let mut messages = reader.messages().await.unwrap();
+    let first = messages.next().await.unwrap().unwrap();
+    assert_eq!(first.subject.as_str(), "crm.shard.2");
+    assert_eq!(&first.payload[..], b"2");
+    let second = messages.next().await.unwrap().unwrap();
+    assert_eq!(&second.payload[..], b"2b");
+    let after_first = first.info().unwrap().stream_sequence + 1;
+    let later = shard_log_reader(&js, 2, after_first).await.unwrap();
+    let mut later = later.messages().await.unwrap();
+    assert_eq!(&later.next().await.unwrap().unwrap().payload[..], b"2b");
 
     let mut ingest = ingest;
     let info = ingest.info().await.unwrap();

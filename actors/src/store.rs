@@ -383,6 +383,18 @@ impl Store {
         Ok(())
     }
 
+    /// Every stored customer as (customer id, codec bytes of its state), in key order.
+    /// Scans every state key: for tools and tests (replay comparison), not the hot path.
+    pub fn encoded_customers(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
+        self.tree.scan_prefix(CUSTOMER_PREFIX).map(|item| {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key[CUSTOMER_PREFIX.len()..]).into_owned();
+            Ok((id, value.to_vec()))
+        })
+    }
+
     /// How many customers are stored (all shards). Scans every state key: O(customers).
     pub fn customer_count(&self) -> Result<usize, StoreError> {
         let mut count = 0;

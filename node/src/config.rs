@@ -9,7 +9,7 @@
 //! `docs/config.md`. This module only reads and checks values; it never touches NATS.
 
 use crate::jetstream::{
-    IngestConsumerSettings, ShardConsumerSettings, StreamLimits, StreamSettings,
+    IngestConsumerSettings, StreamLimits, StreamSettings,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -135,8 +135,6 @@ pub struct LimitsSection {
     pub router_batch_max_events: usize,
     /// Unacked ingest messages the router may hold (JetStream `max_ack_pending`).
     pub ingest_max_ack_pending: u32,
-    /// Unacked shard-log messages one shard worker may hold.
-    pub shard_max_ack_pending: u32,
     /// How long JetStream waits for an ack before redelivering, in s.
     pub ack_wait_s: u64,
     /// Most customer actors resident on this node (spread evenly over its shards).
@@ -235,7 +233,6 @@ impl Default for LimitsSection {
             batch_max_events: 512,
             router_batch_max_events: 256,
             ingest_max_ack_pending: 8_192,
-            shard_max_ack_pending: 2_048,
             ack_wait_s: 30,
             resident_max_customers: 100_000,
             passivate_after_s: 600,
@@ -490,12 +487,6 @@ impl Config {
             1,
             1_000_000,
         )?;
-        self.range(
-            "limits.shard_max_ack_pending",
-            limits.shard_max_ack_pending,
-            1,
-            1_000_000,
-        )?;
         if (limits.ingest_max_ack_pending as usize) < limits.router_batch_max_events {
             return Err(self.invalid(
                 "limits.ingest_max_ack_pending",
@@ -503,16 +494,6 @@ impl Config {
                 format!(
                     "is below limits.router_batch_max_events = {}; raise it so a full batch can be pulled",
                     limits.router_batch_max_events
-                ),
-            ));
-        }
-        if (limits.shard_max_ack_pending as usize) < limits.batch_max_events {
-            return Err(self.invalid(
-                "limits.shard_max_ack_pending",
-                limits.shard_max_ack_pending,
-                format!(
-                    "is below limits.batch_max_events = {}; raise it so a full batch can be pulled",
-                    limits.batch_max_events
                 ),
             ));
         }
@@ -609,15 +590,6 @@ impl Config {
         IngestConsumerSettings {
             ack_wait_s: self.limits.ack_wait_s,
             max_ack_pending: self.limits.ingest_max_ack_pending,
-        }
-    }
-
-    /// Each shard worker's consumer.
-    pub fn shard_consumer_settings(&self) -> ShardConsumerSettings {
-        ShardConsumerSettings {
-            ack_wait_s: self.limits.ack_wait_s,
-            max_ack_pending: self.limits.shard_max_ack_pending,
-            ..ShardConsumerSettings::default()
         }
     }
 
@@ -814,10 +786,10 @@ mod tests {
     #[test]
     fn cross_field_limits_are_checked() {
         let message = error_of(&format!(
-            "{SECRET}[limits]\nbatch_max_events = 4000\nshard_max_ack_pending = 100\n"
+            "{SECRET}[limits]\nrouter_batch_max_events = 4000\ningest_max_ack_pending = 100\n"
         ));
         assert!(
-            message.contains("limits.shard_max_ack_pending = 100"),
+            message.contains("limits.ingest_max_ack_pending = 100"),
             "{message}"
         );
         let message = error_of(&format!(
@@ -879,12 +851,6 @@ mod tests {
         assert_eq!(config.stream_settings(), StreamSettings::default());
         assert_eq!(config.ingest_consumer_settings().ack_wait_s, 30);
         assert_eq!(config.ingest_consumer_settings().max_ack_pending, 8192);
-        let shard = config.shard_consumer_settings();
-        assert_eq!(shard.max_ack_pending, 2048);
-        assert_eq!(
-            shard.durable_prefix,
-            ShardConsumerSettings::default().durable_prefix
-        );
     }
 
     #[test]

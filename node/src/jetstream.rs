@@ -8,7 +8,8 @@
 //! (Debian) and newer: async-nats 0.51's `create_key_value` cannot parse a 2.9 account-info
 //! reply, so [`ensure_kv`] creates a bucket's backing stream itself, exactly as the client
 //! would, and opens it with `get_key_value`. A 2.9 consumer has a single filter subject, so
-//! each shard gets its own durable consumer ([`shard_consumer`]). Subject and stream names
+//! each shard is read by its own ordered consumer ([`shard_log_reader`]), which starts at the
+//! shard's applied sequence kept in sled. Subject and stream names
 //! come from [`crate::subjects`]; this module never publishes application data.
 
 use crate::subjects;
@@ -81,28 +82,6 @@ impl Default for StreamSettings {
                 max_age_s: 30 * DAY_S,
                 max_bytes: GIB,
             },
-        }
-    }
-}
-
-/// Settings of the per-shard durable consumers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardConsumerSettings {
-    /// Durable name prefix; shard n's consumer is `<prefix>-<n>`.
-    pub durable_prefix: String,
-    /// Time a delivered message may stay unacked before redelivery, in seconds. Must exceed
-    /// the time to apply and flush one batch.
-    pub ack_wait_s: u64,
-    /// Most delivered-but-unacked messages per shard; at least the worker's batch size.
-    pub max_ack_pending: u32,
-}
-
-impl Default for ShardConsumerSettings {
-    fn default() -> Self {
-        ShardConsumerSettings {
-            durable_prefix: subjects::SHARD_DURABLE_PREFIX.to_string(),
-            ack_wait_s: 30,
-            max_ack_pending: 10_000,
         }
     }
 }

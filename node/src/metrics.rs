@@ -22,6 +22,8 @@ pub struct Metrics {
     pub queries: AtomicU64,
     pub redeems: AtomicU64,
     pub ticks_appended: AtomicU64,
+    /// Customers stored on this node: counted at start, then one per `customer.created`.
+    pub stored_customers: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`], as JSON.
@@ -40,6 +42,7 @@ pub struct MetricsSnapshot {
     pub queries: u64,
     pub redeems: u64,
     pub ticks_appended: u64,
+    pub stored_customers: u64,
 }
 
 impl Metrics {
@@ -63,6 +66,7 @@ impl Metrics {
             queries: get(&self.queries),
             redeems: get(&self.redeems),
             ticks_appended: get(&self.ticks_appended),
+            stored_customers: get(&self.stored_customers),
         }
     }
 }

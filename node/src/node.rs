@@ -118,6 +118,8 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     let store = Store::open(&store_path, config.limits.sled_cache_max_bytes)
         .with_context(|| format!("opening the state store at {}", store_path.display()))?;
     let metrics = Arc::new(Metrics::default());
+    let stored = store.customer_count().context("counting the stored customers")?;
+    Metrics::add(&metrics.stored_customers, stored as u64);
     let shards = config.cluster.shards;
     let mut tasks = JoinSet::new();
     let mut handles = Vec::with_capacity(shards as usize);
@@ -211,7 +213,6 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
         client.clone(),
         config.node.node_id.clone(),
         metrics.clone(),
-        store.clone(),
         progress,
         shutdown.clone(),
     ));
@@ -224,6 +225,8 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
             Err(error) => format!("a node task failed: {error}"),
         }),
     };
+    // A task that ends because shutdown was asked for is no failure.
+    let failure = failure.filter(|_| !shutdown.is_triggered());
     if let Some(failure) = &failure {
         error!(%failure, "stopping the node");
         trigger.fire();
@@ -248,7 +251,6 @@ async fn serve_stats(
     client: async_nats::Client,
     node_id: String,
     metrics: Arc<Metrics>,
-    store: Store,
     progress: Arc<Vec<AtomicU64>>,
     mut shutdown: Shutdown,
 ) {
@@ -262,7 +264,6 @@ async fn serve_stats(
                 let Some(message) = message else { return };
                 let body = json!({
                     "node_id": node_id,
-                    "stored_customers": store.customer_count().ok(),
                     "metrics": metrics.snapshot(),
                     "applied_seq": progress.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>(),
                 });

@@ -203,13 +203,17 @@ impl ShardWorker {
         Metrics::add(&self.metrics.duplicates, result.duplicates);
         Metrics::add(&self.metrics.rejected, result.rejected);
         Metrics::add(&self.metrics.replay_skipped, result.skipped);
+        let created = result
+            .events
+            .iter()
+            .filter(|(_, event)| event.event_type == "customer.created")
+            .count();
+        Metrics::add(&self.metrics.stored_customers, created as u64);
         let client = self.jetstream.client();
         for outcome in &result.messages {
             if let ApplyStatus::Rejected(rejection) = &outcome.status {
-                let subject = subjects::shard(self.shard);
-                let payload = rejected_event_json(&messages, outcome.seq);
-                self.dead_letter(rejection, &subject, outcome.seq, payload.into())
-                    .await;
+                let (subject, sequence, payload) = self.original_input(&messages, outcome.seq).await;
+                self.dead_letter(rejection, &subject, sequence, payload).await;
             }
             if let (Some(reply_to), Some(redeem)) = (&outcome.reply_to, &outcome.redeem) {
                 match serde_json::to_vec(redeem) {
@@ -224,6 +228,35 @@ impl ShardWorker {
         }
         self.publish_events(result.events).await;
         true
+    }
+
+    /// What a dead letter of the shard record at `sequence` carries: the adapter's original
+    /// bytes, subject and ingest sequence, read back from `CRM_INGEST` (the record's
+    /// `Nats-Msg-Id` names it). When the ingest message is gone (past the ingest stream's
+    /// retention, or a command that never went through ingest), the record's command as JSON
+    /// with the shard subject and sequence.
+    async fn original_input(&self, messages: &[Message], sequence: u64) -> (String, u64, bytes::Bytes) {
+        let record = messages
+            .iter()
+            .find(|m| m.info().map(|i| i.stream_sequence).ok() == Some(sequence));
+        if let Some(ingest_sequence) = record.and_then(ingest_sequence_of) {
+            let original = async {
+                let stream = self.jetstream.get_stream(subjects::INGEST_STREAM).await.ok()?;
+                stream.get_raw_message(ingest_sequence).await.ok()
+            }
+            .await;
+            if let Some(original) = original {
+                return (original.subject.to_string(), ingest_sequence, original.payload);
+            }
+        }
+        let fallback = record
+            .and_then(|m| codec::decode::<ShardMessage>(&m.payload).ok())
+            .and_then(|record| match record {
+                ShardMessage::Customer { command, .. } => serde_json::to_vec(&command).ok(),
+                ShardMessage::Tick { .. } => None,
+            })
+            .unwrap_or_default();
+        (subjects::shard(self.shard), sequence, fallback.into())
     }
 
     async fn dead_letter(
@@ -295,15 +328,9 @@ impl ShardWorker {
     }
 }
 
-/// The JSON of the event behind a refused shard record, for its dead letter.
-fn rejected_event_json(messages: &[Message], sequence: u64) -> Vec<u8> {
-    messages
-        .iter()
-        .find(|m| m.info().map(|i| i.stream_sequence).ok() == Some(sequence))
-        .and_then(|m| codec::decode::<ShardMessage>(&m.payload).ok())
-        .and_then(|record| match record {
-            ShardMessage::Customer { command, .. } => serde_json::to_vec(&command).ok(),
-            ShardMessage::Tick { .. } => None,
-        })
-        .unwrap_or_default()
+/// The `Nats-Msg-Id` the router gives a shard record: `i<ingest sequence>`.
+fn ingest_sequence_of(message: &Message) -> Option<u64> {
+    let headers = message.headers.as_ref()?;
+    let id = headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+    id.as_str().strip_prefix('i')?.parse().ok()
 }

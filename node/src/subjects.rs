@@ -41,8 +41,6 @@ pub const SHARD_PREFIX: &str = "crm.shard";
 pub const SHARDS_STREAM: &str = "CRM_SHARDS";
 /// Subjects of [`SHARDS_STREAM`].
 pub const SHARDS_ALL: &str = "crm.shard.>";
-/// Default prefix of the per-shard durable consumers (`crm-shard-<n>`).
-pub const SHARD_DURABLE_PREFIX: &str = "crm-shard";
 
 /// Prefix of actor-event subjects: `crm.events.<type>.<customer_id>`.
 pub const EVENTS_PREFIX: &str = "crm.events";
@@ -115,11 +113,6 @@ pub fn shard_from_subject(subject: &str) -> Option<u32> {
         return None;
     }
     number.parse().ok()
-}
-
-/// Name of the durable consumer of shard `shard`: `<prefix>-<n>`.
-pub fn shard_durable(prefix: &str, shard: u32) -> String {
-    format!("{prefix}-{shard}")
 }
 
 /// Whether an actor event type is usable in a subject: dot-separated tokens
@@ -203,7 +196,6 @@ mod tests {
             "matches {}",
             event("points.earned", "c0a1")
         );
-        assert_eq!(shard_durable(SHARD_DURABLE_PREFIX, 3), "crm-shard-3");
         assert_eq!(kv_stream(KV_IDENTITY), "KV_crm_identity");
         assert_eq!(kv_subjects(KV_IDENTITY), "$KV.crm_identity.>");
     }

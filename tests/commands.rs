@@ -1,0 +1,899 @@
+//! Commands, queries, the actor-event stream and cross-channel identity, through NATS,
+//! against a real `nats-server` and a real `crm-node` process with
+//! `tests/fixtures/rules-time-commands.toml` (1 point per EUR, spendable at once, lots
+//! expire after 10 years; rewards `coffee` 100 points and `voucher-25` 250 points).
+//!
+//! Purchases are dated in autumn 2026 and lots live 10 years, so a redeem stamped with the
+//! wall clock (the CLI sends no `occurred_at`) still sees every point the test granted.
+
+use async_nats::jetstream;
+use crm_cluster::cluster_env::{
+    fixture, minor, publish_all, request, view, wait_drained, NodeOptions, Outgoing, TestEnv,
+};
+use crm_cluster::node_process::run_cli;
+use crm_node::subjects;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SHARDS: u32 = 4;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(60);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn start_env() -> TestEnv {
+    TestEnv::start(NodeOptions {
+        shards: SHARDS,
+        rules: fixture("rules-time-commands.toml"),
+        limits: String::new(),
+    })
+}
+
+/// Actor events seen on a core subscription to `crm.events.>` (subject, body).
+struct EventLog {
+    seen: Arc<Mutex<Vec<(String, Value)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventLog {
+    /// Subscribes before the test acts; the flush makes sure the server has the interest.
+    async fn start(client: &async_nats::Client) -> EventLog {
+        let mut subscription = client
+            .subscribe(subjects::EVENTS_ALL)
+            .await
+            .expect("subscribe to crm.events.>");
+        client.flush().await.expect("flush the subscription");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let body: Value = serde_json::from_slice(&message.payload)
+                    .unwrap_or_else(|e| panic!("actor event is not JSON ({e}): {message:?}"));
+                sink.lock()
+                    .unwrap()
+                    .push((message.subject.to_string(), body));
+            }
+        });
+        EventLog { seen, task }
+    }
+
+    /// Events of `customer_id` with type `event_type`, in arrival order.
+    fn of(&self, customer_id: &str, event_type: &str) -> Vec<Value> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e["customer_id"] == customer_id && e["type"] == event_type)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    fn types_of(&self, customer_id: &str) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e["customer_id"] == customer_id)
+            .map(|(_, e)| e["type"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    /// Waits until at least `count` events of that type for that customer have arrived.
+    async fn wait_for(&self, customer_id: &str, event_type: &str, count: usize) -> Vec<Value> {
+        let until = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let found = self.of(customer_id, event_type);
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                Instant::now() < until,
+                "expected {count} {event_type} for {customer_id}, got {}; all events of the customer: {:?}",
+                found.len(),
+                self.types_of(customer_id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One adapter event on `channel` (its `event_id` is the `Nats-Msg-Id`).
+fn outgoing(channel: &str, event: Value) -> Outgoing {
+    Outgoing {
+        channel: channel.to_string(),
+        event_id: event["event_id"].as_str().expect("event_id").to_string(),
+        payload: serde_json::to_vec(&event).expect("json"),
+    }
+}
+
+fn purchase(
+    channel: &str,
+    event_id: &str,
+    identity: Value,
+    order_id: &str,
+    at: &str,
+    amount: f64,
+) -> Outgoing {
+    outgoing(
+        channel,
+        json!({"v": 1, "event_id": event_id, "type": "purchase", "occurred_at": at,
+               "identity": identity, "order_id": order_id, "amount": amount, "currency": "EUR"}),
+    )
+}
+
+/// Publishes like an adapter and waits until every log is applied. Returns how many acks
+/// said duplicate.
+async fn send(client: &async_nats::Client, events: Vec<Outgoing>) -> u64 {
+    let duplicates = publish_all(client, events, 64, PUBLISH_DEADLINE).await;
+    wait_drained(client, SHARDS, DRAIN_TIMEOUT).await;
+    duplicates
+}
+
+async fn view_of(client: &async_nats::Client, identity: Value) -> Value {
+    let view = view(client, identity.clone()).await;
+    assert!(view.get("error").is_none(), "query for {identity}: {view}");
+    view
+}
+
+async fn redeem(client: &async_nats::Client, body: Value) -> Value {
+    request(client, subjects::CMD_REDEEM, &body).await
+}
+
+/// A raw request whose body need not be JSON.
+async fn raw_request(client: &async_nats::Client, subject: &str, body: &'static [u8]) -> Value {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_string(), body.into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply on {subject}"))
+    .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"));
+    serde_json::from_slice(&reply.payload).expect("reply is JSON")
+}
+
+/// Every actor event in `CRM_EVENTS` on subjects matching `filter`, from the start, read
+/// the way a dashboard replays them: an ordered (ephemeral) consumer with one filter.
+async fn replay_events(client: &async_nats::Client, filter: &str) -> Vec<(String, Value)> {
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("CRM_EVENTS exists");
+    let mut consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer on CRM_EVENTS");
+    let pending = consumer.info().await.expect("consumer info").num_pending;
+    let mut events = Vec::new();
+    if pending == 0 {
+        return events;
+    }
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Some(message) = tokio::time::timeout(EVENT_TIMEOUT, messages.next())
+        .await
+        .expect("CRM_EVENTS read")
+    {
+        let message = message.expect("CRM_EVENTS message");
+        events.push((
+            message.subject.to_string(),
+            serde_json::from_slice(&message.payload).expect("stored event is JSON"),
+        ));
+        if message.info().expect("JetStream info").pending == 0 {
+            break;
+        }
+    }
+    events
+}
+
+// ------------------------------------------------------------------------------------
+// Redeem
+// ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeem_approves_from_the_oldest_lot_denies_and_repeats_the_first_outcome() {
+    let env = start_env();
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    let ann = json!({"email": "ann@example.com"});
+    send(
+        &client,
+        vec![
+            purchase(
+                "web",
+                "w-1",
+                ann.clone(),
+                "o-1",
+                "2026-10-01T10:00:00Z",
+                120.0,
+            ),
+            purchase(
+                "web",
+                "w-2",
+                ann.clone(),
+                "o-2",
+                "2026-10-15T10:00:00Z",
+                80.0,
+            ),
+        ],
+    )
+    .await;
+    let before = view_of(&client, ann.clone()).await;
+    let customer_id = before["customer_id"].as_str().unwrap().to_string();
+    assert_eq!(before["loyalty"]["points_balance"], 200);
+
+    // Approved, with the new balance.
+    let approved = redeem(
+        &client,
+        json!({"request_id": "r-1", "reward_id": "coffee", "identity": ann,
+               "occurred_at": "2026-10-20T10:00:00Z"}),
+    )
+    .await;
+    assert_eq!(
+        approved,
+        json!({"request_id": "r-1", "customer_id": customer_id, "reward_id": "coffee",
+               "approved": true, "points_spent": 100, "points_balance": 100, "reason": null})
+    );
+    // The oldest lot went first: o-1 keeps 20 of 120, o-2 is untouched.
+    let after = view_of(&client, ann.clone()).await;
+    assert_eq!(after["loyalty"]["points_balance"], 100);
+    assert_eq!(after["loyalty"]["redeemed_total"], 100);
+    let lots: Vec<(i64, &str)> = after["loyalty"]["lots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["points"].as_i64().unwrap(), l["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(lots, vec![(20, "o-1"), (80, "o-2")]);
+
+    // The same request id again (even naming the customer by id): the same answer,
+    // nothing more spent.
+    let again = redeem(
+        &client,
+        json!({"request_id": "r-1", "reward_id": "coffee", "customer_id": customer_id}),
+    )
+    .await;
+    assert_eq!(again, approved);
+    assert_eq!(
+        view_of(&client, ann.clone()).await["loyalty"]["points_balance"],
+        100
+    );
+
+    // Not enough points.
+    let denied = redeem(
+        &client,
+        json!({"request_id": "r-2", "reward_id": "voucher-25", "identity": ann,
+               "occurred_at": "2026-10-21T10:00:00Z"}),
+    )
+    .await;
+    assert_eq!(denied["approved"], false);
+    assert_eq!(denied["reason"], "insufficient_points");
+    assert_eq!(denied["points_spent"], 0);
+    assert_eq!(denied["points_balance"], 100);
+    assert_eq!(denied["customer_id"], customer_id);
+    // A denial is remembered too.
+    let denied_again = redeem(
+        &client,
+        json!({"request_id": "r-2", "reward_id": "voucher-25", "identity": ann}),
+    )
+    .await;
+    assert_eq!(denied_again, denied);
+
+    // A reward not in the catalogue.
+    let unknown_reward = redeem(
+        &client,
+        json!({"request_id": "r-3", "reward_id": "unicorn", "identity": ann,
+               "occurred_at": "2026-10-21T10:00:00Z"}),
+    )
+    .await;
+    assert_eq!(unknown_reward["approved"], false);
+    assert_eq!(unknown_reward["reason"], "unknown_reward");
+    assert_eq!(unknown_reward["points_balance"], 100);
+
+    // An identity never seen: denied, and no customer is created.
+    let nobody = json!({"email": "nobody@example.com"});
+    let unknown_customer = redeem(
+        &client,
+        json!({"request_id": "r-4", "reward_id": "coffee", "identity": nobody}),
+    )
+    .await;
+    assert_eq!(unknown_customer["approved"], false);
+    assert_eq!(unknown_customer["reason"], "unknown_customer");
+    assert_eq!(unknown_customer["points_spent"], 0);
+    assert_eq!(unknown_customer["request_id"], "r-4");
+    assert_eq!(unknown_customer["reward_id"], "coffee");
+    assert_eq!(unknown_customer["customer_id"], Value::Null);
+    let missing = view(&client, nobody).await;
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+    // The same for a customer id nobody has: the command reaches its shard, is denied
+    // there, and leaves no customer behind.
+    let ghost = "c0123456789abcdef0123456789";
+    let unknown_id = redeem(
+        &client,
+        json!({"request_id": "r-5", "reward_id": "coffee", "customer_id": ghost}),
+    )
+    .await;
+    assert_eq!(unknown_id["approved"], false, "{unknown_id}");
+    assert_eq!(unknown_id["reason"], "unknown_customer");
+    let missing = request(
+        &client,
+        subjects::QUERY_CUSTOMER,
+        &json!({"customer_id": ghost}),
+    )
+    .await;
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+
+    // One points.redeemed for r-1, with the documented fields.
+    let redeemed = events.wait_for(&customer_id, "points.redeemed", 1).await;
+    let event = &redeemed[0];
+    assert_eq!(event["v"], 1);
+    assert_eq!(event["id"], "r-1:points.redeemed:0");
+    assert_eq!(event["request_id"], "r-1");
+    assert_eq!(event["reward_id"], "coffee");
+    assert_eq!(event["reward_name"], "Free coffee");
+    assert_eq!(event["points"], 100);
+    assert_eq!(event["points_balance"], 100);
+    assert_eq!(event["at"], "2026-10-20T10:00:00Z");
+    let stored = replay_events(&client, "crm.events.points.redeemed.*").await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(
+        stored[0].0,
+        format!("crm.events.points.redeemed.{customer_id}")
+    );
+    assert_eq!(stored[0].1, *event);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redeem_cli_prints_the_json_reply() {
+    let env = start_env();
+    let client = env.client().await;
+    let bea = json!({"email": "bea@example.com"});
+    send(
+        &client,
+        vec![purchase(
+            "web",
+            "b-1",
+            bea.clone(),
+            "o-1",
+            "2026-11-01T10:00:00Z",
+            130.0,
+        )],
+    )
+    .await;
+    let customer_id = view_of(&client, bea.clone()).await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = env.nats.url();
+    let cli = |request_id: &'static str, reward: &'static str| {
+        let url = url.clone();
+        tokio::task::block_in_place(move || {
+            run_cli(&[
+                "--nats-url",
+                &url,
+                "redeem",
+                "--email",
+                "Bea@Example.com",
+                "--reward",
+                reward,
+                "--request-id",
+                request_id,
+            ])
+        })
+    };
+    let (ok, stdout, stderr) = cli("cli-1", "coffee");
+    assert!(ok, "crm-node redeem failed: {stdout} {stderr}");
+    let reply: Value = serde_json::from_str(stdout.trim()).expect("redeem prints JSON");
+    assert_eq!(
+        reply,
+        json!({"request_id": "cli-1", "customer_id": customer_id, "reward_id": "coffee",
+               "approved": true, "points_spent": 100, "points_balance": 30, "reason": null})
+    );
+    // Repeated: the same JSON, and the balance stays.
+    let (ok, stdout_again, _) = cli("cli-1", "coffee");
+    assert!(ok);
+    let again: Value = serde_json::from_str(stdout_again.trim()).expect("redeem prints JSON");
+    assert_eq!(again, reply);
+    // A denial is a reply, not a failure of the command.
+    let (ok, stdout, stderr) = cli("cli-2", "coffee");
+    assert!(ok, "{stdout} {stderr}");
+    let denied: Value = serde_json::from_str(stdout.trim()).expect("redeem prints JSON");
+    assert_eq!(denied["approved"], false);
+    assert_eq!(denied["reason"], "insufficient_points");
+    assert_eq!(view_of(&client, bea).await["loyalty"]["points_balance"], 30);
+}
+
+// ------------------------------------------------------------------------------------
+// Query errors
+// ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_for_unknown_customers_are_not_found_and_malformed_ones_bad_request() {
+    let env = start_env();
+    let client = env.client().await;
+    send(
+        &client,
+        vec![purchase(
+            "web",
+            "q-1",
+            json!({"email": "known@example.com"}),
+            "o-1",
+            "2026-11-01T10:00:00Z",
+            10.0,
+        )],
+    )
+    .await;
+    let known = view_of(&client, json!({"email": "known@example.com"})).await;
+    assert_eq!(known["purchases"]["count"], 1);
+
+    let unknown = view(&client, json!({"email": "unknown@x.y"})).await;
+    assert_eq!(unknown["error"]["code"], "not_found", "{unknown}");
+    assert!(unknown["error"]["message"].is_string());
+    let unknown_id = request(
+        &client,
+        subjects::QUERY_CUSTOMER,
+        &json!({"customer_id": "c0000000000000000"}),
+    )
+    .await;
+    assert_eq!(unknown_id["error"]["code"], "not_found", "{unknown_id}");
+
+    for (body, what) in [
+        (&b"not json at all"[..], "not JSON"),
+        (&b"[1, 2, 3]"[..], "not an object"),
+        (&b"{}"[..], "no identity or customer_id"),
+        (&br#"{"customer_id": 42}"#[..], "customer_id not a string"),
+        (&br#"{"identity": {}}"#[..], "empty identity"),
+        (&br#"{"identity": {"phone": "12"}}"#[..], "phone not E.164"),
+    ] {
+        let reply = raw_request(&client, subjects::QUERY_CUSTOMER, body).await;
+        assert_eq!(reply["error"]["code"], "bad_request", "{what}: {reply}");
+        assert!(
+            !reply["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{what}: {reply}"
+        );
+    }
+
+    let url = env.nats.url();
+    let (ok, stdout, stderr) = tokio::task::block_in_place(|| {
+        run_cli(&["--nats-url", &url, "query", "--email", "unknown@x.y"])
+    });
+    assert!(
+        !ok,
+        "crm-node query succeeded for an unknown customer: {stdout}"
+    );
+    assert!(
+        format!("{stdout}{stderr}").contains("not_found"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let (ok, stdout, stderr) = tokio::task::block_in_place(|| {
+        run_cli(&[
+            "--nats-url",
+            &url,
+            "query",
+            "--json",
+            "--email",
+            "unknown@x.y",
+        ])
+    });
+    assert!(!ok);
+    let reply: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("query --json prints JSON ({e}): {stdout} {stderr}"));
+    assert_eq!(reply["error"]["code"], "not_found");
+    // And a known one exits zero.
+    let (ok, stdout, stderr) = tokio::task::block_in_place(|| {
+        run_cli(&[
+            "--nats-url",
+            &url,
+            "query",
+            "--json",
+            "--email",
+            "known@example.com",
+        ])
+    });
+    assert!(ok, "{stdout} {stderr}");
+    let reply: Value = serde_json::from_str(stdout.trim()).expect("query --json prints JSON");
+    assert_eq!(reply["customer_id"], known["customer_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_commands_are_bad_request() {
+    let env = start_env();
+    let client = env.client().await;
+    for (subject, body, what) in [
+        (subjects::CMD_REDEEM, &b"nope"[..], "redeem not JSON"),
+        (
+            subjects::CMD_REDEEM,
+            &br#"{"reward_id": "coffee", "identity": {"email": "a@b.co"}}"#[..],
+            "redeem without request_id",
+        ),
+        (
+            subjects::CMD_REDEEM,
+            &br#"{"request_id": "r", "identity": {"email": "a@b.co"}}"#[..],
+            "redeem without reward_id",
+        ),
+        (
+            subjects::CMD_REDEEM,
+            &br#"{"request_id": "r", "reward_id": "coffee"}"#[..],
+            "redeem naming no customer",
+        ),
+        (
+            subjects::CMD_REDEEM,
+            &br#"{"request_id": "r", "reward_id": "coffee", "identity": {"email": "a@b.co"}, "occurred_at": "yesterday"}"#[..],
+            "redeem with a bad occurred_at",
+        ),
+        (subjects::CMD_TICK, &b"{}"[..], "tick without at"),
+        (subjects::CMD_TICK, &br#"{"at": "soon"}"#[..], "tick with a bad at"),
+    ] {
+        let reply = raw_request(&client, subject, body).await;
+        assert_eq!(reply["error"]["code"], "bad_request", "{what}: {reply}");
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Actor events kept in CRM_EVENTS
+// ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_events_are_replayable_from_crm_events_and_never_stored_twice() {
+    let env = start_env();
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    let cy = json!({"email": "cy@example.com"});
+    let dee = json!({"loyalty_card": "LC-DEE"});
+    let first = vec![
+        purchase(
+            "web",
+            "s-1",
+            cy.clone(),
+            "o-c1",
+            "2026-11-01T09:00:00Z",
+            25.5,
+        ),
+        purchase(
+            "store",
+            "s-2",
+            dee.clone(),
+            "o-d1",
+            "2026-11-01T11:00:00Z",
+            40.0,
+        ),
+        purchase(
+            "web",
+            "s-3",
+            cy.clone(),
+            "o-c2",
+            "2026-11-02T09:00:00Z",
+            12.0,
+        ),
+    ];
+    assert_eq!(send(&client, first.clone()).await, 0);
+    // Re-sent: the same event ids (JetStream drops them), and the same order under a new
+    // event id (the customer drops it).
+    let duplicates = send(&client, first).await;
+    assert_eq!(
+        duplicates, 3,
+        "JetStream did not report the same-event-id resends"
+    );
+    send(
+        &client,
+        vec![purchase(
+            "web",
+            "s-1-retry",
+            cy.clone(),
+            "o-c1",
+            "2026-11-01T09:00:00Z",
+            25.5,
+        )],
+    )
+    .await;
+    // A later event of the same customer marks the end of everything before it.
+    send(
+        &client,
+        vec![purchase(
+            "web",
+            "s-4",
+            cy.clone(),
+            "o-c3",
+            "2026-11-03T09:00:00Z",
+            1.0,
+        )],
+    )
+    .await;
+
+    let cy_view = view_of(&client, cy.clone()).await;
+    let dee_view = view_of(&client, dee.clone()).await;
+    assert_eq!(cy_view["purchases"]["count"], 3);
+    assert_eq!(minor(&cy_view["purchases"]["total_spend"]), 3_850);
+    assert_eq!(cy_view["loyalty"]["points_balance"], 25 + 12 + 1);
+    let cy_id = cy_view["customer_id"].as_str().unwrap().to_string();
+    let dee_id = dee_view["customer_id"].as_str().unwrap().to_string();
+    events.wait_for(&cy_id, "points.earned", 3).await;
+    events.wait_for(&dee_id, "points.earned", 1).await;
+
+    // customer.created, replayed by type.
+    let created = replay_events(&client, "crm.events.customer.created.*").await;
+    assert_eq!(created.len(), 2, "{created:?}");
+    let cy_created = &created
+        .iter()
+        .find(|(_, e)| e["customer_id"] == cy_id.as_str())
+        .expect("customer.created for cy")
+        .1;
+    assert_eq!(cy_created["v"], 1);
+    assert_eq!(cy_created["type"], "customer.created");
+    assert_eq!(cy_created["id"], "s-1:customer.created:0");
+    assert_eq!(cy_created["at"], "2026-11-01T09:00:00Z");
+    assert_eq!(cy_created["channel"], "web");
+    assert_eq!(cy_created["event_type"], "purchase");
+    assert_eq!(
+        cy_created["identities"],
+        json!([{"kind": "email", "value": "cy@example.com"}])
+    );
+    let dee_created = &created
+        .iter()
+        .find(|(_, e)| e["customer_id"] == dee_id.as_str())
+        .expect("customer.created for dee")
+        .1;
+    assert_eq!(dee_created["channel"], "store");
+
+    // points.earned, replayed by type: one per order, with the documented fields.
+    let earned = replay_events(&client, "crm.events.points.earned.*").await;
+    let mut orders: Vec<&str> = earned
+        .iter()
+        .map(|(_, e)| e["order_id"].as_str().unwrap())
+        .collect();
+    orders.sort();
+    assert_eq!(orders, vec!["o-c1", "o-c2", "o-c3", "o-d1"], "{earned:?}");
+    let (subject, first_earned) = earned
+        .iter()
+        .find(|(_, e)| e["order_id"] == "o-c1")
+        .unwrap();
+    assert_eq!(subject, &format!("crm.events.points.earned.{cy_id}"));
+    assert_eq!(first_earned["v"], 1);
+    assert_eq!(first_earned["id"], "s-1:points.earned:1");
+    assert_eq!(first_earned["type"], "points.earned");
+    assert_eq!(first_earned["customer_id"], cy_id.as_str());
+    assert_eq!(first_earned["at"], "2026-11-01T09:00:00Z");
+    assert_eq!(first_earned["points"], 25);
+    assert_eq!(first_earned["source"], "o-c1");
+    assert_eq!(first_earned["reason"], "purchase");
+    assert_eq!(first_earned["pending"], false);
+    assert_eq!(first_earned["channel"], "web");
+    assert_eq!(minor(&first_earned["amount"]), 2_550);
+    assert_eq!(first_earned["earned_at"], "2026-11-01T09:00:00Z");
+    assert!(first_earned["expires_at"].is_string(), "{first_earned}");
+    assert_eq!(first_earned["points_balance"], 25);
+
+    // Everything in the stream: ids unique, subjects as documented.
+    let all = replay_events(&client, subjects::EVENTS_ALL).await;
+    let ids: HashSet<&str> = all.iter().map(|(_, e)| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), all.len(), "an event is stored twice: {all:?}");
+    for (subject, event) in &all {
+        assert_eq!(
+            subject,
+            &subjects::event(
+                event["type"].as_str().unwrap(),
+                event["customer_id"].as_str().unwrap()
+            )
+        );
+    }
+    // The live subscription saw the same set.
+    assert_eq!(events.of(&cy_id, "points.earned").len(), 3);
+}
+
+// ------------------------------------------------------------------------------------
+// Identity across channels
+// ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_email_and_a_store_loyalty_card_linked_by_identify_are_one_customer() {
+    let env = start_env();
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    send(
+        &client,
+        vec![purchase(
+            "web",
+            "web-1",
+            json!({"email": "eve.lee@example.com"}),
+            "o-web",
+            "2026-11-01T10:00:00Z",
+            59.9,
+        )],
+    )
+    .await;
+    send(
+        &client,
+        vec![outgoing(
+            "store",
+            json!({"v": 1, "event_id": "pos-1", "type": "identify",
+                   "occurred_at": "2026-11-02T09:00:00Z",
+                   "identity": {"loyalty_card": "LC-EVE", "email": "Eve.Lee@Example.com"},
+                   "profile": {"first_name": "Eve", "city": "Lyon"}}),
+        )],
+    )
+    .await;
+    send(
+        &client,
+        vec![purchase(
+            "store",
+            "pos-2",
+            json!({"loyalty_card": "LC-EVE"}),
+            "o-store",
+            "2026-11-03T12:00:00Z",
+            20.0,
+        )],
+    )
+    .await;
+
+    let by_email = view_of(&client, json!({"email": "eve.lee@example.com"})).await;
+    let by_card = view_of(&client, json!({"loyalty_card": "LC-EVE"})).await;
+    assert_eq!(by_email["customer_id"], by_card["customer_id"]);
+    assert_eq!(by_email, by_card);
+    assert_eq!(by_card["purchases"]["count"], 2);
+    assert_eq!(minor(&by_card["purchases"]["total_spend"]), 7_990);
+    assert_eq!(minor(&by_card["purchases"]["by_channel"]["web"]), 5_990);
+    assert_eq!(minor(&by_card["purchases"]["by_channel"]["store"]), 2_000);
+    assert_eq!(
+        by_card["identities"]["email"],
+        json!(["eve.lee@example.com"])
+    );
+    assert_eq!(by_card["identities"]["loyalty_card"], json!(["LC-EVE"]));
+    assert_eq!(by_card["profile"]["first_name"], "Eve");
+    let customer_id = by_card["customer_id"].as_str().unwrap();
+
+    let linked = events.wait_for(customer_id, "identity.linked", 1).await;
+    assert_eq!(linked[0]["kind"], "loyalty_card");
+    assert_eq!(linked[0]["value"], "LC-EVE");
+    assert_eq!(linked[0]["event_id"], "pos-1");
+    // Created once, by the web purchase.
+    let all = replay_events(&client, "crm.events.customer.created.*").await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(events.of(customer_id, "identity.conflict").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loyalty_cards_customer()
+{
+    let env = start_env();
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    let email = json!({"email": "fay@example.com"});
+    let card = json!({"loyalty_card": "LC-FAY"});
+    send(
+        &client,
+        vec![
+            purchase(
+                "web",
+                "f-1",
+                email.clone(),
+                "o-f1",
+                "2026-11-01T10:00:00Z",
+                10.0,
+            ),
+            purchase(
+                "store",
+                "f-2",
+                card.clone(),
+                "o-f2",
+                "2026-11-01T11:00:00Z",
+                20.0,
+            ),
+        ],
+    )
+    .await;
+    let email_customer = view_of(&client, email.clone()).await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let card_customer = view_of(&client, card.clone()).await["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(email_customer, card_customer);
+
+    // One event names both: it goes to the loyalty card's customer.
+    send(
+        &client,
+        vec![purchase(
+            "store",
+            "f-3",
+            json!({"loyalty_card": "LC-FAY", "email": "fay@example.com"}),
+            "o-f3",
+            "2026-11-02T10:00:00Z",
+            30.0,
+        )],
+    )
+    .await;
+    let conflict = events
+        .wait_for(&card_customer, "identity.conflict", 1)
+        .await;
+    assert_eq!(conflict.len(), 1);
+    assert_eq!(conflict[0]["kind"], "email");
+    assert_eq!(conflict[0]["other_customer_id"], email_customer.as_str());
+    assert_eq!(conflict[0]["event_id"], "f-3");
+    assert_eq!(
+        conflict[0]["id"].as_str().unwrap().split(':').next(),
+        Some("f-3")
+    );
+
+    let by_card = view_of(&client, card).await;
+    assert_eq!(by_card["customer_id"], card_customer.as_str());
+    assert_eq!(by_card["purchases"]["count"], 2);
+    assert_eq!(minor(&by_card["purchases"]["total_spend"]), 5_000);
+    // The email stays with its own customer, untouched.
+    let by_email = view_of(&client, email).await;
+    assert_eq!(by_email["customer_id"], email_customer.as_str());
+    assert_eq!(by_email["purchases"]["count"], 1);
+    assert!(events.of(&email_customer, "identity.conflict").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_identifier_stays_with_its_own_customer_only() {
+    let env = start_env();
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    let email = json!({"email": "gus@example.com"});
+    let card = json!({"loyalty_card": "LC-GUS"});
+    send(
+        &client,
+        vec![
+            purchase(
+                "web",
+                "g-1",
+                email.clone(),
+                "o-g1",
+                "2026-11-01T10:00:00Z",
+                10.0,
+            ),
+            purchase(
+                "store",
+                "g-2",
+                card.clone(),
+                "o-g2",
+                "2026-11-01T11:00:00Z",
+                20.0,
+            ),
+        ],
+    )
+    .await;
+    send(
+        &client,
+        vec![purchase(
+            "store",
+            "g-3",
+            json!({"loyalty_card": "LC-GUS", "email": "gus@example.com"}),
+            "o-g3",
+            "2026-11-02T10:00:00Z",
+            30.0,
+        )],
+    )
+    .await;
+    let by_card = view_of(&client, card).await;
+    let card_customer = by_card["customer_id"].as_str().unwrap().to_string();
+    events
+        .wait_for(&card_customer, "identity.conflict", 1)
+        .await;
+    // docs/protocol.md: "identifiers not seen before are linked to the customer"; the email
+    // was seen (it is the other customer's), so it is reported, not linked.
+    assert!(
+        events.of(&card_customer, "identity.linked").is_empty(),
+        "{:?}",
+        events.of(&card_customer, "identity.linked")
+    );
+    assert_eq!(
+        by_card["identities"],
+        json!({"loyalty_card": ["LC-GUS"]}),
+        "the card's customer claims an email that resolves to another customer"
+    );
+}

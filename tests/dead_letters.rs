@@ -1,0 +1,485 @@
+//! Dead letters end to end, against a real `nats-server` and a real `crm-node`: every reason
+//! of docs/protocol.md ("Dead letters") is provoked by publishing to `crm.ingest.<channel>`
+//! with JetStream like an adapter. Each bad input must appear in `CRM_DLQ` on
+//! `crm.dlq.<reason>` with the original bytes as its body, `Crm-Reason` = the reason and a
+//! `Crm-Message` that names the field; and the pipeline must keep flowing: a valid purchase
+//! sent after all the bad ones is applied.
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use crm_cluster::cluster_env::{minor, view, wait_drained, NodeOptions, TestEnv};
+use crm_node::dlq;
+use crm_node::subjects;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on waiting for the dead letters to appear (they normally take milliseconds).
+const DLQ_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[limits] payload_max_bytes` of the test node (NATS itself accepts up to 1 MiB).
+const PAYLOAD_MAX_BYTES: usize = 2048;
+
+/// One input to publish and the dead letter it must become.
+struct BadInput {
+    /// What is wrong, for failure messages.
+    what: &'static str,
+    channel: &'static str,
+    msg_id: String,
+    body: Vec<u8>,
+    reason: &'static str,
+    /// A word `Crm-Message` must contain (the field it names).
+    names: &'static str,
+}
+
+/// A dead letter read back from `CRM_DLQ`.
+#[derive(Debug, Clone)]
+struct DeadLetter {
+    subject: String,
+    body: Vec<u8>,
+    reason: Option<String>,
+    message: Option<String>,
+    source_subject: Option<String>,
+    source_sequence: Option<String>,
+}
+
+impl DeadLetter {
+    fn describe(&self) -> String {
+        format!(
+            "{} reason={:?} message={:?} source={:?}#{:?} body={}",
+            self.subject,
+            self.reason,
+            self.message,
+            self.source_subject,
+            self.source_sequence,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+}
+
+fn purchase(event_id: &str, email: &str, order_id: &str, amount: Value) -> Value {
+    json!({"v": 1, "event_id": event_id, "type": "purchase", "occurred_at": "2026-03-01T10:15:00Z",
+           "identity": {"email": email}, "order_id": order_id, "amount": amount, "currency": "EUR"})
+}
+
+fn with(mut base: Value, key: &str, value: Value) -> Value {
+    base[key] = value;
+    base
+}
+
+fn without(mut base: Value, key: &str) -> Value {
+    base.as_object_mut().expect("object").remove(key);
+    base
+}
+
+fn bad(
+    what: &'static str,
+    msg_id: &str,
+    body: Vec<u8>,
+    reason: &'static str,
+    names: &'static str,
+) -> BadInput {
+    BadInput {
+        what,
+        channel: "web",
+        msg_id: msg_id.to_string(),
+        body,
+        reason,
+        names,
+    }
+}
+
+fn bytes(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).expect("json")
+}
+
+/// Every reason the router decides (all but `unapplicable`), with the field it must name.
+fn router_rejections() -> Vec<BadInput> {
+    let ok = |id: &str| purchase(id, "dl@example.com", &format!("o-{id}"), json!(19.99));
+    // A valid purchase padded with a long field to just above the payload limit.
+    let mut oversized = ok("dl-oversized");
+    oversized["note"] = json!("x".repeat(PAYLOAD_MAX_BYTES));
+    let oversized = bytes(&oversized);
+    assert!(oversized.len() > PAYLOAD_MAX_BYTES);
+    vec![
+        bad(
+            "payload above payload_max_bytes",
+            "dl-oversized",
+            oversized,
+            "oversized",
+            "payload_max_bytes",
+        ),
+        bad(
+            "not JSON",
+            "dl-not-json",
+            b"{\"v\": 1, \"event_id\": \"dl-not-json\", oops".to_vec(),
+            "malformed",
+            "JSON",
+        ),
+        bad(
+            "a JSON array",
+            "dl-array",
+            bytes(&json!([ok("dl-array")])),
+            "malformed",
+            "object",
+        ),
+        bad(
+            "\"v\": 2",
+            "dl-v2",
+            bytes(&with(ok("dl-v2"), "v", json!(2))),
+            "unsupported_version",
+            "\"v\"",
+        ),
+        bad(
+            "no \"v\"",
+            "dl-no-v",
+            bytes(&without(ok("dl-no-v"), "v")),
+            "unsupported_version",
+            "\"v\"",
+        ),
+        bad(
+            "unknown type",
+            "dl-teleport",
+            bytes(&with(ok("dl-teleport"), "type", json!("teleport"))),
+            "unknown_type",
+            "type",
+        ),
+        bad(
+            "no type",
+            "dl-no-type",
+            bytes(&without(ok("dl-no-type"), "type")),
+            "unknown_type",
+            "type",
+        ),
+        bad(
+            "no identity",
+            "dl-no-identity",
+            bytes(&without(ok("dl-no-identity"), "identity")),
+            "no_identity",
+            "identity",
+        ),
+        bad(
+            "empty identity",
+            "dl-empty-identity",
+            bytes(&with(ok("dl-empty-identity"), "identity", json!({}))),
+            "no_identity",
+            "identity",
+        ),
+        bad(
+            "phone not in E.164",
+            "dl-bad-phone",
+            bytes(&with(
+                ok("dl-bad-phone"),
+                "identity",
+                json!({"phone": "12345"}),
+            )),
+            "no_identity",
+            "phone",
+        ),
+        bad(
+            "negative amount",
+            "dl-negative",
+            bytes(&with(ok("dl-negative"), "amount", json!(-5))),
+            "bad_amount",
+            "amount",
+        ),
+        bad(
+            "amount with 3 decimals",
+            "dl-decimals",
+            bytes(&with(ok("dl-decimals"), "amount", json!(10.125))),
+            "bad_amount",
+            "amount",
+        ),
+        bad(
+            "amount above amount_max",
+            "dl-too-much",
+            bytes(&with(ok("dl-too-much"), "amount", json!(1_000_000.01))),
+            "bad_amount",
+            "amount_max",
+        ),
+        bad(
+            "no event_id",
+            "dl-no-event-id",
+            bytes(&without(ok("dl-no-event-id"), "event_id")),
+            "invalid",
+            "event_id",
+        ),
+        bad(
+            "occurred_at not RFC 3339",
+            "dl-bad-time",
+            bytes(&with(
+                ok("dl-bad-time"),
+                "occurred_at",
+                json!("last tuesday"),
+            )),
+            "invalid",
+            "occurred_at",
+        ),
+        bad(
+            "unknown currency",
+            "dl-currency",
+            bytes(&with(ok("dl-currency"), "currency", json!("XYZ"))),
+            "invalid",
+            "currency",
+        ),
+    ]
+}
+
+/// Publishes one message like an adapter; returns its sequence in `CRM_INGEST`.
+async fn publish(js: &jetstream::Context, channel: &str, msg_id: &str, body: Vec<u8>) -> u64 {
+    let ack = js
+        .send_publish(
+            subjects::ingest(channel),
+            PublishMessage::build()
+                .payload(body.into())
+                .message_id(msg_id),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish of {msg_id} failed: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("publish of {msg_id} not acked: {e}"));
+    assert!(!ack.duplicate, "{msg_id} was taken for a duplicate");
+    ack.sequence
+}
+
+/// Every message in `CRM_DLQ`.
+async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
+    let mut stream = js
+        .get_stream(subjects::DLQ_STREAM)
+        .await
+        .expect("the CRM_DLQ stream exists");
+    let state = stream.info().await.expect("CRM_DLQ info").state.clone();
+    let mut letters = Vec::new();
+    for sequence in state.first_sequence.max(1)..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().to_string())
+        };
+        letters.push(DeadLetter {
+            subject: message.subject.to_string(),
+            body: message.payload.to_vec(),
+            reason: header(dlq::HEADER_REASON),
+            message: header(dlq::HEADER_MESSAGE),
+            source_subject: header(dlq::HEADER_SOURCE_SUBJECT),
+            source_sequence: header(dlq::HEADER_SOURCE_SEQUENCE),
+        });
+    }
+    letters
+}
+
+/// Waits until `CRM_DLQ` holds at least `count` messages, then returns them all.
+async fn wait_for_dead_letters(js: &jetstream::Context, count: usize) -> Vec<DeadLetter> {
+    let until = Instant::now() + DLQ_TIMEOUT;
+    loop {
+        let letters = dead_letters(js).await;
+        if letters.len() >= count || Instant::now() >= until {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn listing(letters: &[DeadLetter]) -> String {
+    letters
+        .iter()
+        .map(DeadLetter::describe)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks the dead letter of `input`; returns the problems found (empty = fine).
+fn check(
+    input: &BadInput,
+    letter: Option<&DeadLetter>,
+    source_sequence: Option<u64>,
+) -> Vec<String> {
+    let Some(letter) = letter else {
+        return vec![format!(
+            "{} ({}): no dead letter with its original bytes on {}.{}",
+            input.what,
+            input.msg_id,
+            subjects::DLQ_PREFIX,
+            input.reason
+        )];
+    };
+    let mut problems = Vec::new();
+    let mut expect = |ok: bool, problem: String| {
+        if !ok {
+            problems.push(format!(
+                "{} ({}): {problem}; got {}",
+                input.what,
+                input.msg_id,
+                letter.describe()
+            ));
+        }
+    };
+    expect(
+        letter.subject == format!("{}.{}", subjects::DLQ_PREFIX, input.reason),
+        format!("subject is not crm.dlq.{}", input.reason),
+    );
+    expect(
+        letter.reason.as_deref() == Some(input.reason),
+        format!("Crm-Reason is not {}", input.reason),
+    );
+    expect(
+        letter
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains(input.names)),
+        format!("Crm-Message does not name '{}'", input.names),
+    );
+    if let Some(sequence) = source_sequence {
+        let subject = subjects::ingest(input.channel);
+        expect(
+            letter.source_subject.as_deref() == Some(subject.as_str()),
+            format!("Crm-Source-Subject is not {subject}"),
+        );
+        expect(
+            letter.source_sequence.as_deref() == Some(sequence.to_string().as_str()),
+            format!("Crm-Source-Sequence is not the ingest sequence {sequence}"),
+        );
+    }
+    problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ingest_rejection_is_dead_lettered_unchanged_with_its_reason_and_later_events_still_apply(
+) {
+    let env = TestEnv::start(NodeOptions {
+        limits: format!("payload_max_bytes = {PAYLOAD_MAX_BYTES}"),
+        ..NodeOptions::default()
+    });
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+
+    let inputs = router_rejections();
+    let mut sequences = Vec::with_capacity(inputs.len());
+    for input in &inputs {
+        sequences.push(publish(&js, input.channel, &input.msg_id, input.body.clone()).await);
+    }
+    // Sent after every bad input: must still be applied.
+    let after = purchase("dl-after", "after.bad@example.com", "o-after", json!(42.5));
+    publish(&js, "web", "dl-after", bytes(&after)).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+
+    let letters = wait_for_dead_letters(&js, inputs.len()).await;
+    let mut problems = Vec::new();
+    for (input, sequence) in inputs.iter().zip(&sequences) {
+        let letter = letters
+            .iter()
+            .find(|l| l.body == input.body && l.subject.ends_with(input.reason));
+        let letter = letter.or_else(|| letters.iter().find(|l| l.body == input.body));
+        problems.extend(check(input, letter, Some(*sequence)));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}\n\nCRM_DLQ holds:\n{}",
+        problems.len(),
+        problems.join("\n"),
+        listing(&letters)
+    );
+    assert_eq!(
+        letters.len(),
+        inputs.len(),
+        "CRM_DLQ holds more or fewer letters than bad inputs:\n{}",
+        listing(&letters)
+    );
+
+    let view = view(&client, json!({"email": "after.bad@example.com"})).await;
+    assert_eq!(
+        view["purchases"]["count"],
+        json!(1),
+        "the purchase after the bad inputs was not applied: {view}"
+    );
+    assert_eq!(minor(&view["purchases"]["total_spend"]), 4250, "{view}");
+    assert!(
+        env.node.log_lines().iter().all(|l| !l.contains("panicked")),
+        "{}",
+        env.node.log_tail(40)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_for_an_order_the_customer_never_had_is_dead_lettered_unapplicable_with_its_original_bytes(
+) {
+    let env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let email = "returner@example.com";
+
+    // The customer exists and has one order...
+    let first = purchase("ua-1", email, "o-real", json!(30));
+    publish(&js, "web", "ua-1", bytes(&first)).await;
+    // ...but the return names another one.
+    let bogus = json!({"v": 1, "event_id": "ua-2", "type": "return", "occurred_at": "2026-03-02T10:00:00Z",
+                       "identity": {"email": email}, "order_id": "o-never", "amount": 10.00});
+    let bogus_bytes = bytes(&bogus);
+    publish(&js, "store", "ua-2", bogus_bytes.clone()).await;
+    let after = purchase("ua-3", email, "o-later", json!(12.34));
+    publish(&js, "web", "ua-3", bytes(&after)).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+
+    let letters = wait_for_dead_letters(&js, 1).await;
+    let input = BadInput {
+        what: "return for an unknown order",
+        channel: "store",
+        msg_id: "ua-2".to_string(),
+        body: bogus_bytes.clone(),
+        reason: "unapplicable",
+        names: "order_id",
+    };
+    let on_subject: Vec<&DeadLetter> = letters
+        .iter()
+        .filter(|l| l.subject == "crm.dlq.unapplicable")
+        .collect();
+    assert_eq!(
+        on_subject.len(),
+        1,
+        "expected exactly one dead letter on crm.dlq.unapplicable; CRM_DLQ holds:\n{}",
+        listing(&letters)
+    );
+    let letter = on_subject[0];
+    assert_eq!(
+        letter.reason.as_deref(),
+        Some("unapplicable"),
+        "{}",
+        letter.describe()
+    );
+    assert!(
+        letter
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("order_id") && m.contains("o-never")),
+        "Crm-Message does not name order_id 'o-never': {}",
+        letter.describe()
+    );
+    // docs/protocol.md: "The body is the original bytes, unchanged" (for every dead letter).
+    assert!(
+        letter.body == bogus_bytes,
+        "the unapplicable dead letter's body is not the original bytes.\n  published: {}\n  \
+         dead letter: {}\n(node/src/shard_worker.rs rejected_event_json re-encodes the shard \
+         record's CustomerCommand instead of keeping the adapter's bytes)",
+        String::from_utf8_lossy(&bogus_bytes),
+        letter.describe()
+    );
+    assert!(
+        check(&input, Some(letter), None).is_empty(),
+        "{:?}",
+        check(&input, Some(letter), None)
+    );
+
+    let view = view(&client, json!({"email": email})).await;
+    assert_eq!(
+        view["purchases"]["count"],
+        json!(2),
+        "the purchase after the refused return was not applied: {view}"
+    );
+    assert_eq!(
+        view["returns"]["count"],
+        json!(0),
+        "the refused return was counted: {view}"
+    );
+}
