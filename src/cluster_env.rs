@@ -154,10 +154,16 @@ pub async fn publish_all(
         let publish = PublishMessage::build()
             .payload(event.payload.clone().into())
             .message_id(&event.event_id);
-        match js.send_publish(subjects::ingest(&event.channel), publish).await {
+        match js
+            .send_publish(subjects::ingest(&event.channel), publish)
+            .await
+        {
             Ok(ack) => in_flight.push_back((event, ack)),
             Err(_) => {
-                assert!(Instant::now() < until, "publishing did not succeed before the deadline");
+                assert!(
+                    Instant::now() < until,
+                    "publishing did not succeed before the deadline"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 retry.push_back(event);
             }
@@ -179,7 +185,10 @@ async fn settle(
     match ack.await {
         Ok(ack) => *duplicates += u64::from(ack.duplicate),
         Err(_) => {
-            assert!(Instant::now() < until, "publishing did not succeed before the deadline");
+            assert!(
+                Instant::now() < until,
+                "publishing did not succeed before the deadline"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
             retry.push_back(event);
         }
@@ -201,7 +210,10 @@ pub async fn wait_drained(client: &async_nats::Client, shards: u32, timeout: Dur
         } else {
             quiet_rounds = 0;
         }
-        assert!(Instant::now() < until, "logs not drained within {timeout:?}: {busy:?}");
+        assert!(
+            Instant::now() < until,
+            "logs not drained within {timeout:?}: {busy:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -275,10 +287,16 @@ pub async fn request(client: &async_nats::Client, subject: &str, body: &Value) -
 
 /// The 360 view of the customer with `identity` (`{"email": ...}`).
 pub async fn view(client: &async_nats::Client, identity: Value) -> Value {
-    request(client, subjects::QUERY_CUSTOMER, &serde_json::json!({"identity": identity})).await
+    request(
+        client,
+        subjects::QUERY_CUSTOMER,
+        &serde_json::json!({"identity": identity}),
+    )
+    .await
 }
 
 /// Decimal JSON money as minor units (exact for two-decimal values).
 pub fn minor(value: &Value) -> i64 {
-    crm_actors::money::minor_from_json(value).unwrap_or_else(|e| panic!("{value} is not money: {e}"))
+    crm_actors::money::minor_from_json(value)
+        .unwrap_or_else(|e| panic!("{value} is not money: {e}"))
 }

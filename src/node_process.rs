@@ -32,7 +32,12 @@ pub fn crm_node_binary() -> PathBuf {
     let built = modified(&binary);
     let newest_source = ["node/src", "actors/src"]
         .iter()
-        .flat_map(|dir| std::fs::read_dir(root.join(dir)).into_iter().flatten().flatten())
+        .flat_map(|dir| {
+            std::fs::read_dir(root.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .map(|entry| modified(&entry.path()))
         .max()
         .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -91,7 +96,10 @@ impl NodeProcess {
         command
             .args(["--nats-url", &self.nats_url, "run", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", std::env::var("CRM_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CRM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -124,7 +132,10 @@ impl NodeProcess {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("crm-node exited ({status}) before logging '{needle}':\n{}", self.log_tail(40));
+                    panic!(
+                        "crm-node exited ({status}) before logging '{needle}':\n{}",
+                        self.log_tail(40)
+                    );
                 }
             }
             assert!(
@@ -157,7 +168,9 @@ impl NodeProcess {
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited with success.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
         // SAFETY: plain libc call with a pid we own.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
@@ -166,7 +179,9 @@ impl NodeProcess {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => return status.success(),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -184,17 +199,26 @@ impl NodeProcess {
         let deadline = Instant::now() + timeout;
         loop {
             let lines = self.log_lines();
-            if lines[before.min(lines.len())..].iter().any(|l| l.contains("crm-node ready")) {
+            if lines[before.min(lines.len())..]
+                .iter()
+                .any(|l| l.contains("crm-node ready"))
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "crm-node did not become ready after restart:\n{}", self.log_tail(40));
+            assert!(
+                Instant::now() < deadline,
+                "crm-node did not become ready after restart:\n{}",
+                self.log_tail(40)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Is the process still running?
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 

@@ -86,8 +86,12 @@ async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
             minor(&view["purchases"]["total_spend"]),
             view["returns"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
             minor(&view["returns"]["total"]),
-            view["loyalty"]["points_balance"].as_i64().unwrap_or(i64::MIN),
-            view["loyalty"]["points_pending"].as_i64().unwrap_or(i64::MIN),
+            view["loyalty"]["points_balance"]
+                .as_i64()
+                .unwrap_or(i64::MIN),
+            view["loyalty"]["points_pending"]
+                .as_i64()
+                .unwrap_or(i64::MIN),
         );
         let want = (
             person.purchases.len(),
@@ -102,7 +106,12 @@ async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
         }
         checked += 1;
     }
-    assert!(mismatches.is_empty(), "{} of {checked} customers differ:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} of {checked} customers differ:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
     checked
 }
 
@@ -111,10 +120,17 @@ async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
     let env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
     let (events, truth) = traffic(400, 30, 11);
-    assert!(events.len() >= 3000, "only {} events generated", events.len());
+    assert!(
+        events.len() >= 3000,
+        "only {} events generated",
+        events.len()
+    );
     assert!(truth.duplicates_same_event_id > 0 && truth.duplicates_same_order > 0);
     let deduplicated = publish_all(&client, events, 512, PUBLISH_DEADLINE).await;
-    assert!(deduplicated >= truth.duplicates_same_event_id, "JetStream dropped the same-event-id resends");
+    assert!(
+        deduplicated >= truth.duplicates_same_event_id,
+        "JetStream dropped the same-event-id resends"
+    );
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
     let checked = assert_exact(&client, &truth).await;
     assert!(checked >= 100, "only {checked} buyers checked");
@@ -153,6 +169,10 @@ async fn nats_restarted_mid_stream_the_node_resumes_and_is_exact() {
     tokio::task::block_in_place(|| env.nats.restart());
     publish_all(&client, second.to_vec(), 256, PUBLISH_DEADLINE).await;
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    assert!(env.node.is_running(), "the node died with NATS:\n{}", env.node.log_tail(30));
+    assert!(
+        env.node.is_running(),
+        "the node died with NATS:\n{}",
+        env.node.log_tail(30)
+    );
     assert_exact(&client, &truth).await;
 }

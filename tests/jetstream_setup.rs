@@ -3,11 +3,11 @@
 
 use crm_cluster::NatsServer;
 use crm_node::jetstream::{
-    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, shard_log_reader,
-    IngestConsumerSettings, SetupError, StreamSettings,
+    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, IngestConsumerSettings,
+    SetupError, StreamSettings,
 };
+use crm_node::shard_log::ShardLogReader;
 use crm_node::subjects;
-use futures::StreamExt;
 use std::time::Duration;
 
 async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
@@ -212,17 +212,25 @@ async fn shard_log_readers_and_the_ingest_consumer_deliver_only_their_subjects()
         .unwrap()
         .await
         .unwrap();
-    let reader = shard_log_reader(&js, 2, 1).await.unwrap();
-    let mut messages = reader.messages().await.unwrap();
-    let first = messages.next().await.unwrap().unwrap();
-    assert_eq!(first.subject.as_str(), "crm.shard.2");
-    assert_eq!(&first.payload[..], b"2");
-    let second = messages.next().await.unwrap().unwrap();
-    assert_eq!(&second.payload[..], b"2b");
-    let after_first = first.info().unwrap().stream_sequence + 1;
-    let later = shard_log_reader(&js, 2, after_first).await.unwrap();
-    let mut later = later.messages().await.unwrap();
-    assert_eq!(&later.next().await.unwrap().unwrap().payload[..], b"2b");
+    let mut reader = ShardLogReader::new(js.clone(), 2, 1, 10);
+    let records = reader.next_batch(Duration::from_secs(2)).await;
+    let payloads: Vec<&[u8]> = records.iter().map(|m| &m.payload[..]).collect();
+    assert_eq!(
+        payloads,
+        vec![&b"2"[..], &b"2b"[..]],
+        "only shard 2's records, in order"
+    );
+    assert!(records.iter().all(|m| m.subject.as_str() == "crm.shard.2"));
+    let after_first = records[0].info().unwrap().stream_sequence + 1;
+    let mut later = ShardLogReader::new(js.clone(), 2, after_first, 10);
+    let records = later.next_batch(Duration::from_secs(2)).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(&records[0].payload[..], b"2b");
+    // Nothing more: the call returns empty after its wait instead of hanging.
+    assert!(later
+        .next_batch(Duration::from_millis(200))
+        .await
+        .is_empty());
 
     let mut ingest = ingest;
     let info = ingest.info().await.unwrap();

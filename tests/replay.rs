@@ -63,20 +63,33 @@ async fn replaying_the_shard_logs_into_an_empty_store_yields_byte_identical_stat
         assert_eq!(reply["shards"], json!(env.options.shards), "{reply}");
     }
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    assert!(env.node.terminate(STOP_TIMEOUT), "first node did not stop cleanly");
+    assert!(
+        env.node.terminate(STOP_TIMEOUT),
+        "first node did not stop cleanly"
+    );
 
     let second_config = write_config(env.dir.path(), "node-2", &env.nats.url(), &env.options);
     let mut second = NodeProcess::start(&second_config, &env.nats.url(), NODE_READY_TIMEOUT);
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    assert!(second.terminate(STOP_TIMEOUT), "second node did not stop cleanly");
+    assert!(
+        second.terminate(STOP_TIMEOUT),
+        "second node did not stop cleanly"
+    );
 
     let original = stored_states(&env.dir.path().join("node-1"));
     let replayed = stored_states(&env.dir.path().join("node-2"));
-    assert!(original.len() >= 200, "only {} customers stored", original.len());
+    assert!(
+        original.len() >= 200,
+        "only {} customers stored",
+        original.len()
+    );
     assert_eq!(original.len(), replayed.len(), "customer counts differ");
     for ((id_a, bytes_a), (id_b, bytes_b)) in original.iter().zip(&replayed) {
         assert_eq!(id_a, id_b);
-        assert!(bytes_a == bytes_b, "customer {id_a}: replayed state differs");
+        assert!(
+            bytes_a == bytes_b,
+            "customer {id_a}: replayed state differs"
+        );
     }
     assert_eq!(
         shard_clocks(&env.dir.path().join("node-1"), env.options.shards),

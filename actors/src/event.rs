@@ -600,7 +600,11 @@ impl Fields<'_> {
         let list = match self.0.get("items") {
             None | Some(Value::Null) => return Ok(Vec::new()),
             Some(Value::Array(list)) => list,
-            Some(_) => return Err(invalid("items must be an array of {sku, category, qty, price}")),
+            Some(_) => {
+                return Err(invalid(
+                    "items must be an array of {sku, category, qty, price}",
+                ))
+            }
         };
         if list.len() > limits.items_max {
             return Err(invalid(format!(
@@ -615,7 +619,8 @@ impl Fields<'_> {
                 return Err(invalid(format!("items[{index}] must be an object")));
             };
             let fields = Fields(map);
-            let prefix = |e: Rejection| Rejection::new(e.reason, format!("items[{index}].{}", e.message));
+            let prefix =
+                |e: Rejection| Rejection::new(e.reason, format!("items[{index}].{}", e.message));
             items.push(LineItem {
                 sku: fields.text("sku").map_err(prefix)?,
                 category: fields
@@ -633,7 +638,12 @@ impl Fields<'_> {
     }
 }
 
-fn amount(name: &str, value: &Value, limits: &IngestLimits, zero_ok: bool) -> Result<i64, Rejection> {
+fn amount(
+    name: &str,
+    value: &Value,
+    limits: &IngestLimits,
+    zero_ok: bool,
+) -> Result<i64, Rejection> {
     let minor = minor_from_json(value).map_err(|error| {
         Rejection::new(RejectReason::BadAmount, format!("{name} {value} {error}"))
     })?;
@@ -680,7 +690,11 @@ mod tests {
     use serde_json::json;
 
     fn parse(value: Value) -> Result<ChannelEvent, Rejection> {
-        parse_ingest("web", value.to_string().as_bytes(), &IngestLimits::default())
+        parse_ingest(
+            "web",
+            value.to_string().as_bytes(),
+            &IngestLimits::default(),
+        )
     }
 
     fn purchase() -> Value {
@@ -695,7 +709,9 @@ mod tests {
         let event = parse(purchase()).unwrap();
         assert_eq!(event.identities[0].kind, IdentityKind::LoyaltyCard);
         assert_eq!(event.identities[1].value, "ann@example.com");
-        let EventKind::Purchase(p) = event.kind else { panic!() };
+        let EventKind::Purchase(p) = event.kind else {
+            panic!()
+        };
         assert_eq!(p.amount_minor, 2550);
         assert_eq!(p.items[0].price_minor, 2550);
     }
@@ -704,11 +720,22 @@ mod tests {
     fn each_bad_input_gets_its_reason() {
         let limits = IngestLimits::default();
         let oversized = vec![b' '; limits.payload_max_bytes + 1];
-        assert_eq!(parse_ingest("web", &oversized, &limits).unwrap_err().reason, RejectReason::Oversized);
-        assert_eq!(parse_ingest("web", b"{not json", &limits).unwrap_err().reason, RejectReason::Malformed);
+        assert_eq!(
+            parse_ingest("web", &oversized, &limits).unwrap_err().reason,
+            RejectReason::Oversized
+        );
+        assert_eq!(
+            parse_ingest("web", b"{not json", &limits)
+                .unwrap_err()
+                .reason,
+            RejectReason::Malformed
+        );
         let mut v = purchase();
         v["v"] = json!(2);
-        assert_eq!(parse(v).unwrap_err().reason, RejectReason::UnsupportedVersion);
+        assert_eq!(
+            parse(v).unwrap_err().reason,
+            RejectReason::UnsupportedVersion
+        );
         let mut v = purchase();
         v["type"] = json!("teleport");
         assert_eq!(parse(v).unwrap_err().reason, RejectReason::UnknownType);

@@ -95,7 +95,10 @@ mod tests {
         assert_eq!(parse_decimal_minor("1.234"), Err(AmountError::TooPrecise));
         assert_eq!(parse_decimal_minor("abc"), Err(AmountError::NotANumber));
         assert_eq!(parse_decimal_minor(""), Err(AmountError::NotANumber));
-        assert_eq!(parse_decimal_minor("99999999999999999999"), Err(AmountError::TooLarge));
+        assert_eq!(
+            parse_decimal_minor("99999999999999999999"),
+            Err(AmountError::TooLarge)
+        );
     }
 
     #[test]

@@ -42,9 +42,9 @@ impl Who {
             return Ok(json!({"identity": {"email": email}}));
         }
         if let Some(pair) = &self.identity {
-            let (kind, value) = pair
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--identity '{pair}' must be KIND=VALUE, e.g. loyalty_card=LC-123"))?;
+            let (kind, value) = pair.split_once('=').ok_or_else(|| {
+                anyhow!("--identity '{pair}' must be KIND=VALUE, e.g. loyalty_card=LC-123")
+            })?;
             return Ok(json!({"identity": {kind: value}}));
         }
         bail!("name the customer with --customer-id, --email or --identity KIND=VALUE")
@@ -104,7 +104,11 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
         .connection_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {url}; start it with scripts/nats-up or pass --nats-url"))
+        .with_context(|| {
+            format!(
+                "cannot connect to NATS at {url}; start it with scripts/nats-up or pass --nats-url"
+            )
+        })
 }
 
 async fn request(client: &async_nats::Client, subject: &str, body: &Value) -> Result<Value> {
@@ -115,7 +119,8 @@ async fn request(client: &async_nats::Client, subject: &str, body: &Value) -> Re
     .await
     .map_err(|_| anyhow!("no reply on {subject} within 10 s; is a crm-node running?"))?
     .map_err(|e| anyhow!("request on {subject} failed: {e}; is a crm-node running?"))?;
-    serde_json::from_slice(&reply.payload).with_context(|| format!("reply on {subject} is not JSON"))
+    serde_json::from_slice(&reply.payload)
+        .with_context(|| format!("reply on {subject} is not JSON"))
 }
 
 /// `crm-node send`: publishes one event with `Nats-Msg-Id` = its `event_id`.
@@ -140,7 +145,9 @@ pub async fn send(url: &str, args: SendArgs) -> Result<()> {
     let ack = js
         .send_publish(
             subjects::ingest(&args.channel),
-            Publish::build().payload(text.into_bytes().into()).message_id(&event_id),
+            Publish::build()
+                .payload(text.into_bytes().into())
+                .message_id(&event_id),
         )
         .await?
         .await
@@ -172,7 +179,12 @@ pub fn render_view(view: &Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if let Some(error) = view.get("error") {
-        let _ = writeln!(out, "error {}: {}", error["code"].as_str().unwrap_or("?"), error["message"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            out,
+            "error {}: {}",
+            error["code"].as_str().unwrap_or("?"),
+            error["message"].as_str().unwrap_or("")
+        );
         return out;
     }
     let s = |v: &Value| match v {
@@ -183,19 +195,51 @@ pub fn render_view(view: &Value) -> String {
     let _ = writeln!(out, "customer   {}", s(&view["customer_id"]));
     let _ = writeln!(out, "identities {}", s(&view["identities"]));
     let p = &view["purchases"];
-    let _ = writeln!(out, "purchases  {} orders, spend {} (first {}, last {})", s(&p["count"]), s(&p["total_spend"]), s(&p["first_at"]), s(&p["last_at"]));
+    let _ = writeln!(
+        out,
+        "purchases  {} orders, spend {} (first {}, last {})",
+        s(&p["count"]),
+        s(&p["total_spend"]),
+        s(&p["first_at"]),
+        s(&p["last_at"])
+    );
     let _ = writeln!(out, "  by channel  {}", s(&p["by_channel"]));
     let _ = writeln!(out, "  by category {}", s(&p["by_category"]));
     let r = &view["returns"];
-    let _ = writeln!(out, "returns    {} totalling {}", s(&r["count"]), s(&r["total"]));
+    let _ = writeln!(
+        out,
+        "returns    {} totalling {}",
+        s(&r["count"]),
+        s(&r["total"])
+    );
     let l = &view["loyalty"];
-    let _ = writeln!(out, "loyalty    tier {}, {} points (+{} pending)", s(&l["tier"]), s(&l["points_balance"]), s(&l["points_pending"]));
+    let _ = writeln!(
+        out,
+        "loyalty    tier {}, {} points (+{} pending)",
+        s(&l["tier"]),
+        s(&l["points_balance"]),
+        s(&l["points_pending"])
+    );
     let t = &view["retention"];
-    let _ = writeln!(out, "retention  {} (recency {} d, mean gap {} d) {}", s(&t["state"]), s(&t["recency_days"]), s(&t["mean_gap_days"]), s(&t["reason"]));
+    let _ = writeln!(
+        out,
+        "retention  {} (recency {} d, mean gap {} d) {}",
+        s(&t["state"]),
+        s(&t["recency_days"]),
+        s(&t["mean_gap_days"]),
+        s(&t["reason"])
+    );
     if let Some(timeline) = view["timeline"].as_array() {
         let _ = writeln!(out, "timeline   (latest {})", timeline.len());
         for entry in timeline.iter().take(5) {
-            let _ = writeln!(out, "  {} {:<10} {:<9} {}", s(&entry["at"]), s(&entry["channel"]), s(&entry["type"]), s(&entry["summary"]));
+            let _ = writeln!(
+                out,
+                "  {} {:<10} {:<9} {}",
+                s(&entry["at"]),
+                s(&entry["channel"]),
+                s(&entry["type"]),
+                s(&entry["summary"])
+            );
         }
     }
     out
@@ -289,7 +333,10 @@ pub async fn load(url: &str, args: LoadArgs) -> Result<()> {
         let publish = Publish::build()
             .payload(event.payload.into())
             .message_id(&event.event_id);
-        in_flight.push_back(js.send_publish(subjects::ingest(&event.channel), publish).await?);
+        in_flight.push_back(
+            js.send_publish(subjects::ingest(&event.channel), publish)
+                .await?,
+        );
         sent += 1;
         if in_flight.len() >= args.in_flight_max {
             if let Some(ack) = in_flight.pop_front() {

@@ -85,12 +85,18 @@ impl Commands {
         let inbox = self.client.new_inbox();
         let mut replies = match self.client.subscribe(inbox.clone()).await {
             Ok(subscription) => subscription,
-            Err(error) => return error_reply("unavailable", format!("cannot wait for the reply: {error}")),
+            Err(error) => {
+                return error_reply("unavailable", format!("cannot wait for the reply: {error}"))
+            }
         };
         let shard = shard_of(&customer_id, self.shards.count);
         let record = ShardMessage::Customer {
             customer_id,
-            command: CustomerCommand::Redeem { request_id, reward_id, at_ms },
+            command: CustomerCommand::Redeem {
+                request_id,
+                reward_id,
+                at_ms,
+            },
             reply_to: Some(inbox),
         };
         let published = match self
@@ -102,7 +108,10 @@ impl Commands {
             Err(error) => Err(error.to_string()),
         };
         if let Err(error) = published {
-            return error_reply("unavailable", format!("the shard log did not accept the command: {error}"));
+            return error_reply(
+                "unavailable",
+                format!("the shard log did not accept the command: {error}"),
+            );
         }
         match tokio::time::timeout(self.shards.timeout, replies.next()).await {
             Ok(Some(message)) => serde_json::from_slice(&message.payload)
@@ -117,7 +126,11 @@ impl Commands {
     /// Answers one tick request body `{"at": RFC 3339}`.
     pub async fn tick(&self, body: &[u8]) -> Value {
         let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let at_ms = match request.get("at").and_then(Value::as_str).map(parse_rfc3339_ms) {
+        let at_ms = match request
+            .get("at")
+            .and_then(Value::as_str)
+            .map(parse_rfc3339_ms)
+        {
             Some(Ok(ms)) => ms,
             Some(Err(error)) => return error_reply("bad_request", format!("at {error}")),
             None => return error_reply("bad_request", "send {\"at\": \"2027-01-01T00:00:00Z\"}"),
@@ -149,12 +162,21 @@ impl Commands {
     }
 
     /// Serves `subject` with `handler` until shutdown.
-    pub async fn serve<F, Fut>(self, subject: &'static str, concurrency_max: usize, handler: F, mut shutdown: Shutdown)
-    where
+    pub async fn serve<F, Fut>(
+        self,
+        subject: &'static str,
+        concurrency_max: usize,
+        handler: F,
+        mut shutdown: Shutdown,
+    ) where
         F: Fn(Commands, bytes::Bytes) -> Fut + Clone,
         Fut: std::future::Future<Output = Value>,
     {
-        let subscription = match self.client.queue_subscribe(subject, QUEUE_GROUP.to_string()).await {
+        let subscription = match self
+            .client
+            .queue_subscribe(subject, QUEUE_GROUP.to_string())
+            .await
+        {
             Ok(subscription) => subscription,
             Err(error) => {
                 warn!(%error, subject, "command responder could not subscribe");

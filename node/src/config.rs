@@ -8,9 +8,7 @@
 //! through [`Config::with_overrides`] and calls [`Config::validate`] again. Field reference:
 //! `docs/config.md`. This module only reads and checks values; it never touches NATS.
 
-use crate::jetstream::{
-    IngestConsumerSettings, StreamLimits, StreamSettings,
-};
+use crate::jetstream::{IngestConsumerSettings, StreamLimits, StreamSettings};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -139,7 +137,7 @@ pub struct LimitsSection {
     pub ack_wait_s: u64,
     /// Most customer actors resident on this node (spread evenly over its shards).
     pub resident_max_customers: usize,
-    /// A customer actor idle this long (in event time of its shard) is passivated, in s.
+    /// A customer actor idle this long (wall clock; passivation is not a rule) is passivated, in s.
     pub passivate_after_s: u64,
     /// Entries kept in the identity directory's in-memory cache (0 = no cache).
     pub identity_cache_max_entries: usize,

@@ -8,8 +8,8 @@
 //! (Debian) and newer: async-nats 0.51's `create_key_value` cannot parse a 2.9 account-info
 //! reply, so [`ensure_kv`] creates a bucket's backing stream itself, exactly as the client
 //! would, and opens it with `get_key_value`. A 2.9 consumer has a single filter subject, so
-//! each shard is read by its own ordered consumer ([`shard_log_reader`]), which starts at the
-//! shard's applied sequence kept in sled. Subject and stream names
+//! each shard is read by its own consumer (`crate::shard_log`), which starts at the shard's
+//! applied sequence kept in sled. Subject and stream names
 //! come from [`crate::subjects`]; this module never publishes application data.
 
 use crate::subjects;
@@ -475,43 +475,6 @@ pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), Setup
         tracing::warn!(error = %transient, attempt, "recording the shard count failed; retrying");
         tokio::time::sleep(retry_delay(attempt)).await;
     }
-}
-
-/// An ordered reader of shard `shard`'s log from `start_sequence` (the shard's applied
-/// sequence in sled, plus one).
-///
-/// The shard's progress lives with its state in sled, not in a JetStream consumer: a durable
-/// consumer redelivers unacked messages *after* newer ones (after a crash, a lost
-/// connection, a slow batch), and a worker that skips records at or below its applied
-/// sequence would then lose the older ones. An ordered consumer (ephemeral, no acks, the
-/// client recreates it from the last seen sequence on any gap or missed heartbeat) delivers
-/// the log strictly in order; on restart the worker opens a new one from its own applied
-/// sequence.
-pub async fn shard_log_reader(
-    js: &Context,
-    shard: u32,
-    start_sequence: u64,
-) -> Result<async_nats::jetstream::consumer::Consumer<pull::OrderedConfig>, SetupError> {
-    let consumer_error = |detail: String| SetupError::Consumer {
-        stream: subjects::SHARDS_STREAM,
-        consumer: format!("ordered reader of shard {shard}"),
-        detail,
-    };
-    let stream = js
-        .get_stream(subjects::SHARDS_STREAM)
-        .await
-        .map_err(|e| consumer_error(e.to_string()))?;
-    let config = pull::OrderedConfig {
-        filter_subject: subjects::shard(shard),
-        deliver_policy: DeliverPolicy::ByStartSequence {
-            start_sequence: start_sequence.max(1),
-        },
-        ..Default::default()
-    };
-    stream
-        .create_consumer(config)
-        .await
-        .map_err(|e| consumer_error(e.to_string()))
 }
 
 /// The ingest consumer every node's router shares (durable `crm-router`, filter

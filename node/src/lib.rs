@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod query;
 pub mod router;
+pub mod shard_log;
 pub mod shard_worker;
 pub mod sharding;
 pub mod shutdown;

@@ -415,7 +415,9 @@ impl Generator {
                 Archetype::Subscriber => 2.0 + days * 0.1,
             };
             let mean_gap_ms = ((window_ms as f64 / expected_sessions) as i64).max(10 * MINUTE_MS);
-            let first_ms = spec.start_ms + rng.gen_range(0..=mean_gap_ms.min(window_ms).max(1));
+            let first_ms = whole_second_up(
+                spec.start_ms + rng.gen_range(0..=mean_gap_ms.min(window_ms).max(1)),
+            );
             people.push(PersonState {
                 introduced: 0,
                 recorded: 0,
@@ -481,6 +483,8 @@ impl Generator {
     }
 
     fn queue(&mut self, at_ms: i64, person: usize, action: Action) {
+        // Whole seconds, as channels report them; rounding up keeps every order.
+        let at_ms = whole_second_up(at_ms);
         // Nothing at or after the window's end is ever emitted; don't hold it.
         if at_ms >= self.end_ms {
             return;
@@ -543,7 +547,7 @@ impl Generator {
     }
 
     fn step(&mut self, session: &mut Session, low_s: i64, high_s: i64) {
-        session.clock_ms += self.millis(low_s * SECOND_MS, high_s * SECOND_MS);
+        session.clock_ms += self.rng.gen_range(low_s..=high_s.max(low_s)) * SECOND_MS;
     }
 
     /// Makes sure `wanted` identifiers are known before they are used alone: a new one is
@@ -1298,6 +1302,10 @@ fn fit_to_total(mut items: Vec<LineItem>) -> Vec<LineItem> {
     items
 }
 
+fn whole_second_up(ms: i64) -> i64 {
+    ms.saturating_add((SECOND_MS - ms.rem_euclid(SECOND_MS)) % SECOND_MS)
+}
+
 fn lowest_bit(mask: u8) -> Option<u8> {
     (mask != 0).then(|| mask & mask.wrapping_neg())
 }
@@ -1367,6 +1375,7 @@ mod tests {
                 });
             assert_eq!(parsed.event_id, event.event_id);
             assert_eq!(parsed.occurred_at_ms, event.occurred_at_ms);
+            assert_eq!(event.occurred_at_ms % 1000, 0, "whole seconds");
             assert!(event.occurred_at_ms >= previous_ms, "event-time order");
             assert!(event.occurred_at_ms < end);
             previous_ms = event.occurred_at_ms;

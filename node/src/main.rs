@@ -13,7 +13,12 @@ use std::path::PathBuf;
 #[command(name = "crm-node", version, about = "Distributed actor-based CRM node")]
 struct Cli {
     /// NATS server URL.
-    #[arg(long, global = true, env = "CRM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "CRM_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     #[command(subcommand)]
     command: Command,
@@ -84,14 +89,18 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         let url = cli.nats_url;
         match cli.command {
-            Command::Run { config, data_dir, node_id } => {
-                crm_node::node::run_from_cli(&config, url_override(&url), data_dir, node_id).await
-            }
+            Command::Run {
+                config,
+                data_dir,
+                node_id,
+            } => crm_node::node::run_from_cli(&config, url_override(&url), data_dir, node_id).await,
             Command::Send(args) => crm_node::client::send(&url, args).await,
             Command::Query { who, json } => crm_node::client::query(&url, who, json).await,
-            Command::Redeem { who, reward, request_id } => {
-                crm_node::client::redeem(&url, who, reward, request_id).await
-            }
+            Command::Redeem {
+                who,
+                reward,
+                request_id,
+            } => crm_node::client::redeem(&url, who, reward, request_id).await,
             Command::Watch(args) => crm_node::client::watch(&url, args).await,
             Command::Tick { at } => crm_node::client::tick(&url, &at).await,
             Command::Load(load) => crm_node::client::load(&url, load.args).await,

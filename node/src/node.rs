@@ -26,7 +26,7 @@ use crm_actors::store::Store;
 use futures::StreamExt;
 use serde_json::json;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -58,7 +58,10 @@ pub async fn run_from_cli(
 
 async fn fire_on_signal(trigger: ShutdownTrigger) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("signal handlers unavailable; stop with SIGKILL only");
         return;
     };
@@ -70,14 +73,38 @@ async fn fire_on_signal(trigger: ShutdownTrigger) {
 }
 
 /// Connects to NATS, retrying with back-off until it answers or shutdown is asked for.
-async fn connect(config: &Config, shutdown: &mut Shutdown) -> Result<async_nats::Client> {
+/// `restored` receives a message when the connection is lost and then restored.
+async fn connect(
+    config: &Config,
+    shutdown: &mut Shutdown,
+    restored: mpsc::Sender<()>,
+) -> Result<async_nats::Client> {
     let mut delay = Duration::from_millis(config.nats.connect_retry_initial_ms);
     let delay_max = Duration::from_millis(config.nats.connect_retry_max_ms);
+    let lost = Arc::new(AtomicBool::new(false));
     loop {
+        let (restored, lost) = (restored.clone(), lost.clone());
         let attempt = async_nats::ConnectOptions::new()
             .name(format!("crm-node {}", config.node.node_id))
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
+            .event_callback(move |event| {
+                let (restored, lost) = (restored.clone(), lost.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            warn!("NATS connection lost");
+                            lost.store(true, Ordering::Relaxed);
+                        }
+                        async_nats::Event::Connected if lost.swap(false, Ordering::Relaxed) => {
+                            warn!("NATS connection restored");
+                            let _ = restored.try_send(());
+                        }
+                        async_nats::Event::Connected => {}
+                        other => info!(event = %other, "NATS client event"),
+                    }
+                }
+            })
             .connect(config.nats.url.as_str())
             .await;
         match attempt {
@@ -94,14 +121,80 @@ async fn connect(config: &Config, shutdown: &mut Shutdown) -> Result<async_nats:
     }
 }
 
+/// How one session on one NATS connection ended.
+enum SessionEnd {
+    /// Shutdown was asked for.
+    Stopped,
+    /// The connection was lost and restored: run a new session on a fresh connection.
+    ConnectionRestored,
+}
+
 /// Runs a node until `trigger` fires. A task that ends on its own (a bug or a fatal store
 /// error) fires it too, and the node exits with an error so a supervisor restarts it.
+///
+/// The node's tasks run in a *session* bound to one NATS connection. When NATS goes away and
+/// comes back, the session is stopped gracefully (the batch in hand is finished) and a new
+/// one starts on a fresh connection, from the positions kept in sled and JetStream: a client
+/// whose connection was restored may hold stale request state (async-nats 0.51 stops
+/// matching JetStream replies to requests after a server restart), and a fresh session
+/// re-checks the streams the restarted server recovered.
 pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
-    let mut shutdown = trigger.subscribe();
     let rules_path = config.rules_path();
     let rules = Arc::new(Rules::load(&rules_path)?);
     info!(node_id = %config.node.node_id, rules = %rules_path.display(), rules_version = rules.version, "starting");
-    let client = connect(&config, &mut shutdown).await?;
+    let store_path = config.node.data_dir.join("sled");
+    let store = Store::open(&store_path, config.limits.sled_cache_max_bytes)
+        .with_context(|| format!("opening the state store at {}", store_path.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let stored = store
+        .customer_count()
+        .context("counting the stored customers")?;
+    Metrics::add(&metrics.stored_customers, stored as u64);
+    let progress: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..config.cluster.shards)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    loop {
+        match session(&config, &trigger, &rules, &store, &metrics, &progress).await? {
+            SessionEnd::Stopped => break,
+            SessionEnd::ConnectionRestored => {
+                warn!("restarting the node's tasks on a fresh NATS connection");
+            }
+        }
+    }
+    store.flush().await?;
+    info!("crm-node stopped");
+    Ok(())
+}
+
+/// One session: connect, set up, run every task until shutdown or a restored connection.
+async fn session(
+    config: &Config,
+    trigger: &ShutdownTrigger,
+    rules: &Arc<Rules>,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    progress: &Arc<Vec<AtomicU64>>,
+) -> Result<SessionEnd> {
+    let mut process_shutdown = trigger.subscribe();
+    let (restored_sender, mut restored) = mpsc::channel(4);
+    let client = connect(config, &mut process_shutdown, restored_sender).await?;
+    let session_trigger = shutdown::channel().0;
+    let mut shutdown = session_trigger.subscribe();
+    let connection_restored = Arc::new(AtomicBool::new(false));
+    {
+        let (session_trigger, connection_restored) =
+            (session_trigger.clone(), connection_restored.clone());
+        let mut process_shutdown = process_shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = process_shutdown.wait() => {}
+                Some(()) = restored.recv() => connection_restored.store(true, Ordering::Relaxed),
+            }
+            session_trigger.fire();
+        });
+    }
     let jetstream = async_nats::jetstream::new(client.clone());
 
     setup::ensure_streams(&jetstream, &config.stream_settings()).await?;
@@ -114,17 +207,10 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
         config.limits.identity_cache_max_entries,
     ));
 
-    let store_path = config.node.data_dir.join("sled");
-    let store = Store::open(&store_path, config.limits.sled_cache_max_bytes)
-        .with_context(|| format!("opening the state store at {}", store_path.display()))?;
-    let metrics = Arc::new(Metrics::default());
-    let stored = store.customer_count().context("counting the stored customers")?;
-    Metrics::add(&metrics.stored_customers, stored as u64);
     let shards = config.cluster.shards;
     let mut tasks = JoinSet::new();
     let mut handles = Vec::with_capacity(shards as usize);
     let resident_per_shard = (config.limits.resident_max_customers / shards as usize).max(1);
-    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
     for shard in 0..shards {
         let engine = ShardEngine::new(
             shard,
@@ -203,17 +289,16 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
         shutdown.clone(),
     ));
     if config.limits.tick_interval_s > 0 {
-        tasks.spawn(
-            commands
-                .clone()
-                .run_ticker(Duration::from_secs(config.limits.tick_interval_s), shutdown.clone()),
-        );
+        tasks.spawn(commands.clone().run_ticker(
+            Duration::from_secs(config.limits.tick_interval_s),
+            shutdown.clone(),
+        ));
     }
     tasks.spawn(serve_stats(
         client.clone(),
         config.node.node_id.clone(),
         metrics.clone(),
-        progress,
+        progress.clone(),
         shutdown.clone(),
     ));
 
@@ -230,20 +315,30 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     if let Some(failure) = &failure {
         error!(%failure, "stopping the node");
         trigger.fire();
+        session_trigger.fire();
     }
     let grace = Duration::from_secs(config.limits.shutdown_grace_s);
-    let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        warn!(grace_s = grace.as_secs(), "tasks still busy after the grace period; stopping anyway");
+        warn!(
+            grace_s = grace.as_secs(),
+            "tasks still busy after the grace period; stopping anyway"
+        );
         tasks.abort_all();
     }
     store.flush().await?;
     client.flush().await.ok();
-    info!("crm-node stopped");
-    match failure {
-        Some(failure) => anyhow::bail!("{failure}"),
-        None => Ok(()),
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure}");
     }
+    Ok(
+        if connection_restored.load(Ordering::Relaxed) && !process_shutdown.is_triggered() {
+            SessionEnd::ConnectionRestored
+        } else {
+            SessionEnd::Stopped
+        },
+    )
 }
 
 /// Answers `crm.node.stats` with this node's counters.

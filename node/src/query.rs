@@ -8,8 +8,8 @@
 
 use crate::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
-use crate::sharding::shard_of;
 use crate::shard_worker::{ShardHandle, ShardRequest};
+use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::Client;
@@ -93,7 +93,10 @@ impl Shards {
             Ok(Err(_)) => error_reply("unavailable", format!("shard {shard} is stopping")),
             Err(_) => error_reply(
                 "unavailable",
-                format!("shard {shard} did not answer within {} ms", self.timeout.as_millis()),
+                format!(
+                    "shard {shard} did not answer within {} ms",
+                    self.timeout.as_millis()
+                ),
             ),
         }
     }

@@ -167,9 +167,12 @@ impl Router {
         // An identifier that belongs to another customer is not the winner's: it must not be
         // linked to it (merging two customers is an explicit, later operation).
         let mut event = event;
-        event
-            .identities
-            .retain(|identity| !resolution.conflicts.iter().any(|(kind, _)| *kind == identity.kind));
+        event.identities.retain(|identity| {
+            !resolution
+                .conflicts
+                .iter()
+                .any(|(kind, _)| *kind == identity.kind)
+        });
         let shard = shard_of(&resolution.customer_id, self.shards);
         let record = ShardMessage::Customer {
             customer_id: resolution.customer_id,

@@ -1,9 +1,9 @@
 //! The shard worker: applies one shard's log, in order, through the customer actors.
 //!
-//! One task per owned shard reads `crm.shard.<n>` strictly in order with an ordered consumer
-//! that starts right after the shard's applied sequence in sled (the shard's progress lives
-//! with its state, so a crash loses nothing and a redelivery can never arrive after newer
-//! records). It hands each ready chunk (at most `batch_max_events`) to the shard's
+//! One task per owned shard reads `crm.shard.<n>` strictly in order with a
+//! [`ShardLogReader`] that starts right after the shard's applied sequence in sled (the
+//! shard's progress lives with its state, so a crash loses nothing and no record can arrive
+//! after newer ones). It hands each ready chunk (at most `batch_max_events`) to the shard's
 //! [`ShardEngine`] (dedup by applied sequence, actors, rules, one sled commit and one
 //! flush), then publishes what the batch produced: dead letters for refused commands,
 //! replies to waiting redeem requests, and actor events (from the engine's durable outbox,
@@ -13,6 +13,7 @@
 
 use crate::dlq;
 use crate::metrics::Metrics;
+use crate::shard_log::ShardLogReader;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::jetstream::message::PublishMessage as Publish;
@@ -21,7 +22,6 @@ use crm_actors::codec;
 use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
 use crm_actors::engine::{OutboxKey, ShardEngine};
 use crm_actors::event::{RejectReason, Rejection};
-use futures::StreamExt;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,70 +68,44 @@ pub struct ShardWorker {
 
 /// Delay before the reader is reopened after a failure.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest wait for new records before the worker looks at its other duties.
+const READ_WAIT: Duration = Duration::from_millis(500);
 
 impl ShardWorker {
-    /// Runs until shutdown; the batch in hand is finished (applied, flushed, acked) first.
+    /// Runs until shutdown; the batch in hand is finished (applied and flushed) first.
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let span = info_span!("shard", shard = self.shard);
         async move {
             self.publish_outbox().await;
             self.record_progress();
-            let mut backoff = Duration::from_millis(100);
+            let mut reader = ShardLogReader::new(
+                self.jetstream.clone(),
+                self.shard,
+                self.engine.meta().applied_seq + 1,
+                self.settings.batch_max_events,
+            );
             let mut last_passivation = Instant::now();
-            'outer: while !shutdown.is_triggered() {
-                let start = self.engine.meta().applied_seq + 1;
-                let reader = crate::jetstream::shard_log_reader(&self.jetstream, self.shard, start);
-                let stream = match reader.await {
-                    Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
-                    Err(error) => Err(error.to_string()),
-                };
-                let stream = match stream {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        warn!(%error, "cannot pull the shard log; retrying");
+            while !shutdown.is_triggered() {
+                let records = {
+                    let next = reader.next_batch(READ_WAIT);
+                    tokio::pin!(next);
+                    loop {
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.wait() => break,
+                            biased;
+                            records = &mut next => break Some(records),
+                            Some(request) = self.requests.recv() => self.answer(request).await,
+                            _ = shutdown.wait() => break None,
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
                     }
                 };
-                backoff = Duration::from_millis(100);
-                let mut chunks = stream.ready_chunks(self.settings.batch_max_events);
-                let mut passivation = tokio::time::interval(self.settings.passivate_every);
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait() => break 'outer,
-                        Some(request) = self.requests.recv() => self.answer(request).await,
-                        chunk = chunks.next() => {
-                            let Some(chunk) = chunk else { break };
-                            let mut messages = Vec::with_capacity(chunk.len());
-                            let mut broken = false;
-                            for item in chunk {
-                                match item {
-                                    Ok(message) => messages.push(message),
-                                    Err(error) => {
-                                        warn!(%error, "shard log pull error; reconnecting");
-                                        broken = true;
-                                    }
-                                }
-                            }
-                            if !messages.is_empty() && !self.process(messages).await {
-                                broken = true;
-                            }
-                            if broken {
-                                tokio::time::sleep(RETRY_DELAY).await;
-                                break;
-                            }
-                        }
-                        _ = passivation.tick() => {}
-                    }
-                    if last_passivation.elapsed() >= self.settings.passivate_every {
-                        self.engine.passivate(Instant::now());
-                        last_passivation = Instant::now();
-                    }
+                let Some(records) = records else { break };
+                if !records.is_empty() && !self.process(records).await {
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    reader.rewind(self.engine.meta().applied_seq + 1).await;
+                }
+                if last_passivation.elapsed() >= self.settings.passivate_every {
+                    self.engine.passivate(Instant::now());
+                    last_passivation = Instant::now();
                 }
             }
             self.engine.shutdown().await;
@@ -182,8 +156,13 @@ impl ShardWorker {
                         RejectReason::Malformed,
                         format!("shard log record is not a crm-node record ({error})"),
                     );
-                    self.dead_letter(&rejection, message.subject.as_str(), sequence, message.payload.clone())
-                        .await;
+                    self.dead_letter(
+                        &rejection,
+                        message.subject.as_str(),
+                        sequence,
+                        message.payload.clone(),
+                    )
+                    .await;
                 }
             }
         }
@@ -212,8 +191,10 @@ impl ShardWorker {
         let client = self.jetstream.client();
         for outcome in &result.messages {
             if let ApplyStatus::Rejected(rejection) = &outcome.status {
-                let (subject, sequence, payload) = self.original_input(&messages, outcome.seq).await;
-                self.dead_letter(rejection, &subject, sequence, payload).await;
+                let (subject, sequence, payload) =
+                    self.original_input(&messages, outcome.seq).await;
+                self.dead_letter(rejection, &subject, sequence, payload)
+                    .await;
             }
             if let (Some(reply_to), Some(redeem)) = (&outcome.reply_to, &outcome.redeem) {
                 match serde_json::to_vec(redeem) {
@@ -235,18 +216,30 @@ impl ShardWorker {
     /// `Nats-Msg-Id` names it). When the ingest message is gone (past the ingest stream's
     /// retention, or a command that never went through ingest), the record's command as JSON
     /// with the shard subject and sequence.
-    async fn original_input(&self, messages: &[Message], sequence: u64) -> (String, u64, bytes::Bytes) {
+    async fn original_input(
+        &self,
+        messages: &[Message],
+        sequence: u64,
+    ) -> (String, u64, bytes::Bytes) {
         let record = messages
             .iter()
             .find(|m| m.info().map(|i| i.stream_sequence).ok() == Some(sequence));
         if let Some(ingest_sequence) = record.and_then(ingest_sequence_of) {
             let original = async {
-                let stream = self.jetstream.get_stream(subjects::INGEST_STREAM).await.ok()?;
+                let stream = self
+                    .jetstream
+                    .get_stream(subjects::INGEST_STREAM)
+                    .await
+                    .ok()?;
                 stream.get_raw_message(ingest_sequence).await.ok()
             }
             .await;
             if let Some(original) = original {
-                return (original.subject.to_string(), ingest_sequence, original.payload);
+                return (
+                    original.subject.to_string(),
+                    ingest_sequence,
+                    original.payload,
+                );
             }
         }
         let fallback = record
@@ -282,7 +275,10 @@ impl ShardWorker {
     async fn publish_outbox(&mut self) {
         match self.engine.pending_outbox() {
             Ok(events) if !events.is_empty() => {
-                info!(count = events.len(), "publishing actor events left in the outbox");
+                info!(
+                    count = events.len(),
+                    "publishing actor events left in the outbox"
+                );
                 self.publish_events(events).await;
             }
             Ok(_) => {}

@@ -23,7 +23,10 @@ mod tests {
     #[test]
     fn the_shard_of_a_customer_never_changes() {
         // Pinned values: changing the hash would scatter every stored customer.
-        assert_eq!(shard_of("c0123456789abcdef01234567", 64), shard_of("c0123456789abcdef01234567", 64));
+        assert_eq!(
+            shard_of("c0123456789abcdef01234567", 64),
+            shard_of("c0123456789abcdef01234567", 64)
+        );
         assert_eq!(shard_of("", 64), (0xcbf2_9ce4_8422_2325u64 % 64) as u32);
         assert_eq!(shard_of("a", 1), 0);
     }
