@@ -24,6 +24,8 @@ use crate::state::CustomerState;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The one sled tree holding every key of this store.
 pub const TREE_NAME: &str = "crm";
@@ -151,6 +153,23 @@ pub struct DueTimer {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Group commit across every shard of the process; see [`Store::flush`].
+    flusher: Arc<Flusher>,
+}
+
+/// Serialises and coalesces flushes. sled 0.34's `flush_async` runs on sled's own small
+/// thread pool, and many concurrent flushes (one per shard worker) fill it with flushers
+/// that wait for I/O work queued behind them: a deadlock. One flush at a time, on tokio's
+/// blocking pool, covering every commit made before it started, avoids that and lets all
+/// shards share each flush.
+#[derive(Default)]
+struct Flusher {
+    /// Commits made so far (incremented after each `apply_batch`).
+    committed: AtomicU64,
+    /// Every commit numbered at or below this is durable.
+    durable: AtomicU64,
+    /// Held while a flush runs.
+    running: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -174,7 +193,11 @@ impl Store {
             .open()
             .map_err(open_error)?;
         let tree = db.open_tree(TREE_NAME).map_err(open_error)?;
-        Ok(Store { db, tree })
+        Ok(Store {
+            db,
+            tree,
+            flusher: Arc::default(),
+        })
     }
 
     /// The stored state of `customer_id`, if any.
@@ -280,12 +303,28 @@ impl Store {
             writes.insert(key.to_bytes(), json);
         }
         self.tree.apply_batch(writes)?;
+        self.flusher.committed.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Makes every write so far durable (sled `flush_async`); returns the bytes flushed.
+    /// Makes every commit made before this call durable; returns the bytes flushed (0 when
+    /// a flush that started after those commits already covered them).
     pub async fn flush(&self) -> Result<usize, StoreError> {
-        Ok(self.db.flush_async().await?)
+        let wanted = self.flusher.committed.load(Ordering::SeqCst);
+        let _running = self.flusher.running.lock().await;
+        if self.flusher.durable.load(Ordering::SeqCst) >= wanted {
+            return Ok(0);
+        }
+        // Everything committed up to here is covered by the flush below.
+        let covered = self.flusher.committed.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        let flushed = tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|join| {
+                StoreError::Sled(sled::Error::Io(std::io::Error::other(join.to_string())))
+            })??;
+        self.flusher.durable.fetch_max(covered, Ordering::SeqCst);
+        Ok(flushed)
     }
 
     /// Up to `limit` customers of `shard` whose due time is at or before `at_ms`, earliest
