@@ -1,12 +1,14 @@
 //! A ready-made test environment: a private `nats-server`, a config file and one `crm-node`
 //! in a temporary directory, plus the async client helpers the integration tests share
-//! (publishing like an adapter, waiting until every log is drained, querying).
+//! (generating sample traffic, publishing like an adapter, waiting until every log is
+//! drained, querying).
 
 use crate::node_process::NodeProcess;
 use crate::NatsServer;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use crm_node::loadgen::{GeneratedEvent, Generator, GeneratorSpec, PersonTruth, Truth};
 use crm_node::subjects;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -124,6 +126,46 @@ pub struct Outgoing {
     pub channel: String,
     pub event_id: String,
     pub payload: Vec<u8>,
+}
+
+impl From<GeneratedEvent> for Outgoing {
+    fn from(event: GeneratedEvent) -> Outgoing {
+        Outgoing {
+            channel: event.channel,
+            event_id: event.event_id,
+            payload: event.payload,
+        }
+    }
+}
+
+/// The spec of the sample traffic the tests publish: `customers` people over `days` days
+/// from `start` (RFC 3339), 5 % of the events sent twice.
+pub fn traffic_spec(start: &str, customers: usize, days: u32, seed: u64) -> GeneratorSpec {
+    GeneratorSpec {
+        customers,
+        start_ms: crm_actors::time::parse_rfc3339_ms(start).expect("start"),
+        days,
+        seed,
+        duplicate_rate_percent: 5,
+    }
+}
+
+/// Every event of `generator`, as an adapter publishes them.
+pub fn outgoing_events(generator: &mut Generator) -> Vec<Outgoing> {
+    generator.by_ref().map(Outgoing::from).collect()
+}
+
+/// The sample traffic of `spec` and its ground truth.
+pub fn generated_traffic(spec: GeneratorSpec) -> (Vec<Outgoing>, Truth) {
+    let mut generator = Generator::new(spec);
+    let events = outgoing_events(&mut generator);
+    (events, generator.into_truth())
+}
+
+/// The identity a query finds a generated person by (their first identifier).
+pub fn identity_of(person: &PersonTruth) -> Value {
+    let identity = &person.identities[0];
+    json!({ identity.kind.as_str(): identity.value })
 }
 
 /// Publishes every event with JetStream, at most `in_flight_max` unacked, and retries any

@@ -1,5 +1,5 @@
 //! Test harness of the integration tests in `tests/`: a private `nats-server` per test, and
-//! (below) helpers for `crm-node` processes.
+//! (below) helpers for `crm-node` processes and the client-side helpers the tests share.
 //!
 //! [`NatsServer::start`] launches `nats-server -js` on a free port of 127.0.0.1 with its own
 //! store directory in a temporary directory, and waits until it accepts clients. A test can
@@ -325,3 +325,4 @@ pub fn create_dir_all(path: &Path) {
 
 pub mod cluster_env;
 pub mod node_process;
+pub mod test_support;

@@ -125,37 +125,17 @@ impl NodeProcess {
 
     /// Waits until a log line contains `needle`. Panics with the log tail on timeout.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log_lines().iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "crm-node exited ({status}) before logging '{needle}':\n{}",
-                        self.log_tail(40)
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "crm-node did not log '{needle}' within {timeout:?}:\n{}",
-                self.log_tail(40)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_log_line(&mut self.child, &self.log, needle, timeout);
     }
 
     /// All log lines so far.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        log_lines(&self.log)
     }
 
     /// The last `n` log lines, joined.
     pub fn log_tail(&self, n: usize) -> String {
-        let lines = self.log_lines();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        log_tail(&self.log, n)
     }
 
     /// SIGKILL: no chance to flush or ack.
@@ -168,27 +148,9 @@ impl NodeProcess {
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited with success.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return false;
-        };
-        // SAFETY: plain libc call with a pid we own.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => return status.success(),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return false;
-                }
-            }
-        }
+        self.child
+            .take()
+            .is_some_and(|child| terminate_child(child, timeout))
     }
 
     /// Starts the same node again (after `kill` or `terminate`) and waits until ready.
@@ -225,6 +187,68 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// All lines collected so far from a node's stderr.
+pub fn log_lines(log: &Mutex<Vec<String>>) -> Vec<String> {
+    log.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+/// The last `n` collected lines of a node's stderr, joined.
+pub fn log_tail(log: &Mutex<Vec<String>>, n: usize) -> String {
+    let lines = log_lines(log);
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until a line collected in `log` contains `needle`. Panics with the last 40 lines if
+/// `child` (the node writing the log) exits first or `timeout` passes.
+pub fn wait_for_log_line(
+    child: &mut Option<Child>,
+    log: &Mutex<Vec<String>>,
+    needle: &str,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if log_lines(log).iter().any(|l| l.contains(needle)) {
+            return;
+        }
+        if let Some(child) = child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "crm-node exited ({status}) before logging '{needle}':\n{}",
+                    log_tail(log, 40)
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "crm-node did not log '{needle}' within {timeout:?}:\n{}",
+            log_tail(log, 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to `child`, then waits up to `timeout` for it to exit (SIGKILL after that);
+/// returns whether it exited with success.
+pub fn terminate_child(mut child: Child, timeout: Duration) -> bool {
+    // SAFETY: plain libc call with a pid we own (the child is not reaped yet).
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
     }
 }
 

@@ -6,113 +6,15 @@
 //! Purchases are dated in autumn 2026 and lots live 10 years, so a redeem stamped with the
 //! wall clock (the CLI sends no `occurred_at`) still sees every point the test granted.
 
-use async_nats::jetstream;
-use crm_cluster::cluster_env::{
-    fixture, minor, publish_all, request, view, wait_drained, NodeOptions, Outgoing, TestEnv,
-};
+use crm_cluster::cluster_env::{minor, request, view, Outgoing};
 use crm_cluster::node_process::run_cli;
+use crm_cluster::test_support::{outgoing, replay_events, send, start_env, view_of, EventLog};
 use crm_node::subjects;
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const SHARDS: u32 = 4;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-const PUBLISH_DEADLINE: Duration = Duration::from_secs(60);
-const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn start_env() -> TestEnv {
-    TestEnv::start(NodeOptions {
-        shards: SHARDS,
-        rules: fixture("rules-time-commands.toml"),
-        limits: String::new(),
-    })
-}
-
-/// Actor events seen on a core subscription to `crm.events.>` (subject, body).
-struct EventLog {
-    seen: Arc<Mutex<Vec<(String, Value)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EventLog {
-    /// Subscribes before the test acts; the flush makes sure the server has the interest.
-    async fn start(client: &async_nats::Client) -> EventLog {
-        let mut subscription = client
-            .subscribe(subjects::EVENTS_ALL)
-            .await
-            .expect("subscribe to crm.events.>");
-        client.flush().await.expect("flush the subscription");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Some(message) = subscription.next().await {
-                let body: Value = serde_json::from_slice(&message.payload)
-                    .unwrap_or_else(|e| panic!("actor event is not JSON ({e}): {message:?}"));
-                sink.lock()
-                    .unwrap()
-                    .push((message.subject.to_string(), body));
-            }
-        });
-        EventLog { seen, task }
-    }
-
-    /// Events of `customer_id` with type `event_type`, in arrival order.
-    fn of(&self, customer_id: &str, event_type: &str) -> Vec<Value> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, e)| e["customer_id"] == customer_id && e["type"] == event_type)
-            .map(|(_, e)| e.clone())
-            .collect()
-    }
-
-    fn types_of(&self, customer_id: &str) -> Vec<String> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, e)| e["customer_id"] == customer_id)
-            .map(|(_, e)| e["type"].as_str().unwrap_or("?").to_string())
-            .collect()
-    }
-
-    /// Waits until at least `count` events of that type for that customer have arrived.
-    async fn wait_for(&self, customer_id: &str, event_type: &str, count: usize) -> Vec<Value> {
-        let until = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            let found = self.of(customer_id, event_type);
-            if found.len() >= count {
-                return found;
-            }
-            assert!(
-                Instant::now() < until,
-                "expected {count} {event_type} for {customer_id}, got {}; all events of the customer: {:?}",
-                found.len(),
-                self.types_of(customer_id)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for EventLog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// One adapter event on `channel` (its `event_id` is the `Nats-Msg-Id`).
-fn outgoing(channel: &str, event: Value) -> Outgoing {
-    Outgoing {
-        channel: channel.to_string(),
-        event_id: event["event_id"].as_str().expect("event_id").to_string(),
-        payload: serde_json::to_vec(&event).expect("json"),
-    }
-}
+const RULES: &str = "rules-time-commands.toml";
 
 fn purchase(
     channel: &str,
@@ -127,20 +29,6 @@ fn purchase(
         json!({"v": 1, "event_id": event_id, "type": "purchase", "occurred_at": at,
                "identity": identity, "order_id": order_id, "amount": amount, "currency": "EUR"}),
     )
-}
-
-/// Publishes like an adapter and waits until every log is applied. Returns how many acks
-/// said duplicate.
-async fn send(client: &async_nats::Client, events: Vec<Outgoing>) -> u64 {
-    let duplicates = publish_all(client, events, 64, PUBLISH_DEADLINE).await;
-    wait_drained(client, SHARDS, DRAIN_TIMEOUT).await;
-    duplicates
-}
-
-async fn view_of(client: &async_nats::Client, identity: Value) -> Value {
-    let view = view(client, identity.clone()).await;
-    assert!(view.get("error").is_none(), "query for {identity}: {view}");
-    view
 }
 
 async fn redeem(client: &async_nats::Client, body: Value) -> Value {
@@ -159,51 +47,13 @@ async fn raw_request(client: &async_nats::Client, subject: &str, body: &'static 
     serde_json::from_slice(&reply.payload).expect("reply is JSON")
 }
 
-/// Every actor event in `CRM_EVENTS` on subjects matching `filter`, from the start, read
-/// the way a dashboard replays them: an ordered (ephemeral) consumer with one filter.
-async fn replay_events(client: &async_nats::Client, filter: &str) -> Vec<(String, Value)> {
-    let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(subjects::EVENTS_STREAM)
-        .await
-        .expect("CRM_EVENTS exists");
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer on CRM_EVENTS");
-    let pending = consumer.info().await.expect("consumer info").num_pending;
-    let mut events = Vec::new();
-    if pending == 0 {
-        return events;
-    }
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Some(message) = tokio::time::timeout(EVENT_TIMEOUT, messages.next())
-        .await
-        .expect("CRM_EVENTS read")
-    {
-        let message = message.expect("CRM_EVENTS message");
-        events.push((
-            message.subject.to_string(),
-            serde_json::from_slice(&message.payload).expect("stored event is JSON"),
-        ));
-        if message.info().expect("JetStream info").pending == 0 {
-            break;
-        }
-    }
-    events
-}
-
 // ------------------------------------------------------------------------------------
 // Redeem
 // ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeem_approves_from_the_oldest_lot_denies_and_repeats_the_first_outcome() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let ann = json!({"email": "ann@example.com"});
@@ -356,7 +206,7 @@ async fn redeem_approves_from_the_oldest_lot_denies_and_repeats_the_first_outcom
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redeem_cli_prints_the_json_reply() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let bea = json!({"email": "bea@example.com"});
     send(
@@ -420,7 +270,7 @@ async fn the_redeem_cli_prints_the_json_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_for_unknown_customers_are_not_found_and_malformed_ones_bad_request() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     send(
         &client,
@@ -508,7 +358,7 @@ async fn queries_for_unknown_customers_are_not_found_and_malformed_ones_bad_requ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_commands_are_bad_request() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     for (subject, body, what) in [
         (subjects::CMD_REDEEM, &b"nope"[..], "redeem not JSON"),
@@ -546,7 +396,7 @@ async fn malformed_commands_are_bad_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actor_events_are_replayable_from_crm_events_and_never_stored_twice() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let cy = json!({"email": "cy@example.com"});
@@ -697,7 +547,7 @@ async fn actor_events_are_replayable_from_crm_events_and_never_stored_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_web_email_and_a_store_loyalty_card_linked_by_identify_are_one_customer() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     send(
@@ -765,7 +615,7 @@ async fn a_web_email_and_a_store_loyalty_card_linked_by_identify_are_one_custome
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loyalty_cards_customer()
 {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = json!({"email": "fay@example.com"});
@@ -840,7 +690,7 @@ async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loya
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_identifier_stays_with_its_own_customer_only() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = json!({"email": "gus@example.com"});

@@ -5,16 +5,14 @@
 //! `Crm-Message` that names the field; and the pipeline must keep flowing: a valid purchase
 //! sent after all the bad ones is applied.
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use crm_cluster::cluster_env::{minor, view, wait_drained, NodeOptions, TestEnv};
-use crm_node::dlq;
+use crm_cluster::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use crm_node::subjects;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on waiting for the dead letters to appear (they normally take milliseconds).
-const DLQ_TIMEOUT: Duration = Duration::from_secs(60);
 /// `[limits] payload_max_bytes` of the test node (NATS itself accepts up to 1 MiB).
 const PAYLOAD_MAX_BYTES: usize = 2048;
 
@@ -28,31 +26,6 @@ struct BadInput {
     reason: &'static str,
     /// A word `Crm-Message` must contain (the field it names).
     names: &'static str,
-}
-
-/// A dead letter read back from `CRM_DLQ`.
-#[derive(Debug, Clone)]
-struct DeadLetter {
-    subject: String,
-    body: Vec<u8>,
-    reason: Option<String>,
-    message: Option<String>,
-    source_subject: Option<String>,
-    source_sequence: Option<String>,
-}
-
-impl DeadLetter {
-    fn describe(&self) -> String {
-        format!(
-            "{} reason={:?} message={:?} source={:?}#{:?} body={}",
-            self.subject,
-            self.reason,
-            self.message,
-            self.source_subject,
-            self.source_sequence,
-            String::from_utf8_lossy(&self.body)
-        )
-    }
 }
 
 fn purchase(event_id: &str, email: &str, order_id: &str, amount: Value) -> Value {
@@ -221,65 +194,6 @@ fn router_rejections() -> Vec<BadInput> {
             "currency",
         ),
     ]
-}
-
-/// Publishes one message like an adapter; returns its sequence in `CRM_INGEST`.
-async fn publish(js: &jetstream::Context, channel: &str, msg_id: &str, body: Vec<u8>) -> u64 {
-    let ack = js
-        .send_publish(
-            subjects::ingest(channel),
-            PublishMessage::build()
-                .payload(body.into())
-                .message_id(msg_id),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("publish of {msg_id} failed: {e}"))
-        .await
-        .unwrap_or_else(|e| panic!("publish of {msg_id} not acked: {e}"));
-    assert!(!ack.duplicate, "{msg_id} was taken for a duplicate");
-    ack.sequence
-}
-
-/// Every message in `CRM_DLQ`.
-async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
-    let mut stream = js
-        .get_stream(subjects::DLQ_STREAM)
-        .await
-        .expect("the CRM_DLQ stream exists");
-    let state = stream.info().await.expect("CRM_DLQ info").state.clone();
-    let mut letters = Vec::new();
-    for sequence in state.first_sequence.max(1)..=state.last_sequence {
-        let Ok(message) = stream.get_raw_message(sequence).await else {
-            continue;
-        };
-        let header = |name: &str| {
-            message
-                .headers
-                .get(name)
-                .map(|value| value.as_str().to_string())
-        };
-        letters.push(DeadLetter {
-            subject: message.subject.to_string(),
-            body: message.payload.to_vec(),
-            reason: header(dlq::HEADER_REASON),
-            message: header(dlq::HEADER_MESSAGE),
-            source_subject: header(dlq::HEADER_SOURCE_SUBJECT),
-            source_sequence: header(dlq::HEADER_SOURCE_SEQUENCE),
-        });
-    }
-    letters
-}
-
-/// Waits until `CRM_DLQ` holds at least `count` messages, then returns them all.
-async fn wait_for_dead_letters(js: &jetstream::Context, count: usize) -> Vec<DeadLetter> {
-    let until = Instant::now() + DLQ_TIMEOUT;
-    loop {
-        let letters = dead_letters(js).await;
-        if letters.len() >= count || Instant::now() >= until {
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn listing(letters: &[DeadLetter]) -> String {

@@ -5,35 +5,16 @@
 //! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
 
 use crm_cluster::cluster_env::{
-    minor, publish_all, view, wait_drained, NodeOptions, Outgoing, TestEnv,
+    generated_traffic, identity_of, minor, publish_all, traffic_spec, view, wait_drained,
+    NodeOptions, TestEnv,
 };
-use crm_node::loadgen::{Generator, GeneratorSpec, PersonTruth, Truth};
-use serde_json::{json, Value};
+use crm_node::loadgen::{PersonTruth, Truth};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 const START: &str = "2026-01-05T00:00:00Z";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
-
-fn traffic(customers: usize, days: u32, seed: u64) -> (Vec<Outgoing>, Truth) {
-    let mut generator = Generator::new(GeneratorSpec {
-        customers,
-        start_ms: crm_actors::time::parse_rfc3339_ms(START).expect("start"),
-        days,
-        seed,
-        duplicate_rate_percent: 5,
-    });
-    let events: Vec<Outgoing> = generator
-        .by_ref()
-        .map(|e| Outgoing {
-            channel: e.channel,
-            event_id: e.event_id,
-            payload: e.payload,
-        })
-        .collect();
-    (events, generator.into_truth())
-}
 
 /// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:
 /// floor(amount × channel multiplier) per order (mobile 2×, else 1×), +100 on the first
@@ -64,11 +45,6 @@ fn expected_points(person: &PersonTruth) -> i64 {
         reversed_total += target_after - target_before;
     }
     granted.values().map(|(p, _)| p).sum::<i64>() - reversed_total
-}
-
-fn identity_of(person: &PersonTruth) -> Value {
-    let identity = &person.identities[0];
-    json!({ identity.kind.as_str(): identity.value })
 }
 
 /// Asserts every person with a purchase or a return matches the truth; returns how many
@@ -119,7 +95,7 @@ async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
 async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
     let env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
-    let (events, truth) = traffic(400, 30, 11);
+    let (events, truth) = generated_traffic(traffic_spec(START, 400, 30, 11));
     assert!(
         events.len() >= 3000,
         "only {} events generated",
@@ -140,7 +116,7 @@ async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
 async fn a_node_killed_with_sigkill_mid_stream_is_still_exact_after_restart() {
     let mut env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
-    let (events, truth) = traffic(300, 30, 23);
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 23));
     let half = events.len() / 2;
     let (first, second) = events.split_at(half);
     publish_all(&client, first.to_vec(), 512, PUBLISH_DEADLINE).await;
@@ -162,7 +138,7 @@ async fn a_node_killed_with_sigkill_mid_stream_is_still_exact_after_restart() {
 async fn nats_restarted_mid_stream_the_node_resumes_and_is_exact() {
     let mut env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
-    let (events, truth) = traffic(300, 30, 31);
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 31));
     let half = events.len() / 2;
     let (first, second) = events.split_at(half);
     publish_all(&client, first.to_vec(), 512, PUBLISH_DEADLINE).await;

@@ -12,13 +12,13 @@
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use crm_cluster::cluster_env::{repo_file, request, wait_drained, NodeOptions, TestEnv};
+use crm_cluster::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use crm_node::config::Config;
-use crm_node::{dlq, subjects};
+use crm_node::subjects;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-const DLQ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One fenced block: its info string (after the backticks) and its text.
 #[derive(Debug, Clone)]
@@ -86,55 +86,6 @@ fn parse_json(block: &Block) -> Value {
             block.line, block.info, block.text
         )
     })
-}
-
-/// A dead letter read back from `CRM_DLQ`.
-#[derive(Debug)]
-struct DeadLetter {
-    subject: String,
-    body: Vec<u8>,
-    reason: Option<String>,
-    message: Option<String>,
-    source_sequence: Option<String>,
-}
-
-async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
-    let mut stream = js
-        .get_stream(subjects::DLQ_STREAM)
-        .await
-        .expect("CRM_DLQ exists");
-    let state = stream.info().await.expect("CRM_DLQ info").state.clone();
-    let mut letters = Vec::new();
-    for sequence in state.first_sequence.max(1)..=state.last_sequence {
-        let Ok(message) = stream.get_raw_message(sequence).await else {
-            continue;
-        };
-        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
-        letters.push(DeadLetter {
-            subject: message.subject.to_string(),
-            body: message.payload.to_vec(),
-            reason: header(dlq::HEADER_REASON),
-            message: header(dlq::HEADER_MESSAGE),
-            source_sequence: header(dlq::HEADER_SOURCE_SEQUENCE),
-        });
-    }
-    letters
-}
-
-async fn publish(js: &jetstream::Context, channel: &str, msg_id: &str, body: &str) -> u64 {
-    let ack = js
-        .send_publish(
-            subjects::ingest(channel),
-            PublishMessage::build()
-                .payload(body.as_bytes().to_vec().into())
-                .message_id(msg_id),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("publish of {msg_id} failed: {e}"))
-        .await
-        .unwrap_or_else(|e| panic!("publish of {msg_id} not acked: {e}"));
-    assert!(!ack.duplicate, "{msg_id} was taken for a duplicate");
-    ack.sequence
 }
 
 /// Asserts `value` has every dotted path of `paths` (a present `null` counts: the doc lists
@@ -284,14 +235,7 @@ async fn every_protocol_example_is_accepted_dead_lettered_or_answered_as_documen
     );
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
 
-    let until = Instant::now() + DLQ_TIMEOUT;
-    let letters = loop {
-        let letters = dead_letters(&js).await;
-        if letters.len() >= refused.len() || Instant::now() >= until {
-            break letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let letters = wait_for_dead_letters(&js, refused.len()).await;
     let describe = |letters: &[DeadLetter]| {
         letters
             .iter()

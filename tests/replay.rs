@@ -5,11 +5,11 @@
 
 use crm_actors::store::Store;
 use crm_cluster::cluster_env::{
-    publish_all, request, wait_drained, write_config, NodeOptions, Outgoing, TestEnv,
-    NODE_READY_TIMEOUT,
+    outgoing_events, publish_all, request, traffic_spec, wait_drained, write_config, NodeOptions,
+    TestEnv, NODE_READY_TIMEOUT,
 };
 use crm_cluster::node_process::NodeProcess;
-use crm_node::loadgen::{Generator, GeneratorSpec};
+use crm_node::loadgen::Generator;
 use crm_node::subjects;
 use serde_json::json;
 use std::path::Path;
@@ -40,22 +40,9 @@ fn shard_clocks(data_dir: &Path, shards: u32) -> Vec<(u64, i64)> {
 async fn replaying_the_shard_logs_into_an_empty_store_yields_byte_identical_state() {
     let mut env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
-    let mut generator = Generator::new(GeneratorSpec {
-        customers: 250,
-        start_ms: crm_actors::time::parse_rfc3339_ms("2026-02-01T00:00:00Z").expect("time"),
-        days: 20,
-        seed: 5,
-        duplicate_rate_percent: 5,
-    })
-    .without_truth();
-    let events: Vec<Outgoing> = generator
-        .by_ref()
-        .map(|e| Outgoing {
-            channel: e.channel,
-            event_id: e.event_id,
-            payload: e.payload,
-        })
-        .collect();
+    let events = outgoing_events(
+        &mut Generator::new(traffic_spec("2026-02-01T00:00:00Z", 250, 20, 5)).without_truth(),
+    );
     publish_all(&client, events, 512, Duration::from_secs(120)).await;
     // Time-driven rules must replay too: expiry, pending release, lapse, tier review.
     for at in ["2026-03-15T00:00:00Z", "2027-06-01T00:00:00Z"] {

@@ -4,12 +4,14 @@
 //! becomes ready (and serves) once NATS comes up.
 
 use crm_cluster::cluster_env::{
-    connect, minor, publish_all, request, view, wait_drained, write_config, NodeOptions, Outgoing,
-    TestEnv, NODE_READY_TIMEOUT,
+    connect, generated_traffic, identity_of, minor, publish_all, request, traffic_spec, view,
+    wait_drained, write_config, NodeOptions, Outgoing, TestEnv, NODE_READY_TIMEOUT,
 };
-use crm_cluster::node_process::crm_node_binary;
+use crm_cluster::node_process::{
+    crm_node_binary, log_lines, log_tail, terminate_child, wait_for_log_line,
+};
 use crm_cluster::{spawn_tied_to_test_process, NatsServer};
-use crm_node::loadgen::{Generator, GeneratorSpec, PersonTruth, Truth};
+use crm_node::loadgen::Truth;
 use crm_node::subjects;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -22,30 +24,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
 /// Bound on a graceful stop (the node's shutdown_grace_s is 20 s by default).
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn traffic(customers: usize, days: u32, seed: u64) -> (Vec<Outgoing>, Truth) {
-    let mut generator = Generator::new(GeneratorSpec {
-        customers,
-        start_ms: crm_actors::time::parse_rfc3339_ms(START).expect("start"),
-        days,
-        seed,
-        duplicate_rate_percent: 5,
-    });
-    let events: Vec<Outgoing> = generator
-        .by_ref()
-        .map(|e| Outgoing {
-            channel: e.channel,
-            event_id: e.event_id,
-            payload: e.payload,
-        })
-        .collect();
-    (events, generator.into_truth())
-}
-
-fn identity_of(person: &PersonTruth) -> Value {
-    let identity = &person.identities[0];
-    json!({ identity.kind.as_str(): identity.value })
-}
 
 /// Asserts every buyer's purchase count, spend, return count and returned total equal the
 /// generator's ground truth (a lost or doubled event changes one of them); returns how many
@@ -92,7 +70,7 @@ async fn stats(client: &async_nats::Client) -> Value {
 async fn sigterm_under_load_exits_cleanly_and_a_restarted_node_makes_every_customer_exact() {
     let mut env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
-    let (events, truth) = traffic(300, 30, 41);
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 41));
     assert!(
         events.len() >= 2000,
         "only {} events generated",
@@ -186,62 +164,24 @@ impl WaitingNode {
     }
 
     fn lines(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        log_lines(&self.log)
     }
 
     fn tail(&self) -> String {
-        let lines = self.lines();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.log, 40)
     }
 
     /// Waits until a log line contains `needle` (panics with the log if the node exits or
     /// `timeout` passes).
     fn wait_for(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.lines().iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "crm-node exited ({status}) before logging '{needle}':\n{}",
-                        self.tail()
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "crm-node did not log '{needle}' within {timeout:?}:\n{}",
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_log_line(&mut self.child, &self.log, needle, timeout);
     }
 
     /// SIGTERM, then waits; returns whether it exited with success.
     fn terminate(&mut self, timeout: Duration) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return false;
-        };
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => return status.success(),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return false;
-                }
-            }
-        }
+        self.child
+            .take()
+            .is_some_and(|child| terminate_child(child, timeout))
     }
 }
 

@@ -8,129 +8,17 @@
 //! events are observed on a core NATS subscription to `crm.events.>` opened before acting,
 //! and, where a count matters, read back from the `CRM_EVENTS` stream.
 
-use async_nats::jetstream;
-use crm_cluster::cluster_env::{
-    fixture, minor, publish_all, request, view, wait_drained, NodeOptions, Outgoing, TestEnv,
-};
+use crm_cluster::cluster_env::{minor, request, wait_drained, Outgoing};
 use crm_cluster::node_process::run_cli;
+use crm_cluster::test_support::{
+    self, outgoing, replay_events, send, start_env, EventLog, DRAIN_TIMEOUT, SHARDS,
+};
 use crm_node::subjects;
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const SHARDS: u32 = 4;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-const PUBLISH_DEADLINE: Duration = Duration::from_secs(60);
-const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn start_env() -> TestEnv {
-    TestEnv::start(NodeOptions {
-        shards: SHARDS,
-        rules: fixture("rules-time.toml"),
-        limits: String::new(),
-    })
-}
-
-/// Actor events seen on a core subscription to `crm.events.>` (subject, body).
-struct EventLog {
-    seen: Arc<Mutex<Vec<(String, Value)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EventLog {
-    /// Subscribes before the test acts; the flush makes sure the server has the interest.
-    async fn start(client: &async_nats::Client) -> EventLog {
-        let mut subscription = client
-            .subscribe(subjects::EVENTS_ALL)
-            .await
-            .expect("subscribe to crm.events.>");
-        client.flush().await.expect("flush the subscription");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Some(message) = subscription.next().await {
-                let body: Value = serde_json::from_slice(&message.payload)
-                    .unwrap_or_else(|e| panic!("actor event is not JSON ({e}): {message:?}"));
-                sink.lock()
-                    .unwrap()
-                    .push((message.subject.to_string(), body));
-            }
-        });
-        EventLog { seen, task }
-    }
-
-    /// Events of `customer_id` with type `event_type`, in arrival order.
-    fn of(&self, customer_id: &str, event_type: &str) -> Vec<Value> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, e)| e["customer_id"] == customer_id && e["type"] == event_type)
-            .map(|(_, e)| e.clone())
-            .collect()
-    }
-
-    /// Types of every event of `customer_id`, in arrival order.
-    fn types_of(&self, customer_id: &str) -> Vec<String> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, e)| e["customer_id"] == customer_id)
-            .map(|(_, e)| e["type"].as_str().unwrap_or("?").to_string())
-            .collect()
-    }
-
-    /// Waits until at least `count` events of that type for that customer have arrived.
-    async fn wait_for(&self, customer_id: &str, event_type: &str, count: usize) -> Vec<Value> {
-        let until = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            let found = self.of(customer_id, event_type);
-            if found.len() >= count {
-                return found;
-            }
-            assert!(
-                Instant::now() < until,
-                "expected {count} {event_type} for {customer_id}, got {}; all events of the customer: {:?}",
-                found.len(),
-                self.types_of(customer_id)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Every subject an event arrived on, checked against the documented pattern.
-    fn assert_subjects(&self) {
-        for (subject, event) in self.seen.lock().unwrap().iter() {
-            let want = format!(
-                "crm.events.{}.{}",
-                event["type"].as_str().unwrap(),
-                event["customer_id"].as_str().unwrap()
-            );
-            assert_eq!(
-                subject, &want,
-                "event published on the wrong subject: {event}"
-            );
-        }
-    }
-}
-
-impl Drop for EventLog {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// One adapter event on `channel` (its `event_id` is the `Nats-Msg-Id`).
-fn outgoing(channel: &str, event: Value) -> Outgoing {
-    Outgoing {
-        channel: channel.to_string(),
-        event_id: event["event_id"].as_str().expect("event_id").to_string(),
-        payload: serde_json::to_vec(&event).expect("json"),
-    }
-}
+const RULES: &str = "rules-time.toml";
 
 fn purchase(event_id: &str, email: &str, order_id: &str, at: &str, amount: &str) -> Outgoing {
     outgoing(
@@ -150,12 +38,6 @@ fn give_back(event_id: &str, email: &str, order_id: &str, at: &str, amount: &str
     )
 }
 
-/// Publishes like an adapter and waits until every log is applied.
-async fn send(client: &async_nats::Client, events: Vec<Outgoing>) {
-    publish_all(client, events, 64, PUBLISH_DEADLINE).await;
-    wait_drained(client, SHARDS, DRAIN_TIMEOUT).await;
-}
-
 /// `crm.cmd.tick` at `at`, checks the documented reply, then waits until it is applied.
 async fn tick(client: &async_nats::Client, at: &str) {
     let reply = request(client, subjects::CMD_TICK, &json!({ "at": at })).await;
@@ -167,50 +49,23 @@ async fn tick(client: &async_nats::Client, at: &str) {
 
 /// The view of `email`, asserting it exists.
 async fn view_of(client: &async_nats::Client, email: &str) -> Value {
-    let view = view(client, json!({ "email": email })).await;
-    assert!(view.get("error").is_none(), "query for {email}: {view}");
+    let view = test_support::view_of(client, json!({ "email": email })).await;
     assert_eq!(view["v"], 1);
     view
 }
 
 /// Every actor event in `CRM_EVENTS` whose subject matches `filter`, from the start.
 async fn stored_events(client: &async_nats::Client, filter: &str) -> Vec<Value> {
-    let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(subjects::EVENTS_STREAM)
+    replay_events(client, filter)
         .await
-        .expect("CRM_EVENTS");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer on CRM_EVENTS");
-    let mut consumer = consumer;
-    let pending = consumer.info().await.expect("consumer info").num_pending;
-    let mut events = Vec::new();
-    if pending == 0 {
-        return events;
-    }
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Some(message) = tokio::time::timeout(EVENT_TIMEOUT, messages.next())
-        .await
-        .expect("CRM_EVENTS read")
-    {
-        let message = message.expect("CRM_EVENTS message");
-        events.push(serde_json::from_slice(&message.payload).expect("stored event is JSON"));
-        if message.info().expect("JetStream info").pending == 0 {
-            break;
-        }
-    }
-    events
+        .into_iter()
+        .map(|(_, event)| event)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_expire_at_a_tick_past_their_expiry_and_points_expired_is_published() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = "expiry@example.com";
@@ -286,7 +141,7 @@ async fn points_expire_at_a_tick_past_their_expiry_and_points_expired_is_publish
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_points_are_released_by_a_tick_after_pending_days() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = "pending@example.com";
@@ -344,7 +199,7 @@ async fn pending_points_are_released_by_a_tick_after_pending_days() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tier_upgrades_at_once_and_downgrades_only_at_its_anniversary() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = "tiers@example.com";
@@ -444,7 +299,7 @@ async fn a_tier_upgrades_at_once_and_downgrades_only_at_its_anniversary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regular_buyer_lapses_gets_one_winback_offer_and_reactivates_on_a_new_purchase() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = "lapse@example.com";
@@ -542,7 +397,7 @@ async fn a_regular_buyer_lapses_gets_one_winback_offer_and_reactivates_on_a_new_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_event_is_applied_without_running_the_rule_clock_backwards() {
-    let env = start_env();
+    let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = "late@example.com";
@@ -630,7 +485,7 @@ async fn a_late_event_is_applied_without_running_the_rule_clock_backwards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_rebuilt_from_the_shard_logs_reproduces_every_tick_driven_effect() {
-    let mut env = start_env();
+    let mut env = start_env(RULES);
     let client = env.client().await;
     let emails = ["replay-a@example.com", "replay-b@example.com"];
     send(
