@@ -63,9 +63,17 @@ const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Node log lines kept for error messages.
 const NODE_LOG_LINES_MAX: usize = 200;
 /// Pause between two polls of the drain condition.
-const DRAIN_POLL: Duration = Duration::from_millis(25);
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 /// Publish attempts of one message before the bench gives up.
 const PUBLISH_ATTEMPTS_MAX: u32 = 5;
+/// Most memory-feed events published but not yet applied.
+const FEED_BACKLOG_MAX: u64 = 10_000;
+/// Memory-feed events published between two backlog checks.
+const FEED_CHUNK: u64 = 2_000;
+/// How often a long wait says what it waits for.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How long a wait may see no progress at all before it declares the node stalled.
+const STALL_AFTER: Duration = Duration::from_secs(30);
 /// How long the latency run waits for the last actor events after its last publish.
 const LATENCY_TAIL_WAIT: Duration = Duration::from_secs(20);
 
@@ -115,12 +123,19 @@ struct Args {
     /// Activations timed [default: 5000, --quick 1000].
     #[arg(long)]
     cold_samples: Option<u64>,
+    /// Keys written by the identity-directory diagnostic (KV get miss + create, as the router
+    /// does for a new identifier) [default: 50000, --quick 10000].
+    #[arg(long)]
+    kv_keys: Option<u64>,
     /// Seed of the generated traffic and of the samples.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Steps to skip, comma-separated: raw, e2e, latency, rss, cold.
+    /// Steps to skip, comma-separated: raw, kv, e2e, latency, rss, cold.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
+    /// Keep every node's log in this directory (crm-node-<pid>.log); default: none kept.
+    #[arg(long)]
+    node_logs: Option<PathBuf>,
     /// Results file [default: <repo>/bench/results.json].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -151,8 +166,10 @@ struct Plan {
     settle_seconds: u64,
     cold_customers: u64,
     cold_samples: u64,
+    kv_keys: u64,
     seed: u64,
     skip: HashSet<String>,
+    node_logs: Option<PathBuf>,
     out: PathBuf,
     crm_node: PathBuf,
     nats_server: PathBuf,
@@ -165,10 +182,10 @@ impl Plan {
         let pick = |value: Option<u64>, full: u64, small: u64| {
             value.unwrap_or(if quick { small } else { full })
         };
-        let steps = ["raw", "e2e", "latency", "rss", "cold"];
+        let steps = ["raw", "kv", "e2e", "latency", "rss", "cold"];
         for step in &args.skip {
             if !steps.contains(&step.as_str()) {
-                bail!("--skip {step}: not a step; use raw, e2e, latency, rss or cold");
+                bail!("--skip {step}: not a step; use raw, kv, e2e, latency, rss or cold");
             }
         }
         let crm_node = match args.crm_node {
@@ -194,8 +211,10 @@ impl Plan {
             settle_seconds: pick(args.settle_seconds, 65, 0),
             cold_customers: pick(args.cold_customers, 20_000, 3_000).max(1),
             cold_samples: pick(args.cold_samples, 5_000, 1_000).max(1),
+            kv_keys: pick(args.kv_keys, 50_000, 10_000).max(100),
             seed: args.seed,
             skip: args.skip.into_iter().collect(),
+            node_logs: args.node_logs,
             out: args
                 .out
                 .unwrap_or_else(|| repo_root().join("bench/results.json")),
@@ -208,7 +227,7 @@ impl Plan {
                 .rules
                 .unwrap_or_else(|| repo_root().join("cluster-config/rules.toml")),
         };
-        let needs_nats = ["raw", "e2e", "latency", "rss"]
+        let needs_nats = ["raw", "kv", "e2e", "latency", "rss"]
             .iter()
             .any(|step| plan.runs(step));
         if needs_nats && !plan.crm_node.is_file() {
@@ -391,6 +410,11 @@ impl NatsServer {
                 .args(["-a", "127.0.0.1", "-p", &port.to_string()])
                 .arg("-sd")
                 .arg(dir.path.join("store"))
+                .args(
+                    std::env::var("CRM_BENCH_NATS_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
@@ -483,10 +507,23 @@ impl CrmNode {
             .with_context(|| format!("cannot run {}", plan.crm_node.display()))?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let ready = Arc::new(AtomicBool::new(false));
+        let mut keep = match &plan.node_logs {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join(format!("crm-node-{}.log", child.id()));
+                say(format!("    node log: {}", path.display()));
+                Some(std::fs::File::create(path)?)
+            }
+            None => None,
+        };
         if let Some(stderr) = child.stderr.take() {
             let (log, ready) = (log.clone(), ready.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(file) = keep.as_mut() {
+                        use std::io::Write as _;
+                        let _ = writeln!(file, "{line}");
+                    }
                     if line.contains("crm-node ready") {
                         ready.store(true, Ordering::Release);
                     }
@@ -581,13 +618,36 @@ fn proc_cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks / per_second.max(1.0))
 }
 
-/// CPU seconds of the server, the node and the bench at one instant.
+/// Busy CPU seconds of the whole machine (all cores) from `/proc/stat`.
+fn machine_busy_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let busy: f64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy / per_second.max(1.0))
+}
+
+/// CPU seconds of the server, the node, the bench and the whole machine at one instant.
 #[derive(Clone, Copy)]
 struct CpuSnapshot {
     at: Instant,
     nats: f64,
     node: f64,
     bench: f64,
+    machine: f64,
 }
 
 impl CpuSnapshot {
@@ -599,10 +659,12 @@ impl CpuSnapshot {
                 .and_then(|pid| proc_cpu_seconds(&pid.to_string()))
                 .unwrap_or(0.0),
             bench: proc_cpu_seconds("self").unwrap_or(0.0),
+            machine: machine_busy_seconds().unwrap_or(0.0),
         }
     }
 
-    /// CPU used since `self`, as JSON (seconds and cores busy on average).
+    /// CPU used since `self`, as JSON (seconds and cores busy on average). `other_cores` is
+    /// what the rest of the machine used meanwhile: a busy neighbour skews every figure.
     fn since(&self, later: &CpuSnapshot) -> Value {
         let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-9);
         let (nats, node, bench) = (
@@ -618,6 +680,7 @@ impl CpuSnapshot {
             "nats_server_cores": round(nats / wall, 2),
             "crm_node_cores": round(node / wall, 2),
             "bench_cores": round(bench / wall, 2),
+            "other_cores": round(((later.machine - self.machine) - nats - node - bench).max(0.0) / wall, 2),
         })
     }
 }
@@ -759,16 +822,30 @@ async fn settle(
     }
 }
 
-/// `crm.node.stats` of the node.
+/// `crm.node.stats` of the node, retried while nobody answers yet (the node subscribes its
+/// stats responder around the time it logs `crm-node ready`).
 async fn node_stats(client: &async_nats::Client) -> Result<Value> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(subjects::NODE_STATS, Bytes::from_static(b"{}")),
-    )
-    .await
-    .map_err(|_| anyhow!("no reply to crm.node.stats within 10 s"))?
-    .map_err(|e| anyhow!("crm.node.stats: {e}"))?;
-    serde_json::from_slice(&reply.payload).context("crm.node.stats reply is not JSON")
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(subjects::NODE_STATS, Bytes::from_static(b"{}")),
+        )
+        .await;
+        match reply {
+            Ok(Ok(reply)) => {
+                return serde_json::from_slice(&reply.payload)
+                    .context("crm.node.stats reply is not JSON")
+            }
+            Ok(Err(error)) if attempt < 100 => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(error)) => bail!("crm.node.stats: {error}"),
+            Err(_) => bail!("no reply to crm.node.stats within 10 s"),
+        }
+    }
 }
 
 fn metric(stats: &Value, name: &str) -> u64 {
@@ -816,6 +893,37 @@ async fn router_consumer(js: &jetstream::Context) -> Result<jetstream::consumer:
         .map_err(|e| anyhow!("consumer {}: {e}", subjects::INGEST_DURABLE))
 }
 
+/// Fails a wait when what it watches has not moved for [`STALL_AFTER`]: a node that
+/// stopped making progress (a deadlock) ends the step instead of hanging the bench.
+struct StallWatch {
+    last: Option<(u64, u64, u64)>,
+    since: Instant,
+}
+
+impl StallWatch {
+    fn new() -> StallWatch {
+        StallWatch {
+            last: None,
+            since: Instant::now(),
+        }
+    }
+
+    fn observe(&mut self, progress: (u64, u64, u64), what: &str) -> Result<()> {
+        if self.last != Some(progress) {
+            self.last = Some(progress);
+            self.since = Instant::now();
+            return Ok(());
+        }
+        if self.since.elapsed() >= STALL_AFTER {
+            bail!(
+                "no progress for {} s ({what}): the node is stalled (see 'Known problems' in docs/benchmark.md)",
+                STALL_AFTER.as_secs()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// When the drain condition became true.
 struct Drained {
     /// The router had nothing pending or unacked.
@@ -840,11 +948,23 @@ async fn wait_applied(
     let js = jetstream::new(client.clone());
     let deadline = Instant::now() + timeout;
     let mut consumer = router_consumer(&js).await?;
+    let mut last_report = Instant::now();
+    let mut stall = StallWatch::new();
     let routed_at = loop {
         node.check_alive()?;
-        let (pending, unacked, _) = router_progress(&mut consumer).await?;
+        let (pending, unacked, floor) = router_progress(&mut consumer).await?;
+        stall.observe(
+            (pending, unacked, floor),
+            &format!("router: {pending} pending, {unacked} unacked"),
+        )?;
         if pending == 0 && unacked == 0 {
             break Instant::now();
+        }
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            say(format!(
+                "    waiting for the router: {pending} pending, {unacked} unacked"
+            ));
+            last_report = Instant::now();
         }
         if Instant::now() >= deadline {
             bail!("router not drained within {timeout:?}: {pending} pending, {unacked} unacked");
@@ -864,12 +984,37 @@ async fn wait_applied(
             .unwrap_or(0);
         last.push(sequence);
     }
+    let mut stall = StallWatch::new();
     loop {
         node.check_alive()?;
         let stats = node_stats(client).await?;
         let behind = (0..shards as usize)
             .filter(|&shard| stats["applied_seq"][shard].as_u64().unwrap_or(0) < last[shard])
             .count();
+        let applied_sum = (0..shards as usize)
+            .map(|shard| stats["applied_seq"][shard].as_u64().unwrap_or(0))
+            .sum();
+        stall.observe(
+            (applied_sum, behind as u64, 0),
+            &format!("{behind} shards behind their log"),
+        )?;
+        if last_report.elapsed() >= PROGRESS_EVERY && behind > 0 {
+            let lagging: Vec<String> = (0..shards as usize)
+                .filter(|&shard| stats["applied_seq"][shard].as_u64().unwrap_or(0) < last[shard])
+                .take(4)
+                .map(|shard| {
+                    format!(
+                        "shard {shard} at {} of {}",
+                        stats["applied_seq"][shard], last[shard]
+                    )
+                })
+                .collect();
+            say(format!(
+                "    waiting for {behind} shards: {}",
+                lagging.join(", ")
+            ));
+            last_report = Instant::now();
+        }
         if behind == 0 {
             return Ok(Drained {
                 routed_at,
@@ -1085,6 +1230,80 @@ async fn raw_jetstream(
 }
 
 // ---------------------------------------------------------------------------------------
+// Diagnostic: the identity directory's KV operations alone
+// ---------------------------------------------------------------------------------------
+
+/// A 64-hex key like the identity directory's HMAC keys (distinct for every `index`).
+fn kv_key(index: u64) -> String {
+    let mut z = index.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}{:048x}", z ^ (z >> 31), index)
+}
+
+/// What the router pays per new identifier, without the node: a KV `get` that misses then a
+/// KV `create`, one after the other, on a bucket configured like `crm_identity`, as it
+/// grows to `keys` keys (mean microseconds per tenth); then the same creates with 64 in
+/// flight, to show what pipelining the router's look-ups would buy.
+async fn kv_diagnostic(client: &async_nats::Client, keys: u64) -> Result<Value> {
+    const BUCKET: &str = "bench_identity";
+    const PIPELINE: usize = 64;
+    let js = jetstream::new(client.clone());
+    let kv = crm_node::jetstream::ensure_kv(&js, BUCKET, 1)
+        .await
+        .map_err(|e| anyhow!("scratch bucket: {e}"))?;
+    let value = Bytes::from_static(b"c0123456789abcdef01234567");
+    let window = (keys / 10).max(1);
+    let mut windows = Vec::new();
+    let (mut get_us, mut create_us) = (0.0f64, 0.0f64);
+    let started = Instant::now();
+    for index in 0..keys {
+        let key = kv_key(index);
+        let before = Instant::now();
+        let found = kv.get(&key).await.map_err(|e| anyhow!("kv get: {e}"))?;
+        let between = Instant::now();
+        if found.is_some() {
+            bail!("kv key {key} exists before it was created");
+        }
+        kv.create(&key, value.clone())
+            .await
+            .map_err(|e| anyhow!("kv create: {e}"))?;
+        get_us += between.duration_since(before).as_secs_f64() * 1e6;
+        create_us += between.elapsed().as_secs_f64() * 1e6;
+        if (index + 1) % window == 0 {
+            windows.push(json!({"keys_after": index + 1,
+                "get_miss_mean_us": round(get_us / window as f64, 1),
+                "create_mean_us": round(create_us / window as f64, 1)}));
+            get_us = 0.0;
+            create_us = 0.0;
+        }
+    }
+    let sequential_seconds = started.elapsed().as_secs_f64();
+    let pipelined_keys = window * 2;
+    let started = Instant::now();
+    let creates = futures::stream::iter(keys..keys + pipelined_keys)
+        .map(|index| {
+            let (kv, value) = (kv.clone(), value.clone());
+            async move { kv.create(kv_key(index), value).await }
+        })
+        .buffer_unordered(PIPELINE)
+        .collect::<Vec<_>>()
+        .await;
+    let pipelined_seconds = started.elapsed().as_secs_f64();
+    let failed = creates.iter().filter(|r| r.is_err()).count();
+    let _ = js.delete_stream(subjects::kv_stream(BUCKET)).await;
+    Ok(json!({
+        "keys": keys,
+        "sequential_get_then_create_per_s": round(keys as f64 / sequential_seconds.max(1e-9), 0),
+        "windows": windows,
+        "pipelined_creates": pipelined_keys,
+        "pipelined_in_flight": PIPELINE,
+        "pipelined_creates_per_s": round(pipelined_keys as f64 / pipelined_seconds.max(1e-9), 0),
+        "pipelined_failures": failed,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
 // Step 2: end-to-end throughput
 // ---------------------------------------------------------------------------------------
 
@@ -1140,7 +1359,7 @@ async fn end_to_end(
     }))
 }
 
-/// Samples every 500 ms: events acked by JetStream, routed (router ack floor), applied
+/// Samples every second: events acked by JetStream, routed (router ack floor), applied
 /// (shard messages the node processed), until `stop`.
 async fn progress_timeline(
     client: async_nats::Client,
@@ -1157,7 +1376,7 @@ async fn progress_timeline(
     let mut routed_base = None;
     let mut samples = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let routed = match consumer.as_mut() {
             Some(consumer) => router_progress(consumer)
                 .await
@@ -1396,7 +1615,7 @@ async fn memory(plan: &Plan) -> Result<Value> {
     let rss_start = proc_status_mib(node.pid, "VmRSS:").unwrap_or(0.0);
     let customers = plan.customers;
     let start_ms = traffic_start_ms();
-    let visits = (0..customers).map(move |i| {
+    let visit = move |i: u64| {
         let event_id = format!("m-{i}");
         let body = format!(
             r#"{{"v":1,"event_id":"{event_id}","type":"visit","occurred_at":"{}","identity":{{"customer_id":"bench-{i:09}"}}}}"#,
@@ -1407,26 +1626,60 @@ async fn memory(plan: &Plan) -> Result<Value> {
             msg_id: event_id,
             payload: Bytes::from(body),
         }
-    });
+    };
     let acked = Arc::new(AtomicU64::new(0));
     let cpu_before = CpuSnapshot::take(nats.pid, Some(node.pid));
     let started = Instant::now();
     let in_flight = plan.in_flight;
+    // The feed keeps at most FEED_BACKLOG_MAX events published but not applied, as a
+    // steady adapter would, instead of dumping every customer into the ingest stream at
+    // once (a huge backlog makes nats-server 2.9's filtered consumers slower).
     let publisher = {
-        let (js, acked) = (js.clone(), acked.clone());
-        tokio::spawn(async move { publish_bounded(&js, visits, in_flight, Some(acked)).await })
+        let (js, acked, client) = (js.clone(), acked.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut first_publish = None;
+            let mut count = 0;
+            let mut start = 0;
+            while start < customers {
+                loop {
+                    let applied = metric(&node_stats(&client).await?, "applied");
+                    if acked.load(Ordering::Relaxed).saturating_sub(applied) <= FEED_BACKLOG_MAX {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let end = (start + FEED_CHUNK).min(customers);
+                let published =
+                    publish_bounded(&js, (start..end).map(visit), in_flight, Some(acked.clone()))
+                        .await?;
+                first_publish.get_or_insert(published.first_publish);
+                count += published.count;
+                start = end;
+            }
+            let now = Instant::now();
+            Ok::<Published, anyhow::Error>(Published {
+                first_publish: first_publish.unwrap_or(now),
+                last_ack: now,
+                count,
+                duplicates: 0,
+            })
+        })
     };
     let mut samples = Vec::new();
     let mut at_cap: Option<Value> = None;
     let mut last_print = Instant::now();
-    let mut applied = 0;
     let deadline = started + Duration::from_secs(600 + customers / 100);
     // Sample once a second until every customer is applied.
-    loop {
+    let mut stall = StallWatch::new();
+    let applied = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         node.check_alive()?;
         let stats = node_stats(&client).await?;
-        applied = metric(&stats, "applied");
+        let applied = metric(&stats, "applied");
+        stall.observe(
+            (applied, acked.load(Ordering::Relaxed), 0),
+            &format!("{applied} of {customers} customers stored"),
+        )?;
         let rss = proc_status_mib(node.pid, "VmRSS:").unwrap_or(0.0);
         let t_s = started.elapsed().as_secs_f64();
         samples.push(
@@ -1445,7 +1698,7 @@ async fn memory(plan: &Plan) -> Result<Value> {
             last_print = Instant::now();
         }
         if applied >= customers {
-            break;
+            break applied;
         }
         if Instant::now() >= deadline {
             bail!(
@@ -1459,7 +1712,7 @@ async fn memory(plan: &Plan) -> Result<Value> {
                 metric(&stats, "dead_lettered")
             );
         }
-    }
+    };
     let published = publisher.await.context("publisher")??;
     let drained = wait_applied(&client, &mut node, plan.shards, Duration::from_secs(600)).await?;
     let cpu_after = CpuSnapshot::take(nats.pid, Some(node.pid));
@@ -1655,6 +1908,16 @@ async fn cold_activation(plan: &Plan) -> Result<Value> {
 // Machine and the run
 // ---------------------------------------------------------------------------------------
 
+/// The 1, 5 and 15 minute load averages (other work on the machine skews every figure).
+fn load_average() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
 fn machine(plan: &Plan) -> Value {
     let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
@@ -1704,6 +1967,7 @@ fn machine(plan: &Plan) -> Value {
         "date": format_rfc3339(now_ms),
         "git_commit": command_output(git, &["rev-parse", "--short", "HEAD"]),
         "git_dirty": dirty,
+        "load_average_at_end": load_average(),
     })
 }
 
@@ -1736,6 +2000,16 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
                 report.set("raw", raw);
             }
             Err(error) => report.fail("raw", error),
+        }
+    }
+    if plan.runs("kv") {
+        say(format!(
+            "diagnostic: identity-directory KV operations ({} keys)",
+            plan.kv_keys
+        ));
+        match kv_diagnostic(&client, plan.kv_keys).await {
+            Ok(kv) => report.set("kv_diagnostic", kv),
+            Err(error) => report.fail("kv", error),
         }
     }
     if !plan.runs("e2e") && !plan.runs("latency") {
@@ -1798,7 +2072,10 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
 }
 
 async fn nats_steps(plan: &Plan, report: &mut Report) {
-    if plan.runs("raw") || plan.runs("e2e") || plan.runs("latency") {
+    if ["raw", "kv", "e2e", "latency"]
+        .iter()
+        .any(|step| plan.runs(step))
+    {
         if let Err(error) = throughput_and_latency(plan, report).await {
             report.fail("throughput", error);
         }
@@ -1853,6 +2130,7 @@ fn run() -> Result<bool> {
     let plan = Plan::from_args(Args::parse())?;
     let mut report = Report::default();
     let started = Instant::now();
+    report.set("load_average_at_start", json!(load_average()));
     // One thread for the NATS steps: the bench shares the cores with the server and node.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1905,7 +2183,7 @@ fn run() -> Result<bool> {
         .with_context(|| format!("cannot write {}", plan.out.display()))?;
     print_table(&results);
     println!("results: {}", plan.out.display());
-    Ok(results["errors"].as_object().map_or(true, Map::is_empty))
+    Ok(results["errors"].as_object().is_none_or(Map::is_empty))
 }
 
 fn results_json(plan: &Plan, report: Report, elapsed: Duration) -> Value {
