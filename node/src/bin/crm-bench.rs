@@ -1537,8 +1537,8 @@ async fn latency(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let (earned_ms, earned_missing) = earned_task.await.context("earned matcher")?;
-    let (routed_ms, routed_missing) = routed_task.await.context("routed matcher")?;
+    let (earned_ms, earned_missing, earned_worst) = earned_task.await.context("earned matcher")?;
+    let (routed_ms, routed_missing, routed_worst) = routed_task.await.context("routed matcher")?;
     let (ack_ms, ack_failures) = ack_task.await.context("ack task")?;
     let stats_after = node_stats(client).await?;
     let e2e = summary(earned_ms, 2);
@@ -1551,6 +1551,8 @@ async fn latency(
         "publish_to_points_earned_ms": e2e,
         "publish_to_shard_log_ms": summary(routed_ms, 2),
         "publish_to_pub_ack_ms": summary(ack_ms, 2),
+        "points_earned_worst_ms_by_second": earned_worst,
+        "shard_log_worst_ms_by_second": routed_worst,
         "points_earned_missing": earned_missing,
         "shard_log_missing": routed_missing,
         "pub_ack_failures": ack_failures,
@@ -1560,17 +1562,19 @@ async fn latency(
 }
 
 /// Receives messages until every sent index was matched once or `stop`; returns the
-/// latencies (ms from the recorded send instant) and how many indices were never matched.
+/// latencies (ms from the recorded send instant), how many indices were never matched, and
+/// the worst latency of the events sent in each second of the run (to place outliers).
 async fn match_arrivals(
     mut subscription: async_nats::Subscriber,
     sent_ns: Arc<Vec<AtomicU64>>,
     t0: Instant,
     stop: Arc<AtomicBool>,
     index_of: impl Fn(&[u8]) -> Option<usize>,
-) -> (Vec<f64>, u64) {
+) -> (Vec<f64>, u64, Vec<f64>) {
     let total = sent_ns.len();
     let mut matched = vec![false; total];
     let mut latencies = Vec::with_capacity(total);
+    let mut worst_by_second: Vec<f64> = Vec::new();
     while latencies.len() < total && !stop.load(Ordering::Relaxed) {
         let next = tokio::time::timeout(Duration::from_millis(100), subscription.next()).await;
         let message = match next {
@@ -1590,10 +1594,16 @@ async fn match_arrivals(
             continue;
         }
         matched[index] = true;
-        latencies.push(arrived.saturating_sub(sent - 1) as f64 / 1e6);
+        let latency_ms = arrived.saturating_sub(sent - 1) as f64 / 1e6;
+        latencies.push(latency_ms);
+        let second = ((sent - 1) / 1_000_000_000) as usize;
+        if worst_by_second.len() <= second {
+            worst_by_second.resize(second + 1, 0.0);
+        }
+        worst_by_second[second] = worst_by_second[second].max(round(latency_ms, 1));
     }
     let missing = (total - latencies.len()) as u64;
-    (latencies, missing)
+    (latencies, missing, worst_by_second)
 }
 
 // ---------------------------------------------------------------------------------------
