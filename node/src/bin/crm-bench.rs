@@ -17,6 +17,12 @@
 //!    the resident cap is reached and when every customer is stored.
 //! 5. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
 //!    sled store was closed and reopened.
+//!
+//! Between 1 and 2 a diagnostic (`kv`) times the identity directory's KV round trips alone.
+//! A wait that sees no progress for 30 s fails its step (a stalled node) instead of
+//! hanging. For profiling, `CRM_BENCH_NATS_ARGS` adds arguments to the server's command
+//! line (e.g. `--profile 6061` for Go's pprof endpoints) and `--node-logs DIR` keeps the
+//! nodes' logs.
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
