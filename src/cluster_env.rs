@@ -342,3 +342,57 @@ pub fn minor(value: &Value) -> i64 {
     crm_actors::money::minor_from_json(value)
         .unwrap_or_else(|e| panic!("{value} is not money: {e}"))
 }
+
+/// Asserts that every buyer of `truth` has, in their 360 view, exactly the purchase count,
+/// gross spend, return count and returned total of the ground truth (a lost or doubled event
+/// changes one of them), and, where `expected_points` gives a balance, that balance with
+/// nothing pending. Returns how many buyers were checked.
+pub async fn assert_buyers_exact(
+    client: &async_nats::Client,
+    truth: &Truth,
+    expected_points: impl Fn(&PersonTruth) -> Option<i64>,
+) -> usize {
+    let mut checked = 0;
+    let mut mismatches = Vec::new();
+    for (index, person) in truth.people.iter().enumerate() {
+        if person.purchases.is_empty() {
+            continue;
+        }
+        let view = view(client, identity_of(person)).await;
+        let points = expected_points(person);
+        let got = (
+            view["purchases"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
+            minor(&view["purchases"]["total_spend"]),
+            view["returns"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
+            minor(&view["returns"]["total"]),
+            points.map(|_| {
+                (
+                    view["loyalty"]["points_balance"]
+                        .as_i64()
+                        .unwrap_or(i64::MIN),
+                    view["loyalty"]["points_pending"]
+                        .as_i64()
+                        .unwrap_or(i64::MIN),
+                )
+            }),
+        );
+        let want = (
+            person.purchases.len(),
+            person.gross_spend_minor(),
+            person.returns.len(),
+            person.returned_minor(),
+            points.map(|balance| (balance, 0)),
+        );
+        if got != want {
+            mismatches.push(format!("person {index}: got {got:?}, want {want:?}"));
+        }
+        checked += 1;
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {checked} customers differ:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    checked
+}

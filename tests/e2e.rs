@@ -5,10 +5,10 @@
 //! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
 
 use crm_cluster::cluster_env::{
-    generated_traffic, identity_of, minor, publish_all, traffic_spec, view, wait_drained,
-    NodeOptions, TestEnv,
+    assert_buyers_exact, generated_traffic, publish_all, traffic_spec, wait_drained, NodeOptions,
+    TestEnv,
 };
-use crm_node::loadgen::{PersonTruth, Truth};
+use crm_node::loadgen::PersonTruth;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -47,50 +47,6 @@ fn expected_points(person: &PersonTruth) -> i64 {
     granted.values().map(|(p, _)| p).sum::<i64>() - reversed_total
 }
 
-/// Asserts every person with a purchase or a return matches the truth; returns how many
-/// people were checked.
-async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
-    let mut checked = 0;
-    let mut mismatches = Vec::new();
-    for (index, person) in truth.people.iter().enumerate() {
-        if person.purchases.is_empty() {
-            continue;
-        }
-        let view = view(client, identity_of(person)).await;
-        let got = (
-            view["purchases"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
-            minor(&view["purchases"]["total_spend"]),
-            view["returns"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
-            minor(&view["returns"]["total"]),
-            view["loyalty"]["points_balance"]
-                .as_i64()
-                .unwrap_or(i64::MIN),
-            view["loyalty"]["points_pending"]
-                .as_i64()
-                .unwrap_or(i64::MIN),
-        );
-        let want = (
-            person.purchases.len(),
-            person.gross_spend_minor(),
-            person.returns.len(),
-            person.returned_minor(),
-            expected_points(person),
-            0,
-        );
-        if got != want {
-            mismatches.push(format!("person {index}: got {got:?}, want {want:?}"));
-        }
-        checked += 1;
-    }
-    assert!(
-        mismatches.is_empty(),
-        "{} of {checked} customers differ:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
-    checked
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
     let env = TestEnv::start(NodeOptions::default());
@@ -108,7 +64,7 @@ async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
         "JetStream dropped the same-event-id resends"
     );
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    let checked = assert_exact(&client, &truth).await;
+    let checked = assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
     assert!(checked >= 100, "only {checked} buyers checked");
 }
 
@@ -131,7 +87,7 @@ async fn a_node_killed_with_sigkill_mid_stream_is_still_exact_after_restart() {
     tokio::task::block_in_place(|| env.node.restart(Duration::from_secs(60)));
     publisher.await.expect("publisher");
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    assert_exact(&client, &truth).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,5 +106,5 @@ async fn nats_restarted_mid_stream_the_node_resumes_and_is_exact() {
         "the node died with NATS:\n{}",
         env.node.log_tail(30)
     );
-    assert_exact(&client, &truth).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
 }

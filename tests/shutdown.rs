@@ -4,14 +4,13 @@
 //! becomes ready (and serves) once NATS comes up.
 
 use crm_cluster::cluster_env::{
-    connect, generated_traffic, identity_of, minor, publish_all, request, traffic_spec, view,
-    wait_drained, write_config, NodeOptions, Outgoing, TestEnv, NODE_READY_TIMEOUT,
+    assert_buyers_exact, connect, generated_traffic, minor, publish_all, request, traffic_spec,
+    view, wait_drained, write_config, NodeOptions, Outgoing, TestEnv, NODE_READY_TIMEOUT,
 };
 use crm_cluster::node_process::{
     crm_node_binary, log_lines, log_tail, terminate_child, wait_for_log_line,
 };
 use crm_cluster::{spawn_tied_to_test_process, NatsServer};
-use crm_node::loadgen::Truth;
 use crm_node::subjects;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -24,43 +23,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
 /// Bound on a graceful stop (the node's shutdown_grace_s is 20 s by default).
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Asserts every buyer's purchase count, spend, return count and returned total equal the
-/// generator's ground truth (a lost or doubled event changes one of them); returns how many
-/// buyers were checked.
-async fn assert_exact(client: &async_nats::Client, truth: &Truth) -> usize {
-    let mut checked = 0;
-    let mut mismatches = Vec::new();
-    for (index, person) in truth.people.iter().enumerate() {
-        if person.purchases.is_empty() {
-            continue;
-        }
-        let view = view(client, identity_of(person)).await;
-        let got = (
-            view["purchases"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
-            minor(&view["purchases"]["total_spend"]),
-            view["returns"]["count"].as_u64().unwrap_or(u64::MAX) as usize,
-            minor(&view["returns"]["total"]),
-        );
-        let want = (
-            person.purchases.len(),
-            person.gross_spend_minor(),
-            person.returns.len(),
-            person.returned_minor(),
-        );
-        if got != want {
-            mismatches.push(format!("person {index}: got {got:?}, want {want:?}"));
-        }
-        checked += 1;
-    }
-    assert!(
-        mismatches.is_empty(),
-        "{} of {checked} customers differ:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
-    checked
-}
 
 async fn stats(client: &async_nats::Client) -> Value {
     request(client, subjects::NODE_STATS, &json!({})).await
@@ -121,7 +83,7 @@ async fn sigterm_under_load_exits_cleanly_and_a_restarted_node_makes_every_custo
     tokio::task::block_in_place(|| env.node.restart(NODE_READY_TIMEOUT));
     publisher.await.expect("publisher");
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    let checked = assert_exact(&client, &truth).await;
+    let checked = assert_buyers_exact(&client, &truth, |_| None).await;
     assert!(checked >= 100, "only {checked} buyers checked");
     eprintln!(
         "stopped while publishing: {publishing}, backlog at SIGTERM: {backlog:?}; {checked} buyers exact"
