@@ -265,3 +265,161 @@ async fn the_cache_stays_within_its_bound_and_answers_repeat_lookups() {
     );
     assert!(directory.cache_len() <= 8);
 }
+
+/// A deterministic mix of events: new people, people seen before, new identifiers arriving
+/// with known ones, identifiers of two people in one event, repeated identifiers.
+fn mixed_events() -> Vec<Vec<Identity>> {
+    let mut events = Vec::new();
+    for i in 0..120usize {
+        let person = i % 30;
+        let mut pairs: Vec<(IdentityKind, String)> = Vec::new();
+        match i % 5 {
+            0 => pairs.push((IdentityKind::Email, format!("p{person}@example.com"))),
+            1 => {
+                pairs.push((IdentityKind::Email, format!("p{person}@example.com")));
+                pairs.push((IdentityKind::DeviceId, format!("dev-{person}")));
+            }
+            2 => pairs.push((IdentityKind::DeviceId, format!("dev-{person}"))),
+            3 => {
+                pairs.push((IdentityKind::LoyaltyCard, format!("LC-{person}")));
+                pairs.push((IdentityKind::Phone, format!("+49151000{person:04}")));
+            }
+            _ => {
+                // Person - 1's card (from the events `i % 5 == 3`) and person - 3's email
+                // (from `i % 5 == 1`): two customers once both are known.
+                pairs.push((
+                    IdentityKind::LoyaltyCard,
+                    format!("LC-{}", (person + 29) % 30),
+                ));
+                pairs.push((
+                    IdentityKind::Email,
+                    format!("p{}@example.com", (person + 27) % 30),
+                ));
+            }
+        }
+        let pairs: Vec<(IdentityKind, &str)> = pairs
+            .iter()
+            .map(|(kind, value)| (*kind, value.as_str()))
+            .collect();
+        events.push(ids(&pairs));
+    }
+    events
+}
+
+#[tokio::test]
+async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
+    let events = mixed_events();
+
+    let one_by_one_server = NatsServer::start();
+    let one_by_one = directory(&one_by_one_server, 1000).await;
+    let mut expected = Vec::new();
+    for identities in &events {
+        expected.push(one_by_one.resolve(identities).await.unwrap());
+    }
+
+    // The same events in chunks of varying size (a chunk sees what earlier chunks created),
+    // on a fresh server, with a cache too small to hold everything.
+    let server = NatsServer::start();
+    let many = directory(&server, 16).await;
+    let mut got = Vec::new();
+    let mut rest: &[Vec<Identity>] = &events;
+    for size in [1usize, 7, 40, 2, 70].iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+        let slices: Vec<&[Identity]> = chunk.iter().map(Vec::as_slice).collect();
+        for result in many.resolve_many(&slices).await.unwrap() {
+            got.push(result.unwrap());
+        }
+        rest = tail;
+    }
+    assert_eq!(got, expected);
+    assert!(
+        expected.iter().any(|r| !r.conflicts.is_empty()),
+        "the mix has conflicts"
+    );
+    assert!(
+        expected.iter().any(|r| r.created),
+        "the mix creates customers"
+    );
+    let (a, b) = (one_by_one.metrics(), many.metrics());
+    assert_eq!(
+        (a.creates, a.links, a.conflicts),
+        (b.creates, b.links, b.conflicts)
+    );
+    let mut keys_a = kv_keys(&one_by_one_server).await;
+    let mut keys_b = kv_keys(&server).await;
+    keys_a.sort();
+    keys_b.sort();
+    assert_eq!(keys_a, keys_b);
+
+    // An event without identifiers fails alone.
+    let results = many
+        .resolve_many(&[events[0].as_slice(), &[], events[1].as_slice()])
+        .await
+        .unwrap();
+    assert!(results[0].is_ok() && results[2].is_ok());
+    assert!(matches!(
+        results[1],
+        Err(crm_node::identity_directory::DirectoryError::NoIdentity)
+    ));
+}
+
+#[tokio::test]
+async fn two_routers_resolving_chunks_of_the_same_new_people_end_with_one_customer_each() {
+    let server = NatsServer::start();
+    let routers = [
+        Arc::new(directory(&server, 1000).await),
+        Arc::new(directory(&server, 1000).await),
+    ];
+    // 30 new people; each router resolves every person's events in chunks, at the same time,
+    // with the identifiers in a different order of arrival.
+    let mut tasks = Vec::new();
+    for (index, router) in routers.iter().enumerate() {
+        let router = router.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut events: Vec<(usize, Vec<Identity>)> = Vec::new();
+            for person in 0..30usize {
+                let email = format!("p{person}@example.com");
+                let device = format!("dev-{person}");
+                let first = ids(&[(IdentityKind::Email, email.as_str())]);
+                let second = ids(&[
+                    (IdentityKind::Email, email.as_str()),
+                    (IdentityKind::DeviceId, device.as_str()),
+                ]);
+                if index == 0 {
+                    events.push((person, first));
+                    events.push((person, second));
+                } else {
+                    events.push((person, second));
+                    events.push((person, first));
+                }
+            }
+            let mut resolved = Vec::new();
+            for chunk in events.chunks(13) {
+                let slices: Vec<&[Identity]> =
+                    chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+                let results = router.resolve_many(&slices).await.unwrap();
+                for ((person, _), result) in chunk.iter().zip(results) {
+                    resolved.push((*person, result.unwrap()));
+                }
+            }
+            resolved
+        }));
+    }
+    let mut customer_of = std::collections::HashMap::new();
+    let mut created = 0;
+    for task in tasks {
+        for (person, resolution) in task.await.unwrap() {
+            created += usize::from(resolution.created);
+            let first = customer_of
+                .entry(person)
+                .or_insert(resolution.customer_id.clone());
+            assert_eq!(*first, resolution.customer_id, "person {person}");
+            assert!(resolution.conflicts.is_empty(), "{resolution:?}");
+        }
+    }
+    assert_eq!(created, 30, "exactly one resolve minted each customer");
+    assert_eq!(kv_keys(&server).await.len(), 60);
+}

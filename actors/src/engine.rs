@@ -650,6 +650,12 @@ impl ShardEngine {
             .map_err(|source| self.store_error(source))
     }
 
+    /// The store this engine writes to (the outbox is cleared through it by whoever
+    /// publishes the events).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Removes published events from the outbox.
     pub fn published(&self, keys: &[OutboxKey]) -> Result<(), EngineError> {
         debug_assert!(keys.iter().all(|key| key.shard == self.shard));

@@ -143,6 +143,8 @@ pub struct LimitsSection {
     pub identity_cache_max_entries: usize,
     /// sled page cache, in bytes.
     pub sled_cache_max_bytes: u64,
+    /// Least time between the starts of two sled flushes, in ms (0 = back to back).
+    pub flush_interval_ms: u64,
     /// Longest a query waits for its shard worker, in ms.
     pub query_timeout_ms: u64,
     /// Interval of the automatic clock tick written into every shard log, in s (0 = none).
@@ -236,6 +238,7 @@ impl Default for LimitsSection {
             passivate_after_s: 600,
             identity_cache_max_entries: 200_000,
             sled_cache_max_bytes: 256 * 1024 * 1024,
+            flush_interval_ms: 5,
             query_timeout_ms: 2_000,
             tick_interval_s: 3_600,
             shutdown_grace_s: 20,
@@ -519,6 +522,12 @@ impl Config {
             limits.sled_cache_max_bytes,
             1024 * 1024,
             1024 * 1024 * 1024 * 1024,
+        )?;
+        self.range(
+            "limits.flush_interval_ms",
+            limits.flush_interval_ms,
+            0,
+            1_000,
         )?;
         self.range(
             "limits.query_timeout_ms",

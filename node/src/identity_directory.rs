@@ -19,6 +19,7 @@
 use crate::subjects;
 use async_nats::jetstream::kv;
 use crm_actors::identity::{Identity, IdentityKind};
+use futures::{StreamExt, TryStreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ pub const KV_ATTEMPTS_MAX: u32 = 5;
 pub const KV_RETRY_INITIAL_MS: u64 = 50;
 /// Longest pause between KV attempts, in milliseconds.
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
+/// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
+pub const KV_IN_FLIGHT_MAX: usize = 128;
 
 /// The outcome of [`IdentityDirectory::resolve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +214,177 @@ impl IdentityDirectory {
             linked,
             conflicts,
         })
+    }
+
+    /// [`resolve`](Self::resolve) for many events at once, with the same outcome as
+    /// resolving them one after the other in order, in a few concurrent rounds of KV round
+    /// trips instead of two per unknown identifier.
+    ///
+    /// The identifiers not in the cache are read concurrently (each distinct key once); the
+    /// events are then resolved in order against what was read, an event seeing the
+    /// mappings that the events before it create; those creates are then issued
+    /// concurrently. A create that another router won with a different customer makes every
+    /// event from the first one that planned it resolve again, one by one, against what is
+    /// now stored (as [`resolve`](Self::resolve) does when it loses a race). The result has
+    /// one entry per input, in order; an event without identifiers gets `NoIdentity`.
+    pub async fn resolve_many(
+        &self,
+        events: &[&[Identity]],
+    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
+        let keys: Vec<Vec<String>> = events
+            .iter()
+            .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
+            .collect();
+
+        // Round 1: the current value of every distinct key (cache, then concurrent reads).
+        let mut known: HashMap<String, Option<String>> = HashMap::new();
+        let mut to_read: Vec<(IdentityKind, String)> = Vec::new();
+        {
+            let mut cache = self.lock_cache();
+            for (identities, keys) in events.iter().zip(&keys) {
+                for (identity, key) in identities.iter().zip(keys) {
+                    if known.contains_key(key) {
+                        continue;
+                    }
+                    match cache.get(key) {
+                        Some(customer_id) => {
+                            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            known.insert(key.clone(), Some(customer_id));
+                        }
+                        None => {
+                            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+                            known.insert(key.clone(), None);
+                            to_read.push((identity.kind, key.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let reads: Vec<(String, Option<String>)> =
+            futures::stream::iter(to_read.into_iter().map(|(kind, key)| async move {
+                let found = self.read(kind, &key).await?;
+                Ok::<_, DirectoryError>((key, found))
+            }))
+            .buffer_unordered(KV_IN_FLIGHT_MAX)
+            .try_collect()
+            .await?;
+        {
+            let mut cache = self.lock_cache();
+            for (key, found) in reads {
+                if let Some(customer_id) = &found {
+                    cache.insert(&key, customer_id);
+                }
+                known.insert(key, found);
+            }
+        }
+
+        // Round 2: plan, in order, as if every create wins.
+        struct Plan {
+            resolution: Resolution,
+            /// Keys this event creates: (index in the event, key, value).
+            creates: Vec<(usize, String, String)>,
+        }
+        let mut plans: Vec<Result<Plan, DirectoryError>> = Vec::with_capacity(events.len());
+        for (identities, keys) in events.iter().zip(&keys) {
+            if identities.is_empty() {
+                plans.push(Err(DirectoryError::NoIdentity));
+                continue;
+            }
+            let found: Vec<Option<String>> = keys.iter().map(|k| known[k].clone()).collect();
+            let (winner, created) = match found.iter().flatten().next() {
+                Some(customer_id) => (customer_id.clone(), false),
+                None => (format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]), true),
+            };
+            let mut resolution = Resolution {
+                customer_id: winner.clone(),
+                created,
+                linked: Vec::new(),
+                conflicts: Vec::new(),
+            };
+            let mut creates = Vec::new();
+            for (index, (identity, found)) in identities.iter().zip(found).enumerate() {
+                match found {
+                    Some(customer_id) if customer_id == winner => {}
+                    Some(other) => resolution.conflicts.push((identity.kind, other)),
+                    None => {
+                        resolution.linked.push(identity.kind);
+                        known.insert(keys[index].clone(), Some(winner.clone()));
+                        creates.push((index, keys[index].clone(), winner.clone()));
+                    }
+                }
+            }
+            plans.push(Ok(Plan {
+                resolution,
+                creates,
+            }));
+        }
+
+        // Round 3: the planned creates, concurrently.
+        let planned: Vec<(usize, usize, IdentityKind, String, String)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(event, plan)| plan.as_ref().ok().map(|plan| (event, plan)))
+            .flat_map(|(event, plan)| {
+                plan.creates.iter().map(move |(index, key, value)| {
+                    let kind = events[event][*index].kind;
+                    (event, *index, kind, key.clone(), value.clone())
+                })
+            })
+            .collect();
+        // (event, index in the event, this create won, the key holds the planned value)
+        let outcomes: Vec<(usize, usize, bool, bool)> =
+            futures::stream::iter(planned.into_iter().map(
+                |(event, index, kind, key, value)| async move {
+                    Ok::<_, DirectoryError>(match self.create(kind, &key, &value).await? {
+                        Created::Won => (event, index, true, true),
+                        Created::Lost(stored) => (event, index, false, stored == value),
+                    })
+                },
+            ))
+            .buffer_unordered(KV_IN_FLIGHT_MAX)
+            .try_collect()
+            .await?;
+        let first_lost = outcomes
+            .iter()
+            .filter(|(_, _, _, as_planned)| !as_planned)
+            .map(|(event, ..)| *event)
+            .min();
+        // A customer minted first by another router (with the same deterministic id) was not
+        // created by this call, as with `resolve`.
+        for (event, index, won, as_planned) in &outcomes {
+            if *index == 0 && !*won && *as_planned {
+                if let Some(Ok(plan)) = plans.get_mut(*event) {
+                    plan.resolution.created = false;
+                    let primary = events[*event][0].kind;
+                    plan.resolution.linked.retain(|kind| *kind != primary);
+                }
+            }
+        }
+
+        let mut results = Vec::with_capacity(events.len());
+        for (event, plan) in plans.into_iter().enumerate() {
+            if first_lost.is_some_and(|lost| event >= lost) {
+                results.push(self.resolve(events[event]).await);
+                continue;
+            }
+            results.push(plan.map(|plan| {
+                let resolution = plan.resolution;
+                if resolution.created {
+                    self.counters.creates.fetch_add(1, Ordering::Relaxed);
+                }
+                let links = resolution.linked.len() - usize::from(resolution.created);
+                self.counters
+                    .links
+                    .fetch_add(links as u64, Ordering::Relaxed);
+                if !resolution.conflicts.is_empty() {
+                    self.counters
+                        .conflicts
+                        .fetch_add(resolution.conflicts.len() as u64, Ordering::Relaxed);
+                }
+                resolution
+            }));
+        }
+        Ok(results)
     }
 
     /// The customer of the highest-priority known identifier, or `None`; never creates.

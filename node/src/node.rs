@@ -145,6 +145,7 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     let store_path = config.node.data_dir.join("sled");
     let store = Store::open(&store_path, config.limits.sled_cache_max_bytes)
         .with_context(|| format!("opening the state store at {}", store_path.display()))?;
+    store.set_flush_interval(Duration::from_millis(config.limits.flush_interval_ms));
     let metrics = Arc::new(Metrics::default());
     let stored = store
         .customer_count()
@@ -236,6 +237,7 @@ async fn session(
             metrics: metrics.clone(),
             requests,
             progress: progress.clone(),
+            publishing: JoinSet::new(),
         };
         tasks.spawn(worker.run(shutdown.clone()));
     }

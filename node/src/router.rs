@@ -12,6 +12,7 @@
 
 use crate::dlq;
 use crate::identity_directory::IdentityDirectory;
+use crate::identity_directory::Resolution;
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
@@ -22,10 +23,12 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{AckKind, Context, Message};
 use crm_actors::codec;
 use crm_actors::command::{CustomerCommand, IdentityConflict, ShardMessage};
-use crm_actors::event::{parse_ingest, IngestLimits};
+use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, Rejection};
+use crm_actors::identity::Identity;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// What the router needs; built by the node runtime.
@@ -68,10 +71,12 @@ impl Router {
             };
             backoff = Duration::from_millis(100);
             let mut chunks = stream.ready_chunks(self.batch_max_events);
+            let (routed, to_ack) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
+            let acker = tokio::spawn(ack_routed(to_ack, self.metrics.clone()));
             loop {
                 let chunk = tokio::select! {
                     chunk = chunks.next() => chunk,
-                    _ = shutdown.wait() => return,
+                    _ = shutdown.wait() => break,
                 };
                 let Some(chunk) = chunk else { break };
                 let mut messages = Vec::with_capacity(chunk.len());
@@ -85,78 +90,93 @@ impl Router {
                         }
                     }
                 }
-                self.route_chunk(messages).await;
-                if broken {
+                let chunk = self.route_chunk(messages).await;
+                if routed.send(chunk).await.is_err() || broken {
                     break;
                 }
             }
+            // Every chunk published so far is acked (or nak'ed) before reading again.
+            drop(routed);
+            let _ = acker.await;
         }
         info!("router stopped");
     }
 
-    /// Routes one chunk: publishes everything, awaits the publish acks, then acks ingest.
-    async fn route_chunk(&self, messages: Vec<Message>) {
+    /// Routes one chunk: validates every message, resolves the identities of the valid
+    /// ones together (see [`IdentityDirectory::resolve_many`]) and publishes everything in
+    /// ingest order. The publish acks are awaited by [`ack_routed`], while the next chunk is
+    /// routed.
+    async fn route_chunk(&self, messages: Vec<Message>) -> Vec<Routed> {
         Metrics::add(&self.metrics.ingest_received, messages.len() as u64);
-        let mut pending: Vec<(Message, Option<PublishAckFuture>, bool)> =
-            Vec::with_capacity(messages.len());
-        for message in messages {
-            let (publish, dead) = self.route_one(&message).await;
+        let parsed: Vec<Result<ChannelEvent, Rejection>> = messages
+            .iter()
+            .map(|message| {
+                let channel =
+                    subjects::channel_from_ingest_subject(message.subject.as_str()).unwrap_or("");
+                parse_ingest(channel, &message.payload, &self.limits)
+            })
+            .collect();
+        let identities: Vec<&[Identity]> = parsed
+            .iter()
+            .filter_map(|event| event.as_ref().ok())
+            .map(|event| event.identities.as_slice())
+            .collect();
+        let mut resolutions = match self.directory.resolve_many(&identities).await {
+            Ok(resolutions) => resolutions.into_iter(),
+            Err(error) => {
+                warn!(%error, "router: identity directory unavailable");
+                Vec::new().into_iter()
+            }
+        };
+        let mut pending: Vec<Routed> = Vec::with_capacity(messages.len());
+        for (message, event) in messages.into_iter().zip(parsed) {
+            let (publish, dead) = match event {
+                Ok(event) => match resolutions.next() {
+                    Some(Ok(resolution)) => {
+                        (self.publish_event(&message, event, resolution).await, false)
+                    }
+                    Some(Err(error)) => {
+                        warn!(%error, event_id = %event.event_id, "router: identity not resolved");
+                        (None, false)
+                    }
+                    None => (None, false),
+                },
+                Err(rejection) => (self.dead_letter(&message, &rejection).await, true),
+            };
             pending.push((message, publish, dead));
         }
-        for (message, publish, dead) in pending {
-            let outcome = match publish {
-                Some(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                None => Err("not published".to_string()),
-            };
-            match outcome {
-                Ok(()) => {
-                    let counter = if dead {
-                        &self.metrics.dead_lettered
-                    } else {
-                        &self.metrics.ingest_routed
-                    };
-                    Metrics::add(counter, 1);
-                    if let Err(error) = message.ack().await {
-                        // The message comes back; the shard publish dedups on its msg id.
-                        warn!(%error, "router: ack to CRM_INGEST failed");
-                    }
-                }
-                Err(error) => {
-                    warn!(%error, subject = %message.subject, "router: publish failed; redelivering");
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-                }
-            }
-        }
+        pending
     }
 
-    /// Publishes one message to its shard or to the dead-letter stream. Returns the ack
-    /// future (None when nothing could be published) and whether it was a dead letter.
-    async fn route_one(&self, message: &Message) -> (Option<PublishAckFuture>, bool) {
+    /// Publishes an input that cannot be applied to the dead-letter stream.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        rejection: &Rejection,
+    ) -> Option<PublishAckFuture> {
         let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let subject = message.subject.as_str();
-        let channel = subjects::channel_from_ingest_subject(subject).unwrap_or("");
-        let event = match parse_ingest(channel, &message.payload, &self.limits) {
-            Ok(event) => event,
-            Err(rejection) => {
-                debug!(%subject, sequence, reason = %rejection.reason, "dead letter");
-                let publish = dlq::publish(
-                    &self.jetstream,
-                    &rejection,
-                    subject,
-                    sequence,
-                    message.payload.clone(),
-                )
-                .await;
-                return (publish.ok(), true);
-            }
-        };
-        let resolution = match self.directory.resolve(&event.identities).await {
-            Ok(resolution) => resolution,
-            Err(error) => {
-                warn!(%error, event_id = %event.event_id, "router: identity directory unavailable");
-                return (None, false);
-            }
-        };
+        debug!(%subject, sequence, reason = %rejection.reason, "dead letter");
+        dlq::publish(
+            &self.jetstream,
+            rejection,
+            subject,
+            sequence,
+            message.payload.clone(),
+        )
+        .await
+        .ok()
+    }
+
+    /// Publishes a resolved event to its customer's shard. Returns the ack future (None
+    /// when nothing could be published).
+    async fn publish_event(
+        &self,
+        message: &Message,
+        mut event: ChannelEvent,
+        resolution: Resolution,
+    ) -> Option<PublishAckFuture> {
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let conflict = resolution
             .conflicts
             .first()
@@ -166,7 +186,6 @@ impl Router {
             });
         // An identifier that belongs to another customer is not the winner's: it must not be
         // linked to it (merging two customers is an explicit, later operation).
-        let mut event = event;
         event.identities.retain(|identity| {
             !resolution
                 .conflicts
@@ -187,10 +206,48 @@ impl Router {
             .send_publish(subjects::shard(shard), publish)
             .await
         {
-            Ok(ack) => (Some(ack), false),
+            Ok(ack) => Some(ack),
             Err(error) => {
                 warn!(%error, shard, "router: publish to the shard log failed");
-                (None, false)
+                None
+            }
+        }
+    }
+}
+
+/// An ingest message with its shard (or dead-letter) publish: the ack future (None when
+/// nothing could be published) and whether it was a dead letter.
+type Routed = (Message, Option<PublishAckFuture>, bool);
+
+/// Chunks of routed messages whose publish acks may be awaited at once.
+const CHUNKS_IN_FLIGHT_MAX: usize = 4;
+
+/// Awaits the publish acks of each routed chunk, in order, and acks the ingest messages
+/// whose publish was acked; the others are nak'ed and come back.
+async fn ack_routed(mut chunks: mpsc::Receiver<Vec<Routed>>, metrics: Arc<Metrics>) {
+    while let Some(chunk) = chunks.recv().await {
+        for (message, publish, dead) in chunk {
+            let outcome = match publish {
+                Some(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                None => Err("not published".to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    let counter = if dead {
+                        &metrics.dead_lettered
+                    } else {
+                        &metrics.ingest_routed
+                    };
+                    Metrics::add(counter, 1);
+                    if let Err(error) = message.ack().await {
+                        // The message comes back; the shard publish dedups on its msg id.
+                        warn!(%error, "router: ack to CRM_INGEST failed");
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, subject = %message.subject, "router: publish failed; redelivering");
+                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                }
             }
         }
     }

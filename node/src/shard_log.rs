@@ -5,26 +5,36 @@
 //! crash, a lost connection, a slow batch), which would reorder a customer's commands.
 //! [`ShardLogReader`] reads with an ephemeral, ack-less pull consumer that starts at a
 //! given stream sequence; every record must carry the next consumer sequence, so a gap
-//! (a record lost in transit) is detected, and on any gap or error the consumer is
-//! dropped and recreated from the record after the last one returned. Each call waits at
-//! most `wait` for new records, so a reader can never hang on a silent consumer.
+//! (a record lost in transit) is detected, and on any gap or error (including missed
+//! server heartbeats) the consumer is dropped and recreated from the record after the last
+//! one returned. Each call waits at most `wait` for new records, so a reader can never hang
+//! on a silent consumer.
 
 use crate::subjects;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{Context, Message};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::time::Duration;
 use tracing::{debug, warn};
 
 /// How long an abandoned reader's consumer lingers on the server.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
+/// How long one pull request of the reader stays open on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// The server sends a heartbeat this often while a pull request waits; a reader that misses
+/// two of them reopens its consumer.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// An in-order reader of `crm.shard.<n>`.
+///
+/// The consumer is read through one long-lived pull subscription (the client keeps pull
+/// requests of `batch_max_events` open and renews them at half), so a busy shard costs no
+/// request per batch and an idle one costs a heartbeat every few seconds.
 pub struct ShardLogReader {
     jetstream: Context,
     shard: u32,
     batch_max_events: usize,
-    consumer: Option<PullConsumer>,
+    consumer: Option<(String, pull::Stream)>,
     /// Stream sequence of the next record to return.
     next_sequence: u64,
     /// Consumer sequence of the last record received from the current consumer.
@@ -55,96 +65,91 @@ impl ShardLogReader {
         self.drop_consumer().await;
     }
 
-    /// The next records in log order: what is available at once, or else the first record to
-    /// arrive within `wait` plus whatever followed it. Empty when nothing arrived (or the
-    /// consumer had to be recreated).
+    /// The next records in log order: the first record to arrive within `wait` plus every
+    /// record already received after it (at most `batch_max_events`). Empty when nothing
+    /// arrived (or the consumer had to be reopened).
     pub async fn next_batch(&mut self, wait: Duration) -> Vec<Message> {
-        let Some(consumer) = self.consumer().await else {
+        if self.consumer.is_none() && !self.open().await {
             tokio::time::sleep(wait).await;
             return Vec::new();
+        }
+        let mut records = Vec::new();
+        let first = {
+            let Some((_, messages)) = self.consumer.as_mut() else {
+                return records;
+            };
+            match tokio::time::timeout(wait, messages.next()).await {
+                Err(_) => return records,
+                Ok(item) => item,
+            }
         };
-        let available = consumer
-            .fetch()
-            .max_messages(self.batch_max_events)
-            .messages()
-            .await;
-        let mut records = self.collect(available.map_err(|e| e.to_string())).await;
-        if records.is_empty() && self.consumer.is_some() {
-            let first = consumer
-                .batch()
-                .max_messages(1)
-                .expires(wait)
-                .messages()
-                .await;
-            records = self.collect(first.map_err(|e| e.to_string())).await;
-            if !records.is_empty() && self.consumer.is_some() && self.batch_max_events > 1 {
-                let rest = consumer
-                    .fetch()
-                    .max_messages(self.batch_max_events - 1)
-                    .messages()
-                    .await;
-                records.extend(self.collect(rest.map_err(|e| e.to_string())).await);
+        if !self.accept(first, &mut records).await {
+            return records;
+        }
+        while records.len() < self.batch_max_events {
+            let Some((_, messages)) = self.consumer.as_mut() else {
+                break;
+            };
+            let Some(item) = messages.next().now_or_never() else {
+                break;
+            };
+            if !self.accept(item, &mut records).await {
+                break;
             }
         }
         records
     }
 
-    /// Takes records in order from one pull, dropping the consumer on a gap or an error.
-    async fn collect<S>(&mut self, batch: Result<S, String>) -> Vec<Message>
-    where
-        S: futures::Stream<Item = Result<Message, async_nats::Error>> + Unpin,
-    {
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => {
-                warn!(shard = self.shard, %error, "shard log pull failed; reopening the reader");
+    /// Appends `item` when it is the next record in order; otherwise drops the consumer
+    /// (gap, error, end of the subscription) and returns `false`.
+    async fn accept(
+        &mut self,
+        item: Option<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>,
+        records: &mut Vec<Message>,
+    ) -> bool {
+        let message = match item {
+            Some(Ok(message)) => message,
+            Some(Err(error)) => {
+                warn!(shard = self.shard, %error, "shard log read failed; reopening the reader");
                 self.drop_consumer().await;
-                return Vec::new();
+                return false;
             }
-        };
-        let mut records = Vec::new();
-        while let Some(item) = batch.next().await {
-            let message = match item {
-                Ok(message) => message,
-                Err(error) => {
-                    warn!(shard = self.shard, %error, "shard log read failed; reopening the reader");
-                    self.drop_consumer().await;
-                    break;
-                }
-            };
-            let Ok(info) = message.info() else {
+            None => {
                 warn!(
                     shard = self.shard,
-                    "shard log record without JetStream info; reopening the reader"
+                    "shard log subscription ended; reopening the reader"
                 );
                 self.drop_consumer().await;
-                break;
-            };
-            let (consumer_sequence, stream_sequence) =
-                (info.consumer_sequence, info.stream_sequence);
-            if consumer_sequence != self.consumer_sequence + 1
-                || stream_sequence < self.next_sequence
-            {
-                debug!(
-                    shard = self.shard,
-                    consumer_sequence,
-                    expected = self.consumer_sequence + 1,
-                    "gap in the shard log read; reopening the reader"
-                );
-                self.drop_consumer().await;
-                break;
+                return false;
             }
-            self.consumer_sequence = consumer_sequence;
-            self.next_sequence = stream_sequence + 1;
-            records.push(message);
+        };
+        let Ok(info) = message.info() else {
+            warn!(
+                shard = self.shard,
+                "shard log record without JetStream info; reopening the reader"
+            );
+            self.drop_consumer().await;
+            return false;
+        };
+        let (consumer_sequence, stream_sequence) = (info.consumer_sequence, info.stream_sequence);
+        if consumer_sequence != self.consumer_sequence + 1 || stream_sequence < self.next_sequence {
+            debug!(
+                shard = self.shard,
+                consumer_sequence,
+                expected = self.consumer_sequence + 1,
+                "gap in the shard log read; reopening the reader"
+            );
+            self.drop_consumer().await;
+            return false;
         }
-        records
+        self.consumer_sequence = consumer_sequence;
+        self.next_sequence = stream_sequence + 1;
+        records.push(message);
+        true
     }
 
-    async fn consumer(&mut self) -> Option<PullConsumer> {
-        if let Some(consumer) = &self.consumer {
-            return Some(consumer.clone());
-        }
+    /// Creates the consumer at `next_sequence` and opens its pull subscription.
+    async fn open(&mut self) -> bool {
         let config = pull::Config {
             description: Some(format!("in-order reader of shard {}", self.shard)),
             filter_subject: subjects::shard(self.shard),
@@ -157,30 +162,50 @@ impl ShardLogReader {
             num_replicas: 1,
             ..Default::default()
         };
-        match self
+        let consumer: PullConsumer = match self
             .jetstream
             .create_consumer_on_stream(config, subjects::SHARDS_STREAM)
             .await
         {
-            Ok(consumer) => {
-                self.consumer_sequence = 0;
-                self.consumer = Some(consumer.clone());
-                Some(consumer)
-            }
+            Ok(consumer) => consumer,
             Err(error) => {
                 warn!(shard = self.shard, %error, "cannot open a shard log reader; retrying");
-                None
+                return false;
+            }
+        };
+        let name = consumer.cached_info().name.clone();
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.batch_max_events)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        match messages {
+            Ok(messages) => {
+                self.consumer_sequence = 0;
+                self.consumer = Some((name, messages));
+                true
+            }
+            Err(error) => {
+                warn!(shard = self.shard, %error, "cannot pull from a shard log reader; retrying");
+                self.delete_consumer(&name).await;
+                false
             }
         }
     }
 
     async fn drop_consumer(&mut self) {
-        if let Some(consumer) = self.consumer.take() {
-            let name = consumer.cached_info().name.clone();
-            // Best effort: an abandoned consumer also expires after INACTIVE_THRESHOLD.
-            if let Ok(stream) = self.jetstream.get_stream(subjects::SHARDS_STREAM).await {
-                let _ = stream.delete_consumer(&name).await;
-            }
+        if let Some((name, messages)) = self.consumer.take() {
+            drop(messages);
+            self.delete_consumer(&name).await;
+        }
+    }
+
+    async fn delete_consumer(&self, name: &str) {
+        // Best effort: an abandoned consumer also expires after INACTIVE_THRESHOLD.
+        if let Ok(stream) = self.jetstream.get_stream(subjects::SHARDS_STREAM).await {
+            let _ = stream.delete_consumer(name).await;
         }
     }
 }

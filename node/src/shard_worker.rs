@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tracing::{error, info, info_span, warn, Instrument};
 
 /// A request a shard worker answers between batches.
@@ -64,7 +65,12 @@ pub struct ShardWorker {
     pub requests: mpsc::Receiver<ShardRequest>,
     /// Applied sequence of every shard of the node, published for `crm.node.stats`.
     pub progress: Arc<Vec<AtomicU64>>,
+    /// Batches of actor events whose acks are awaited (see `publish_events`).
+    pub publishing: JoinSet<()>,
 }
+
+/// Batches of actor events one worker may have awaiting their acks.
+pub const PUBLISHING_BATCHES_MAX: usize = 16;
 
 /// Delay before the reader is reopened after a failure.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -108,6 +114,7 @@ impl ShardWorker {
                     last_passivation = Instant::now();
                 }
             }
+            self.finish_publishing().await;
             self.engine.shutdown().await;
             info!("shard worker stopped");
         }
@@ -286,8 +293,11 @@ impl ShardWorker {
         }
     }
 
-    /// Publishes actor events to `CRM_EVENTS` (dedup by event id), then clears them from the
-    /// outbox. Events whose publish failed stay in the outbox for the next attempt.
+    /// Publishes actor events to `CRM_EVENTS` (dedup by event id) and, in a task of its
+    /// own, awaits the acks and clears the acked events from the outbox, so the next batch
+    /// does not wait for them. At most [`PUBLISHING_BATCHES_MAX`] batches of events are in
+    /// that state; the worker waits for the oldest beyond that. Events whose publish failed
+    /// stay in the outbox and are published again when the shard's worker next starts.
     async fn publish_events(&mut self, events: Vec<(OutboxKey, ActorEvent)>) {
         if events.is_empty() {
             return;
@@ -310,17 +320,33 @@ impl ShardWorker {
                 Err(error) => warn!(%error, "actor event not published; kept in the outbox"),
             }
         }
-        let mut done = Vec::with_capacity(acks.len());
-        for (key, ack) in acks {
-            match ack.await {
-                Ok(_) => done.push(key),
-                Err(error) => warn!(%error, "actor event not acked; kept in the outbox"),
+        while self.publishing.try_join_next().is_some() {}
+        while self.publishing.len() >= PUBLISHING_BATCHES_MAX {
+            self.publishing.join_next().await;
+        }
+        let store = self.engine.store().clone();
+        let metrics = self.metrics.clone();
+        self.publishing.spawn(
+            async move {
+                let mut done = Vec::with_capacity(acks.len());
+                for (key, ack) in acks {
+                    match ack.await {
+                        Ok(_) => done.push(key),
+                        Err(error) => warn!(%error, "actor event not acked; kept in the outbox"),
+                    }
+                }
+                Metrics::add(&metrics.actor_events_published, done.len() as u64);
+                if let Err(error) = store.remove_outbox(&done) {
+                    warn!(%error, "outbox not cleared; events may be published again (dedup by id)");
+                }
             }
-        }
-        Metrics::add(&self.metrics.actor_events_published, done.len() as u64);
-        if let Err(error) = self.engine.published(&done) {
-            warn!(%error, "outbox not cleared; events may be published again (dedup by id)");
-        }
+            .in_current_span(),
+        );
+    }
+
+    /// Waits for every batch of events still being published.
+    async fn finish_publishing(&mut self) {
+        while self.publishing.join_next().await.is_some() {}
     }
 }
 
