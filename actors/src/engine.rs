@@ -624,6 +624,12 @@ impl ShardEngine {
         stopped
     }
 
+    /// More actors are resident than `resident_max`: call [`passivate`](Self::passivate)
+    /// before the next batch.
+    pub fn over_resident_cap(&self) -> bool {
+        self.resident.len() > self.limits.resident_max
+    }
+
     /// Uses `rules` for every later command: resident actors get them before their next
     /// message, activations start with them.
     pub fn set_rules(&mut self, rules: Arc<Rules>) {

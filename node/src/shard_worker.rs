@@ -109,7 +109,11 @@ impl ShardWorker {
                     tokio::time::sleep(RETRY_DELAY).await;
                     reader.rewind(self.engine.meta().applied_seq + 1).await;
                 }
-                if last_passivation.elapsed() >= self.settings.passivate_every {
+                // The resident cap holds after every batch; idle actors go every
+                // `passivate_every`.
+                if self.engine.over_resident_cap()
+                    || last_passivation.elapsed() >= self.settings.passivate_every
+                {
                     self.engine.passivate(Instant::now());
                     last_passivation = Instant::now();
                 }
