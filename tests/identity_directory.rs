@@ -3,7 +3,7 @@
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
 use crm_cluster::NatsServer;
-use crm_node::identity_directory::IdentityDirectory;
+use crm_node::identity_directory::{IdentityDirectory, Resolution};
 use crm_node::jetstream::ensure_kv;
 use crm_node::subjects;
 use futures::{StreamExt, TryStreamExt};
@@ -35,6 +35,24 @@ async fn kv_keys(server: &NatsServer) -> Vec<String> {
     let js = async_nats::jetstream::new(client);
     let kv = js.get_key_value(subjects::KV_IDENTITY).await.unwrap();
     kv.keys().await.unwrap().try_collect().await.unwrap()
+}
+
+/// Checks that every resolution of a person names the same customer and reports no
+/// conflict; returns each person's customer and how many resolutions minted one.
+fn one_customer_per_person(
+    resolved: Vec<(usize, Resolution)>,
+) -> (std::collections::HashMap<usize, String>, usize) {
+    let mut customer_of = std::collections::HashMap::new();
+    let mut created = 0;
+    for (person, resolution) in resolved {
+        created += usize::from(resolution.created);
+        let first = customer_of
+            .entry(person)
+            .or_insert(resolution.customer_id.clone());
+        assert_eq!(*first, resolution.customer_id, "person {person}");
+        assert!(resolution.conflicts.is_empty(), "{resolution:?}");
+    }
+    (customer_of, created)
 }
 
 #[tokio::test]
@@ -179,17 +197,11 @@ async fn two_routers_racing_on_the_same_new_identities_end_with_one_customer() {
             }));
         }
     }
-    let mut customer_of = std::collections::HashMap::new();
-    let mut created = 0;
+    let mut resolved = Vec::new();
     for task in tasks {
-        let (person, resolution) = task.await.unwrap();
-        created += usize::from(resolution.created);
-        let first = customer_of
-            .entry(person)
-            .or_insert(resolution.customer_id.clone());
-        assert_eq!(*first, resolution.customer_id, "person {person}");
-        assert!(resolution.conflicts.is_empty(), "{resolution:?}");
+        resolved.push(task.await.unwrap());
     }
+    let (customer_of, created) = one_customer_per_person(resolved);
     assert_eq!(created, 20, "exactly one resolve minted each customer");
     let distinct: std::collections::HashSet<_> = customer_of.values().collect();
     assert_eq!(distinct.len(), 20);
@@ -408,18 +420,11 @@ async fn two_routers_resolving_chunks_of_the_same_new_people_end_with_one_custom
             resolved
         }));
     }
-    let mut customer_of = std::collections::HashMap::new();
-    let mut created = 0;
+    let mut resolved = Vec::new();
     for task in tasks {
-        for (person, resolution) in task.await.unwrap() {
-            created += usize::from(resolution.created);
-            let first = customer_of
-                .entry(person)
-                .or_insert(resolution.customer_id.clone());
-            assert_eq!(*first, resolution.customer_id, "person {person}");
-            assert!(resolution.conflicts.is_empty(), "{resolution:?}");
-        }
+        resolved.extend(task.await.unwrap());
     }
+    let (_, created) = one_customer_per_person(resolved);
     assert_eq!(created, 30, "exactly one resolve minted each customer");
     assert_eq!(kv_keys(&server).await.len(), 60);
 }
