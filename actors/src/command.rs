@@ -1,7 +1,8 @@
 //! What the shard log carries, and what applying it yields.
 //!
 //! The router turns a validated [`ChannelEvent`] into a [`ShardMessage`] for the customer's
-//! shard; redeem commands and clock ticks travel the same log, so replaying a shard's log
+//! shard (batched: a [`ShardMessage::Routed`] record holds a routed chunk's events for one
+//! shard); redeem commands and clock ticks travel the same log, so replaying a shard's log
 //! reproduces every state change, time-driven ones included. [`ApplyOutcome`] is what one
 //! command did to one customer: the actor events to publish, whether it was a duplicate or
 //! refused, and the reply owed to a waiting client.
@@ -25,6 +26,19 @@ pub enum ShardMessage {
     /// The shard's rule clock moves to `at_ms`: time-driven rules fire for every customer of
     /// the shard whose next due time is at or before it.
     Tick { at_ms: i64 },
+    /// Channel events of several customers of the shard, in ingest order: what the router
+    /// publishes, one record per shard per routed chunk, so that the shard log carries many
+    /// events per message. Applied entry by entry, like that many `Customer` records.
+    Routed { entries: Vec<RoutedCommand> },
+}
+
+/// One entry of a [`ShardMessage::Routed`] record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedCommand {
+    /// The `CRM_INGEST` stream sequence the event came from (a dead letter quotes it).
+    pub ingest_seq: u64,
+    pub customer_id: String,
+    pub command: CustomerCommand,
 }
 
 /// A command applied by one customer actor.

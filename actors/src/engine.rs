@@ -86,6 +86,8 @@ pub struct MessageResult {
     pub reply_to: Option<String>,
     /// The channel event's `event_id`, or the redeem's `request_id`; `None` for a tick.
     pub event_id: Option<String>,
+    /// The ingest sequence of an entry of a [`ShardMessage::Routed`] record.
+    pub ingest_seq: Option<u64>,
 }
 
 /// What one applied (committed and flushed) batch produced.
@@ -130,6 +132,26 @@ struct Pending {
 struct PendingMessage {
     reply_to: Option<String>,
     event_id: Option<String>,
+    ingest_seq: Option<u64>,
+}
+
+impl PendingMessage {
+    fn new(
+        command: &CustomerCommand,
+        reply_to: Option<String>,
+        ingest_seq: Option<u64>,
+    ) -> PendingMessage {
+        let event_id = match command {
+            CustomerCommand::Event { event, .. } => Some(event.event_id.clone()),
+            CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
+            CustomerCommand::Tick { .. } => None,
+        };
+        PendingMessage {
+            reply_to,
+            event_id,
+            ingest_seq,
+        }
+    }
 }
 
 /// What a batch has produced so far (nothing of it is committed yet).
@@ -256,21 +278,33 @@ impl ShardEngine {
                     command,
                     reply_to,
                 } => {
+                    let message = PendingMessage::new(&command, reply_to, None);
                     clock_ms = clock_ms.max(command_time_ms(&command));
-                    let event_id = match &command {
-                        CustomerCommand::Event { event, .. } => Some(event.event_id.clone()),
-                        CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
-                        CustomerCommand::Tick { .. } => None,
-                    };
                     let (reply, _) = self
                         .send_apply(&customer_id, command, &work.changed)
                         .await?;
                     pending.push(Pending {
                         seq,
                         customer_id,
-                        message: Some(PendingMessage { reply_to, event_id }),
+                        message: Some(message),
                         reply,
                     });
+                }
+                ShardMessage::Routed { entries } => {
+                    for entry in entries {
+                        let message =
+                            PendingMessage::new(&entry.command, None, Some(entry.ingest_seq));
+                        clock_ms = clock_ms.max(command_time_ms(&entry.command));
+                        let (reply, _) = self
+                            .send_apply(&entry.customer_id, entry.command, &work.changed)
+                            .await?;
+                        pending.push(Pending {
+                            seq,
+                            customer_id: entry.customer_id,
+                            message: Some(message),
+                            reply,
+                        });
+                    }
                 }
                 ShardMessage::Tick { at_ms } => {
                     // Ticks see every earlier message of the batch applied.
@@ -396,6 +430,7 @@ impl ShardEngine {
                         redeem: outcome.redeem,
                         reply_to: message.reply_to,
                         event_id: message.event_id,
+                        ingest_seq: message.ingest_seq,
                     });
                 }
                 None => {

@@ -3,7 +3,7 @@
 
 use crm_actors::apply;
 use crm_actors::codec;
-use crm_actors::command::{ApplyStatus, CustomerCommand, ShardMessage};
+use crm_actors::command::{ApplyStatus, CustomerCommand, RoutedCommand, ShardMessage};
 use crm_actors::engine::{EngineLimits, ShardEngine};
 use crm_actors::event::{parse_ingest, IngestLimits};
 use crm_actors::rules::Rules;
@@ -143,6 +143,75 @@ async fn commands_for_one_customer_apply_in_log_order_within_a_batch() {
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     assert_eq!(result.messages[2].event_id.as_deref(), Some("e1"));
     assert_eq!((result.applied, result.duplicates), (3, 1));
+    engine.shutdown().await;
+}
+
+/// A router's record: (ingest sequence, customer, event id, minutes) per entry.
+fn routed(seq: u64, entries: &[(u64, &str, &str, i64)]) -> (u64, ShardMessage) {
+    let entries = entries
+        .iter()
+        .map(|&(ingest_seq, customer, event_id, minutes)| RoutedCommand {
+            ingest_seq,
+            customer_id: customer.to_string(),
+            command: purchase_command(event_id, &format!("{customer}@example.com"), 40.0, minutes),
+        })
+        .collect();
+    (seq, ShardMessage::Routed { entries })
+}
+
+#[tokio::test]
+async fn a_routed_record_applies_its_entries_in_order_once_and_quotes_their_ingest_sequences() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    let first = routed(
+        1,
+        &[
+            (10, "ann", "e1", 0),
+            (12, "bob", "e2", 0),
+            (15, "ann", "e3", 5),
+        ],
+    );
+    let result = engine
+        .apply_batch(vec![first.clone()], EPOCH)
+        .await
+        .expect("apply");
+    assert_eq!(statuses(&result), vec![ApplyStatus::Applied; 3]);
+    let quoted: Vec<(u64, Option<u64>, &str)> = result
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.ingest_seq, m.customer_id.as_str()))
+        .collect();
+    assert_eq!(
+        quoted,
+        vec![
+            (1, Some(10), "ann"),
+            (1, Some(12), "bob"),
+            (1, Some(15), "ann")
+        ]
+    );
+    let ann = store.load_customer("ann").expect("load").expect("ann");
+    assert_eq!(ann.purchases.count, 2);
+    // Outbox keys of one record count its events across entries, none repeated.
+    let mut keys: Vec<_> = result.events.iter().map(|(key, _)| *key).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), result.events.len());
+    assert!(keys.iter().all(|key| key.seq == 1));
+
+    // The same record again is skipped; a regrouped record repeating e3 is a duplicate.
+    let again = engine.apply_batch(vec![first], EPOCH).await.expect("again");
+    assert_eq!((again.applied, again.skipped), (0, 1));
+    let regrouped = routed(2, &[(15, "ann", "e3", 5), (16, "bob", "e4", 6)]);
+    let result = engine
+        .apply_batch(vec![regrouped], EPOCH)
+        .await
+        .expect("regrouped");
+    assert_eq!(
+        statuses(&result),
+        vec![ApplyStatus::Duplicate, ApplyStatus::Applied]
+    );
+    let ann = store.load_customer("ann").expect("load").expect("ann");
+    assert_eq!(ann.purchases.count, 2);
     engine.shutdown().await;
 }
 

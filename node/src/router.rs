@@ -3,8 +3,11 @@
 //! Every node runs one router on the shared durable consumer `crm-router`, so ingest load is
 //! spread over the cluster. For each chunk of ready messages it validates the payload
 //! (`crm_actors::event::parse_ingest`), resolves the identifiers to a customer id through the
-//! identity directory, and publishes a [`ShardMessage`] to the customer's shard with
-//! `Nats-Msg-Id = i<ingest sequence>` (so a redelivered ingest message is not logged twice).
+//! identity directory, and publishes the chunk's events as one [`ShardMessage::Routed`]
+//! record per shard (many events per shard-log message: the server stores, indexes and
+//! delivers one message where it would handle dozens), with a `Nats-Msg-Id` derived from the
+//! ingest sequences it holds (so a chunk routed again is not logged twice; a regrouped one
+//! is caught by the actors' event-id dedup).
 //! An ingest message is acked only after its shard (or dead-letter) publish is acked: an
 //! event the adapter saw acked is never lost. Inputs that fail validation go to the
 //! dead-letter stream and are acked; they never block the pipeline. The router holds no
@@ -22,10 +25,11 @@ use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{AckKind, Context, Message};
 use crm_actors::codec;
-use crm_actors::command::{CustomerCommand, IdentityConflict, ShardMessage};
+use crm_actors::command::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
 use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, Rejection};
 use crm_actors::identity::Identity;
 use futures::StreamExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -103,10 +107,12 @@ impl Router {
     }
 
     /// Routes one chunk: validates every message, resolves the identities of the valid
-    /// ones together (see [`IdentityDirectory::resolve_many`]) and publishes everything in
-    /// ingest order. The publish acks are awaited by [`ack_routed`], while the next chunk is
-    /// routed.
-    async fn route_chunk(&self, messages: Vec<Message>) -> Vec<Routed> {
+    /// ones together (see [`IdentityDirectory::resolve_many`]), dead-letters the invalid
+    /// ones and publishes the rest as one [`ShardMessage::Routed`] record per shard (split
+    /// when it would pass [`RECORD_ENTRIES_MAX`] or [`RECORD_BYTES_MAX`]), each shard's
+    /// events in ingest order. The publish acks are awaited by [`ack_routed`], while the
+    /// next chunk is routed.
+    async fn route_chunk(&self, messages: Vec<Message>) -> RoutedChunk {
         Metrics::add(&self.metrics.ingest_received, messages.len() as u64);
         let parsed: Vec<Result<ChannelEvent, Rejection>> = messages
             .iter()
@@ -128,24 +134,51 @@ impl Router {
                 Vec::new().into_iter()
             }
         };
-        let mut pending: Vec<Routed> = Vec::with_capacity(messages.len());
+        let mut chunk = RoutedChunk::default();
+        // Per shard: (index in `chunk.messages`, entry, estimated encoded bytes).
+        let mut by_shard: BTreeMap<u32, Vec<(usize, RoutedCommand, usize)>> = BTreeMap::new();
         for (message, event) in messages.into_iter().zip(parsed) {
-            let (publish, dead) = match event {
+            let index = chunk.messages.len();
+            let mut outcome = Outcome::NotPublished;
+            match event {
                 Ok(event) => match resolutions.next() {
                     Some(Ok(resolution)) => {
-                        (self.publish_event(&message, event, resolution).await, false)
+                        let size = message.payload.len() + resolution.customer_id.len();
+                        let (shard, entry) = self.entry(&message, event, resolution);
+                        by_shard
+                            .entry(shard)
+                            .or_default()
+                            .push((index, entry, size));
                     }
                     Some(Err(error)) => {
                         warn!(%error, event_id = %event.event_id, "router: identity not resolved");
-                        (None, false)
                     }
-                    None => (None, false),
+                    None => {}
                 },
-                Err(rejection) => (self.dead_letter(&message, &rejection).await, true),
-            };
-            pending.push((message, publish, dead));
+                Err(rejection) => {
+                    if let Some(ack) = self.dead_letter(&message, &rejection).await {
+                        outcome = Outcome::DeadLetter(chunk.acks.len());
+                        chunk.acks.push(ack);
+                    }
+                }
+            }
+            chunk.messages.push((message, outcome));
         }
-        pending
+        for (shard, entries) in by_shard {
+            for record in split_records(entries) {
+                let indexes: Vec<usize> = record.iter().map(|(index, _, _)| *index).collect();
+                let entries: Vec<RoutedCommand> =
+                    record.into_iter().map(|(_, entry, _)| entry).collect();
+                if let Some(ack) = self.publish_record(shard, entries).await {
+                    let ack_index = chunk.acks.len();
+                    chunk.acks.push(ack);
+                    for index in indexes {
+                        chunk.messages[index].1 = Outcome::Routed(ack_index);
+                    }
+                }
+            }
+        }
+        chunk
     }
 
     /// Publishes an input that cannot be applied to the dead-letter stream.
@@ -168,15 +201,14 @@ impl Router {
         .ok()
     }
 
-    /// Publishes a resolved event to its customer's shard. Returns the ack future (None
-    /// when nothing could be published).
-    async fn publish_event(
+    /// The shard and the shard-log entry of a resolved event.
+    fn entry(
         &self,
         message: &Message,
         mut event: ChannelEvent,
         resolution: Resolution,
-    ) -> Option<PublishAckFuture> {
-        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    ) -> (u32, RoutedCommand) {
+        let ingest_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let conflict = resolution
             .conflicts
             .first()
@@ -193,14 +225,26 @@ impl Router {
                 .any(|(kind, _)| *kind == identity.kind)
         });
         let shard = shard_of(&resolution.customer_id, self.shards);
-        let record = ShardMessage::Customer {
+        let entry = RoutedCommand {
+            ingest_seq,
             customer_id: resolution.customer_id,
             command: CustomerCommand::Event { event, conflict },
-            reply_to: None,
         };
+        (shard, entry)
+    }
+
+    /// Publishes one routed record to `crm.shard.<shard>`. Returns the ack future (None
+    /// when nothing could be published).
+    async fn publish_record(
+        &self,
+        shard: u32,
+        entries: Vec<RoutedCommand>,
+    ) -> Option<PublishAckFuture> {
+        let id = record_id(&entries);
+        let record = ShardMessage::Routed { entries };
         let publish = Publish::build()
             .payload(codec::encode(&record).into())
-            .message_id(format!("i{sequence}"));
+            .message_id(id);
         match self
             .jetstream
             .send_publish(subjects::shard(shard), publish)
@@ -215,32 +259,90 @@ impl Router {
     }
 }
 
-/// An ingest message with its shard (or dead-letter) publish: the ack future (None when
-/// nothing could be published) and whether it was a dead letter.
-type Routed = (Message, Option<PublishAckFuture>, bool);
+/// Most events in one routed shard record.
+pub const RECORD_ENTRIES_MAX: usize = 256;
+/// Most estimated bytes (ingest payloads plus customer ids) in one routed shard record;
+/// well under the server's default 1 MiB `max_payload` (an event alone is at most the
+/// ingest `payload_max_bytes`).
+pub const RECORD_BYTES_MAX: usize = 256 * 1024;
+
+/// Cuts one shard's entries of a chunk into records of at most [`RECORD_ENTRIES_MAX`]
+/// entries and [`RECORD_BYTES_MAX`] estimated bytes (a record holds at least one entry).
+fn split_records<T>(entries: Vec<(usize, T, usize)>) -> Vec<Vec<(usize, T, usize)>> {
+    let mut records = Vec::new();
+    let mut current: Vec<(usize, T, usize)> = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        if !current.is_empty()
+            && (current.len() >= RECORD_ENTRIES_MAX || bytes + entry.2 > RECORD_BYTES_MAX)
+        {
+            records.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += entry.2;
+        current.push(entry);
+    }
+    if !current.is_empty() {
+        records.push(current);
+    }
+    records
+}
+
+/// The `Nats-Msg-Id` of a routed record: `r<first ingest seq>-<entries>-<hash of every
+/// ingest seq>`. The same entries routed again (a redelivered chunk) make the same id and
+/// are stored once; a regrouped redelivery makes another record, whose repeated events the
+/// customer actors recognise by event id.
+fn record_id(entries: &[RoutedCommand]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for entry in entries {
+        for byte in entry.ingest_seq.to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    let first = entries.first().map(|e| e.ingest_seq).unwrap_or(0);
+    format!("r{first}-{}-{hash:016x}", entries.len())
+}
+
+/// What became of one ingest message of a chunk: published in the record (or dead letter)
+/// whose ack is `acks[i]`, or not published (it is nak'ed and comes back).
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Routed(usize),
+    DeadLetter(usize),
+    NotPublished,
+}
+
+/// A routed chunk: its ingest messages, in order, and the publish acks they wait for.
+#[derive(Default)]
+struct RoutedChunk {
+    messages: Vec<(Message, Outcome)>,
+    acks: Vec<PublishAckFuture>,
+}
 
 /// Chunks of routed messages whose publish acks may be awaited at once.
 const CHUNKS_IN_FLIGHT_MAX: usize = 4;
 
-/// Awaits the publish acks of each routed chunk, in order, and acks the ingest messages
-/// whose publish was acked; the others are nak'ed and come back.
-async fn ack_routed(mut chunks: mpsc::Receiver<Vec<Routed>>, metrics: Arc<Metrics>) {
+/// Awaits the publish acks of each routed chunk and then acks, in order, the ingest
+/// messages whose publish was acked; the others are nak'ed and come back.
+async fn ack_routed(mut chunks: mpsc::Receiver<RoutedChunk>, metrics: Arc<Metrics>) {
+    let not_published: Result<(), String> = Err("not published".to_string());
     while let Some(chunk) = chunks.recv().await {
-        for (message, publish, dead) in chunk {
-            let outcome = match publish {
-                Some(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                None => Err("not published".to_string()),
+        let mut acked = Vec::with_capacity(chunk.acks.len());
+        for ack in chunk.acks {
+            acked.push(ack.await.map(|_| ()).map_err(|e| e.to_string()));
+        }
+        for (message, outcome) in chunk.messages {
+            let (result, counter) = match outcome {
+                Outcome::Routed(i) => (&acked[i], &metrics.ingest_routed),
+                Outcome::DeadLetter(i) => (&acked[i], &metrics.dead_lettered),
+                Outcome::NotPublished => (&not_published, &metrics.ingest_routed),
             };
-            match outcome {
+            match result {
                 Ok(()) => {
-                    let counter = if dead {
-                        &metrics.dead_lettered
-                    } else {
-                        &metrics.ingest_routed
-                    };
                     Metrics::add(counter, 1);
                     if let Err(error) = message.ack().await {
-                        // The message comes back; the shard publish dedups on its msg id.
+                        // The message comes back; the actors recognise its event id.
                         warn!(%error, "router: ack to CRM_INGEST failed");
                     }
                 }
@@ -250,5 +352,46 @@ async fn ack_routed(mut chunks: mpsc::Receiver<Vec<Routed>>, metrics: Arc<Metric
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ingest_seq: u64) -> RoutedCommand {
+        RoutedCommand {
+            ingest_seq,
+            customer_id: "c".to_string(),
+            command: CustomerCommand::Tick { at_ms: 0 },
+        }
+    }
+
+    #[test]
+    fn records_are_cut_at_the_entry_and_byte_limits_and_keep_their_order() {
+        let many: Vec<(usize, u64, usize)> = (0..600).map(|i| (i, i as u64, 10)).collect();
+        let records = split_records(many);
+        let sizes: Vec<usize> = records.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![RECORD_ENTRIES_MAX, RECORD_ENTRIES_MAX, 88]);
+        let order: Vec<usize> = records.iter().flatten().map(|(i, _, _)| *i).collect();
+        assert_eq!(order, (0..600).collect::<Vec<_>>());
+
+        let big = RECORD_BYTES_MAX / 3 + 1;
+        let records = split_records((0..5).map(|i| (i, (), big)).collect());
+        let sizes: Vec<usize> = records.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        // An entry above the byte limit still travels, alone.
+        let records = split_records(vec![(0, (), 1), (1, (), RECORD_BYTES_MAX * 2), (2, (), 1)]);
+        let sizes: Vec<usize> = records.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn a_record_id_names_exactly_its_set_of_ingest_sequences() {
+        let id = |seqs: &[u64]| record_id(&seqs.iter().map(|s| entry(*s)).collect::<Vec<_>>());
+        assert_eq!(id(&[5, 7, 9]), id(&[5, 7, 9]));
+        assert_ne!(id(&[5, 7, 9]), id(&[5, 9]));
+        assert_ne!(id(&[5, 7, 9]), id(&[5, 8, 9]));
+        assert!(id(&[5, 7, 9]).starts_with("r5-3-"));
     }
 }

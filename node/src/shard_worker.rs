@@ -189,6 +189,7 @@ impl ShardWorker {
             }
         };
         self.record_progress();
+        Metrics::add(&self.metrics.shard_commands, result.messages.len() as u64);
         Metrics::add(&self.metrics.applied, result.applied);
         Metrics::add(&self.metrics.duplicates, result.duplicates);
         Metrics::add(&self.metrics.rejected, result.rejected);
@@ -202,8 +203,9 @@ impl ShardWorker {
         let client = self.jetstream.client();
         for outcome in &result.messages {
             if let ApplyStatus::Rejected(rejection) = &outcome.status {
-                let (subject, sequence, payload) =
-                    self.original_input(&messages, outcome.seq).await;
+                let (subject, sequence, payload) = self
+                    .original_input(&messages, outcome.seq, outcome.ingest_seq)
+                    .await;
                 self.dead_letter(rejection, &subject, sequence, payload)
                     .await;
             }
@@ -222,20 +224,22 @@ impl ShardWorker {
         true
     }
 
-    /// What a dead letter of the shard record at `sequence` carries: the adapter's original
-    /// bytes, subject and ingest sequence, read back from `CRM_INGEST` (the record's
-    /// `Nats-Msg-Id` names it). When the ingest message is gone (past the ingest stream's
-    /// retention, or a command that never went through ingest), the record's command as JSON
-    /// with the shard subject and sequence.
+    /// What a dead letter of a command of the shard record at `sequence` carries: the
+    /// adapter's original bytes, subject and ingest sequence, read back from `CRM_INGEST`
+    /// (`ingest_seq` for an entry of a routed record, else the record's `Nats-Msg-Id`
+    /// `i<seq>` names it). When the ingest message is gone (past the ingest stream's
+    /// retention, or a command that never went through ingest), the record as JSON with the
+    /// shard subject and sequence.
     async fn original_input(
         &self,
         messages: &[Message],
         sequence: u64,
+        ingest_seq: Option<u64>,
     ) -> (String, u64, bytes::Bytes) {
         let record = messages
             .iter()
             .find(|m| m.info().map(|i| i.stream_sequence).ok() == Some(sequence));
-        if let Some(ingest_sequence) = record.and_then(ingest_sequence_of) {
+        if let Some(ingest_sequence) = ingest_seq.or_else(|| record.and_then(ingest_sequence_of)) {
             let original = async {
                 let stream = self
                     .jetstream
@@ -257,6 +261,10 @@ impl ShardWorker {
             .and_then(|m| codec::decode::<ShardMessage>(&m.payload).ok())
             .and_then(|record| match record {
                 ShardMessage::Customer { command, .. } => serde_json::to_vec(&command).ok(),
+                ShardMessage::Routed { entries } => entries
+                    .iter()
+                    .find(|entry| Some(entry.ingest_seq) == ingest_seq)
+                    .and_then(|entry| serde_json::to_vec(&entry.command).ok()),
                 ShardMessage::Tick { .. } => None,
             })
             .unwrap_or_default();

@@ -1346,6 +1346,7 @@ async fn end_to_end(
     let delta = metrics_delta(&stats_before, &drained.stats);
     let batches = delta["shard_batches"].as_u64().unwrap_or(0);
     let shard_messages = delta["shard_messages"].as_u64().unwrap_or(0);
+    let shard_commands = delta["shard_commands"].as_u64().unwrap_or(0);
     Ok(json!({
         "events": events,
         "seconds": round(seconds, 3),
@@ -1358,6 +1359,7 @@ async fn end_to_end(
         "shards": plan.shards,
         "node_counters": delta,
         "mean_shard_batch_messages": round(shard_messages as f64 / (batches.max(1)) as f64, 2),
+        "mean_shard_batch_commands": round(shard_commands as f64 / (batches.max(1)) as f64, 2),
         "cpu_while_publishing": cpu_before.since(&cpu_published),
         "cpu_after_publishing": cpu_published.since(&cpu_after),
         "cpu_total": cpu_before.since(&cpu_after),
@@ -1376,7 +1378,7 @@ async fn progress_timeline(
     let js = jetstream::new(client.clone());
     let mut consumer = router_consumer(&js).await.ok();
     let base = match node_stats(&client).await {
-        Ok(stats) => metric(&stats, "shard_messages"),
+        Ok(stats) => metric(&stats, "shard_commands"),
         Err(_) => 0,
     };
     let mut routed_base = None;
@@ -1394,7 +1396,7 @@ async fn progress_timeline(
         let applied = node_stats(&client)
             .await
             .ok()
-            .map(|s| metric(&s, "shard_messages").saturating_sub(base));
+            .map(|s| metric(&s, "shard_commands").saturating_sub(base));
         samples.push(json!({
             "t_s": round(started.elapsed().as_secs_f64(), 2),
             "published": acked.load(Ordering::Relaxed),
