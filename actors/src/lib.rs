@@ -7,10 +7,12 @@
 //! function from (state, command, rules) to (new state, outcome); [`rules`], [`loyalty`]
 //! and [`retention`] hold the rule engines; [`state`] the customer state; [`view`] the
 //! 360 JSON; [`codec`] the versioned bincode format; [`store`] the sled store;
-//! [`actor`] the customer actors and the per-shard engine that drives them.
+//! [`actor`] the customer actors and the per-shard engine that drives them; [`clv`] the
+//! customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv fit`.
 
 pub mod actor;
 pub mod apply;
+pub mod clv;
 pub mod codec;
 pub mod command;
 pub mod engine;

@@ -5,9 +5,12 @@
 //! ([`query`]) and commands ([`commands`]), and publishes actor events and dead letters
 //! ([`events`], [`dlq`]). [`node`] wires them together for `crm-node run`; [`client`] holds
 //! the client subcommands. Subject names live only in [`subjects`]; stream, KV and consumer
-//! set-up in [`jetstream`]; the identity directory in [`identity_directory`].
+//! set-up in [`jetstream`]; the identity directory in [`identity_directory`]. [`clv_cli`]
+//! is `crm-node clv fit`, the one command without NATS: the customer-value models over a
+//! transactions file.
 
 pub mod client;
+pub mod clv_cli;
 pub mod commands;
 pub mod config;
 pub mod dlq;

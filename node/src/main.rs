@@ -2,11 +2,13 @@
 //!
 //! `run` starts a node (router, shard workers, responders); the other subcommands are NATS
 //! clients: `send` (a reference channel adapter), `query`, `redeem`, `watch`, `tick`,
-//! `load` (sample multi-channel traffic) and `stats`. Everything a command prints to stdout
+//! `load` (sample multi-channel traffic) and `stats`. `clv fit` needs no NATS: it fits the
+//! customer-value models on a transactions file. Everything a command prints to stdout
 //! is its result; logs go to stderr. `anyhow` lives only here, at the binary's edge.
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use std::io::Write as _;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -71,6 +73,8 @@ enum Command {
     Load(LoadCommand),
     /// Print the counters of a running node.
     Stats,
+    /// Customer-value models (no NATS): `clv fit` scores customers from a transactions CSV.
+    Clv(crm_node::clv_cli::ClvCommand),
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +85,14 @@ struct LoadCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Clv(command) = cli.command {
+        // Pure computation on a file: no runtime, no NATS.
+        let report = crm_node::clv_cli::run(command)?;
+        return match std::io::stdout().lock().write_all(report.as_bytes()) {
+            Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+            _ => Ok(()),
+        };
+    }
     let is_node = matches!(cli.command, Command::Run { .. });
     crm_node::logging::init(if is_node { "info" } else { "warn" });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -105,6 +117,7 @@ fn main() -> Result<()> {
             Command::Tick { at } => crm_node::client::tick(&url, &at).await,
             Command::Load(load) => crm_node::client::load(&url, load.args).await,
             Command::Stats => crm_node::client::stats(&url).await,
+            Command::Clv(_) => unreachable!("clv runs before the runtime starts"),
         }
     })
 }
