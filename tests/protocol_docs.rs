@@ -108,7 +108,7 @@ fn missing_fields(value: &Value, paths: &[&str]) -> Vec<String> {
 }
 
 /// The reply fields the query table of docs/protocol.md lists.
-const VIEW_FIELDS: [&str; 27] = [
+const VIEW_FIELDS: [&str; 29] = [
     "v",
     "customer_id",
     "identities",
@@ -136,6 +136,8 @@ const VIEW_FIELDS: [&str; 27] = [
     "retention.reason",
     "retention.winback_offered",
     "timeline",
+    "value.status",
+    "next_best_actions",
 ];
 
 /// The reply fields of `crm.cmd.redeem` in docs/protocol.md.

@@ -12,6 +12,7 @@
 use crate::apply;
 use crate::codec::{self, CodecError};
 use crate::command::{ApplyOutcome, CustomerCommand};
+use crate::customer_value::ValueModel;
 use crate::rules::Rules;
 use crate::state::CustomerState;
 use crate::store::EncodedState;
@@ -42,6 +43,8 @@ pub enum CustomerMessage {
     /// The 360 view as of `as_of_ms` (event time); `None` if the customer does not exist.
     View {
         as_of_ms: i64,
+        /// The current customer-value model, for the view's `value` block.
+        value_model: Option<Arc<ValueModel>>,
         reply: RpcReplyPort<Option<serde_json::Value>>,
     },
     /// Use these rules for every later command (rules hot-swap).
@@ -90,11 +93,14 @@ impl Actor for CustomerActor {
                 // The engine dropped its receiver only if it gave up on the batch.
                 let _ = reply.send(answer);
             }
-            CustomerMessage::View { as_of_ms, reply } => {
-                let view = actor
-                    .state
-                    .exists()
-                    .then(|| view::customer_view(&actor.state, as_of_ms, &actor.rules));
+            CustomerMessage::View {
+                as_of_ms,
+                value_model,
+                reply,
+            } => {
+                let view = actor.state.exists().then(|| {
+                    view::full_view(&actor.state, as_of_ms, &actor.rules, value_model.as_deref())
+                });
                 let _ = reply.send(view);
             }
             CustomerMessage::SetRules(rules) => actor.rules = rules,

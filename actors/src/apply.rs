@@ -23,7 +23,7 @@ use crate::retention;
 use crate::rules::Rules;
 use crate::state::{
     ChannelActivity, Consent, CustomerState, OrderRecord, ProfileValue, Redemption, TimelineEntry,
-    OPEN_TICKETS_MAX,
+    ValueHistory, OPEN_TICKETS_MAX,
 };
 use serde_json::{json, Map, Value};
 
@@ -85,6 +85,14 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
             at_ms,
         } => apply_redeem(state, request_id, reward_id, *at_ms, rules),
         CustomerCommand::Tick { at_ms } => apply_tick(state, *at_ms, rules),
+        CustomerCommand::Rescore { model } => {
+            if !state.exists() {
+                return outcome(ApplyStatus::Applied, Vec::new());
+            }
+            let mut emitter = Emitter::new(&state.customer_id, &format!("value-{}", model.version));
+            crate::customer_value::rescore(state, model, rules, &mut emitter);
+            outcome(ApplyStatus::Applied, emitter.into_events())
+        }
     }
 }
 
@@ -433,6 +441,42 @@ pub fn money_text(minor: i64) -> String {
     format!("{sign}{}.{:02}", abs / 100, abs % 100)
 }
 
+/// Adds a purchase to its UTC calendar day (see [`ValueHistory`]); beyond `days_max` days
+/// the oldest day is folded into the running totals.
+pub(crate) fn record_purchase_day(
+    history: &mut ValueHistory,
+    at_ms: i64,
+    amount_minor: i64,
+    days_max: usize,
+) {
+    let day = crate::time::day_number(at_ms);
+    let folded = &mut history.folded;
+    if folded.count > 0 && day == folded.first_day {
+        // The first day ever is folded: a late purchase on it adds to it.
+        folded.amount_minor += amount_minor;
+        folded.first_amount_minor += amount_minor;
+        return;
+    }
+    *history.days.entry(day).or_insert(0) += amount_minor;
+    while history.days.len() > days_max.max(1) {
+        let Some((oldest, amount)) = history.days.pop_first() else {
+            break;
+        };
+        if folded.count == 0 || oldest < folded.first_day {
+            // A late purchase before every folded day is the new first day.
+            folded.first_day = oldest;
+            folded.first_amount_minor = amount;
+        }
+        folded.last_day = if folded.count == 0 {
+            oldest
+        } else {
+            folded.last_day.max(oldest)
+        };
+        folded.count += 1;
+        folded.amount_minor += amount;
+    }
+}
+
 fn apply_purchase(
     state: &mut CustomerState,
     event: &ChannelEvent,
@@ -489,6 +533,12 @@ fn apply_purchase(
             *summary.by_category_minor.entry(category).or_insert(0) += amount;
         }
         loyalty::record_spend(&mut state.loyalty, at, purchase.amount_minor);
+        record_purchase_day(
+            &mut state.value,
+            at,
+            purchase.amount_minor,
+            rules.limits.purchase_days_max,
+        );
     }
 
     if points > 0 {

@@ -14,8 +14,10 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The format version byte this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The format version byte this build writes and reads. History: 1, the first format;
+/// 2, customer state gained its purchase days (`ValueHistory`) and the shard log the
+/// `Routed` record. No deployment ever held version 1 data, so version 2 does not read it.
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

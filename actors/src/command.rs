@@ -7,12 +7,13 @@
 //! command did to one customer: the actor events to publish, whether it was a duplicate or
 //! refused, and the reply owed to a waiting client.
 
+use crate::customer_value::ValueModel;
 use crate::event::{ChannelEvent, Rejection};
 use crate::identity::IdentityKind;
 use serde::{Deserialize, Serialize};
 
 /// One record of the shard log `crm.shard.<n>` (bincode, behind the codec's version byte).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)] // decoded once per record and moved; boxing buys nothing
 pub enum ShardMessage {
     /// A command for one customer.
@@ -30,10 +31,14 @@ pub enum ShardMessage {
     /// publishes, one record per shard per routed chunk, so that the shard log carries many
     /// events per message. Applied entry by entry, like that many `Customer` records.
     Routed { entries: Vec<RoutedCommand> },
+    /// A new customer-value model (a cluster fit): every customer of the shard is scored
+    /// under it (`value.segment_changed`, `churn.risk`), and later views use it. Appended
+    /// by the shard's owner; a version at or below the shard's current one is skipped.
+    ValueModel { model: ValueModel },
 }
 
 /// One entry of a [`ShardMessage::Routed`] record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutedCommand {
     /// The `CRM_INGEST` stream sequence the event came from (a dead letter quotes it).
     pub ingest_seq: u64,
@@ -42,7 +47,7 @@ pub struct RoutedCommand {
 }
 
 /// A command applied by one customer actor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CustomerCommand {
     /// A channel event, with what the router learned while resolving its identity.
     Event {
@@ -58,6 +63,9 @@ pub enum CustomerCommand {
     },
     /// Time-driven rules (expiry, pending release, lapse, tier anniversary) at `at_ms`.
     Tick { at_ms: i64 },
+    /// Score the customer under a new customer-value model (made by the engine for every
+    /// customer of the shard when a [`ShardMessage::ValueModel`] record is applied).
+    Rescore { model: ValueModel },
 }
 
 /// Identifiers of one event that resolve to two customers; the event was applied to the

@@ -19,6 +19,7 @@
 use crate::actor::{spawn_customer, Applied, CustomerMessage};
 use crate::codec::{self, CodecError};
 use crate::command::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
+use crate::customer_value::ValueModel;
 use crate::rules::Rules;
 use crate::state::CustomerState;
 use crate::store::{
@@ -144,7 +145,7 @@ impl PendingMessage {
         let event_id = match command {
             CustomerCommand::Event { event, .. } => Some(event.event_id.clone()),
             CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
-            CustomerCommand::Tick { .. } => None,
+            CustomerCommand::Tick { .. } | CustomerCommand::Rescore { .. } => None,
         };
         PendingMessage {
             reply_to,
@@ -160,6 +161,10 @@ struct BatchWork {
     /// Latest encoded state per customer changed in this batch: overrides the store.
     changed: HashMap<String, EncodedState>,
     outbox: Vec<(OutboxKey, ActorEvent)>,
+    /// Customers created by this batch (they join the shard's member index).
+    created: Vec<String>,
+    /// A customer-value model this batch applied (made current once committed).
+    value_model: Option<ValueModel>,
     /// Next outbox index per sequence.
     next_index: HashMap<u64, u32>,
     result: BatchResult,
@@ -170,6 +175,8 @@ pub struct ShardEngine {
     shard: u32,
     store: Store,
     rules: Arc<Rules>,
+    /// The customer-value model views are scored with (`None`: none published yet).
+    value_model: Option<Arc<ValueModel>>,
     limits: EngineLimits,
     meta: ShardMeta,
     resident: HashMap<String, Resident>,
@@ -200,10 +207,15 @@ impl ShardEngine {
         let meta = store
             .shard_meta(shard)
             .map_err(|source| EngineError::Store { shard, source })?;
+        let value_model = store
+            .value_model(shard)
+            .map_err(|source| EngineError::Store { shard, source })?
+            .map(Arc::new);
         Ok(ShardEngine {
             shard,
             store,
             rules,
+            value_model,
             limits: EngineLimits {
                 tick_batch_max: limits.tick_batch_max.max(1),
                 ..limits
@@ -306,6 +318,24 @@ impl ShardEngine {
                         });
                     }
                 }
+                ShardMessage::ValueModel { model } => {
+                    // Customers see every earlier message of the batch applied.
+                    self.collect(&mut pending, &mut work).await?;
+                    let current = work
+                        .value_model
+                        .as_ref()
+                        .or(self.value_model.as_deref())
+                        .map_or(0, |m| m.version);
+                    if model.version > current {
+                        self.run_rescore(seq, &model, &mut work).await?;
+                        work.value_model = Some(model);
+                    } else {
+                        debug!(
+                            version = model.version,
+                            current, "older value model skipped"
+                        );
+                    }
+                }
                 ShardMessage::Tick { at_ms } => {
                     // Ticks see every earlier message of the batch applied.
                     self.collect(&mut pending, &mut work).await?;
@@ -331,10 +361,13 @@ impl ShardEngine {
             .map(|(customer_id, state)| CustomerWrite { customer_id, state })
             .collect();
         customers.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        let applied_model = work.value_model.take();
         let batch = CommitBatch {
             customers,
             meta,
             outbox: work.outbox,
+            created: work.created,
+            value_model: applied_model.clone(),
         };
         self.store
             .commit(self.shard, &batch)
@@ -344,6 +377,9 @@ impl ShardEngine {
             .await
             .map_err(|source| self.store_error(source))?;
         self.meta = meta;
+        if let Some(model) = applied_model {
+            self.value_model = Some(Arc::new(model));
+        }
         debug!(
             applied_seq = meta.applied_seq,
             customers = batch.customers.len(),
@@ -401,6 +437,13 @@ impl ShardEngine {
                 }
             };
             let Applied { outcome, changed } = applied;
+            if outcome
+                .events
+                .iter()
+                .any(|event| event.event_type == "customer.created")
+            {
+                work.created.push(item.customer_id.clone());
+            }
             if let Some(state) = changed {
                 work.changed.insert(item.customer_id.clone(), state);
             }
@@ -518,6 +561,54 @@ impl ShardEngine {
         Ok(())
     }
 
+    /// Scores every customer of the shard under `model` (the member index, plus customers
+    /// this batch created), in pages of `tick_batch_max`, stopping again the actors woken
+    /// only for it (their new states wait in `work.changed`).
+    async fn run_rescore(
+        &mut self,
+        seq: u64,
+        model: &ValueModel,
+        work: &mut BatchWork,
+    ) -> Result<(), EngineError> {
+        let page_max = self.limits.tick_batch_max;
+        let mut done: HashSet<String> = HashSet::new();
+        let mut after: Option<String> = None;
+        let mut pending = Vec::with_capacity(page_max.min(1024));
+        let mut activated_here: Vec<String> = Vec::new();
+        loop {
+            let mut page = self
+                .store
+                .shard_customers(self.shard, after.as_deref(), page_max)
+                .map_err(|source| self.store_error(source))?;
+            let full = page.len() >= page_max;
+            after = page.last().cloned();
+            if !full {
+                // The last page also takes the customers created by this batch.
+                page.extend(work.created.iter().cloned());
+            }
+            for customer_id in page {
+                if !done.insert(customer_id.clone()) {
+                    continue;
+                }
+                let command = CustomerCommand::Rescore {
+                    model: model.clone(),
+                };
+                let (reply, activated) = self
+                    .send_apply(&customer_id, command, &work.changed)
+                    .await?;
+                if activated {
+                    activated_here.push(customer_id.clone());
+                }
+                pending.push(tick_pending(seq, customer_id, reply));
+            }
+            self.collect(&mut pending, work).await?;
+            self.forget_all(&mut activated_here);
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
     /// The resident actor of `customer_id`, and whether it was activated just now: from
     /// `changed` (states of the running batch, not yet committed), else from the store, else
     /// as a new customer.
@@ -619,6 +710,7 @@ impl ShardEngine {
         actor
             .cast(CustomerMessage::View {
                 as_of_ms: self.meta.clock_ms,
+                value_model: self.value_model.clone(),
                 reply: sender.into(),
             })
             .map_err(|_| stopped())?;
@@ -667,6 +759,11 @@ impl ShardEngine {
 
     /// Uses `rules` for every later command: resident actors get them before their next
     /// message, activations start with them.
+    /// The customer-value model this shard applied last (views are scored with it).
+    pub fn value_model(&self) -> Option<&ValueModel> {
+        self.value_model.as_deref()
+    }
+
     pub fn set_rules(&mut self, rules: Arc<Rules>) {
         self.rules = rules;
         let mut dead = Vec::new();
@@ -782,5 +879,7 @@ fn command_time_ms(command: &CustomerCommand) -> i64 {
     match command {
         CustomerCommand::Event { event, .. } => event.occurred_at_ms,
         CustomerCommand::Redeem { at_ms, .. } | CustomerCommand::Tick { at_ms } => *at_ms,
+        // A model is not an event in time: it never moves the clock.
+        CustomerCommand::Rescore { .. } => i64::MIN,
     }
 }

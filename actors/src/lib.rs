@@ -8,13 +8,15 @@
 //! and [`retention`] hold the rule engines; [`state`] the customer state; [`view`] the
 //! 360 JSON; [`codec`] the versioned bincode format; [`store`] the sled store;
 //! [`actor`] the customer actors and the per-shard engine that drives them; [`clv`] the
-//! customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv fit`.
+//! customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv fit`, and
+//! [`customer_value`] their use in the live engine (summaries, published model, view block).
 
 pub mod actor;
 pub mod apply;
 pub mod clv;
 pub mod codec;
 pub mod command;
+pub mod customer_value;
 pub mod engine;
 pub mod event;
 pub mod identity;

@@ -40,6 +40,26 @@ pub struct Rules {
     /// The rewards catalogue, by id.
     pub rewards: BTreeMap<String, Reward>,
     pub retention: Retention,
+    pub next_best_action: NextBestAction,
+}
+
+/// The value segments of [`crate::customer_value`], best first.
+pub const VALUE_SEGMENTS: [&str; 5] =
+    ["top_1_percent", "top_20_percent", "middle", "low", "lapsed"];
+
+/// Which next best actions the 360 view proposes (see [`crate::customer_value`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextBestAction {
+    /// Value segments whose customers at risk get a win-back offer.
+    pub winback_segments: Vec<String>,
+    /// A customer is at risk when their probability of being alive is below this, basis
+    /// points of 1.
+    pub at_risk_p_alive_basis_points: i64,
+    /// Nudge towards the next tier when the spend still needed is at most this (minor
+    /// units); 0 = never.
+    pub tier_nudge_within_minor: i64,
+    /// Propose the last browsed category when the customer never bought in it.
+    pub cross_sell: bool,
 }
 
 /// Bounds on what one customer's state may hold.
@@ -52,6 +72,8 @@ pub struct Limits {
     pub identities_max: usize,
     pub tier_history_max: usize,
     pub lots_max: usize,
+    /// Purchase days kept one by one for the customer-value models (older ones folded).
+    pub purchase_days_max: usize,
 }
 
 /// How points are earned.
@@ -212,6 +234,28 @@ struct RawRules {
     rewards: Vec<RawReward>,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    next_best_action: RawNextBestAction,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawNextBestAction {
+    winback_segments: Vec<String>,
+    at_risk_p_alive: f64,
+    tier_nudge_within: toml::Value,
+    cross_sell: bool,
+}
+
+impl Default for RawNextBestAction {
+    fn default() -> Self {
+        RawNextBestAction {
+            winback_segments: vec!["top_1_percent".to_string(), "top_20_percent".to_string()],
+            at_risk_p_alive: 0.5,
+            tier_nudge_within: toml::Value::Integer(100),
+            cross_sell: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +268,7 @@ struct RawLimits {
     identities_max: i64,
     tier_history_max: i64,
     lots_max: i64,
+    purchase_days_max: i64,
 }
 
 impl Default for RawLimits {
@@ -236,6 +281,7 @@ impl Default for RawLimits {
             identities_max: 32,
             tier_history_max: 20,
             lots_max: 500,
+            purchase_days_max: 1000,
         }
     }
 }
@@ -475,6 +521,7 @@ impl RawRules {
             identities_max: limit("identities_max", l.identities_max)?,
             tier_history_max: limit("tier_history_max", l.tier_history_max)?,
             lots_max: limit("lots_max", l.lots_max)?,
+            purchase_days_max: limit("purchase_days_max", l.purchase_days_max)?,
         };
 
         let e = &self.earning;
@@ -711,6 +758,38 @@ impl RawRules {
             );
         }
 
+        let n = &self.next_best_action;
+        for (index, segment) in n.winback_segments.iter().enumerate() {
+            if !VALUE_SEGMENTS.contains(&segment.as_str()) {
+                return fail(
+                    format!("next_best_action.winback_segments[{index}]"),
+                    format!("('{segment}') is not a value segment; use one of {VALUE_SEGMENTS:?}"),
+                );
+            }
+        }
+        if !(n.at_risk_p_alive > 0.0 && n.at_risk_p_alive < 1.0) {
+            return fail(
+                "next_best_action.at_risk_p_alive",
+                format!(
+                    "({}) must be a probability between 0 and 1 (exclusive), e.g. 0.5",
+                    n.at_risk_p_alive
+                ),
+            );
+        }
+        let next_best_action = NextBestAction {
+            winback_segments: n.winback_segments.clone(),
+            at_risk_p_alive_basis_points: basis_points(
+                "next_best_action.at_risk_p_alive",
+                n.at_risk_p_alive,
+                1,
+            )?,
+            tier_nudge_within_minor: money(
+                "next_best_action.tier_nudge_within",
+                &n.tier_nudge_within,
+            )?,
+            cross_sell: n.cross_sell,
+        };
+
         Ok(Rules {
             version,
             currency,
@@ -722,6 +801,7 @@ impl RawRules {
             tiers,
             rewards,
             retention,
+            next_best_action,
         })
     }
 }
@@ -788,6 +868,22 @@ threshold = 1000.00
         assert!(
             message.contains("rules.toml: tiers[2].threshold (400) must be greater than tiers[1].threshold (500)"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn next_best_action_settings_are_checked_and_defaulted() {
+        let rules = Rules::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(rules.next_best_action.at_risk_p_alive_basis_points, 5_000);
+        assert_eq!(rules.next_best_action.tier_nudge_within_minor, 10_000);
+        let bad_segment = format!("{MINIMAL}\n[next_best_action]\nwinback_segments = [\"vip\"]\n");
+        let error = error_for(&bad_segment);
+        assert_eq!(error.field(), Some("next_best_action.winback_segments[0]"));
+        assert!(error.to_string().contains("top_20_percent"), "{error}");
+        let bad_p = format!("{MINIMAL}\n[next_best_action]\nat_risk_p_alive = 1.5\n");
+        assert_eq!(
+            error_for(&bad_p).field(),
+            Some("next_best_action.at_risk_p_alive")
         );
     }
 

@@ -43,6 +43,10 @@ pub struct CustomerState {
     pub loyalty: Loyalty,
     pub retention: RetentionState,
     pub dedup: Dedup,
+    /// Purchase days for the customer-value models (`crate::customer_value`).
+    pub value: ValueHistory,
+    /// Where the last applied customer-value model put the customer.
+    pub value_standing: ValueStanding,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +324,8 @@ impl CustomerState {
             loyalty: Loyalty::default(),
             retention: RetentionState::default(),
             dedup: Dedup::default(),
+            value: ValueHistory::default(),
+            value_standing: ValueStanding::default(),
         }
     }
 
@@ -342,4 +348,41 @@ impl CustomerState {
             .chain(self.retention.winback_due_ms)
             .min()
     }
+}
+
+/// What the customer-value models need of a customer: the UTC calendar days on which they
+/// bought (in the loyalty currency) with the amount bought that day, minor units. At most
+/// `limits.purchase_days_max` days are kept one by one; older days are folded into
+/// [`FoldedDays`], which keeps frequency, recency and monetary exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueHistory {
+    /// Day number (days since 1970-01-01 UTC) -> amount bought that day.
+    pub days: BTreeMap<i32, i64>,
+    pub folded: FoldedDays,
+}
+
+/// The oldest purchase days, folded out of [`ValueHistory::days`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoldedDays {
+    /// Days folded (0: none).
+    pub count: u32,
+    /// Amount bought on the folded days, first day included.
+    pub amount_minor: i64,
+    /// The first purchase day ever and its amount.
+    pub first_day: i32,
+    pub first_amount_minor: i64,
+    /// The latest folded day.
+    pub last_day: i32,
+}
+
+/// The customer's standing under the last customer-value model the shard applied: what
+/// `value.segment_changed` and `churn.risk` compare against.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueStanding {
+    /// Value segment (`top_1_percent`, ...); `None` before any model scored the customer.
+    pub segment: Option<String>,
+    /// The model version that set it (0: none).
+    pub model_version: u64,
+    /// Whether `churn.risk` was raised and still holds.
+    pub at_risk: bool,
 }

@@ -12,6 +12,8 @@
 //! | `m/<shard u32 BE>` | [`ShardMeta`], codec bytes |
 //! | `t/<shard u32 BE>/<due ms sortable BE>/<customer_id>` | empty: the timer index |
 //! | `o/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | JSON of an [`ActorEvent`] not yet published |
+//! | `s/<shard u32 BE>/<customer_id>` | empty: the shard's customers (written when one is created) |
+//! | `v/<shard u32 BE>` | the shard's current customer-value model, codec bytes |
 //!
 //! "Sortable" due times flip the sign bit of the i64 so that big-endian byte order is
 //! numeric order, negative times included. Which shard a customer belongs to is the caller's
@@ -20,6 +22,7 @@
 
 use crate::codec::{self, CodecError};
 use crate::command::ActorEvent;
+use crate::customer_value::ValueModel;
 use crate::state::CustomerState;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -35,6 +38,8 @@ const DUE_PREFIX: &[u8] = b"d/";
 const META_PREFIX: &[u8] = b"m/";
 const TIMER_PREFIX: &[u8] = b"t/";
 const OUTBOX_PREFIX: &[u8] = b"o/";
+const MEMBER_PREFIX: &[u8] = b"s/";
+const VALUE_MODEL_PREFIX: &[u8] = b"v/";
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +144,10 @@ pub struct CommitBatch {
     pub meta: ShardMeta,
     /// Actor events to publish, in order.
     pub outbox: Vec<(OutboxKey, ActorEvent)>,
+    /// Customers created by the batch (they join the shard's member index).
+    pub created: Vec<String>,
+    /// The customer-value model the batch applied, if any.
+    pub value_model: Option<ValueModel>,
 }
 
 /// A customer whose timer is due, as read from the timer index.
@@ -308,6 +317,17 @@ impl Store {
             source,
         })?;
         writes.insert(meta_key(shard), meta);
+        for customer_id in &batch.created {
+            writes.insert(member_key(shard, customer_id), &[][..]);
+        }
+        if let Some(model) = &batch.value_model {
+            let key = [VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat();
+            let bytes = codec::try_encode(model).map_err(|source| StoreError::Codec {
+                key: printable(&key),
+                source,
+            })?;
+            writes.insert(key, bytes);
+        }
         for (key, event) in &batch.outbox {
             debug_assert_eq!(key.shard, shard, "outbox key of another shard");
             let json = serde_json::to_vec(event).map_err(|source| StoreError::OutboxJson {
@@ -455,6 +475,50 @@ impl Store {
         })
     }
 
+    /// The customer-value model `shard` applied last, if any.
+    pub fn value_model(&self, shard: u32) -> Result<Option<ValueModel>, StoreError> {
+        let key = [VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat();
+        match self.tree.get(&key)? {
+            None => Ok(None),
+            Some(bytes) => codec::decode(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Codec {
+                    key: printable(&key),
+                    source,
+                }),
+        }
+    }
+
+    /// Up to `limit` customer ids of `shard`'s member index, in id order, after `after`.
+    pub fn shard_customers(
+        &self,
+        shard: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = member_key(shard, "");
+        let start = match after {
+            Some(id) => {
+                let mut key = member_key(shard, id);
+                key.push(0);
+                key
+            }
+            None => prefix.clone(),
+        };
+        let mut ids = Vec::with_capacity(limit.min(1024));
+        for item in self.tree.range(start..) {
+            if ids.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            let Some(id) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            ids.push(String::from_utf8_lossy(id).into_owned());
+        }
+        Ok(ids)
+    }
+
     /// How many customers are stored (all shards). Scans every state key: O(customers).
     pub fn customer_count(&self) -> Result<usize, StoreError> {
         let mut count = 0;
@@ -468,6 +532,16 @@ impl Store {
 
 fn customer_key(customer_id: &str) -> Vec<u8> {
     [CUSTOMER_PREFIX, customer_id.as_bytes()].concat()
+}
+
+fn member_key(shard: u32, customer_id: &str) -> Vec<u8> {
+    [
+        MEMBER_PREFIX,
+        &shard.to_be_bytes()[..],
+        b"/",
+        customer_id.as_bytes(),
+    ]
+    .concat()
 }
 
 fn due_key(customer_id: &str) -> Vec<u8> {
@@ -586,7 +660,7 @@ mod tests {
                         clock_ms: 0,
                         owner_epoch: 0,
                     },
-                    outbox: Vec::new(),
+                    ..CommitBatch::default()
                 };
                 store.commit(1, &batch).expect("commit");
             };
@@ -626,6 +700,8 @@ mod tests {
                     owner_epoch: 7,
                 },
                 outbox: vec![(outbox_key, event("ann", 1))],
+                created: vec!["bob".to_string(), "ann".to_string()],
+                value_model: None,
             };
             store.commit(3, &batch).expect("commit");
             store.flush().await.expect("flush");
@@ -653,6 +729,24 @@ mod tests {
         );
         store.remove_outbox(&[outbox_key]).expect("remove");
         assert!(store.outbox(3).expect("outbox").is_empty());
+        // The member index lists the shard's customers in id order, paged.
+        assert_eq!(
+            store.shard_customers(3, None, 10).expect("members"),
+            vec!["ann", "bob"]
+        );
+        assert_eq!(
+            store.shard_customers(3, Some("ann"), 10).expect("members"),
+            vec!["bob"]
+        );
+        assert_eq!(
+            store.shard_customers(3, None, 1).expect("members"),
+            vec!["ann"]
+        );
+        assert!(store
+            .shard_customers(2, None, 10)
+            .expect("members")
+            .is_empty());
+        assert!(store.value_model(3).expect("model").is_none());
     }
 
     #[test]

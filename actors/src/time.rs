@@ -38,6 +38,12 @@ pub fn days_between(earlier_ms: i64, later_ms: i64) -> i64 {
     (later_ms - earlier_ms).div_euclid(DAY_MS)
 }
 
+/// The UTC calendar day of an instant: days since 1970-01-01 (negative before it).
+pub fn day_number(ms: i64) -> i32 {
+    ms.div_euclid(DAY_MS)
+        .clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

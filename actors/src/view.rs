@@ -8,6 +8,7 @@
 //! and recency is computed from `as_of_ms` (never earlier than the customer's own clock),
 //! never from the wall clock.
 
+use crate::customer_value::{self, ValueModel};
 use crate::loyalty::{self, optional_time};
 use crate::money::to_decimal;
 use crate::retention;
@@ -34,6 +35,24 @@ fn days_decimal(ms: i64) -> Value {
 }
 
 /// Renders the 360 view of `state` as of `as_of_ms` (raised to the customer's clock).
+/// What `crm.query.customer` answers: [`customer_view`] plus the `value` block scored under
+/// `value_model` and the `next_best_actions` (see [`crate::customer_value`]).
+pub fn full_view(
+    state: &CustomerState,
+    as_of_ms: i64,
+    rules: &Rules,
+    value_model: Option<&ValueModel>,
+) -> Value {
+    let mut view = customer_view(state, as_of_ms, rules);
+    let value = customer_value::value_block(state, value_model);
+    let actions = customer_value::next_best_actions(state, &value, rules, as_of_ms);
+    if let Some(object) = view.as_object_mut() {
+        object.insert("value".to_string(), value);
+        object.insert("next_best_actions".to_string(), actions.into());
+    }
+    view
+}
+
 pub fn customer_view(state: &CustomerState, as_of_ms: i64, rules: &Rules) -> Value {
     let as_of = if state.exists() {
         as_of_ms.max(state.clock_ms)

@@ -585,7 +585,7 @@ async fn the_engine_runs_on_a_spawned_task_and_views_use_the_shard_clock() {
     let (view, clock) = task.await.expect("task");
     assert_eq!(clock, JAN_2_MS + 3_600_000);
     let state = store.load_customer("ann").expect("load").expect("stored");
-    let expected = crm_actors::view::customer_view(&state, clock, &rules());
+    let expected = crm_actors::view::full_view(&state, clock, &rules(), None);
     assert_eq!(view, Some(expected));
 }
 
@@ -638,4 +638,151 @@ async fn a_large_tick_keeps_no_extra_actors_and_later_messages_see_its_effects()
     );
     assert_eq!(stored_bytes(&store, "due-0"), codec::encode(&expected));
     engine.shutdown().await;
+}
+
+/// A customer-value model whose cut points put every buyer in `top_20_percent` (or, with
+/// `everybody_middle`, in `middle`), as of 400 days after Jan 2nd.
+fn value_model(version: u64, everybody_middle: bool) -> crm_actors::customer_value::ValueModel {
+    use crm_actors::customer_value::{BgNbdJson, GammaGammaJson, ValueModel};
+    let as_of_day = crm_actors::time::day_number(JAN_2_MS) + 400;
+    ValueModel {
+        version,
+        as_of_day,
+        as_of: crm_actors::customer_value::day_text(as_of_day),
+        time_unit: "days".to_string(),
+        horizon_periods: 365,
+        discount_rate: 0.0,
+        bgnbd: BgNbdJson {
+            r: 0.5,
+            alpha: 10.0,
+            a: 0.8,
+            b: 2.5,
+        },
+        gamma_gamma: GammaGammaJson {
+            p: 6.0,
+            q: 4.0,
+            gamma: 15.0,
+        },
+        log_likelihood: -1.0,
+        customers: 2,
+        repeat_buyers: 1,
+        recency_days_quintiles: [10.0, 20.0, 30.0, 40.0],
+        frequency_quintiles: [1.0, 1.0, 2.0, 3.0],
+        monetary_quintiles: [10.0, 20.0, 30.0, 40.0],
+        clv_p99: f64::MAX,
+        clv_p80: if everybody_middle { f64::MAX } else { 0.0 },
+        clv_p50: 0.0,
+    }
+}
+
+fn value_events(result: &crm_actors::engine::BatchResult) -> Vec<(String, String)> {
+    let mut events: Vec<(String, String)> = result
+        .events
+        .iter()
+        .map(|(_, e)| (e.customer_id.clone(), e.event_type.clone()))
+        .collect();
+    events.sort();
+    events
+}
+
+#[tokio::test]
+async fn a_value_model_record_rescores_every_customer_once_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let mut engine = engine(&store, 100);
+    // ann buys three times in ten days, bob once; both long before the model's day.
+    let purchases = vec![
+        purchase(1, "ann", "a1", 0),
+        purchase(2, "ann", "a2", 60 * 24 * 4),
+        purchase(3, "ann", "a3", 60 * 24 * 10),
+        purchase(4, "bob", "b1", 5),
+    ];
+    engine
+        .apply_batch(purchases, EPOCH)
+        .await
+        .expect("purchases");
+    let ann = store.load_customer("ann").expect("load").expect("ann");
+    let model = value_model(1, false);
+    let crm_actors::customer_value::Assessment::Scored(scored) =
+        crm_actors::customer_value::assess(&ann, Some(&model))
+    else {
+        panic!("ann has purchases");
+    };
+    assert!(
+        scored.score.p_alive < 0.5,
+        "ann is at risk: {:?}",
+        scored.score
+    );
+
+    let first = engine
+        .apply_batch(
+            vec![(
+                5,
+                ShardMessage::ValueModel {
+                    model: model.clone(),
+                },
+            )],
+            EPOCH,
+        )
+        .await
+        .expect("model");
+    assert_eq!(
+        value_events(&first),
+        vec![
+            ("ann".to_string(), "churn.risk".to_string()),
+            ("ann".to_string(), "value.segment_changed".to_string()),
+            ("bob".to_string(), "value.segment_changed".to_string()),
+        ]
+    );
+    let changed = first
+        .events
+        .iter()
+        .find(|(_, e)| e.customer_id == "bob")
+        .map(|(_, e)| e.data.clone())
+        .expect("bob's event");
+    assert_eq!(changed["to"], "top_20_percent");
+    assert_eq!(changed["from"], serde_json::Value::Null);
+
+    // The same version again changes nothing; a new one moves both to `middle`, and ann,
+    // no longer in a valuable segment, is no longer at risk (no new churn.risk).
+    let again = engine
+        .apply_batch(vec![(6, ShardMessage::ValueModel { model })], EPOCH)
+        .await
+        .expect("again");
+    assert!(again.events.is_empty());
+    let second = engine
+        .apply_batch(
+            vec![(
+                7,
+                ShardMessage::ValueModel {
+                    model: value_model(2, true),
+                },
+            )],
+            EPOCH,
+        )
+        .await
+        .expect("second model");
+    assert_eq!(
+        value_events(&second),
+        vec![
+            ("ann".to_string(), "value.segment_changed".to_string()),
+            ("bob".to_string(), "value.segment_changed".to_string()),
+        ]
+    );
+    let ann = store.load_customer("ann").expect("load").expect("ann");
+    assert_eq!(ann.value_standing.segment.as_deref(), Some("middle"));
+    assert_eq!(ann.value_standing.model_version, 2);
+    assert!(!ann.value_standing.at_risk);
+    engine.shutdown().await;
+    drop(engine);
+
+    // A reopened engine has the model and scores views with it.
+    let mut reopened =
+        ShardEngine::new(SHARD, store.clone(), rules(), limits(100)).expect("engine");
+    assert_eq!(reopened.value_model().map(|m| m.version), Some(2));
+    let view = reopened.view("bob").await.expect("view").expect("bob");
+    assert_eq!(view["value"]["model_version"], 2);
+    assert_eq!(view["value"]["segment"], "middle");
+    assert!(view["next_best_actions"].is_array());
+    reopened.shutdown().await;
 }

@@ -112,12 +112,26 @@ async fn connect(url: &str) -> Result<async_nats::Client> {
 }
 
 async fn request(client: &async_nats::Client, subject: &str, body: &Value) -> Result<Value> {
+    request_within(client, subject, body, Duration::from_secs(10)).await
+}
+
+async fn request_within(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &Value,
+    timeout: Duration,
+) -> Result<Value> {
     let reply = tokio::time::timeout(
-        Duration::from_secs(10),
+        timeout,
         client.request(subject.to_string(), serde_json::to_vec(body)?.into()),
     )
     .await
-    .map_err(|_| anyhow!("no reply on {subject} within 10 s; is a crm-node running?"))?
+    .map_err(|_| {
+        anyhow!(
+            "no reply on {subject} within {} s; is a crm-node running?",
+            timeout.as_secs()
+        )
+    })?
     .map_err(|e| anyhow!("request on {subject} failed: {e}; is a crm-node running?"))?;
     serde_json::from_slice(&reply.payload)
         .with_context(|| format!("reply on {subject} is not JSON"))
@@ -269,6 +283,96 @@ pub async fn tick(url: &str, at: &str) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `crm-node value-fit`: asks the cluster to fit the customer-value models and prints the
+/// published model (`--json`: as received). Exits 1 on an error reply.
+pub async fn value_fit(url: &str, args: ValueFitArgs) -> Result<()> {
+    let mut body = serde_json::Map::new();
+    if let Some(as_of) = args.as_of {
+        body.insert("as_of".into(), json!(as_of));
+    }
+    if let Some(unit) = args.time_unit {
+        body.insert("time_unit".into(), json!(unit));
+    }
+    if let Some(horizon) = args.horizon {
+        body.insert("horizon".into(), json!(horizon));
+    }
+    if let Some(rate) = args.discount_rate {
+        body.insert("discount_rate".into(), json!(rate));
+    }
+    let client = connect(url).await?;
+    // A fit reads every customer: allow it minutes, not seconds.
+    let reply = request_within(
+        &client,
+        subjects::CMD_VALUE_FIT,
+        &Value::Object(body),
+        Duration::from_secs(args.timeout_s),
+    )
+    .await?;
+    if reply.get("error").is_some() || args.json {
+        println!("{reply}");
+        if reply.get("error").is_some() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let number = |path: &[&str]| {
+        path.iter()
+            .fold(&reply, |value, key| &value[*key])
+            .as_f64()
+            .map_or("-".to_string(), |n| format!("{n:.6}"))
+    };
+    println!(
+        "customer-value model version {} as of {} ({} customers, {} repeat buyers)",
+        reply["version"], reply["as_of"], reply["customers"], reply["repeat_buyers"]
+    );
+    println!(
+        "BG/NBD       r {}  alpha {}  a {}  b {}  (log-likelihood {})",
+        number(&["bgnbd", "r"]),
+        number(&["bgnbd", "alpha"]),
+        number(&["bgnbd", "a"]),
+        number(&["bgnbd", "b"]),
+        number(&["log_likelihood"])
+    );
+    println!(
+        "Gamma-Gamma  p {}  q {}  gamma {}",
+        number(&["gamma_gamma", "p"]),
+        number(&["gamma_gamma", "q"]),
+        number(&["gamma_gamma", "gamma"])
+    );
+    println!(
+        "CLV over {} {}: top 1% from {}, top 20% from {}, median {}",
+        reply["horizon_periods"],
+        reply["time_unit"].as_str().unwrap_or("days"),
+        number(&["clv_p99"]),
+        number(&["clv_p80"]),
+        number(&["clv_p50"])
+    );
+    Ok(())
+}
+
+/// Options of `crm-node value-fit`.
+#[derive(Args, Debug)]
+pub struct ValueFitArgs {
+    /// Cut the purchase histories at this day, YYYY-MM-DD [default: the latest event day]
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// Unit of every time in the models: days or weeks [default: days]
+    #[arg(long, value_parser = ["days", "weeks"])]
+    pub time_unit: Option<String>,
+    /// CLV horizon in time units [default: 365 days / 52 weeks]
+    #[arg(long)]
+    pub horizon: Option<u32>,
+    /// Discount rate per time unit, e.g. 0.001 [default: 0]
+    #[arg(long)]
+    pub discount_rate: Option<f64>,
+    /// Print the reply as received (JSON)
+    #[arg(long)]
+    pub json: bool,
+    /// Longest wait for the reply, seconds
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
 }
 
 /// `crm-node stats`.

@@ -149,6 +149,8 @@ pub struct LimitsSection {
     pub query_timeout_ms: u64,
     /// Interval of the automatic clock tick written into every shard log, in s (0 = none).
     pub tick_interval_s: u64,
+    /// Interval of the scheduled customer-value fit, in s (0 = on demand only).
+    pub value_fit_interval_s: u64,
     /// Longest graceful shutdown before tasks are aborted, in s.
     pub shutdown_grace_s: u64,
 }
@@ -241,6 +243,7 @@ impl Default for LimitsSection {
             flush_interval_ms: 5,
             query_timeout_ms: 2_000,
             tick_interval_s: 3_600,
+            value_fit_interval_s: 86_400,
             shutdown_grace_s: 20,
         }
     }
@@ -538,6 +541,12 @@ impl Config {
         self.range(
             "limits.tick_interval_s",
             limits.tick_interval_s,
+            0,
+            365 * 86_400,
+        )?;
+        self.range(
+            "limits.value_fit_interval_s",
+            limits.value_fit_interval_s,
             0,
             365 * 86_400,
         )?;

@@ -5,9 +5,9 @@
 //! ([`query`]) and commands ([`commands`]), and publishes actor events and dead letters
 //! ([`events`], [`dlq`]). [`node`] wires them together for `crm-node run`; [`client`] holds
 //! the client subcommands. Subject names live only in [`subjects`]; stream, KV and consumer
-//! set-up in [`jetstream`]; the identity directory in [`identity_directory`]. [`clv_cli`]
-//! is `crm-node clv fit`, the one command without NATS: the customer-value models over a
-//! transactions file.
+//! set-up in [`jetstream`]; the identity directory in [`identity_directory`]; the
+//! customer-value fit and model distribution in [`value`]. [`clv_cli`] is `crm-node clv
+//! fit`, the one command without NATS: the customer-value models over a transactions file.
 
 pub mod client;
 pub mod clv_cli;
@@ -28,3 +28,4 @@ pub mod shard_worker;
 pub mod sharding;
 pub mod shutdown;
 pub mod subjects;
+pub mod value;

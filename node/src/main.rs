@@ -73,6 +73,9 @@ enum Command {
     Load(LoadCommand),
     /// Print the counters of a running node.
     Stats,
+    /// Fit the customer-value models on every customer of the cluster and publish them
+    /// (crm.cmd.value.fit); later 360 views carry the value block.
+    ValueFit(crm_node::client::ValueFitArgs),
     /// Customer-value models (no NATS): `clv fit` scores customers from a transactions CSV.
     Clv(crm_node::clv_cli::ClvCommand),
 }
@@ -117,6 +120,7 @@ fn main() -> Result<()> {
             Command::Tick { at } => crm_node::client::tick(&url, &at).await,
             Command::Load(load) => crm_node::client::load(&url, load.args).await,
             Command::Stats => crm_node::client::stats(&url).await,
+            Command::ValueFit(args) => crm_node::client::value_fit(&url, args).await,
             Command::Clv(_) => unreachable!("clv runs before the runtime starts"),
         }
     })

@@ -17,6 +17,7 @@ use crate::query::Shards;
 use crate::router::Router;
 use crate::shard_worker::{ShardHandle, ShardWorker, WorkerSettings};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::value::ValueService;
 use crate::{jetstream as setup, subjects};
 use anyhow::{Context as _, Result};
 use crm_actors::engine::{EngineLimits, ShardEngine};
@@ -275,7 +276,7 @@ async fn session(
     let commands = Commands {
         client: client.clone(),
         jetstream: jetstream.clone(),
-        shards: shard_map,
+        shards: shard_map.clone(),
         metrics: metrics.clone(),
     };
     tasks.spawn(commands.clone().serve(
@@ -296,6 +297,28 @@ async fn session(
             shutdown.clone(),
         ));
     }
+    let value_kv = setup::ensure_kv(&jetstream, subjects::KV_VALUE, 1).await?;
+    tasks.spawn(crate::value::append_models(
+        jetstream.clone(),
+        value_kv.clone(),
+        shard_map.handles.clone(),
+        shutdown.clone(),
+    ));
+    let value_service = ValueService {
+        client: client.clone(),
+        kv: value_kv,
+        store: store.clone(),
+        shard_count: shards,
+        handles: shard_map.handles.clone(),
+    };
+    if config.limits.value_fit_interval_s > 0 {
+        tasks.spawn(value_service.clone().run_schedule(
+            Duration::from_secs(config.limits.value_fit_interval_s),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(value_service.clone().serve_collect(shutdown.clone()));
+    tasks.spawn(value_service.serve(shutdown.clone()));
     tasks.spawn(serve_stats(
         client.clone(),
         config.node.node_id.clone(),

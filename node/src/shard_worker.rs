@@ -265,7 +265,7 @@ impl ShardWorker {
                     .iter()
                     .find(|entry| Some(entry.ingest_seq) == ingest_seq)
                     .and_then(|entry| serde_json::to_vec(&entry.command).ok()),
-                ShardMessage::Tick { .. } => None,
+                ShardMessage::Tick { .. } | ShardMessage::ValueModel { .. } => None,
             })
             .unwrap_or_default();
         (subjects::shard(self.shard), sequence, fallback.into())

@@ -62,6 +62,11 @@ pub const QUERY_CUSTOMER: &str = "crm.query.customer";
 pub const CMD_REDEEM: &str = "crm.cmd.redeem";
 /// Request/reply: write a tick (event-time clock) into every shard log.
 pub const CMD_TICK: &str = "crm.cmd.tick";
+/// Request/reply: fit the customer-value models on every customer and publish them.
+pub const CMD_VALUE_FIT: &str = "crm.cmd.value.fit";
+/// Scatter/gather (every node answers, in chunks): the customer-value summaries of the
+/// shards a node serves, for a fit.
+pub const VALUE_COLLECT: &str = "crm.value.collect";
 /// Request/reply (every node answers): node counters.
 pub const NODE_STATS: &str = "crm.node.stats";
 
@@ -69,6 +74,10 @@ pub const NODE_STATS: &str = "crm.node.stats";
 pub const KV_IDENTITY: &str = "crm_identity";
 /// KV bucket: cluster metadata (shard count, ...).
 pub const KV_CLUSTER: &str = "crm_cluster";
+/// KV bucket: the published customer-value model (JSON, versioned).
+pub const KV_VALUE: &str = "crm_value";
+/// Key in [`KV_VALUE`] holding the current model.
+pub const VALUE_MODEL_KEY: &str = "model";
 /// Key in [`KV_CLUSTER`] holding the cluster's shard count (decimal text).
 pub const CLUSTER_KEY_SHARD_COUNT: &str = "shard_count";
 

@@ -1,0 +1,616 @@
+//! Customer value in the cluster: the on-demand fit (`crm.cmd.value.fit`) and the
+//! hand-over of each published model to the shard logs.
+//!
+//! A fit request reaches one node (queue group). That node gathers the purchase-day
+//! summaries of every customer from the owners of all shards (scatter/gather on
+//! [`subjects::VALUE_COLLECT`]: each node reads the shards it serves from sled and answers
+//! with identical summaries aggregated, in chunks), has `crm_actors::customer_value` fit
+//! the models and cut points, and publishes the result as JSON under
+//! [`subjects::VALUE_MODEL_KEY`] in the KV bucket [`subjects::KV_VALUE`], its version one
+//! above the last (compare-and-set, so two fits never publish one version twice). Every node
+//! watches that key and appends each new model to the logs of the shards it serves
+//! ([`append_models`]); the shard engines apply it in log order, so views carry the `value`
+//! block and customers whose segment changed or who fell at risk raise actor events, and a
+//! replay reproduces all of it. No rule lives here.
+
+use crate::query::error_reply;
+use crate::shard_worker::ShardHandle;
+use crate::sharding::shard_of;
+use crate::shutdown::Shutdown;
+use crate::subjects;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::Context;
+use async_nats::Client;
+use crm_actors::clv::{ClvSettings, CustomerSummary, TimeUnit};
+use crm_actors::codec;
+use crm_actors::command::ShardMessage;
+use crm_actors::customer_value::{self, FitRequest, ValueModel};
+use crm_actors::store::Store;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Queue group of the fit responder.
+pub const QUEUE_GROUP: &str = "crm-value";
+
+/// Attempts at publishing a version when other fits publish at the same time.
+const PUBLISH_ATTEMPTS_MAX: usize = 5;
+
+/// What the fit responder needs.
+#[derive(Clone)]
+pub struct ValueService {
+    pub client: Client,
+    pub kv: kv::Store,
+    pub store: Store,
+    pub shard_count: u32,
+    /// Indexed by shard number; `None` where this node does not serve the shard.
+    pub handles: Arc<Vec<Option<ShardHandle>>>,
+}
+
+impl ValueService {
+    /// Answers fit requests until shutdown, one at a time (a fit uses a whole core).
+    pub async fn serve(self, mut shutdown: Shutdown) {
+        let mut requests = match self
+            .client
+            .queue_subscribe(subjects::CMD_VALUE_FIT, QUEUE_GROUP.to_string())
+            .await
+        {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                warn!(%error, "value fit responder could not subscribe");
+                return;
+            }
+        };
+        while let Some(message) = next_message(&mut requests, &mut shutdown).await {
+            let reply = self.fit(&message.payload).await;
+            if let Some(inbox) = message.reply {
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                if let Err(error) = self.client.publish(inbox, body.into()).await {
+                    warn!(%error, "value fit reply not sent");
+                }
+            }
+        }
+    }
+
+    /// Answers one fit request body: the published model, or an error reply.
+    pub async fn fit(&self, body: &[u8]) -> Value {
+        let request = match self.parse_request(body) {
+            Ok(request) => request,
+            Err(reply) => return reply,
+        };
+        let summaries = match self.collect(request).await {
+            Ok(summaries) => summaries,
+            Err(reply) => return reply,
+        };
+        for _ in 0..PUBLISH_ATTEMPTS_MAX {
+            let (version, revision) = match self.current().await {
+                Ok(Some((model, revision))) => (model.version + 1, Some(revision)),
+                Ok(None) => (1, None),
+                Err(reply) => return reply,
+            };
+            let fitted = {
+                let summaries = summaries.clone();
+                tokio::task::spawn_blocking(move || {
+                    customer_value::fit_value_model(&summaries, request, version)
+                })
+                .await
+            };
+            let model = match fitted {
+                Ok(Ok(model)) => model,
+                Ok(Err(error)) => return error_reply("fit_failed", error.to_string()),
+                Err(error) => return error_reply("internal", error.to_string()),
+            };
+            let body = match serde_json::to_vec(&model) {
+                Ok(body) => body,
+                Err(error) => return error_reply("internal", error.to_string()),
+            };
+            let published = match revision {
+                Some(revision) => self
+                    .kv
+                    .update(subjects::VALUE_MODEL_KEY, body.into(), revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                None => self
+                    .kv
+                    .create(subjects::VALUE_MODEL_KEY, body.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            match published {
+                Ok(()) => {
+                    info!(
+                        version,
+                        customers = model.customers,
+                        as_of = %model.as_of,
+                        "customer-value model published"
+                    );
+                    return serde_json::to_value(&model).unwrap_or(Value::Null);
+                }
+                // Another fit published meanwhile: take the next version.
+                Err(error) => warn!(%error, version, "value model version taken; retrying"),
+            }
+        }
+        error_reply(
+            "busy",
+            "other fits kept publishing at the same time; ask again",
+        )
+    }
+
+    /// Fits every `interval` (the first after one interval), unless a model younger than
+    /// half the interval is already published (another node's turn), until shutdown.
+    pub async fn run_schedule(self, interval: Duration, mut shutdown: Shutdown) {
+        let mut timer = tokio::time::interval(interval);
+        timer.tick().await;
+        loop {
+            tokio::select! {
+                _ = timer.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            let fresh = match self.kv.entry(subjects::VALUE_MODEL_KEY).await {
+                Ok(Some(entry)) => {
+                    let age = time::OffsetDateTime::now_utc() - entry.created;
+                    age < time::Duration::try_from(interval / 2).unwrap_or(time::Duration::ZERO)
+                }
+                _ => false,
+            };
+            if fresh {
+                continue;
+            }
+            let reply = self.fit(b"{}").await;
+            match reply.get("error") {
+                None => {
+                    info!(version = %reply["version"], "scheduled customer-value fit published")
+                }
+                Some(error) => {
+                    warn!(%error, "scheduled customer-value fit failed; next interval retries")
+                }
+            }
+        }
+    }
+
+    /// Gathers the summaries of every shard of the cluster: asks every node on
+    /// [`subjects::VALUE_COLLECT`] and reads their chunks until the shards they cover are
+    /// all the cluster's shards (or [`COLLECT_TIMEOUT`] passes: an error naming the
+    /// missing shards). This node answers its own request like any other.
+    async fn collect(&self, request: FitRequest) -> Result<Vec<(CustomerSummary, f64)>, Value> {
+        let inbox = self.client.new_inbox();
+        let mut replies =
+            self.client.subscribe(inbox.clone()).await.map_err(|e| {
+                error_reply("unavailable", format!("cannot collect summaries: {e}"))
+            })?;
+        let ask = CollectRequest {
+            as_of_day: request.as_of_day,
+            weeks: request.unit == TimeUnit::Weeks,
+        };
+        let body = serde_json::to_vec(&ask).unwrap_or_default();
+        self.client
+            .publish_with_reply(subjects::VALUE_COLLECT, inbox, body.into())
+            .await
+            .map_err(|e| error_reply("unavailable", format!("cannot collect summaries: {e}")))?;
+        let mut covered = vec![false; self.shard_count as usize];
+        let mut summaries = Vec::new();
+        let deadline = tokio::time::Instant::now() + COLLECT_TIMEOUT;
+        while covered.iter().any(|c| !c) {
+            let message = match tokio::time::timeout_at(deadline, replies.next()).await {
+                Ok(Some(message)) => message,
+                _ => {
+                    let missing: Vec<usize> = (0..covered.len()).filter(|s| !covered[*s]).collect();
+                    return Err(error_reply(
+                        "unavailable",
+                        format!(
+                            "no summaries for shards {missing:?} within {} s; are their nodes up?",
+                            COLLECT_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+            };
+            let chunk: SummaryChunk = match codec::decode(&message.payload) {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    warn!(%error, "unreadable summary chunk skipped");
+                    continue;
+                }
+            };
+            for row in &chunk.rows {
+                for _ in 0..row.count {
+                    summaries.push((row.summary(), row.mean_spend));
+                }
+            }
+            for shard in chunk.shards_done {
+                if let Some(slot) = covered.get_mut(shard as usize) {
+                    *slot = true;
+                }
+            }
+        }
+        Ok(summaries)
+    }
+
+    /// Answers summary requests ([`subjects::VALUE_COLLECT`]) for the shards this node
+    /// serves until shutdown: identical summaries aggregated, in chunks of at most
+    /// [`CHUNK_ROWS_MAX`] rows, the last one naming the shards it covers.
+    pub async fn serve_collect(self, mut shutdown: Shutdown) {
+        let mut requests = match self.client.subscribe(subjects::VALUE_COLLECT).await {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                warn!(%error, "value summary responder could not subscribe");
+                return;
+            }
+        };
+        while let Some(message) = next_message(&mut requests, &mut shutdown).await {
+            let Some(reply) = message.reply else { continue };
+            let Ok(ask) = serde_json::from_slice::<CollectRequest>(&message.payload) else {
+                warn!("malformed value summary request ignored");
+                continue;
+            };
+            let unit = if ask.weeks {
+                TimeUnit::Weeks
+            } else {
+                TimeUnit::Days
+            };
+            let store = self.store.clone();
+            let (count, handles) = (self.shard_count, self.handles.clone());
+            let rows = tokio::task::spawn_blocking(move || {
+                let owned = |customer_id: &str| {
+                    handles
+                        .get(shard_of(customer_id, count) as usize)
+                        .is_some_and(Option::is_some)
+                };
+                customer_value::summaries_from_store(&store, ask.as_of_day, unit, owned)
+                    .map(|summaries| aggregate(&summaries))
+            })
+            .await;
+            let rows = match rows {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(error)) => {
+                    warn!(%error, "value summaries not readable; the fit will time out");
+                    continue;
+                }
+                Err(error) => {
+                    warn!(%error, "value summaries failed");
+                    continue;
+                }
+            };
+            let served: Vec<u32> = self.handles.iter().flatten().map(|h| h.shard).collect();
+            let mut chunks: Vec<Vec<SummaryRow>> = rows
+                .chunks(CHUNK_ROWS_MAX)
+                .map(<[SummaryRow]>::to_vec)
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            let last = chunks.len() - 1;
+            for (index, rows) in chunks.into_iter().enumerate() {
+                let chunk = SummaryChunk {
+                    rows,
+                    shards_done: if index == last {
+                        served.clone()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                if let Err(error) = self
+                    .client
+                    .publish(reply.clone(), codec::encode(&chunk).into())
+                    .await
+                {
+                    warn!(%error, "value summary chunk not sent");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The published model and its KV revision, if any.
+    async fn current(&self) -> Result<Option<(ValueModel, u64)>, Value> {
+        let entry = self
+            .kv
+            .entry(subjects::VALUE_MODEL_KEY)
+            .await
+            .map_err(|e| error_reply("unavailable", format!("value model bucket: {e}")))?;
+        let Some(entry) = entry else { return Ok(None) };
+        if entry.value.is_empty() {
+            return Ok(None);
+        }
+        let model: ValueModel = serde_json::from_slice(&entry.value).map_err(|e| {
+            error_reply(
+                "internal",
+                format!("the published value model is not readable: {e}"),
+            )
+        })?;
+        Ok(Some((model, entry.revision)))
+    }
+
+    fn parse_request(&self, body: &[u8]) -> Result<FitRequest, Value> {
+        let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Object(Default::default())
+        } else {
+            match serde_json::from_slice(body) {
+                Ok(value @ Value::Object(_)) => value,
+                _ => return Err(error_reply(
+                    "bad_request",
+                    "send a JSON object {\"as_of\": \"YYYY-MM-DD\", \"time_unit\": \"days\"|\"weeks\", \"horizon\": N, \"discount_rate\": R} (every field optional)",
+                )),
+            }
+        };
+        let as_of_day = match request.get("as_of") {
+            None | Some(Value::Null) => self.latest_rule_day(),
+            Some(Value::String(text)) => parse_day(text).ok_or_else(|| {
+                error_reply(
+                    "bad_request",
+                    format!("as_of '{text}' is not a date; send YYYY-MM-DD"),
+                )
+            })?,
+            Some(other) => {
+                return Err(error_reply(
+                    "bad_request",
+                    format!("as_of {other} is not a date; send \"YYYY-MM-DD\""),
+                ))
+            }
+        };
+        let unit = match request.get("time_unit").and_then(Value::as_str) {
+            None => TimeUnit::Days,
+            Some("days") => TimeUnit::Days,
+            Some("weeks") => TimeUnit::Weeks,
+            Some(other) => {
+                return Err(error_reply(
+                    "bad_request",
+                    format!("time_unit '{other}' is unknown; send \"days\" or \"weeks\""),
+                ))
+            }
+        };
+        let horizon = match request.get("horizon") {
+            None => unit.default_horizon_periods(),
+            Some(value) => value
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    error_reply(
+                        "bad_request",
+                        format!("horizon {value} is not a whole number of time units"),
+                    )
+                })?,
+        };
+        let discount_rate = match request.get("discount_rate") {
+            None => 0.0,
+            Some(value) => value.as_f64().ok_or_else(|| {
+                error_reply(
+                    "bad_request",
+                    format!("discount_rate {value} is not a number"),
+                )
+            })?,
+        };
+        let settings = ClvSettings {
+            horizon_periods: horizon,
+            discount_rate,
+        };
+        settings
+            .validate()
+            .map_err(|error| error_reply("bad_request", error.to_string()))?;
+        Ok(FitRequest {
+            as_of_day,
+            unit,
+            settings,
+        })
+    }
+
+    /// The day of the latest rule time any served shard has seen (the default as-of day).
+    fn latest_rule_day(&self) -> i32 {
+        let clock_ms = (0..self.shard_count)
+            .filter(|shard| {
+                self.handles
+                    .get(*shard as usize)
+                    .is_some_and(Option::is_some)
+            })
+            .filter_map(|shard| self.store.shard_meta(shard).ok())
+            .map(|meta| meta.clock_ms)
+            .max()
+            .unwrap_or(0);
+        crm_actors::time::day_number(clock_ms)
+    }
+}
+
+/// The next request, or `None` at shutdown or when the subscription ends.
+async fn next_message(
+    requests: &mut async_nats::Subscriber,
+    shutdown: &mut Shutdown,
+) -> Option<async_nats::Message> {
+    tokio::select! {
+        message = requests.next() => message,
+        _ = shutdown.wait() => None,
+    }
+}
+
+/// Longest a fit waits for the summaries of every shard.
+pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most summary rows in one chunk (~48 bytes each: well under NATS's 1 MiB payload).
+pub const CHUNK_ROWS_MAX: usize = 8_192;
+
+/// What a fit asks every node for.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct CollectRequest {
+    as_of_day: i32,
+    weeks: bool,
+}
+
+/// Identical customer summaries of one node, counted (bincode on the wire).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SummaryRow {
+    frequency: u32,
+    recency: f64,
+    age: f64,
+    monetary: f64,
+    mean_spend: f64,
+    count: u32,
+}
+
+impl SummaryRow {
+    fn summary(&self) -> CustomerSummary {
+        CustomerSummary {
+            customer_id: String::new(),
+            frequency: self.frequency,
+            recency: self.recency,
+            age: self.age,
+            monetary: self.monetary,
+        }
+    }
+}
+
+/// One reply chunk; the last one of a node lists the shards its rows cover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SummaryChunk {
+    rows: Vec<SummaryRow>,
+    shards_done: Vec<u32>,
+}
+
+/// Counts identical summaries (the models only see (x, t_x, T, m̄) and the mean spend).
+fn aggregate(summaries: &[(CustomerSummary, f64)]) -> Vec<SummaryRow> {
+    let mut counts: std::collections::BTreeMap<[u64; 5], u32> = Default::default();
+    for (s, mean_spend) in summaries {
+        let key = [
+            u64::from(s.frequency),
+            s.recency.to_bits(),
+            s.age.to_bits(),
+            s.monetary.to_bits(),
+            mean_spend.to_bits(),
+        ];
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(key, count)| SummaryRow {
+            frequency: key[0] as u32,
+            recency: f64::from_bits(key[1]),
+            age: f64::from_bits(key[2]),
+            monetary: f64::from_bits(key[3]),
+            mean_spend: f64::from_bits(key[4]),
+            count,
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DD` as a day number (days since 1970-01-01).
+fn parse_day(text: &str) -> Option<i32> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(text, &format).ok()?;
+    Some(date.to_julian_day() - customer_value::UNIX_EPOCH_JULIAN_DAY)
+}
+
+/// Appends the published model, and every later one, to the log of every shard this node
+/// serves, until shutdown: the shard engines apply it in log order (scoring every customer,
+/// raising `value.segment_changed` and `churn.risk`), so a replay reproduces it. The record
+/// id names the version and the shard, and an engine skips a version it already has, so
+/// appending again after a restart changes nothing. A model that does not parse is skipped
+/// with a warning.
+pub async fn append_models(
+    jetstream: Context,
+    kv: kv::Store,
+    handles: Arc<Vec<Option<ShardHandle>>>,
+    mut shutdown: Shutdown,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_triggered() {
+        let mut watch = match kv.watch_with_history(subjects::VALUE_MODEL_KEY).await {
+            Ok(watch) => watch,
+            Err(error) => {
+                warn!(%error, "cannot watch the value model; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                entry = watch.next() => entry,
+                _ = shutdown.wait() => return,
+            };
+            let Some(Ok(entry)) = entry else { break };
+            if entry.value.is_empty() {
+                continue;
+            }
+            let model: ValueModel = match serde_json::from_slice(&entry.value) {
+                Ok(model) => model,
+                Err(error) => {
+                    warn!(%error, "published value model not readable; kept the previous one");
+                    continue;
+                }
+            };
+            let version = model.version;
+            let record = codec::encode(&ShardMessage::ValueModel { model });
+            let mut appended_all = true;
+            for handle in handles.iter().flatten() {
+                let publish = Publish::build()
+                    .payload(record.clone().into())
+                    .message_id(format!("value-{version}-{}", handle.shard));
+                let appended = match jetstream
+                    .send_publish(subjects::shard(handle.shard), publish)
+                    .await
+                {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                if let Err(error) = appended {
+                    warn!(%error, shard = handle.shard, version, "value model not appended; retrying");
+                    appended_all = false;
+                    break;
+                }
+            }
+            if !appended_all {
+                // The watch starts over (with history) and appends the model again.
+                tokio::time::sleep(backoff).await;
+                break;
+            }
+            info!(version, "customer-value model appended to the shard logs");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_summaries_travel_once_with_their_count() {
+        let summary = |frequency, recency| CustomerSummary {
+            customer_id: "ignored".to_string(),
+            frequency,
+            recency,
+            age: 30.0,
+            monetary: 12.5,
+        };
+        let summaries = vec![
+            (summary(2, 10.0), 20.0),
+            (summary(0, 0.0), 5.0),
+            (summary(2, 10.0), 20.0),
+            (summary(2, 10.0), 21.0),
+        ];
+        let rows = aggregate(&summaries);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.iter().map(|r| r.count).sum::<u32>(), 4);
+        let twice = rows.iter().find(|r| r.count == 2).expect("a pair");
+        assert_eq!((twice.frequency, twice.mean_spend), (2, 20.0));
+        assert_eq!(twice.summary().customer_id, "");
+        let chunk = SummaryChunk {
+            rows,
+            shards_done: vec![0, 3],
+        };
+        let back: SummaryChunk = codec::decode(&codec::encode(&chunk)).expect("round trip");
+        assert_eq!(back, chunk);
+    }
+
+    #[test]
+    fn days_are_counted_from_1970() {
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2026-11-23"), Some(20_780));
+        assert_eq!(parse_day("2026-13-01"), None);
+        assert_eq!(crm_actors::customer_value::day_text(20_780), "2026-11-23");
+    }
+}
