@@ -55,7 +55,7 @@ pub struct Resolution {
 }
 
 /// Counters of a directory, read with [`IdentityDirectory::metrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DirectoryMetrics {
     /// Identifier look-ups answered from the cache.
     pub cache_hits: u64,

@@ -324,6 +324,7 @@ async fn session(
         config.node.node_id.clone(),
         metrics.clone(),
         progress.clone(),
+        shard_map.directory.clone(),
         shutdown.clone(),
     ));
 
@@ -372,6 +373,7 @@ async fn serve_stats(
     node_id: String,
     metrics: Arc<Metrics>,
     progress: Arc<Vec<AtomicU64>>,
+    directory: Arc<IdentityDirectory>,
     mut shutdown: Shutdown,
 ) {
     let Ok(mut subscription) = client.subscribe(subjects::NODE_STATS).await else {
@@ -385,6 +387,7 @@ async fn serve_stats(
                 let body = json!({
                     "node_id": node_id,
                     "metrics": metrics.snapshot(),
+                    "identity": directory.metrics(),
                     "applied_seq": progress.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>(),
                 });
                 if let Some(inbox) = message.reply {

@@ -74,15 +74,35 @@ impl Router {
                 }
             };
             backoff = Duration::from_millis(100);
-            let mut chunks = stream.ready_chunks(self.batch_max_events);
+            // A task of its own keeps pulling while a chunk is routed, so the next chunk is
+            // ready (up to `batch_max_events`) when the router comes back: routing waits on
+            // KV and publish round trips, and pulling only between chunks left each chunk
+            // with what one pull delivered meanwhile.
+            let (prefetched, mut ready) =
+                mpsc::channel(PREFETCH_CHUNKS * self.batch_max_events.max(1));
+            let prefetch = tokio::spawn(async move {
+                let mut stream = stream;
+                while let Some(item) = stream.next().await {
+                    if prefetched.send(item).await.is_err() {
+                        break;
+                    }
+                }
+            });
             let (routed, to_ack) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
             let acker = tokio::spawn(ack_routed(to_ack, self.metrics.clone()));
             loop {
-                let chunk = tokio::select! {
-                    chunk = chunks.next() => chunk,
+                let first = tokio::select! {
+                    item = ready.recv() => item,
                     _ = shutdown.wait() => break,
                 };
-                let Some(chunk) = chunk else { break };
+                let Some(first) = first else { break };
+                let mut chunk = vec![first];
+                while chunk.len() < self.batch_max_events {
+                    match ready.try_recv() {
+                        Ok(item) => chunk.push(item),
+                        Err(_) => break,
+                    }
+                }
                 let mut messages = Vec::with_capacity(chunk.len());
                 let mut broken = false;
                 for item in chunk {
@@ -99,7 +119,9 @@ impl Router {
                     break;
                 }
             }
-            // Every chunk published so far is acked (or nak'ed) before reading again.
+            // Every chunk published so far is acked (or nak'ed) before reading again; what
+            // was prefetched but not routed is redelivered (it was never acked).
+            prefetch.abort();
             drop(routed);
             let _ = acker.await;
         }
@@ -319,6 +341,9 @@ struct RoutedChunk {
     messages: Vec<(Message, Outcome)>,
     acks: Vec<PublishAckFuture>,
 }
+
+/// Chunks (of `batch_max_events`) the router may hold pulled but not yet routed.
+const PREFETCH_CHUNKS: usize = 2;
 
 /// Chunks of routed messages whose publish acks may be awaited at once.
 const CHUNKS_IN_FLIGHT_MAX: usize = 4;

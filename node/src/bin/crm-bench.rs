@@ -21,8 +21,10 @@
 //! Between 1 and 2 a diagnostic (`kv`) times the identity directory's KV round trips alone.
 //! A wait that sees no progress for 30 s fails its step (a stalled node) instead of
 //! hanging. For profiling, `CRM_BENCH_NATS_ARGS` adds arguments to the server's command
-//! line (e.g. `--profile 6061` for Go's pprof endpoints) and `--node-logs DIR` keeps the
-//! nodes' logs.
+//! line (e.g. `--profile 6061` for Go's pprof endpoints), `CRM_BENCH_NODE_LIMITS` adds
+//! `[limits]` lines to the node's config (`;`-separated, e.g.
+//! `flush_interval_ms = 20;router_batch_max_events = 1024`) and `--node-logs DIR` keeps
+//! the nodes' logs.
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -486,10 +488,15 @@ struct CrmNode {
 impl CrmNode {
     fn start(plan: &Plan, nats_url: &str, settings: &NodeSettings) -> Result<CrmNode> {
         let dir = ScratchDir::new("node")?;
-        let resident = settings
+        let mut resident = settings
             .resident_max_customers
             .map(|cap| format!("resident_max_customers = {cap}\n"))
             .unwrap_or_default();
+        // Experiments: extra `[limits]` lines for the node (e.g. flush_interval_ms = 20).
+        if let Ok(extra) = std::env::var("CRM_BENCH_NODE_LIMITS") {
+            resident.push_str(&extra.replace(';', "\n"));
+            resident.push('\n');
+        }
         let config = format!(
             "[node]\nnode_id = \"bench-1\"\ndata_dir = \"{data}\"\n\n[nats]\nurl = \"{nats_url}\"\n\n\
              [cluster]\nname = \"crm-bench\"\nshards = {shards}\nidentity_secret = \"crm-bench-secret-0123456789\"\n\n\
@@ -868,6 +875,21 @@ fn metrics_delta(before: &Value, after: &Value) -> Value {
                 .unwrap_or(0)
                 .saturating_sub(metric(before, name));
             delta.insert(name.clone(), json!(grown));
+        }
+    }
+    Value::Object(delta)
+}
+
+/// How the node's identity-directory counters (`crm.node.stats` `identity`) grew.
+fn identity_delta(before: &Value, after: &Value) -> Value {
+    let mut delta = Map::new();
+    if let Some(fields) = after["identity"].as_object() {
+        for (name, value) in fields {
+            let was = before["identity"][name].as_u64().unwrap_or(0);
+            delta.insert(
+                name.clone(),
+                json!(value.as_u64().unwrap_or(0).saturating_sub(was)),
+            );
         }
     }
     Value::Object(delta)
@@ -1358,6 +1380,7 @@ async fn end_to_end(
         "in_flight": plan.in_flight,
         "shards": plan.shards,
         "node_counters": delta,
+        "identity_counters": identity_delta(&stats_before, &drained.stats),
         "mean_shard_batch_messages": round(shard_messages as f64 / (batches.max(1)) as f64, 2),
         "mean_shard_batch_commands": round(shard_commands as f64 / (batches.max(1)) as f64, 2),
         "cpu_while_publishing": cpu_before.since(&cpu_published),
