@@ -1493,8 +1493,11 @@ async fn latency(
         t0,
         stop.clone(),
         |payload: &[u8]| {
-            let event: Value = serde_json::from_slice(payload).ok()?;
-            latency_index(event["id"].as_str()?)
+            let event: Option<Value> = serde_json::from_slice(payload).ok();
+            event
+                .and_then(|event| latency_index(event["id"].as_str()?))
+                .into_iter()
+                .collect()
         },
     ));
     let routed_task = tokio::spawn(match_arrivals(
@@ -1502,12 +1505,22 @@ async fn latency(
         sent_ns.clone(),
         t0,
         stop.clone(),
-        |payload: &[u8]| match codec::decode::<ShardMessage>(payload).ok()? {
-            ShardMessage::Customer {
-                command: CustomerCommand::Event { event, .. },
-                ..
-            } => latency_index(&event.event_id),
-            _ => None,
+        |payload: &[u8]| {
+            let event_index = |command: &CustomerCommand| match command {
+                CustomerCommand::Event { event, .. } => latency_index(&event.event_id),
+                _ => None,
+            };
+            match codec::decode::<ShardMessage>(payload) {
+                Ok(ShardMessage::Customer { command, .. }) => {
+                    event_index(&command).into_iter().collect()
+                }
+                // The router batches: a record holds the events of one chunk for its shard.
+                Ok(ShardMessage::Routed { entries }) => entries
+                    .iter()
+                    .filter_map(|entry| event_index(&entry.command))
+                    .collect(),
+                _ => Vec::new(),
+            }
         },
     ));
     // PubAcks are awaited by their own task so that they never hold back the schedule.
@@ -1600,7 +1613,7 @@ async fn match_arrivals(
     sent_ns: Arc<Vec<AtomicU64>>,
     t0: Instant,
     stop: Arc<AtomicBool>,
-    index_of: impl Fn(&[u8]) -> Option<usize>,
+    indexes_of: impl Fn(&[u8]) -> Vec<usize>,
 ) -> (Vec<f64>, u64, Vec<f64>) {
     let total = sent_ns.len();
     let mut matched = vec![false; total];
@@ -1614,24 +1627,23 @@ async fn match_arrivals(
             Err(_) => continue,
         };
         let arrived = t0.elapsed().as_nanos() as u64;
-        let Some(index) = index_of(&message.payload) else {
-            continue;
-        };
-        if index >= total || matched[index] {
-            continue;
+        for index in indexes_of(&message.payload) {
+            if index >= total || matched[index] {
+                continue;
+            }
+            let sent = sent_ns[index].load(Ordering::Acquire);
+            if sent == 0 {
+                continue;
+            }
+            matched[index] = true;
+            let latency_ms = arrived.saturating_sub(sent - 1) as f64 / 1e6;
+            latencies.push(latency_ms);
+            let second = ((sent - 1) / 1_000_000_000) as usize;
+            if worst_by_second.len() <= second {
+                worst_by_second.resize(second + 1, 0.0);
+            }
+            worst_by_second[second] = worst_by_second[second].max(round(latency_ms, 1));
         }
-        let sent = sent_ns[index].load(Ordering::Acquire);
-        if sent == 0 {
-            continue;
-        }
-        matched[index] = true;
-        let latency_ms = arrived.saturating_sub(sent - 1) as f64 / 1e6;
-        latencies.push(latency_ms);
-        let second = ((sent - 1) / 1_000_000_000) as usize;
-        if worst_by_second.len() <= second {
-            worst_by_second.resize(second + 1, 0.0);
-        }
-        worst_by_second[second] = worst_by_second[second].max(round(latency_ms, 1));
     }
     let missing = (total - latencies.len()) as u64;
     (latencies, missing, worst_by_second)
