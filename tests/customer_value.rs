@@ -4,7 +4,9 @@
 
 use crm_cluster::cluster_env::{fixture, request, NodeOptions, Outgoing, TestEnv};
 use crm_cluster::node_process::run_cli;
-use crm_cluster::test_support::{outgoing, send, start_env, view_of, EventLog, SHARDS};
+use crm_cluster::test_support::{
+    outgoing, replay_events, send, start_env, view_of, EventLog, SHARDS,
+};
 use crm_node::subjects;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -254,6 +256,19 @@ async fn the_view_value_block_matches_the_offline_models_on_the_same_purchases()
         segments.len() >= 2,
         "one segment for everybody: {segments:?}"
     );
+    // Every customer's announcement is kept in CRM_EVENTS (ids name the customer, so the
+    // stream's dedup keeps them all), once each.
+    let stored = replay_events(&client, "crm.events.value.segment_changed.>").await;
+    let customers: std::collections::BTreeSet<&str> = stored
+        .iter()
+        .map(|(_, event)| event["customer_id"].as_str().expect("customer_id"))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        CUSTOMERS,
+        "segment announcements kept in CRM_EVENTS"
+    );
+    assert_eq!(customers.len(), CUSTOMERS);
 
     // A second fit, from the CLI, publishes the next version; views follow it.
     let url = env.nats.url();

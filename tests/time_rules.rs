@@ -133,7 +133,7 @@ async fn points_expire_at_a_tick_past_their_expiry_and_points_expired_is_publish
         expired["id"]
             .as_str()
             .unwrap()
-            .starts_with(&format!("tick-{tick_ms}:points.expired:")),
+            .starts_with(&format!("tick-{tick_ms}-{customer_id}:points.expired:")),
         "{expired}"
     );
     events.assert_subjects();

@@ -89,7 +89,8 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
             if !state.exists() {
                 return outcome(ApplyStatus::Applied, Vec::new());
             }
-            let mut emitter = Emitter::new(&state.customer_id, &format!("value-{}", model.version));
+            let cause = format!("value-{}-{}", model.version, state.customer_id);
+            let mut emitter = Emitter::new(&state.customer_id, &cause);
             crate::customer_value::rescore(state, model, rules, &mut emitter);
             outcome(ApplyStatus::Applied, emitter.into_events())
         }
@@ -158,7 +159,10 @@ fn apply_tick(state: &mut CustomerState, at_ms: i64, rules: &Rules) -> ApplyOutc
     if !state.exists() {
         return outcome(ApplyStatus::Applied, Vec::new());
     }
-    let mut emitter = Emitter::new(&state.customer_id, &format!("tick-{at_ms}"));
+    // A tick reaches every due customer of the shard: the cause names the customer too, or
+    // their events would share ids (and CRM_EVENTS would keep only the first).
+    let cause = format!("tick-{at_ms}-{}", state.customer_id);
+    let mut emitter = Emitter::new(&state.customer_id, &cause);
     run_due(state, rules, at_ms, &mut emitter);
     state.clock_ms = state.clock_ms.max(at_ms);
     settle(state, rules, &mut emitter);
@@ -1157,11 +1161,19 @@ winback_delay_days = {winback}
         let expired = find(&outcome.events, "points.expired");
         assert_eq!(expired.data["points"], 100);
         assert_eq!(expired.at_ms, day(365));
-        assert!(expired
-            .id
-            .starts_with(&format!("tick-{}:points.expired:", day(365))));
+        assert!(expired.id.starts_with(&format!(
+            "tick-{}-{}:points.expired:",
+            day(365),
+            state.customer_id
+        )));
         assert_eq!(state.loyalty.balance(), 0);
         assert_eq!(state.loyalty.expired_total, 100);
+        // Another customer expiring at the same tick gets its own event id (a shared id
+        // would be dropped by CRM_EVENTS's dedup).
+        let mut other = CustomerState::new("c2");
+        run(&mut other, &rules, &[purchase("e2", "o2", day(0), 10_000)]);
+        let outcome = apply(&mut other, &tick(day(365)), &rules);
+        assert_ne!(find(&outcome.events, "points.expired").id, expired.id);
     }
 
     #[test]

@@ -25,7 +25,9 @@ use serde_json::{json, Value};
 
 /// The summary of one customer's purchase days on or before `as_of_day` (days since
 /// 1970-01-01 UTC), in `unit`; `None` without a purchase by then. Folded days
-/// ([`crate::state::FoldedDays`]) count when the first of them is on or before `as_of_day`.
+/// ([`crate::state::FoldedDays`]) count, all of them, when the first of them is on or
+/// before `as_of_day`: exact for any as-of day after the last folded day (fits look at the
+/// present), approximate for an as-of day among them.
 pub fn summary(
     customer_id: &str,
     history: &ValueHistory,
@@ -164,6 +166,11 @@ impl ValueModel {
             "weeks" => TimeUnit::Weeks,
             _ => TimeUnit::Days,
         }
+    }
+
+    /// Whether the model can score customers (parameters and settings usable).
+    pub fn validate(&self) -> Result<(), ClvError> {
+        self.scorer().map(|_| ())
     }
 
     fn scorer(&self) -> Result<Scorer, ClvError> {

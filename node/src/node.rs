@@ -310,6 +310,7 @@ async fn session(
         store: store.clone(),
         shard_count: shards,
         handles: shard_map.handles.clone(),
+        node_id: config.node.node_id.clone(),
     };
     if config.limits.value_fit_interval_s > 0 {
         tasks.spawn(value_service.clone().run_schedule(

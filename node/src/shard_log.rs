@@ -41,6 +41,10 @@ pub struct ShardLogReader {
     consumer_sequence: u64,
 }
 
+/// Most record bytes one batch collects (the first record always counts): about 2,000
+/// events of a few hundred bytes, one or a few routed records.
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+
 impl ShardLogReader {
     /// A reader whose first record will be the one at `next_sequence` or after.
     pub fn new(
@@ -66,8 +70,9 @@ impl ShardLogReader {
     }
 
     /// The next records in log order: the first record to arrive within `wait` plus every
-    /// record already received after it (at most `batch_max_events`). Empty when nothing
-    /// arrived (or the consumer had to be reopened).
+    /// record already received after it (at most `batch_max_events`, and no more once they
+    /// hold [`BATCH_BYTES_MAX`]). Empty when nothing arrived (or the consumer had to be
+    /// reopened).
     pub async fn next_batch(&mut self, wait: Duration) -> Vec<Message> {
         if self.consumer.is_none() && !self.open().await {
             tokio::time::sleep(wait).await;
@@ -86,7 +91,11 @@ impl ShardLogReader {
         if !self.accept(first, &mut records).await {
             return records;
         }
-        while records.len() < self.batch_max_events {
+        // Routed records carry up to 256 events each: a byte budget keeps a batch's events
+        // (and the engine's work per batch) bounded whatever the record sizes.
+        while records.len() < self.batch_max_events
+            && records.iter().map(|r| r.payload.len()).sum::<usize>() < BATCH_BYTES_MAX
+        {
             let Some((_, messages)) = self.consumer.as_mut() else {
                 break;
             };

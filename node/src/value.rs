@@ -30,6 +30,7 @@ use crm_actors::store::Store;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -49,6 +50,7 @@ pub struct ValueService {
     pub shard_count: u32,
     /// Indexed by shard number; `None` where this node does not serve the shard.
     pub handles: Arc<Vec<Option<ShardHandle>>>,
+    pub node_id: String,
 }
 
 impl ValueService {
@@ -194,6 +196,7 @@ impl ValueService {
             .await
             .map_err(|e| error_reply("unavailable", format!("cannot collect summaries: {e}")))?;
         let mut covered = vec![false; self.shard_count as usize];
+        let mut received: HashMap<String, u32> = HashMap::new();
         let mut summaries = Vec::new();
         let deadline = tokio::time::Instant::now() + COLLECT_TIMEOUT;
         while covered.iter().any(|c| !c) {
@@ -210,13 +213,16 @@ impl ValueService {
                     ));
                 }
             };
-            let chunk: SummaryChunk = match codec::decode(&message.payload) {
-                Ok(chunk) => chunk,
-                Err(error) => {
-                    warn!(%error, "unreadable summary chunk skipped");
-                    continue;
-                }
-            };
+            let chunk: SummaryChunk = codec::decode(&message.payload).map_err(|error| {
+                error_reply(
+                    "internal",
+                    format!(
+                        "a summary chunk does not decode ({error}); nodes of different versions?"
+                    ),
+                )
+            })?;
+            check_chunk(&mut received, &chunk)
+                .map_err(|message| error_reply("unavailable", message))?;
             for row in &chunk.rows {
                 for _ in 0..row.count {
                     summaries.push((row.summary(), row.mean_spend));
@@ -266,13 +272,26 @@ impl ValueService {
             })
             .await;
             let rows = match rows {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(error)) => {
-                    warn!(%error, "value summaries not readable; the fit will time out");
-                    continue;
-                }
-                Err(error) => {
-                    warn!(%error, "value summaries failed");
+                Ok(Ok(rows)) => Ok(rows),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(failure) => {
+                    warn!(%failure, "value summaries not readable");
+                    let chunk = SummaryChunk {
+                        node_id: self.node_id.clone(),
+                        index: 0,
+                        rows: Vec::new(),
+                        chunks: Some(1),
+                        shards_done: Vec::new(),
+                        failed: Some(failure),
+                    };
+                    let _ = self
+                        .client
+                        .publish(reply, codec::encode(&chunk).into())
+                        .await;
                     continue;
                 }
             };
@@ -284,15 +303,16 @@ impl ValueService {
             if chunks.is_empty() {
                 chunks.push(Vec::new());
             }
-            let last = chunks.len() - 1;
+            let count = chunks.len();
             for (index, rows) in chunks.into_iter().enumerate() {
+                let last = index + 1 == count;
                 let chunk = SummaryChunk {
+                    node_id: self.node_id.clone(),
+                    index: index as u32,
                     rows,
-                    shards_done: if index == last {
-                        served.clone()
-                    } else {
-                        Vec::new()
-                    },
+                    chunks: last.then_some(count as u32),
+                    shards_done: if last { served.clone() } else { Vec::new() },
+                    failed: None,
                 };
                 if let Err(error) = self
                     .client
@@ -461,11 +481,40 @@ impl SummaryRow {
     }
 }
 
-/// One reply chunk; the last one of a node lists the shards its rows cover.
+/// One reply chunk. A node's chunks are numbered from 0; its last one says how many it
+/// sent and lists the shards its rows cover, so a lost chunk is noticed; a node that could
+/// not read its summaries sends one chunk with `failed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct SummaryChunk {
+    node_id: String,
+    index: u32,
     rows: Vec<SummaryRow>,
+    /// Set on the last chunk: how many chunks the node sent.
+    chunks: Option<u32>,
     shards_done: Vec<u32>,
+    failed: Option<String>,
+}
+
+/// Whether `chunk` is the next one of its node (numbered from 0, none lost, the last one's
+/// count matching) and not a failure report; counts it in `received`.
+fn check_chunk(received: &mut HashMap<String, u32>, chunk: &SummaryChunk) -> Result<(), String> {
+    if let Some(failure) = &chunk.failed {
+        return Err(format!(
+            "node {} could not read its summaries: {failure}",
+            chunk.node_id
+        ));
+    }
+    let seen = received.entry(chunk.node_id.clone()).or_insert(0);
+    let complete =
+        chunk.index == *seen && chunk.chunks.is_none_or(|chunks| chunks == chunk.index + 1);
+    if !complete {
+        return Err(format!(
+            "summaries from node {} arrived incomplete (chunk {} after {} received); ask again",
+            chunk.node_id, chunk.index, seen
+        ));
+    }
+    *seen += 1;
+    Ok(())
 }
 
 /// Counts identical summaries (the models only see (x, t_x, T, m̄) and the mean spend).
@@ -532,7 +581,14 @@ pub async fn append_models(
                 entry = watch.next() => entry,
                 _ = shutdown.wait() => return,
             };
-            let Some(Ok(entry)) = entry else { break };
+            let Some(Ok(entry)) = entry else {
+                // The watch ended or failed: start it again after a pause.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return,
+                }
+                break;
+            };
             if entry.value.is_empty() {
                 continue;
             }
@@ -543,6 +599,10 @@ pub async fn append_models(
                     continue;
                 }
             };
+            if let Err(error) = model.validate() {
+                warn!(%error, version = model.version, "published value model unusable; not applied");
+                continue;
+            }
             let version = model.version;
             let record = codec::encode(&ShardMessage::ValueModel { model });
             let mut appended_all = true;
@@ -565,7 +625,10 @@ pub async fn append_models(
             }
             if !appended_all {
                 // The watch starts over (with history) and appends the model again.
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return,
+                }
                 break;
             }
             info!(version, "customer-value model appended to the shard logs");
@@ -599,11 +662,45 @@ mod tests {
         assert_eq!((twice.frequency, twice.mean_spend), (2, 20.0));
         assert_eq!(twice.summary().customer_id, "");
         let chunk = SummaryChunk {
+            node_id: "node-1".to_string(),
+            index: 0,
             rows,
+            chunks: Some(1),
+            failed: None,
             shards_done: vec![0, 3],
         };
         let back: SummaryChunk = codec::decode(&codec::encode(&chunk)).expect("round trip");
         assert_eq!(back, chunk);
+    }
+
+    #[test]
+    fn a_lost_or_failed_summary_chunk_fails_the_gather() {
+        let chunk = |node: &str, index, chunks, failed: Option<&str>| SummaryChunk {
+            node_id: node.to_string(),
+            index,
+            rows: Vec::new(),
+            chunks,
+            shards_done: Vec::new(),
+            failed: failed.map(str::to_string),
+        };
+        let mut received = HashMap::new();
+        assert!(check_chunk(&mut received, &chunk("a", 0, None, None)).is_ok());
+        assert!(check_chunk(&mut received, &chunk("b", 0, Some(1), None)).is_ok());
+        assert!(check_chunk(&mut received, &chunk("a", 1, Some(2), None)).is_ok());
+        // Node c's chunk 0 was lost.
+        let lost = check_chunk(&mut received, &chunk("c", 1, Some(2), None)).unwrap_err();
+        assert!(
+            lost.contains("node c") && lost.contains("incomplete"),
+            "{lost}"
+        );
+        // A last chunk whose count disagrees with what arrived.
+        let mut received = HashMap::new();
+        assert!(check_chunk(&mut received, &chunk("d", 0, Some(3), None)).is_err());
+        let failed = check_chunk(&mut received, &chunk("e", 0, Some(1), Some("disk"))).unwrap_err();
+        assert!(
+            failed.contains("node e") && failed.contains("disk"),
+            "{failed}"
+        );
     }
 
     #[test]
