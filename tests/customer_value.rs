@@ -21,7 +21,7 @@ const AS_OF: &str = "2026-10-31";
 const CUSTOMERS: usize = 500;
 
 fn date(day: i32) -> time::Date {
-    time::Date::from_julian_day(day + 2_440_588).expect("in range")
+    crm_actors::time::date_of_day(day)
 }
 
 fn email(customer: usize) -> String {

@@ -66,7 +66,8 @@ impl Emitter {
     }
 }
 
-fn object(value: Value) -> Map<String, Value> {
+/// The fields of a JSON object (empty for anything else): the `data` of an actor event.
+pub(crate) fn object(value: Value) -> Map<String, Value> {
     match value {
         Value::Object(map) => map,
         _ => Map::new(),

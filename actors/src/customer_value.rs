@@ -9,7 +9,7 @@
 //! day, so it equals what `crm-node clv fit` reports for the same purchases. Pure: no
 //! clock, no NATS.
 
-use crate::apply::Emitter;
+use crate::apply::{object, Emitter};
 use crate::clv::{
     fit_models, BgNbdParams, ClvError, ClvSettings, CustomerScore, CustomerSummary,
     GammaGammaParams, Scorer, TimeUnit,
@@ -98,9 +98,6 @@ pub fn summaries_from_store(
     }
     Ok(summaries)
 }
-
-/// Julian day number of 1970-01-01 (day numbers here count from it).
-pub const UNIX_EPOCH_JULIAN_DAY: i32 = 2_440_588;
 
 /// How a fit is asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -212,8 +209,7 @@ pub fn fit_value_model(
     request.settings.validate()?;
     if summaries.is_empty() {
         return Err(ClvError::NoCustomers {
-            as_of: time::Date::from_julian_day(request.as_of_day + UNIX_EPOCH_JULIAN_DAY)
-                .unwrap_or(time::Date::MIN),
+            as_of: crate::time::date_of_day(request.as_of_day),
         });
     }
     let customers: Vec<CustomerSummary> = summaries.iter().map(|(s, _)| s.clone()).collect();
@@ -455,13 +451,6 @@ pub fn rescore(
     };
 }
 
-fn object(value: Value) -> serde_json::Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    }
-}
-
 /// The next best actions for a customer, best first, each with its reason, from the rules'
 /// `[next_best_action]` section: a win-back offer for a customer of a valuable segment
 /// whose probability of being alive fell below the at-risk threshold; a nudge when the
@@ -543,11 +532,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// `YYYY-MM-DD` of a day number.
 pub fn day_text(day: i32) -> String {
-    let ms = i64::from(day) * crate::time::DAY_MS;
-    crate::time::format_rfc3339(ms)
-        .get(..10)
-        .unwrap_or_default()
-        .to_string()
+    crate::time::date_of_day(day).to_string()
 }
 
 #[cfg(test)]
@@ -558,7 +543,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn date(day: i32) -> time::Date {
-        time::Date::from_julian_day(day + 2_440_588).expect("in range")
+        crate::time::date_of_day(day)
     }
 
     #[test]

@@ -501,9 +501,8 @@ impl ShardEngine {
     ) -> Result<(), EngineError> {
         let page_max = self.limits.tick_batch_max;
         let mut ticked: HashSet<String> = HashSet::new();
-        let mut pending = Vec::with_capacity(page_max.min(1024));
         let mut cursor: Option<DueTimer> = None;
-        let mut activated_for_tick: Vec<String> = Vec::new();
+        let tick = || CustomerCommand::Tick { at_ms };
         loop {
             let page = self
                 .store
@@ -511,27 +510,13 @@ impl ShardEngine {
                 .map_err(|source| self.store_error(source))?;
             let full = page.len() >= page_max;
             cursor = page.last().cloned();
-            for timer in page {
+            let customers: Vec<String> = page
+                .into_iter()
+                .map(|timer| timer.customer_id)
                 // The store's entry is stale for a customer changed in this batch.
-                if work.changed.contains_key(&timer.customer_id)
-                    || !ticked.insert(timer.customer_id.clone())
-                {
-                    continue;
-                }
-                let (reply, activated) = self
-                    .send_apply(
-                        &timer.customer_id,
-                        CustomerCommand::Tick { at_ms },
-                        &work.changed,
-                    )
-                    .await?;
-                if activated {
-                    activated_for_tick.push(timer.customer_id.clone());
-                }
-                pending.push(tick_pending(seq, timer.customer_id, reply));
-            }
-            self.collect(&mut pending, work).await?;
-            self.forget_all(&mut activated_for_tick);
+                .filter(|id| !work.changed.contains_key(id) && ticked.insert(id.clone()))
+                .collect();
+            self.apply_to_page(seq, customers, tick, work).await?;
             if !full {
                 break;
             }
@@ -546,24 +531,13 @@ impl ShardEngine {
             .collect();
         changed_due.sort();
         for chunk in changed_due.chunks(page_max) {
-            for customer_id in chunk {
-                let (reply, activated) = self
-                    .send_apply(customer_id, CustomerCommand::Tick { at_ms }, &work.changed)
-                    .await?;
-                if activated {
-                    activated_for_tick.push(customer_id.clone());
-                }
-                pending.push(tick_pending(seq, customer_id.clone(), reply));
-            }
-            self.collect(&mut pending, work).await?;
-            self.forget_all(&mut activated_for_tick);
+            self.apply_to_page(seq, chunk.to_vec(), tick, work).await?;
         }
         Ok(())
     }
 
     /// Scores every customer of the shard under `model` (the member index, plus customers
-    /// this batch created), in pages of `tick_batch_max`, stopping again the actors woken
-    /// only for it (their new states wait in `work.changed`).
+    /// this batch created), in pages of `tick_batch_max`.
     async fn run_rescore(
         &mut self,
         seq: u64,
@@ -573,8 +547,9 @@ impl ShardEngine {
         let page_max = self.limits.tick_batch_max;
         let mut done: HashSet<String> = HashSet::new();
         let mut after: Option<String> = None;
-        let mut pending = Vec::with_capacity(page_max.min(1024));
-        let mut activated_here: Vec<String> = Vec::new();
+        let rescore = || CustomerCommand::Rescore {
+            model: model.clone(),
+        };
         loop {
             let mut page = self
                 .store
@@ -586,27 +561,38 @@ impl ShardEngine {
                 // The last page also takes the customers created by this batch.
                 page.extend(work.created.iter().cloned());
             }
-            for customer_id in page {
-                if !done.insert(customer_id.clone()) {
-                    continue;
-                }
-                let command = CustomerCommand::Rescore {
-                    model: model.clone(),
-                };
-                let (reply, activated) = self
-                    .send_apply(&customer_id, command, &work.changed)
-                    .await?;
-                if activated {
-                    activated_here.push(customer_id.clone());
-                }
-                pending.push(tick_pending(seq, customer_id, reply));
-            }
-            self.collect(&mut pending, work).await?;
-            self.forget_all(&mut activated_here);
+            page.retain(|id| done.insert(id.clone()));
+            self.apply_to_page(seq, page, rescore, work).await?;
             if !full {
                 return Ok(());
             }
         }
+    }
+
+    /// Applies `command()` to each of `customers` (one page of a tick or a rescore), waits
+    /// for every reply, and stops again the actors woken only for it (their new states wait
+    /// in `work.changed`), so a page keeps at most its own customers extra resident.
+    async fn apply_to_page(
+        &mut self,
+        seq: u64,
+        customers: Vec<String>,
+        command: impl Fn() -> CustomerCommand,
+        work: &mut BatchWork,
+    ) -> Result<(), EngineError> {
+        let mut pending = Vec::with_capacity(customers.len());
+        let mut activated_here = Vec::new();
+        for customer_id in customers {
+            let (reply, activated) = self
+                .send_apply(&customer_id, command(), &work.changed)
+                .await?;
+            if activated {
+                activated_here.push(customer_id.clone());
+            }
+            pending.push(tick_pending(seq, customer_id, reply));
+        }
+        self.collect(&mut pending, work).await?;
+        self.forget_all(&mut activated_here);
+        Ok(())
     }
 
     /// The resident actor of `customer_id`, and whether it was activated just now: from

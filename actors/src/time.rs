@@ -38,6 +38,32 @@ pub fn days_between(earlier_ms: i64, later_ms: i64) -> i64 {
     (later_ms - earlier_ms).div_euclid(DAY_MS)
 }
 
+/// Julian day number of 1970-01-01: day numbers ([`day_number`]) count from it.
+const UNIX_EPOCH_JULIAN_DAY: i32 = 2_440_588;
+
+/// A `YYYY-MM-DD` calendar date, or `None` when the text is not one.
+pub fn parse_date(text: &str) -> Option<time::Date> {
+    time::Date::parse(
+        text,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .ok()
+}
+
+/// The day number (days since 1970-01-01) of a calendar date.
+pub fn day_of_date(date: time::Date) -> i32 {
+    date.to_julian_day() - UNIX_EPOCH_JULIAN_DAY
+}
+
+/// The calendar date of a day number (clamped to the dates `time` can hold).
+pub fn date_of_day(day: i32) -> time::Date {
+    time::Date::from_julian_day(day.saturating_add(UNIX_EPOCH_JULIAN_DAY)).unwrap_or(if day < 0 {
+        time::Date::MIN
+    } else {
+        time::Date::MAX
+    })
+}
+
 /// The UTC calendar day of an instant: days since 1970-01-01 (negative before it).
 pub fn day_number(ms: i64) -> i32 {
     ms.div_euclid(DAY_MS)

@@ -46,6 +46,17 @@ fn cdnow_like_customers(seed: u64, customers: usize) -> Vec<SimulatedCustomer> {
     })
 }
 
+/// What the spend model sees of simulated customers.
+fn spend_histories(customers: &[SimulatedCustomer]) -> Vec<SpendHistory> {
+    customers
+        .iter()
+        .map(|c| SpendHistory {
+            frequency: c.history.frequency,
+            mean_spend: c.mean_spend,
+        })
+        .collect()
+}
+
 fn assert_recovered(name: &str, estimate: f64, truth: f64, standard_error: f64) {
     let distance = (estimate.ln() - truth.ln()).abs() / standard_error;
     println!("{name}: estimate {estimate:.4}, truth {truth}, log-scale standard error {standard_error:.4}, distance {distance:.2} SE");
@@ -97,13 +108,7 @@ fn bgnbd_fit_recovers_the_simulating_parameters() {
 #[test]
 fn gamma_gamma_fit_recovers_the_simulating_parameters() {
     let customers = cdnow_like_customers(7, CUSTOMERS);
-    let spends: Vec<SpendHistory> = customers
-        .iter()
-        .map(|c| SpendHistory {
-            frequency: c.history.frequency,
-            mean_spend: c.mean_spend,
-        })
-        .collect();
+    let spends = spend_histories(&customers);
     let fit = gamma_gamma::fit(&spends).expect("the fit converges");
     assert_eq!(
         fit.customers,
@@ -193,13 +198,7 @@ fn spend_so_heavy_tailed_that_q_is_below_one_is_refused() {
     };
     let mut rng = StdRng::seed_from_u64(3);
     let customers = simulate_customers(&mut rng, &CDNOW_PURCHASES, &heavy_tail, 20_000, |_| 39.0);
-    let spends: Vec<SpendHistory> = customers
-        .iter()
-        .map(|c| SpendHistory {
-            frequency: c.history.frequency,
-            mean_spend: c.mean_spend,
-        })
-        .collect();
+    let spends = spend_histories(&customers);
     match gamma_gamma::fit(&spends) {
         Err(FitError::SpendMeanUndefined { q }) => assert!(q <= 1.0),
         other => panic!("expected SpendMeanUndefined, got {other:?}"),

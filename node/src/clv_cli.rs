@@ -12,7 +12,6 @@ use crm_actors::clv::{self, ClvError, ClvReport, ClvSettings, CsvError, TimeUnit
 use std::fmt::Write as _;
 use std::io::BufReader;
 use std::path::PathBuf;
-use time::macros::format_description;
 use time::Date;
 
 /// Customers listed in the summary's top table.
@@ -96,12 +95,9 @@ pub fn run(command: ClvCommand) -> Result<String, ClvCliError> {
 
 fn fit(args: &FitArgs) -> Result<String, ClvCliError> {
     let path = args.transactions.display().to_string();
-    let as_of =
-        Date::parse(&args.as_of, format_description!("[year]-[month]-[day]")).map_err(|_| {
-            ClvCliError::AsOf {
-                text: args.as_of.clone(),
-            }
-        })?;
+    let as_of = crm_actors::time::parse_date(&args.as_of).ok_or_else(|| ClvCliError::AsOf {
+        text: args.as_of.clone(),
+    })?;
     let unit = TimeUnit::from(args.time_unit);
     let horizon = args.horizon.unwrap_or(unit.default_horizon_periods());
     ClvSettings {
@@ -150,11 +146,15 @@ fn summary(
     discount_rate: f64,
 ) -> String {
     let customers = report.customers.len();
-    let repeat_buyers = report.customers.iter().filter(|c| c.frequency > 0).count();
+    let repeat_buyers = report
+        .customers
+        .iter()
+        .filter(|c| c.summary.frequency > 0)
+        .count();
     let spend_buyers = report
         .customers
         .iter()
-        .filter(|c| c.frequency > 0 && c.monetary > 0.0)
+        .filter(|c| c.summary.frequency > 0 && c.summary.monetary > 0.0)
         .count();
     let purchase = &report.purchase_model.params;
     let spend = &report.spend_model.params;
@@ -226,15 +226,15 @@ fn summary(
         let _ = writeln!(
             out,
             "  {:<20} {:>9} {:>9.2} {:>9.2} {:>10.2} {:>8.4} {:>10.3} {:>10.2} {:>12.2}",
-            customer.customer_id,
-            customer.frequency,
-            customer.recency,
-            customer.age,
-            customer.monetary,
-            customer.p_alive,
-            customer.expected_purchases,
-            customer.expected_avg_spend,
-            customer.clv
+            customer.summary.customer_id,
+            customer.summary.frequency,
+            customer.summary.recency,
+            customer.summary.age,
+            customer.summary.monetary,
+            customer.score.p_alive,
+            customer.score.expected_purchases,
+            customer.score.expected_avg_spend,
+            customer.score.clv
         );
     }
     out

@@ -93,9 +93,8 @@ impl ShardLogReader {
         }
         // Routed records carry up to 256 events each: a byte budget keeps a batch's events
         // (and the engine's work per batch) bounded whatever the record sizes.
-        while records.len() < self.batch_max_events
-            && records.iter().map(|r| r.payload.len()).sum::<usize>() < BATCH_BYTES_MAX
-        {
+        let mut bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        while records.len() < self.batch_max_events && bytes < BATCH_BYTES_MAX {
             let Some((_, messages)) = self.consumer.as_mut() else {
                 break;
             };
@@ -105,6 +104,7 @@ impl ShardLogReader {
             if !self.accept(item, &mut records).await {
                 break;
             }
+            bytes += records.last().map_or(0, |r| r.payload.len());
         }
         records
     }

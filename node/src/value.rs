@@ -88,24 +88,23 @@ impl ValueService {
             Ok(summaries) => summaries,
             Err(reply) => return reply,
         };
+        // The fit does not depend on the version: fit once, number it at publication.
+        let fitted = tokio::task::spawn_blocking(move || {
+            customer_value::fit_value_model(&summaries, request, 0)
+        })
+        .await;
+        let mut model = match fitted {
+            Ok(Ok(model)) => model,
+            Ok(Err(error)) => return error_reply("fit_failed", error.to_string()),
+            Err(error) => return error_reply("internal", error.to_string()),
+        };
         for _ in 0..PUBLISH_ATTEMPTS_MAX {
             let (version, revision) = match self.current().await {
-                Ok(Some((model, revision))) => (model.version + 1, Some(revision)),
+                Ok(Some((current, revision))) => (current.version + 1, Some(revision)),
                 Ok(None) => (1, None),
                 Err(reply) => return reply,
             };
-            let fitted = {
-                let summaries = summaries.clone();
-                tokio::task::spawn_blocking(move || {
-                    customer_value::fit_value_model(&summaries, request, version)
-                })
-                .await
-            };
-            let model = match fitted {
-                Ok(Ok(model)) => model,
-                Ok(Err(error)) => return error_reply("fit_failed", error.to_string()),
-                Err(error) => return error_reply("internal", error.to_string()),
-            };
+            model.version = version;
             let body = match serde_json::to_vec(&model) {
                 Ok(body) => body,
                 Err(error) => return error_reply("internal", error.to_string()),
@@ -545,9 +544,7 @@ fn aggregate(summaries: &[(CustomerSummary, f64)]) -> Vec<SummaryRow> {
 
 /// `YYYY-MM-DD` as a day number (days since 1970-01-01).
 fn parse_day(text: &str) -> Option<i32> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    let date = time::Date::parse(text, &format).ok()?;
-    Some(date.to_julian_day() - customer_value::UNIX_EPOCH_JULIAN_DAY)
+    crm_actors::time::parse_date(text).map(crm_actors::time::day_of_date)
 }
 
 /// Appends the published model, and every later one, to the log of every shard this node

@@ -6,10 +6,12 @@
 //! Every process runs with a bound: it is killed and the test fails if it has not exited
 //! after [`PROCESS_TIMEOUT`] (a node that accepted a bad config would wait for NATS forever).
 
-use std::io::Read;
+#[path = "support/process.rs"]
+mod process;
+
+use process::{run_crm_node, Finished};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest a refused command may run; it normally exits in milliseconds.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
@@ -17,92 +19,16 @@ const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the node logs when it got past config validation and tries to connect.
 const CONNECT_ATTEMPT_LOG: &str = "NATS unreachable";
 
-/// Environment variables that would change what the node reads or prints; removed for every
-/// run (the backtrace ones only keep failure output short).
-const NODE_ENV: [&str; 8] = [
-    "RUST_BACKTRACE",
-    "RUST_LIB_BACKTRACE",
-    "CRM_IDENTITY_SECRET",
-    "CRM_NATS_URL",
-    "CRM_CONFIG",
-    "CRM_DATA_DIR",
-    "CRM_NODE_ID",
-    "RUST_LOG",
-];
-
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name)
 }
 
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn output(&self) -> String {
-        format!(
-            "exit: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `crm-node <args>` in a fresh working directory and waits for it to exit; kills it
-/// and panics if it is still running after [`PROCESS_TIMEOUT`].
+/// Runs `crm-node <args>`; fails the test if it is still running after
+/// [`PROCESS_TIMEOUT`].
 fn crm_node(args: &[&str]) -> Finished {
-    let workdir = tempfile::tempdir().expect("temporary working directory");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_crm-node"));
-    command
-        .args(args)
-        .current_dir(workdir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for key in NODE_ENV {
-        command.env_remove(key);
-    }
-    let mut child = command.spawn().expect("crm-node could not be started");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + PROCESS_TIMEOUT;
-    let status = loop {
-        match child.try_wait().expect("crm-node status") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    let stdout = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    let Some(status) = status else {
-        panic!(
-            "crm-node {args:?} was still running after {PROCESS_TIMEOUT:?} (killed); it should \
-             have exited at once.\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
-        );
-    };
-    Finished {
-        status,
-        stdout,
-        stderr,
-    }
+    run_crm_node(args, PROCESS_TIMEOUT)
 }
 
 /// `crm-node run --config <fixture>` must fail before connecting, naming every `needle`.

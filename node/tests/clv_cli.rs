@@ -10,10 +10,12 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use std::io::Read;
+#[path = "support/process.rs"]
+mod process;
+
+use process::{run_crm_node, Finished};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest a `clv fit` run may take; a few hundred customers take milliseconds.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,52 +36,24 @@ const CUSTOMER_KEYS: [&str; 9] = [
     "clv",
 ];
 
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+/// Runs `crm-node <args>`; fails the test if it is still running after
+/// [`PROCESS_TIMEOUT`].
+fn crm_node(args: &[&str]) -> Finished {
+    run_crm_node(args, PROCESS_TIMEOUT)
 }
 
-/// Runs `crm-node <args>` and waits for it, killing it after [`PROCESS_TIMEOUT`].
-fn crm_node(args: &[&str]) -> Finished {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crm-node"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("crm-node starts");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stdout.read_to_string(&mut text);
-        text
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + PROCESS_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("crm-node status") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("crm-node {args:?} still running after {PROCESS_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Finished {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    }
+/// Runs `crm-node clv fit --transactions <transactions> --as-of <as_of> <extra>`.
+fn clv_fit(transactions: &str, as_of: &str, extra: &[&str]) -> Finished {
+    let mut args = vec![
+        "clv",
+        "fit",
+        "--transactions",
+        transactions,
+        "--as-of",
+        as_of,
+    ];
+    args.extend_from_slice(extra);
+    crm_node(&args)
 }
 
 /// Writes `customer_id,date,amount` rows for [`CUSTOMERS`] customers who first buy in
@@ -133,21 +107,19 @@ fn sorted<const N: usize>(mut names: [&'static str; N]) -> Vec<&'static str> {
 fn json_report_has_exactly_the_documented_keys() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let csv = write_transactions(dir.path());
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
+    let finished = clv_fit(
         csv.to_str().expect("utf-8 path"),
-        "--as-of",
         "2024-09-30",
-        "--time-unit",
-        "weeks",
-        "--horizon",
-        "26",
-        "--discount-rate",
-        "0.01",
-        "--json",
-    ]);
+        &[
+            "--time-unit",
+            "weeks",
+            "--horizon",
+            "26",
+            "--discount-rate",
+            "0.01",
+            "--json",
+        ],
+    );
     assert!(
         finished.status.success(),
         "clv fit failed: {}",
@@ -200,14 +172,7 @@ fn json_report_has_exactly_the_documented_keys() {
 fn summary_shows_models_deciles_and_top_customers() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let csv = write_transactions(dir.path());
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        csv.to_str().expect("utf-8 path"),
-        "--as-of",
-        "2024-09-30",
-    ]);
+    let finished = clv_fit(csv.to_str().expect("utf-8 path"), "2024-09-30", &[]);
     assert!(
         finished.status.success(),
         "clv fit failed: {}",
@@ -245,15 +210,7 @@ fn a_bad_row_fails_naming_the_file_and_the_line() {
     )
     .expect("write the CSV");
     let path = csv.to_str().expect("utf-8 path");
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        path,
-        "--as-of",
-        "2024-06-30",
-        "--json",
-    ]);
+    let finished = clv_fit(path, "2024-06-30", &["--json"]);
     assert!(
         !finished.status.success(),
         "a bad date was accepted: {}",
@@ -278,14 +235,7 @@ fn unusable_input_fails_with_a_message_naming_the_file() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let missing = dir.path().join("missing.csv");
     let missing = missing.to_str().expect("utf-8 path");
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        missing,
-        "--as-of",
-        "2024-06-30",
-    ]);
+    let finished = clv_fit(missing, "2024-06-30", &[]);
     assert!(!finished.status.success());
     assert!(
         finished.stderr.contains(&format!("{missing}: cannot open")),
@@ -300,14 +250,7 @@ fn unusable_input_fails_with_a_message_naming_the_file() {
     )
     .expect("write the CSV");
     let one_time = one_time.to_str().expect("utf-8 path");
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        one_time,
-        "--as-of",
-        "2024-06-30",
-    ]);
+    let finished = clv_fit(one_time, "2024-06-30", &[]);
     assert!(!finished.status.success());
     assert!(
         finished.stderr.contains(one_time)
@@ -318,14 +261,7 @@ fn unusable_input_fails_with_a_message_naming_the_file() {
         finished.stderr
     );
 
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        one_time,
-        "--as-of",
-        "30/06/2024",
-    ]);
+    let finished = clv_fit(one_time, "30/06/2024", &[]);
     assert!(!finished.status.success());
     assert!(
         finished
@@ -335,15 +271,7 @@ fn unusable_input_fails_with_a_message_naming_the_file() {
         finished.stderr
     );
 
-    let finished = crm_node(&[
-        "clv",
-        "fit",
-        "--transactions",
-        one_time,
-        "--as-of",
-        "2024-06-30",
-        "--discount-rate=-0.1",
-    ]);
+    let finished = clv_fit(one_time, "2024-06-30", &["--discount-rate=-0.1"]);
     assert!(!finished.status.success());
     assert!(
         finished

@@ -19,7 +19,6 @@
 use crate::money::{parse_decimal_minor, AmountError, MINOR_PER_MAJOR};
 use serde::Serialize;
 use std::io::BufRead;
-use time::macros::format_description;
 use time::Date;
 
 /// The header the CSV reader expects (column order is free, extra columns are ignored).
@@ -232,7 +231,6 @@ pub fn read_transactions_csv<R: BufRead>(reader: R) -> Result<Vec<Transaction>, 
     let date_column = position("date")?;
     let amount_column = position("amount")?;
 
-    let date_format = format_description!("[year]-[month]-[day]");
     let mut transactions = Vec::new();
     for (index, line) in lines {
         let line_number = index + 1;
@@ -256,7 +254,7 @@ pub fn read_transactions_csv<R: BufRead>(reader: R) -> Result<Vec<Transaction>, 
         if customer_id.is_empty() {
             return Err(CsvError::EmptyCustomerId { line: line_number });
         }
-        let date = Date::parse(date_text, date_format).map_err(|_| CsvError::BadDate {
+        let date = crate::time::parse_date(date_text).ok_or_else(|| CsvError::BadDate {
             line: line_number,
             text: date_text.to_string(),
         })?;

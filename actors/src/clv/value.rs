@@ -57,7 +57,7 @@ impl ClvSettings {
 }
 
 /// One customer's scores.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct CustomerScore {
     pub p_alive: f64,
     /// E(N): expected purchases over the horizon.
@@ -183,34 +183,19 @@ pub struct SpendModelReport {
     pub log_likelihood: f64,
 }
 
-/// One customer's line of the report: the summary and the scores.
+/// One customer's line of the report: the summary and the scores, side by side in one
+/// JSON object.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CustomerValue {
-    pub customer_id: String,
-    pub frequency: u32,
-    pub recency: f64,
-    #[serde(rename = "T")]
-    pub age: f64,
-    pub monetary: f64,
-    pub p_alive: f64,
-    pub expected_purchases: f64,
-    pub expected_avg_spend: f64,
-    pub clv: f64,
+    #[serde(flatten)]
+    pub summary: CustomerSummary,
+    #[serde(flatten)]
+    pub score: CustomerScore,
 }
 
 impl CustomerValue {
     pub fn new(summary: CustomerSummary, score: CustomerScore) -> CustomerValue {
-        CustomerValue {
-            customer_id: summary.customer_id,
-            frequency: summary.frequency,
-            recency: summary.recency,
-            age: summary.age,
-            monetary: summary.monetary,
-            p_alive: score.p_alive,
-            expected_purchases: score.expected_purchases,
-            expected_avg_spend: score.expected_avg_spend,
-            clv: score.clv,
-        }
+        CustomerValue { summary, score }
     }
 }
 
@@ -228,14 +213,14 @@ const DECILES: usize = 10;
 impl ClvReport {
     /// Sum of every customer's CLV.
     pub fn total_clv(&self) -> f64 {
-        self.customers.iter().map(|c| c.clv).sum()
+        self.customers.iter().map(|c| c.score.clv).sum()
     }
 
     /// Share of the total CLV held by each tenth of the customers, most valuable tenth
     /// first (customers ranked by CLV; tenths as equal as the count allows). All zero when
     /// the total is zero.
     pub fn value_decile_shares(&self) -> [f64; DECILES] {
-        let mut values: Vec<f64> = self.customers.iter().map(|c| c.clv).collect();
+        let mut values: Vec<f64> = self.customers.iter().map(|c| c.score.clv).collect();
         values.sort_unstable_by(|left, right| right.total_cmp(left));
         let total: f64 = values.iter().sum();
         let count = values.len();
@@ -252,7 +237,7 @@ impl ClvReport {
     /// The `limit` customers with the highest CLV, highest first.
     pub fn top_customers(&self, limit: usize) -> Vec<&CustomerValue> {
         let mut ranked: Vec<&CustomerValue> = self.customers.iter().collect();
-        ranked.sort_by(|left, right| right.clv.total_cmp(&left.clv));
+        ranked.sort_by(|left, right| right.score.clv.total_cmp(&left.score.clv));
         ranked.truncate(limit);
         ranked
     }
@@ -388,7 +373,7 @@ mod tests {
             report
                 .top_customers(3)
                 .iter()
-                .map(|c| c.clv)
+                .map(|c| c.score.clv)
                 .collect::<Vec<_>>(),
             [19.0, 18.0, 17.0]
         );
