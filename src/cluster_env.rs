@@ -8,8 +8,9 @@ use crate::NatsServer;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use crm_node::loadgen::{GeneratedEvent, Generator, GeneratorSpec, PersonTruth, Truth};
 use crm_node::subjects;
+use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -308,6 +309,51 @@ pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> 
         }
     }
     busy
+}
+
+/// Where each purchase's `order_id` first arrived in `CRM_INGEST` (its stream sequence).
+///
+/// A publisher that retries a failed publish (as adapters do while NATS restarts) can land a
+/// customer's purchases in another order than their event times; the engine grants the
+/// first-purchase bonus to the first purchase it applies, in log order, so an exact oracle
+/// orders purchases by arrival, not by event time.
+pub async fn purchase_arrivals(client: &async_nats::Client) -> HashMap<String, u64> {
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_stream(subjects::INGEST_STREAM)
+        .await
+        .expect("CRM_INGEST exists");
+    let mut consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer on CRM_INGEST");
+    let mut arrivals = HashMap::new();
+    if consumer.info().await.expect("consumer info").num_pending == 0 {
+        return arrivals;
+    }
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), messages.next())
+        .await
+        .expect("CRM_INGEST read")
+    {
+        let message = message.expect("CRM_INGEST message");
+        let info = message.info().expect("JetStream info");
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        if let Ok(body) = serde_json::from_slice::<Value>(&message.payload) {
+            if body["type"] == "purchase" {
+                if let Some(order_id) = body["order_id"].as_str() {
+                    arrivals.entry(order_id.to_string()).or_insert(sequence);
+                }
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    arrivals
 }
 
 /// Sends a request and parses the JSON reply (retrying while no node answers yet).

@@ -5,11 +5,11 @@
 //! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
 
 use crm_cluster::cluster_env::{
-    assert_buyers_exact, generated_traffic, publish_all, traffic_spec, wait_drained, NodeOptions,
-    TestEnv,
+    assert_buyers_exact, generated_traffic, publish_all, purchase_arrivals, traffic_spec,
+    wait_drained, NodeOptions, TestEnv,
 };
 use crm_node::loadgen::PersonTruth;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 const START: &str = "2026-01-05T00:00:00Z";
@@ -18,11 +18,15 @@ const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:
 /// floor(amount × channel multiplier) per order (mobile 2×, else 1×), +100 on the first
-/// order, returns take back floor(granted × returned so far / amount) cumulatively.
-fn expected_points(person: &PersonTruth) -> i64 {
+/// order to arrive (`arrivals`: order id -> first sequence in `CRM_INGEST`), returns take
+/// back floor(granted × returned so far / amount) cumulatively.
+fn expected_points(person: &PersonTruth, arrivals: &HashMap<String, u64>) -> i64 {
     let mut granted: BTreeMap<&str, (i64, i64)> = BTreeMap::new(); // order -> (points, amount)
     let mut purchases: Vec<_> = person.purchases.iter().collect();
-    purchases.sort_by_key(|p| p.occurred_at_ms);
+    purchases.sort_by_key(|p| {
+        let arrived = arrivals.get(&p.order_id).copied();
+        (arrived.unwrap_or(u64::MAX), p.occurred_at_ms)
+    });
     for (index, purchase) in purchases.iter().enumerate() {
         let multiplier = if purchase.channel == "mobile" { 2 } else { 1 };
         let mut points = purchase.amount_minor * multiplier / 100;
@@ -64,7 +68,9 @@ async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {
         "JetStream dropped the same-event-id resends"
     );
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    let checked = assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
+    let arrivals = purchase_arrivals(&client).await;
+    let checked =
+        assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
     assert!(checked >= 100, "only {checked} buyers checked");
 }
 
@@ -87,7 +93,8 @@ async fn a_node_killed_with_sigkill_mid_stream_is_still_exact_after_restart() {
     tokio::task::block_in_place(|| env.node.restart(Duration::from_secs(60)));
     publisher.await.expect("publisher");
     wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
-    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
+    let arrivals = purchase_arrivals(&client).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,5 +113,6 @@ async fn nats_restarted_mid_stream_the_node_resumes_and_is_exact() {
         "the node died with NATS:\n{}",
         env.node.log_tail(30)
     );
-    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p))).await;
+    let arrivals = purchase_arrivals(&client).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
 }

@@ -200,9 +200,12 @@ async fn session(
     let jetstream = async_nats::jetstream::new(client.clone());
 
     setup::ensure_streams(&jetstream, &config.stream_settings()).await?;
-    let cluster_kv = setup::ensure_kv(&jetstream, subjects::KV_CLUSTER, 1).await?;
+    let replicas = config.cluster.stream_replicas;
+    let cluster_kv =
+        setup::ensure_kv_replicated(&jetstream, subjects::KV_CLUSTER, 1, replicas).await?;
     setup::ensure_shard_count(&cluster_kv, config.cluster.shards).await?;
-    let identity_kv = setup::ensure_kv(&jetstream, subjects::KV_IDENTITY, 1).await?;
+    let identity_kv =
+        setup::ensure_kv_replicated(&jetstream, subjects::KV_IDENTITY, 1, replicas).await?;
     let directory = Arc::new(IdentityDirectory::new(
         identity_kv,
         config.cluster.identity_secret.as_bytes(),
@@ -243,8 +246,10 @@ async fn session(
         tasks.spawn(worker.run(shutdown.clone()));
     }
 
-    let ingest = setup::ingest_consumer(&jetstream, &config.ingest_consumer_settings()).await?;
+    let consumer_settings = config.ingest_consumer_settings();
+    let ingest = setup::ingest_consumer(&jetstream, &consumer_settings).await?;
     let router = Router {
+        consumer_settings,
         jetstream: jetstream.clone(),
         directory: directory.clone(),
         limits: IngestLimits {
@@ -297,7 +302,7 @@ async fn session(
             shutdown.clone(),
         ));
     }
-    let value_kv = setup::ensure_kv(&jetstream, subjects::KV_VALUE, 1).await?;
+    let value_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_VALUE, 1, replicas).await?;
     tasks.spawn(crate::value::append_models(
         jetstream.clone(),
         value_kv.clone(),

@@ -14,8 +14,8 @@
 //! rules and no customer state.
 
 use crate::dlq;
-use crate::identity_directory::IdentityDirectory;
-use crate::identity_directory::Resolution;
+use crate::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
+use crate::jetstream::{self as setup, IngestConsumerSettings};
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
@@ -23,10 +23,10 @@ use crate::subjects;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::jetstream::{AckKind, Context, Message};
+use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
 use crm_actors::command::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
-use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, Rejection};
+use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, RejectReason, Rejection};
 use crm_actors::identity::Identity;
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -42,19 +42,42 @@ pub struct Router {
     pub limits: IngestLimits,
     pub shards: u32,
     pub batch_max_events: usize,
+    /// Settings to recreate the ingest consumer with when the router rewinds it.
+    pub consumer_settings: IngestConsumerSettings,
     pub metrics: Arc<Metrics>,
 }
 
-/// Delay before a message whose routing failed (NATS trouble) is delivered again.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
-
 impl Router {
-    /// Pulls and routes until shutdown. Stream errors (a NATS restart) are retried with
-    /// back-off; nothing is acked that was not routed.
+    /// Pulls and routes until shutdown, keeping each customer's events in ingest order.
+    ///
+    /// Chunk `n + 1` is validated and resolved while chunk `n`'s shard publishes are being
+    /// acked, but it is published only once every message of chunk `n` is in a log. When a
+    /// message cannot be routed (NATS restarting, a publish or identity lookup failing) the
+    /// router publishes nothing after it: it settles what is in flight and rewinds the
+    /// ingest consumer to its ack floor, so the failed message comes back *before* the
+    /// customer's later events (a nak would redeliver it after them). What was routed twice
+    /// by the rewind is dropped by the shard log's `Nats-Msg-Id` dedup or the customers'
+    /// event-id dedup.
     pub async fn run(self, consumer: PullConsumer, mut shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(100);
+        let mut consumer = Some(consumer);
         while !shutdown.is_triggered() {
-            let stream = match consumer
+            let current = match consumer.take() {
+                Some(current) => current,
+                None => {
+                    match setup::ingest_consumer(&self.jetstream, &self.consumer_settings).await {
+                        Ok(rewound) => rewound,
+                        Err(error) => {
+                            warn!(%error, "router: cannot rewind the ingest consumer; retrying");
+                            if !pause(&mut shutdown, &mut backoff).await {
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let stream = match current
                 .stream()
                 .max_messages_per_batch(self.batch_max_events)
                 .heartbeat(Duration::from_secs(5))
@@ -65,11 +88,9 @@ impl Router {
                 Ok(stream) => stream,
                 Err(error) => {
                     warn!(%error, "router: cannot pull from CRM_INGEST; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.wait() => break,
+                    if !pause(&mut shutdown, &mut backoff).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -88,8 +109,7 @@ impl Router {
                     }
                 }
             });
-            let (routed, to_ack) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
-            let acker = tokio::spawn(ack_routed(to_ack, self.metrics.clone()));
+            let mut in_flight: Option<RoutedChunk> = None;
             loop {
                 let first = tokio::select! {
                     item = ready.recv() => item,
@@ -107,34 +127,39 @@ impl Router {
                 let mut broken = false;
                 for item in chunk {
                     match item {
-                        Ok(message) => messages.push(message),
+                        Ok(message) if !broken => messages.push(message),
+                        Ok(_) => {}
                         Err(error) => {
-                            warn!(%error, "router: pull stream error; reconnecting the consumer");
+                            warn!(%error, "router: pull stream error; rewinding the consumer");
                             broken = true;
                         }
                     }
                 }
-                let chunk = self.route_chunk(messages).await;
-                if routed.send(chunk).await.is_err() || broken {
+                let (prepared, settled) = tokio::join!(
+                    self.prepare(messages),
+                    settle(in_flight.take(), &self.metrics)
+                );
+                if !settled {
+                    break;
+                }
+                let routed = self.publish(prepared).await;
+                let complete = routed.complete;
+                in_flight = Some(routed);
+                if !complete || broken {
                     break;
                 }
             }
-            // Every chunk published so far is acked (or nak'ed) before reading again; what
-            // was prefetched but not routed is redelivered (it was never acked).
             prefetch.abort();
-            drop(routed);
-            let _ = acker.await;
+            settle(in_flight.take(), &self.metrics).await;
+            // Whatever ended the stream, what was pulled but not routed must come back in
+            // order: start again from the first unacked message.
         }
         info!("router stopped");
     }
 
-    /// Routes one chunk: validates every message, resolves the identities of the valid
-    /// ones together (see [`IdentityDirectory::resolve_many`]), dead-letters the invalid
-    /// ones and publishes the rest as one [`ShardMessage::Routed`] record per shard (split
-    /// when it would pass [`RECORD_ENTRIES_MAX`] or [`RECORD_BYTES_MAX`]), each shard's
-    /// events in ingest order. The publish acks are awaited by [`ack_routed`], while the
-    /// next chunk is routed.
-    async fn route_chunk(&self, messages: Vec<Message>) -> RoutedChunk {
+    /// Validates every message of a chunk and resolves the identities of the valid ones
+    /// together (see [`IdentityDirectory::resolve_many`]). Publishes nothing.
+    async fn prepare(&self, messages: Vec<Message>) -> Prepared {
         Metrics::add(&self.metrics.ingest_received, messages.len() as u64);
         let parsed: Vec<Result<ChannelEvent, Rejection>> = messages
             .iter()
@@ -144,60 +169,134 @@ impl Router {
                 parse_ingest(channel, &message.payload, &self.limits)
             })
             .collect();
+        if messages.is_empty() {
+            return Prepared {
+                messages,
+                parsed,
+                resolutions: Vec::new(),
+            };
+        }
         let identities: Vec<&[Identity]> = parsed
             .iter()
             .filter_map(|event| event.as_ref().ok())
             .map(|event| event.identities.as_slice())
             .collect();
-        let mut resolutions = match self.directory.resolve_many(&identities).await {
-            Ok(resolutions) => resolutions.into_iter(),
+        let resolutions = match self.directory.resolve_many(&identities).await {
+            Ok(resolutions) => resolutions,
             Err(error) => {
                 warn!(%error, "router: identity directory unavailable");
-                Vec::new().into_iter()
+                Vec::new()
             }
         };
-        let mut chunk = RoutedChunk::default();
+        Prepared {
+            messages,
+            parsed,
+            resolutions,
+        }
+    }
+
+    /// Publishes a prepared chunk: dead-letters the invalid messages and publishes the
+    /// valid ones as one [`ShardMessage::Routed`] record per shard (split when it would
+    /// pass [`RECORD_ENTRIES_MAX`] or [`RECORD_BYTES_MAX`]), each shard's events in ingest
+    /// order. Nothing from the first message whose identity was not resolved onwards is
+    /// published; a shard's second record is sent only after its first is acked, and none
+    /// after a failed one. The other acks are awaited by [`settle`].
+    async fn publish(&self, prepared: Prepared) -> RoutedChunk {
+        let Prepared {
+            messages,
+            parsed,
+            resolutions,
+        } = prepared;
+        let mut chunk = RoutedChunk {
+            complete: true,
+            ..RoutedChunk::default()
+        };
+        let mut resolutions = resolutions.into_iter();
         // Per shard: (index in `chunk.messages`, entry, estimated encoded bytes).
         let mut by_shard: BTreeMap<u32, Vec<(usize, RoutedCommand, usize)>> = BTreeMap::new();
         for (message, event) in messages.into_iter().zip(parsed) {
             let index = chunk.messages.len();
             let mut outcome = Outcome::NotPublished;
-            match event {
-                Ok(event) => match resolutions.next() {
-                    Some(Ok(resolution)) => {
-                        let size = message.payload.len() + resolution.customer_id.len();
-                        let (shard, entry) = self.entry(&message, event, resolution);
-                        by_shard
-                            .entry(shard)
-                            .or_default()
-                            .push((index, entry, size));
-                    }
-                    Some(Err(error)) => {
-                        warn!(%error, event_id = %event.event_id, "router: identity not resolved");
-                    }
-                    None => {}
-                },
-                Err(rejection) => {
-                    if let Some(ack) = self.dead_letter(&message, &rejection).await {
-                        outcome = Outcome::DeadLetter(chunk.acks.len());
-                        chunk.acks.push(ack);
-                    }
+            if chunk.complete {
+                match event {
+                    Ok(event) => match resolutions.next() {
+                        Some(Ok(resolution)) => {
+                            let size = message.payload.len() + resolution.customer_id.len();
+                            let (shard, entry) = self.entry(&message, event, resolution);
+                            by_shard
+                                .entry(shard)
+                                .or_default()
+                                .push((index, entry, size));
+                        }
+                        Some(Err(error @ DirectoryError::Unavailable { .. })) => {
+                            warn!(%error, event_id = %event.event_id, "router: identity not resolved");
+                            chunk.complete = false;
+                        }
+                        Some(Err(error)) => {
+                            // Retrying cannot help (a corrupt directory key): the event is
+                            // kept in the dead-letter stream with the fix in the reason.
+                            let rejection =
+                                Rejection::new(RejectReason::NoIdentity, error.to_string());
+                            match self.dead_letter(&message, &rejection).await {
+                                Some(ack) => {
+                                    outcome = Outcome::DeadLetter(chunk.acks.len());
+                                    chunk.acks.push(AckSlot::Pending(ack));
+                                }
+                                None => chunk.complete = false,
+                            }
+                        }
+                        None => chunk.complete = false,
+                    },
+                    Err(rejection) => match self.dead_letter(&message, &rejection).await {
+                        Some(ack) => {
+                            outcome = Outcome::DeadLetter(chunk.acks.len());
+                            chunk.acks.push(AckSlot::Pending(ack));
+                        }
+                        None => chunk.complete = false,
+                    },
                 }
             }
             chunk.messages.push((message, outcome));
         }
-        for (shard, entries) in by_shard {
-            for record in split_records(entries) {
+        let mut waves: Vec<_> = by_shard
+            .into_iter()
+            .map(|(shard, entries)| (shard, split_records(entries).into_iter()))
+            .collect();
+        loop {
+            let mut sent = Vec::new();
+            for (shard, records) in waves.iter_mut() {
+                let Some(record) = records.next() else {
+                    continue;
+                };
                 let indexes: Vec<usize> = record.iter().map(|(index, _, _)| *index).collect();
                 let entries: Vec<RoutedCommand> =
                     record.into_iter().map(|(_, entry, _)| entry).collect();
-                if let Some(ack) = self.publish_record(shard, entries).await {
-                    let ack_index = chunk.acks.len();
-                    chunk.acks.push(ack);
-                    for index in indexes {
-                        chunk.messages[index].1 = Outcome::Routed(ack_index);
+                match self.publish_record(*shard, entries).await {
+                    Some(ack) => {
+                        let ack_index = chunk.acks.len();
+                        chunk.acks.push(AckSlot::Pending(ack));
+                        sent.push(ack_index);
+                        for index in indexes {
+                            chunk.messages[index].1 = Outcome::Routed(ack_index);
+                        }
                     }
+                    None => chunk.complete = false,
                 }
+            }
+            if sent.is_empty() || !chunk.complete {
+                break;
+            }
+            if waves.iter().all(|(_, records)| records.len() == 0) {
+                break;
+            }
+            // A shard has another record: it may follow only a stored one.
+            for ack_index in sent {
+                if chunk.acks[ack_index].settle().await.is_err() {
+                    chunk.complete = false;
+                }
+            }
+            if !chunk.complete {
+                break;
             }
         }
         chunk
@@ -327,7 +426,7 @@ fn record_id(entries: &[RoutedCommand]) -> String {
 }
 
 /// What became of one ingest message of a chunk: published in the record (or dead letter)
-/// whose ack is `acks[i]`, or not published (it is nak'ed and comes back).
+/// whose ack is `acks[i]`, or not published (it comes back when the router rewinds).
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
     Routed(usize),
@@ -335,49 +434,94 @@ enum Outcome {
     NotPublished,
 }
 
-/// A routed chunk: its ingest messages, in order, and the publish acks they wait for.
+/// A validated and resolved chunk, not yet published.
+struct Prepared {
+    messages: Vec<Message>,
+    parsed: Vec<Result<ChannelEvent, Rejection>>,
+    /// One per valid message, in order; shorter when the directory failed.
+    resolutions: Vec<Result<Resolution, DirectoryError>>,
+}
+
+/// A publish ack, awaited or not yet.
+enum AckSlot {
+    Pending(PublishAckFuture),
+    Done(Result<(), String>),
+}
+
+impl AckSlot {
+    /// Awaits the ack (once) and returns its result.
+    async fn settle(&mut self) -> Result<(), String> {
+        if let AckSlot::Pending(_) = self {
+            let AckSlot::Pending(ack) = std::mem::replace(self, AckSlot::Done(Ok(()))) else {
+                unreachable!("checked above")
+            };
+            *self = AckSlot::Done(ack.await.map(|_| ()).map_err(|e| e.to_string()));
+        }
+        match self {
+            AckSlot::Done(result) => result.clone(),
+            AckSlot::Pending(_) => unreachable!("settled above"),
+        }
+    }
+}
+
+/// A published chunk: its ingest messages, in order, and the publish acks they wait for.
+/// `complete` is false when some message was not published.
 #[derive(Default)]
 struct RoutedChunk {
     messages: Vec<(Message, Outcome)>,
-    acks: Vec<PublishAckFuture>,
+    acks: Vec<AckSlot>,
+    complete: bool,
 }
 
 /// Chunks (of `batch_max_events`) the router may hold pulled but not yet routed.
 const PREFETCH_CHUNKS: usize = 2;
 
-/// Chunks of routed messages whose publish acks may be awaited at once.
-const CHUNKS_IN_FLIGHT_MAX: usize = 4;
-
-/// Awaits the publish acks of each routed chunk and then acks, in order, the ingest
-/// messages whose publish was acked; the others are nak'ed and come back.
-async fn ack_routed(mut chunks: mpsc::Receiver<RoutedChunk>, metrics: Arc<Metrics>) {
-    let not_published: Result<(), String> = Err("not published".to_string());
-    while let Some(chunk) = chunks.recv().await {
-        let mut acked = Vec::with_capacity(chunk.acks.len());
-        for ack in chunk.acks {
-            acked.push(ack.await.map(|_| ()).map_err(|e| e.to_string()));
-        }
-        for (message, outcome) in chunk.messages {
-            let (result, counter) = match outcome {
-                Outcome::Routed(i) => (&acked[i], &metrics.ingest_routed),
-                Outcome::DeadLetter(i) => (&acked[i], &metrics.dead_lettered),
-                Outcome::NotPublished => (&not_published, &metrics.ingest_routed),
-            };
-            match result {
-                Ok(()) => {
-                    Metrics::add(counter, 1);
-                    if let Err(error) = message.ack().await {
-                        // The message comes back; the actors recognise its event id.
-                        warn!(%error, "router: ack to CRM_INGEST failed");
-                    }
+/// Awaits the publish acks of a routed chunk and then acks, in order, the ingest messages
+/// whose publish was acked. Returns whether every message of the chunk is in a log (true
+/// for no chunk); the others are not acked and come back when the router rewinds.
+async fn settle(chunk: Option<RoutedChunk>, metrics: &Metrics) -> bool {
+    let Some(mut chunk) = chunk else {
+        return true;
+    };
+    let mut acked = Vec::with_capacity(chunk.acks.len());
+    for ack in chunk.acks.iter_mut() {
+        acked.push(ack.settle().await);
+    }
+    let mut complete = chunk.complete;
+    for (message, outcome) in chunk.messages {
+        let (result, counter) = match outcome {
+            Outcome::Routed(i) => (&acked[i], &metrics.ingest_routed),
+            Outcome::DeadLetter(i) => (&acked[i], &metrics.dead_lettered),
+            Outcome::NotPublished => {
+                complete = false;
+                continue;
+            }
+        };
+        match result {
+            Ok(()) => {
+                Metrics::add(counter, 1);
+                if let Err(error) = message.ack().await {
+                    // The message comes back; the actors recognise its event id.
+                    warn!(%error, "router: ack to CRM_INGEST failed");
                 }
-                Err(error) => {
-                    warn!(%error, subject = %message.subject, "router: publish failed; redelivering");
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-                }
+            }
+            Err(error) => {
+                warn!(%error, subject = %message.subject, "router: publish failed; will rewind");
+                complete = false;
             }
         }
     }
+    complete
+}
+
+/// Sleeps `backoff` (doubling it, up to 5 s) unless shutdown comes first (then false).
+async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration) -> bool {
+    let slept = tokio::select! {
+        _ = tokio::time::sleep(*backoff) => true,
+        _ = shutdown.wait() => false,
+    };
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    slept
 }
 
 #[cfg(test)]
