@@ -10,7 +10,7 @@ use crm_node::loadgen::{GeneratedEvent, Generator, GeneratorSpec, PersonTruth, T
 use crm_node::subjects;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -218,6 +218,22 @@ pub async fn publish_all(
     }
 }
 
+/// Publishes `events` at about `per_second` (in tenths of a second), each slice through
+/// [`publish_all`]: continuous load while a test kills, adds and drains nodes.
+pub async fn publish_paced(
+    client: &async_nats::Client,
+    events: Vec<Outgoing>,
+    per_second: usize,
+    deadline: Duration,
+) {
+    let slice = (per_second / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for chunk in events.chunks(slice) {
+        tick.tick().await;
+        publish_all(client, chunk.to_vec(), slice, deadline).await;
+    }
+}
+
 async fn settle(
     event: Outgoing,
     ack: PublishAckFuture,
@@ -318,42 +334,87 @@ pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> 
 /// first-purchase bonus to the first purchase it applies, in log order, so an exact oracle
 /// orders purchases by arrival, not by event time.
 pub async fn purchase_arrivals(client: &async_nats::Client) -> HashMap<String, u64> {
-    let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(subjects::INGEST_STREAM)
-        .await
-        .expect("CRM_INGEST exists");
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer on CRM_INGEST");
     let mut arrivals = HashMap::new();
-    if consumer.info().await.expect("consumer info").num_pending == 0 {
-        return arrivals;
-    }
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), messages.next())
-        .await
-        .expect("CRM_INGEST read")
-    {
-        let message = message.expect("CRM_INGEST message");
-        let info = message.info().expect("JetStream info");
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        if let Ok(body) = serde_json::from_slice::<Value>(&message.payload) {
+    for (sequence, payload) in read_stream(client, subjects::INGEST_STREAM).await {
+        if let Ok(body) = serde_json::from_slice::<Value>(&payload) {
             if body["type"] == "purchase" {
                 if let Some(order_id) = body["order_id"].as_str() {
                     arrivals.entry(order_id.to_string()).or_insert(sequence);
                 }
             }
         }
+    }
+    arrivals
+}
+
+/// Every message of `stream` as (stream sequence, payload), in order, read with an ordered
+/// consumer.
+pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<(u64, bytes::Bytes)> {
+    let js = jetstream::new(client.clone());
+    let handle = js
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("{stream}: {e}"));
+    let mut consumer = handle
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ordered consumer on {stream}: {e}"));
+    let mut read = Vec::new();
+    if consumer.info().await.expect("consumer info").num_pending == 0 {
+        return read;
+    }
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), messages.next())
+        .await
+        .unwrap_or_else(|_| panic!("{stream} read timed out"))
+    {
+        let message = message.unwrap_or_else(|e| panic!("{stream} message: {e}"));
+        let info = message.info().expect("JetStream info");
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        read.push((sequence, message.payload.clone()));
         if pending == 0 {
             break;
         }
     }
-    arrivals
+    read
+}
+
+/// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:
+/// floor(amount × channel multiplier) per order (mobile 2×, else 1×), +100 on the first
+/// order to arrive (`arrivals`: order id -> first sequence in `CRM_INGEST`), returns take
+/// back floor(granted × returned so far / amount) cumulatively.
+pub fn expected_points(person: &PersonTruth, arrivals: &HashMap<String, u64>) -> i64 {
+    let mut granted: BTreeMap<&str, (i64, i64)> = BTreeMap::new(); // order -> (points, amount)
+    let mut purchases: Vec<_> = person.purchases.iter().collect();
+    purchases.sort_by_key(|p| {
+        let arrived = arrivals.get(&p.order_id).copied();
+        (arrived.unwrap_or(u64::MAX), p.occurred_at_ms)
+    });
+    for (index, purchase) in purchases.iter().enumerate() {
+        let multiplier = if purchase.channel == "mobile" { 2 } else { 1 };
+        let mut points = purchase.amount_minor * multiplier / 100;
+        if index == 0 {
+            points += 100;
+        }
+        granted.insert(&purchase.order_id, (points, purchase.amount_minor));
+    }
+    let mut returned: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut reversed_total = 0;
+    let mut returns: Vec<_> = person.returns.iter().collect();
+    returns.sort_by_key(|r| r.occurred_at_ms);
+    for ret in returns {
+        let (points, amount) = granted[ret.order_id.as_str()];
+        let before = returned.get(ret.order_id.as_str()).copied().unwrap_or(0);
+        let after = before + ret.amount_minor;
+        returned.insert(&ret.order_id, after);
+        let target_before = (points * before / amount).min(points);
+        let target_after = (points * after / amount).min(points);
+        reversed_total += target_after - target_before;
+    }
+    granted.values().map(|(p, _)| p).sum::<i64>() - reversed_total
 }
 
 /// Sends a request and parses the JSON reply (retrying while no node answers yet).

@@ -324,5 +324,7 @@ pub fn create_dir_all(path: &Path) {
 // ---------------------------------------------------------------------------------------
 
 pub mod cluster_env;
+pub mod multi_node;
 pub mod node_process;
+pub mod tcp_proxy;
 pub mod test_support;

@@ -5,51 +5,14 @@
 //! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
 
 use crm_cluster::cluster_env::{
-    assert_buyers_exact, generated_traffic, publish_all, purchase_arrivals, traffic_spec,
-    wait_drained, NodeOptions, TestEnv,
+    assert_buyers_exact, expected_points, generated_traffic, publish_all, purchase_arrivals,
+    traffic_spec, wait_drained, NodeOptions, TestEnv,
 };
-use crm_node::loadgen::PersonTruth;
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 const START: &str = "2026-01-05T00:00:00Z";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(120);
-
-/// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:
-/// floor(amount × channel multiplier) per order (mobile 2×, else 1×), +100 on the first
-/// order to arrive (`arrivals`: order id -> first sequence in `CRM_INGEST`), returns take
-/// back floor(granted × returned so far / amount) cumulatively.
-fn expected_points(person: &PersonTruth, arrivals: &HashMap<String, u64>) -> i64 {
-    let mut granted: BTreeMap<&str, (i64, i64)> = BTreeMap::new(); // order -> (points, amount)
-    let mut purchases: Vec<_> = person.purchases.iter().collect();
-    purchases.sort_by_key(|p| {
-        let arrived = arrivals.get(&p.order_id).copied();
-        (arrived.unwrap_or(u64::MAX), p.occurred_at_ms)
-    });
-    for (index, purchase) in purchases.iter().enumerate() {
-        let multiplier = if purchase.channel == "mobile" { 2 } else { 1 };
-        let mut points = purchase.amount_minor * multiplier / 100;
-        if index == 0 {
-            points += 100;
-        }
-        granted.insert(&purchase.order_id, (points, purchase.amount_minor));
-    }
-    let mut returned: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut reversed_total = 0;
-    let mut returns: Vec<_> = person.returns.iter().collect();
-    returns.sort_by_key(|r| r.occurred_at_ms);
-    for ret in returns {
-        let (points, amount) = granted[ret.order_id.as_str()];
-        let before = returned.get(ret.order_id.as_str()).copied().unwrap_or(0);
-        let after = before + ret.amount_minor;
-        returned.insert(&ret.order_id, after);
-        let target_before = (points * before / amount).min(points);
-        let target_after = (points * after / amount).min(points);
-        reversed_total += target_after - target_before;
-    }
-    granted.values().map(|(p, _)| p).sum::<i64>() - reversed_total
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_customer_is_exact_after_thousands_of_events_with_duplicates() {

@@ -530,6 +530,173 @@ impl Store {
     }
 }
 
+/// Raw sled entries (key, value) of one shard, as a snapshot carries them.
+pub type ShardEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One exported entry, or why it could not be read.
+type EntryResult = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+impl Store {
+    /// Every key of `shard`, in pieces of about `piece_bytes` (keys plus values; a piece
+    /// holds at least one entry): the member index with each member's state and timer
+    /// entry, the timer index, the outbox, the value model, and the shard meta last (so an
+    /// import that stops half-way leaves no meta and is started over). The shard must not
+    /// be written meanwhile (its worker is stopped or between batches).
+    pub fn export_shard(
+        &self,
+        shard: u32,
+        piece_bytes: usize,
+    ) -> impl Iterator<Item = Result<ShardEntries, StoreError>> + Send + '_ {
+        let tree = self.tree.clone();
+        let members = self
+            .tree
+            .scan_prefix(member_key(shard, ""))
+            .flat_map(move |item| {
+                let mut out: Vec<EntryResult> = Vec::with_capacity(3);
+                match item {
+                    Err(error) => out.push(Err(error.into())),
+                    Ok((key, value)) => {
+                        let prefix_len = member_key(shard, "").len();
+                        let id = key[prefix_len..].to_vec();
+                        out.push(Ok((key.to_vec(), value.to_vec())));
+                        for owned in [
+                            [CUSTOMER_PREFIX, &id[..]].concat(),
+                            [DUE_PREFIX, &id[..]].concat(),
+                        ] {
+                            match tree.get(&owned) {
+                                Ok(Some(value)) => out.push(Ok((owned, value.to_vec()))),
+                                Ok(None) => {}
+                                Err(error) => out.push(Err(error.into())),
+                            }
+                        }
+                    }
+                }
+                out
+            });
+        let raw = |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(StoreError::from)
+        };
+        let mut outbox_prefix = OUTBOX_PREFIX.to_vec();
+        outbox_prefix.extend_from_slice(&shard.to_be_bytes());
+        outbox_prefix.push(b'/');
+        let singles = [
+            [VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat(),
+            meta_key(shard),
+        ];
+        let tree = self.tree.clone();
+        let singles = singles
+            .into_iter()
+            .filter_map(move |key| match tree.get(&key) {
+                Ok(Some(value)) => Some(Ok((key, value.to_vec()))),
+                Ok(None) => None,
+                Err(error) => Some(Err(error.into())),
+            });
+        let entries = members
+            .chain(self.tree.scan_prefix(timer_shard_prefix(shard)).map(raw))
+            .chain(self.tree.scan_prefix(outbox_prefix).map(raw))
+            .chain(singles);
+        Pieces {
+            entries: Box::new(entries),
+            piece_bytes: piece_bytes.max(1),
+            done: false,
+        }
+    }
+
+    /// Removes every key of `shard` (the meta first, so a removal that stops half-way
+    /// leaves a shard that reads as never applied).
+    pub fn clear_shard(&self, shard: u32) -> Result<(), StoreError> {
+        self.tree.remove(meta_key(shard))?;
+        let mut writes = sled::Batch::default();
+        let member_prefix = member_key(shard, "");
+        for item in self.tree.scan_prefix(&member_prefix) {
+            let (key, _) = item?;
+            let id = &key[member_prefix.len()..];
+            writes.remove([CUSTOMER_PREFIX, id].concat());
+            writes.remove([DUE_PREFIX, id].concat());
+            writes.remove(key);
+        }
+        let mut outbox_prefix = OUTBOX_PREFIX.to_vec();
+        outbox_prefix.extend_from_slice(&shard.to_be_bytes());
+        outbox_prefix.push(b'/');
+        for prefix in [timer_shard_prefix(shard), outbox_prefix] {
+            for key in self.tree.scan_prefix(prefix).keys() {
+                writes.remove(key?);
+            }
+        }
+        writes.remove([VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat());
+        self.tree.apply_batch(writes)?;
+        Ok(())
+    }
+
+    /// Writes one piece of [`Store::export_shard`] of `shard` (after [`Store::clear_shard`]).
+    /// Refuses a piece holding a key of another shard or of no known kind. Not durable until
+    /// [`Store::flush`].
+    pub fn import_piece(&self, shard: u32, entries: &ShardEntries) -> Result<(), StoreError> {
+        let shard_be = shard.to_be_bytes();
+        let scoped = |prefix: &[u8], key: &[u8]| {
+            key.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with(&shard_be))
+        };
+        let mut writes = sled::Batch::default();
+        for (key, value) in entries {
+            let known = key.starts_with(CUSTOMER_PREFIX)
+                || key.starts_with(DUE_PREFIX)
+                || scoped(MEMBER_PREFIX, key)
+                || scoped(TIMER_PREFIX, key)
+                || scoped(OUTBOX_PREFIX, key)
+                || scoped(VALUE_MODEL_PREFIX, key)
+                || scoped(META_PREFIX, key);
+            if !known {
+                return Err(StoreError::Corrupt {
+                    key: printable(key),
+                    reason: "a snapshot key of another shard or of no known kind",
+                });
+            }
+            writes.insert(key.as_slice(), value.as_slice());
+        }
+        self.tree.apply_batch(writes)?;
+        self.flusher.committed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Cuts a stream of entries into pieces of about `piece_bytes`.
+struct Pieces<'a> {
+    entries: Box<dyn Iterator<Item = EntryResult> + Send + 'a>,
+    piece_bytes: usize,
+    done: bool,
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = Result<ShardEntries, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        while bytes < self.piece_bytes {
+            match self.entries.next() {
+                Some(Ok((key, value))) => {
+                    bytes += key.len() + value.len();
+                    piece.push((key, value));
+                }
+                Some(Err(error)) => {
+                    self.done = true;
+                    return Some(Err(error));
+                }
+                None => {
+                    self.done = true;
+                    break;
+                }
+            }
+        }
+        (!piece.is_empty()).then_some(Ok(piece))
+    }
+}
+
 fn customer_key(customer_id: &str) -> Vec<u8> {
     [CUSTOMER_PREFIX, customer_id.as_bytes()].concat()
 }
@@ -643,6 +810,88 @@ mod tests {
         for t in times {
             assert_eq!(due_from_sortable(due_sortable(t)), t);
         }
+    }
+
+    fn shard_batch(shard: u32, seq: u64, ids: &[&str], due: Option<i64>) -> CommitBatch {
+        CommitBatch {
+            customers: ids.iter().map(|id| state_write(id, due)).collect(),
+            meta: ShardMeta {
+                applied_seq: seq,
+                clock_ms: 7_000,
+                owner_epoch: 3,
+            },
+            outbox: vec![(
+                OutboxKey {
+                    shard,
+                    seq,
+                    index: 0,
+                },
+                event(ids[0], 1),
+            )],
+            created: ids.iter().map(|id| id.to_string()).collect(),
+            value_model: None,
+        }
+    }
+
+    fn all_pieces(store: &Store, shard: u32, piece_bytes: usize) -> Vec<ShardEntries> {
+        store
+            .export_shard(shard, piece_bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .expect("export")
+    }
+
+    #[test]
+    fn an_exported_shard_imports_over_a_stale_copy_exactly_and_alone() {
+        let source_dir = tempfile::tempdir().expect("tempdir");
+        let source = Store::open(source_dir.path(), CACHE_BYTES).expect("open");
+        let ids: Vec<String> = (0..50).map(|i| format!("c{i:03}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        source
+            .commit(9, &shard_batch(9, 40, &ids, Some(9_000)))
+            .expect("commit");
+        source
+            .commit(2, &shard_batch(2, 5, &["other"], None))
+            .expect("commit");
+
+        let pieces = all_pieces(&source, 9, 300);
+        assert!(pieces.len() > 5, "small pieces: {}", pieces.len());
+        let last = pieces.last().and_then(|p| p.last()).expect("an entry");
+        assert_eq!(last.0, meta_key(9), "the meta travels last");
+        let entries: usize = pieces.iter().map(Vec::len).sum();
+        // Per customer: member, state, due entry, timer; plus the outbox and the meta.
+        assert_eq!(entries, 50 * 4 + 2);
+
+        let target_dir = tempfile::tempdir().expect("tempdir");
+        let target = Store::open(target_dir.path(), CACHE_BYTES).expect("open");
+        // A stale copy of shard 9 (a customer the snapshot does not have) and shard 2.
+        target
+            .commit(9, &shard_batch(9, 3, &["stale", "c001"], Some(1)))
+            .expect("commit");
+        target
+            .commit(2, &shard_batch(2, 8, &["kept"], None))
+            .expect("commit");
+        target.clear_shard(9).expect("clear");
+        assert_eq!(target.shard_meta(9).expect("meta"), ShardMeta::default());
+        for piece in &pieces {
+            target.import_piece(9, piece).expect("import");
+        }
+        assert_eq!(
+            all_pieces(&target, 9, usize::MAX),
+            all_pieces(&source, 9, usize::MAX)
+        );
+        assert!(target.load_customer("stale").expect("load").is_none());
+        assert_eq!(
+            target.due_customers(9, 1_000, 10).expect("due"),
+            Vec::<String>::new()
+        );
+        assert_eq!(target.due_customers(9, 9_000, 100).expect("due").len(), 50);
+        assert_eq!(target.shard_meta(9).expect("meta").applied_seq, 40);
+        assert_eq!(target.shard_meta(2).expect("meta").applied_seq, 8);
+        assert!(target.load_customer("kept").expect("load").is_some());
+
+        // A piece of another shard is refused.
+        let error = target.import_piece(4, &pieces[0]).unwrap_err();
+        assert!(error.to_string().contains("another shard"), "{error}");
     }
 
     #[tokio::test]

@@ -383,6 +383,52 @@ pub async fn stats(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// `crm-node status`: the cluster's nodes, shards, leases and lag.
+pub async fn status(url: &str, json_out: bool, node_timeout_ms: u64) -> Result<()> {
+    let client = connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let status = crate::cluster::status::gather(&js, Duration::from_millis(node_timeout_ms))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json_out {
+        println!("{status}");
+    } else {
+        print!("{}", crate::cluster::status::render(&status));
+    }
+    Ok(())
+}
+
+/// `crm-node drain <node-id>`: moves every shard off the node, then says it may stop.
+pub async fn drain(url: &str, node_id: &str, cancel: bool, timeout_s: u64) -> Result<()> {
+    let client = connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    crate::cluster::status::request_drain(&js, node_id, cancel)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if cancel {
+        println!("{node_id}: drain cancelled; the coordinator assigns it shards again");
+        return Ok(());
+    }
+    eprintln!("{node_id}: draining (its shards move to the other nodes)...");
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
+    loop {
+        // The request is only seen once the coordinator has acted on it: give it a round.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if crate::cluster::status::drained(&js, node_id)
+            .await
+            .map_err(anyhow::Error::msg)?
+        {
+            println!("{node_id} holds no shard, router or coordinator lease: it may stop now");
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{node_id} still holds leases after {timeout_s} s; check `crm-node status` (is another node alive to take its shards?) and run drain again"
+            );
+        }
+    }
+}
+
 /// `crm-node watch`.
 pub async fn watch(url: &str, args: WatchArgs) -> Result<()> {
     let client = connect(url).await?;

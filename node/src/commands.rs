@@ -135,20 +135,22 @@ impl Commands {
             Some(Err(error)) => return error_reply("bad_request", format!("at {error}")),
             None => return error_reply("bad_request", "send {\"at\": \"2027-01-01T00:00:00Z\"}"),
         };
-        match self.append_ticks(at_ms).await {
+        let every_shard: Vec<u32> = (0..self.shards.count).collect();
+        match self.append_ticks(at_ms, &every_shard).await {
             Ok(shards) => json!({"v": 1, "at": format_rfc3339(at_ms), "shards": shards}),
             Err(error) => error_reply("unavailable", error),
         }
     }
 
-    /// Appends `Tick { at_ms }` to the log of every shard this node serves.
-    pub async fn append_ticks(&self, at_ms: i64) -> Result<u32, String> {
+    /// Appends `Tick { at_ms }` to the logs of `shards` (any node may write any shard's
+    /// log; the owner applies it).
+    pub async fn append_ticks(&self, at_ms: i64, shards: &[u32]) -> Result<u32, String> {
         let mut acks = Vec::new();
         let record = codec::encode(&ShardMessage::Tick { at_ms });
-        for handle in self.shards.handles.iter().flatten() {
+        for &shard in shards {
             let ack = self
                 .jetstream
-                .publish(subjects::shard(handle.shard), record.clone().into())
+                .publish(subjects::shard(shard), record.clone().into())
                 .await
                 .map_err(|e| e.to_string())?;
             acks.push(ack);
@@ -211,7 +213,10 @@ impl Commands {
             tokio::select! {
                 _ = timer.tick() => {
                     let at_ms = wall_clock_ms();
-                    match self.append_ticks(at_ms).await {
+                    // Each owner ticks its own shards: every shard once per interval.
+                    let served: Vec<u32> =
+                        self.shards.table.served().iter().map(|h| h.shard).collect();
+                    match self.append_ticks(at_ms, &served).await {
                         Ok(count) => info!(shards = count, at = %format_rfc3339(at_ms), "ticks appended"),
                         Err(error) => warn!(%error, "ticks not appended; next interval retries"),
                     }

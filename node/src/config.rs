@@ -11,6 +11,7 @@
 use crate::jetstream::{IngestConsumerSettings, StreamLimits, StreamSettings};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Environment variable that, when set and non-empty, replaces `cluster.identity_secret`.
 pub const IDENTITY_SECRET_ENV: &str = "CRM_IDENTITY_SECRET";
@@ -113,6 +114,28 @@ pub struct ClusterSection {
     /// Size cap of the shard log `CRM_SHARDS`, in bytes (0 = no size limit). The shard log
     /// is the source of truth: when full, new publishes are refused, nothing is dropped.
     pub shard_log_max_bytes: u64,
+    /// How long shard-log records are kept, in s (0 = no age limit). Records older than
+    /// every shard's last snapshot are no longer needed; the rule checked at start is
+    /// `shard_log_max_age_s >= 3 * snapshot_interval_s`.
+    pub shard_log_max_age_s: u64,
+    /// Size cap of `CRM_SNAPSHOTS` (shard snapshots), in bytes (0 = no size limit).
+    pub snapshot_max_bytes: u64,
+    /// Interval of a node's heartbeat, lease renewals and coordinator rounds, in ms.
+    pub heartbeat_interval_ms: u64,
+    /// A node whose heartbeat has not changed for this long is dead, in ms.
+    pub node_timeout_ms: u64,
+    /// A lease not renewed for this long may be taken by another node, in ms.
+    pub lease_timeout_ms: u64,
+    /// A lease holder that could not renew stops applying this long before its lease
+    /// can pass to another node, in ms.
+    pub lease_margin_ms: u64,
+    /// Most shards moving at once to balance the cluster (a dead node's shards are
+    /// reassigned regardless).
+    pub rebalance_max_moves: u32,
+    /// A shard that applied anything is snapshotted at least this often, in s.
+    pub snapshot_interval_s: u64,
+    /// ... and after at most this many applied shard-log records (0 = by time only).
+    pub snapshot_every_records: u64,
 }
 
 /// `[limits]`: a bound on every queue, batch, cache and input.
@@ -131,6 +154,8 @@ pub struct LimitsSection {
     pub batch_max_events: usize,
     /// Most ingest messages the router pulls at once.
     pub router_batch_max_events: usize,
+    /// Most bytes of keys and values in one snapshot message.
+    pub snapshot_piece_bytes: usize,
     /// Unacked ingest messages the router may hold (JetStream `max_ack_pending`).
     pub ingest_max_ack_pending: u32,
     /// How long JetStream waits for an ack before redelivering, in s.
@@ -221,6 +246,15 @@ impl Default for ClusterSection {
             dlq_max_age_s: 30 * 86_400,
             dlq_max_bytes: GIB,
             shard_log_max_bytes: 16 * GIB,
+            shard_log_max_age_s: 0,
+            snapshot_max_bytes: 16 * GIB,
+            heartbeat_interval_ms: 1_000,
+            node_timeout_ms: 4_000,
+            lease_timeout_ms: 5_000,
+            lease_margin_ms: 1_500,
+            rebalance_max_moves: 4,
+            snapshot_interval_s: 60,
+            snapshot_every_records: 10_000,
         }
     }
 }
@@ -234,6 +268,7 @@ impl Default for LimitsSection {
             item_qty_max: 10_000,
             batch_max_events: 512,
             router_batch_max_events: 256,
+            snapshot_piece_bytes: 512 * 1024,
             ingest_max_ack_pending: 8_192,
             ack_wait_s: 30,
             resident_max_customers: 100_000,
@@ -447,8 +482,82 @@ impl Config {
             0,
             i64::MAX as u64,
         )?;
+        self.range(
+            "cluster.snapshot_max_bytes",
+            cluster.snapshot_max_bytes,
+            0,
+            i64::MAX as u64,
+        )?;
+        self.range(
+            "cluster.heartbeat_interval_ms",
+            cluster.heartbeat_interval_ms,
+            100,
+            60_000,
+        )?;
+        let heartbeat = cluster.heartbeat_interval_ms;
+        self.range(
+            "cluster.node_timeout_ms",
+            cluster.node_timeout_ms,
+            2 * heartbeat,
+            600_000,
+        )?;
+        self.range(
+            "cluster.lease_timeout_ms",
+            cluster.lease_timeout_ms,
+            3 * heartbeat,
+            600_000,
+        )?;
+        // The holder must get at least two renewal chances before it has to stop.
+        let margin_max = cluster.lease_timeout_ms.saturating_sub(2 * heartbeat);
+        if cluster.lease_margin_ms < heartbeat || cluster.lease_margin_ms > margin_max {
+            return Err(self.invalid(
+                "cluster.lease_margin_ms",
+                cluster.lease_margin_ms,
+                format!(
+                    "must be between heartbeat_interval_ms ({heartbeat}) and lease_timeout_ms -                      2 x heartbeat_interval_ms ({margin_max}); raise lease_timeout_ms for a larger margin"
+                ),
+            ));
+        }
+        self.range(
+            "cluster.rebalance_max_moves",
+            cluster.rebalance_max_moves,
+            1,
+            4096,
+        )?;
+        self.range(
+            "cluster.snapshot_interval_s",
+            cluster.snapshot_interval_s,
+            1,
+            86_400,
+        )?;
+        self.range(
+            "cluster.snapshot_every_records",
+            cluster.snapshot_every_records,
+            0,
+            100_000_000,
+        )?;
+        if cluster.shard_log_max_age_s != 0
+            && cluster.shard_log_max_age_s < 3 * cluster.snapshot_interval_s
+        {
+            return Err(self.invalid(
+                "cluster.shard_log_max_age_s",
+                cluster.shard_log_max_age_s,
+                format!(
+                    "must be 0 (no age limit) or at least 3 x snapshot_interval_s ({}): a shard \
+                     restores its last snapshot and replays the records after it, which must \
+                     still be in the log",
+                    3 * cluster.snapshot_interval_s
+                ),
+            ));
+        }
 
         let limits = &self.limits;
+        self.range(
+            "limits.snapshot_piece_bytes",
+            limits.snapshot_piece_bytes,
+            4 * 1024,
+            768 * 1024,
+        )?;
         self.range(
             "limits.payload_max_bytes",
             limits.payload_max_bytes,
@@ -584,7 +693,7 @@ impl Config {
                 max_bytes: cluster.ingest_max_bytes,
             },
             shards: StreamLimits {
-                max_age_s: 0,
+                max_age_s: cluster.shard_log_max_age_s,
                 max_bytes: cluster.shard_log_max_bytes,
             },
             events: StreamLimits {
@@ -595,9 +704,28 @@ impl Config {
                 max_age_s: cluster.dlq_max_age_s,
                 max_bytes: cluster.dlq_max_bytes,
             },
+            snapshots: StreamLimits {
+                max_age_s: 0,
+                max_bytes: cluster.snapshot_max_bytes,
+            },
             // message_max_bytes: the set-up's default, above every accepted
             // payload_max_bytes, so an oversized event still reaches the router's DLQ.
             ..StreamSettings::default()
+        }
+    }
+
+    /// The cluster protocol's timings and limits.
+    pub fn cluster_settings(&self) -> crate::cluster::ClusterSettings {
+        let cluster = &self.cluster;
+        crate::cluster::ClusterSettings {
+            heartbeat: Duration::from_millis(cluster.heartbeat_interval_ms),
+            node_timeout: Duration::from_millis(cluster.node_timeout_ms),
+            lease_timeout: Duration::from_millis(cluster.lease_timeout_ms),
+            lease_margin: Duration::from_millis(cluster.lease_margin_ms),
+            rebalance_max_moves: cluster.rebalance_max_moves,
+            snapshot_interval: Duration::from_secs(cluster.snapshot_interval_s),
+            snapshot_every_records: cluster.snapshot_every_records,
+            snapshot_piece_bytes: self.limits.snapshot_piece_bytes,
         }
     }
 

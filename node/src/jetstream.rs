@@ -56,6 +56,11 @@ pub struct StreamSettings {
     pub events: StreamLimits,
     /// CRM_DLQ: dead letters for operators; the oldest are dropped when full.
     pub dlq: StreamLimits,
+    /// CRM_SNAPSHOTS: shard snapshots (superseded ones are purged). Full means a new
+    /// snapshot is refused (the shard log keeps everything it needs meanwhile).
+    pub snapshots: StreamLimits,
+    /// CRM_AUDIT: one record per applied shard batch; the oldest are dropped when full.
+    pub audit: StreamLimits,
 }
 
 impl Default for StreamSettings {
@@ -80,6 +85,14 @@ impl Default for StreamSettings {
             },
             dlq: StreamLimits {
                 max_age_s: 30 * DAY_S,
+                max_bytes: GIB,
+            },
+            snapshots: StreamLimits {
+                max_age_s: 0,
+                max_bytes: 16 * GIB,
+            },
+            audit: StreamLimits {
+                max_age_s: DAY_S,
                 max_bytes: GIB,
             },
         }
@@ -145,7 +158,7 @@ pub enum SetupError {
     },
 }
 
-/// Creates the four streams, or updates their limits to the configured ones.
+/// Creates the six streams, or updates their limits to the configured ones.
 pub async fn ensure_streams(js: &Context, settings: &StreamSettings) -> Result<(), SetupError> {
     for config in stream_configs(settings) {
         ensure_stream(js, config).await?;
@@ -154,7 +167,7 @@ pub async fn ensure_streams(js: &Context, settings: &StreamSettings) -> Result<(
 }
 
 /// The stream configurations [`ensure_streams`] creates, for tests and docs.
-pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
+pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 6] {
     let config = |name: &str, subject: &str, limits: StreamLimits, discard: DiscardPolicy| {
         let max_age = Duration::from_secs(limits.max_age_s);
         // The server refuses a duplicate window longer than max_age.
@@ -206,6 +219,18 @@ pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
             subjects::DLQ_STREAM,
             subjects::DLQ_ALL,
             settings.dlq,
+            DiscardPolicy::Old,
+        ),
+        config(
+            subjects::SNAPSHOTS_STREAM,
+            subjects::SNAPSHOTS_ALL,
+            settings.snapshots,
+            DiscardPolicy::New,
+        ),
+        config(
+            subjects::AUDIT_STREAM,
+            subjects::AUDIT_ALL,
+            settings.audit,
             DiscardPolicy::Old,
         ),
     ]

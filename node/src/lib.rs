@@ -10,6 +10,7 @@
 //! fit`, the one command without NATS: the customer-value models over a transactions file.
 
 pub mod client;
+pub mod cluster;
 pub mod clv_cli;
 pub mod commands;
 pub mod config;

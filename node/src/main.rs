@@ -2,7 +2,7 @@
 //!
 //! `run` starts a node (router, shard workers, responders); the other subcommands are NATS
 //! clients: `send` (a reference channel adapter), `query`, `redeem`, `watch`, `tick`,
-//! `load` (sample multi-channel traffic) and `stats`. `clv fit` needs no NATS: it fits the
+//! `load` (sample multi-channel traffic), `stats`, `status` and `drain`. `clv fit` needs no NATS: it fits the
 //! customer-value models on a transactions file. Everything a command prints to stdout
 //! is its result; logs go to stderr. `anyhow` lives only here, at the binary's edge.
 
@@ -73,6 +73,26 @@ enum Command {
     Load(LoadCommand),
     /// Print the counters of a running node.
     Stats,
+    /// Print the cluster: nodes, shards per node, lease epochs, lag per shard, coordinator.
+    Status {
+        /// Print JSON (documented in docs/cluster.md).
+        #[arg(long)]
+        json: bool,
+        /// A node whose heartbeat is older than this counts as dead, in ms.
+        #[arg(long, default_value_t = 4000)]
+        node_timeout_ms: u64,
+    },
+    /// Move every shard off a node, then report that it may stop.
+    Drain {
+        /// The node to drain.
+        node_id: String,
+        /// Let the node take shards again instead.
+        #[arg(long)]
+        cancel: bool,
+        /// Longest wait for the node to hand its shards off, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
     /// Fit the customer-value models on every customer of the cluster and publish them
     /// (crm.cmd.value.fit); later 360 views carry the value block.
     ValueFit(crm_node::client::ValueFitArgs),
@@ -120,6 +140,15 @@ fn main() -> Result<()> {
             Command::Tick { at } => crm_node::client::tick(&url, &at).await,
             Command::Load(load) => crm_node::client::load(&url, load.args).await,
             Command::Stats => crm_node::client::stats(&url).await,
+            Command::Status {
+                json,
+                node_timeout_ms,
+            } => crm_node::client::status(&url, json, node_timeout_ms).await,
+            Command::Drain {
+                node_id,
+                cancel,
+                timeout_s,
+            } => crm_node::client::drain(&url, &node_id, cancel, timeout_s).await,
             Command::ValueFit(args) => crm_node::client::value_fit(&url, args).await,
             Command::Clv(_) => unreachable!("clv runs before the runtime starts"),
         }

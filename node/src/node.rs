@@ -3,24 +3,29 @@
 //!
 //! Start-up order: load and validate the config and the rules file (clear errors, nothing
 //! started yet), connect to NATS with back-off until it answers, create or check the
-//! streams and KV buckets and the recorded shard count, open the sled store, start one
-//! shard worker per served shard, then the router, the query and command responders, the
-//! stats responder and the ticker, and log `crm-node ready`. SIGTERM/SIGINT fire the
+//! streams and KV buckets and the recorded shard count, open the sled store, start the
+//! cluster manager (which starts a shard worker for each shard lease it wins, and the
+//! router while it holds the router lease), the query and command responders, the stats
+//! responder and the ticker, and log `crm-node ready`. SIGTERM/SIGINT fire the
 //! shutdown: the router stops pulling, every shard worker finishes its batch (apply, flush,
 //! ack), and the process exits 0.
 
+use crate::cluster::lease::{Fence, Leases};
+use crate::cluster::manager::{Manager, WorkerSpec};
+use crate::cluster::observer::BucketView;
+use crate::cluster::snapshot::Snapshots;
 use crate::commands::Commands;
 use crate::config::{Config, Overrides};
 use crate::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
 use crate::query::Shards;
 use crate::router::Router;
-use crate::shard_worker::{ShardHandle, ShardWorker, WorkerSettings};
+use crate::shard_worker::ShardTable;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::value::ValueService;
 use crate::{jetstream as setup, subjects};
 use anyhow::{Context as _, Result};
-use crm_actors::engine::{EngineLimits, ShardEngine};
+use crm_actors::engine::EngineLimits;
 use crm_actors::event::IngestLimits;
 use crm_actors::rules::Rules;
 use crm_actors::store::Store;
@@ -34,8 +39,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-/// Queue depth of each shard worker's request channel (views waiting between batches).
-const SHARD_REQUESTS_MAX: usize = 256;
 /// Query and command requests handled at once per responder.
 const RESPONDER_CONCURRENCY_MAX: usize = 64;
 
@@ -214,40 +217,16 @@ async fn session(
 
     let shards = config.cluster.shards;
     let mut tasks = JoinSet::new();
-    let mut handles = Vec::with_capacity(shards as usize);
-    let resident_per_shard = (config.limits.resident_max_customers / shards as usize).max(1);
-    for shard in 0..shards {
-        let engine = ShardEngine::new(
-            shard,
-            store.clone(),
-            rules.clone(),
-            EngineLimits {
-                resident_max: resident_per_shard,
-                passivate_after_ms: config.limits.passivate_after_s * 1000,
-                tick_batch_max: config.limits.batch_max_events,
-            },
-        )?;
-        let (sender, requests) = mpsc::channel(SHARD_REQUESTS_MAX);
-        handles.push(Some(ShardHandle { shard, sender }));
-        let worker = ShardWorker {
-            shard,
-            jetstream: jetstream.clone(),
-            engine,
-            settings: WorkerSettings {
-                batch_max_events: config.limits.batch_max_events,
-                passivate_every: Duration::from_secs(config.limits.passivate_after_s.clamp(1, 60)),
-                owner_epoch: 0,
-            },
-            metrics: metrics.clone(),
-            requests,
-            progress: progress.clone(),
-            publishing: JoinSet::new(),
-        };
-        tasks.spawn(worker.run(shutdown.clone()));
-    }
-
+    let table = ShardTable::new(shards);
+    let resident: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
+    let nodes_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_NODES, 1, replicas).await?;
+    let leases_kv =
+        setup::ensure_kv_replicated(&jetstream, subjects::KV_LEASES, 1, replicas).await?;
+    let snapshots_kv =
+        setup::ensure_kv_replicated(&jetstream, subjects::KV_SNAPSHOTS, 1, replicas).await?;
+    let value_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_VALUE, 1, replicas).await?;
+    let settings = config.cluster_settings();
     let consumer_settings = config.ingest_consumer_settings();
-    let ingest = setup::ingest_consumer(&jetstream, &consumer_settings).await?;
     let router = Router {
         consumer_settings,
         jetstream: jetstream.clone(),
@@ -262,12 +241,54 @@ async fn session(
         shards,
         batch_max_events: config.limits.router_batch_max_events,
         metrics: metrics.clone(),
+        fence: Fence::unbounded(),
     };
-    tasks.spawn(router.run(ingest, shutdown.clone()));
+    let manager = Manager {
+        node_id: config.node.node_id.clone(),
+        instance: format!("{:016x}", rand_instance()),
+        shards,
+        jetstream: jetstream.clone(),
+        nodes_kv: nodes_kv.clone(),
+        cluster_kv: cluster_kv.clone(),
+        value_kv: value_kv.clone(),
+        leases: Leases {
+            kv: leases_kv.clone(),
+            view: BucketView::start(leases_kv, shutdown.clone()),
+            node_id: config.node.node_id.clone(),
+            timeout: settings.lease_timeout,
+            margin: settings.lease_margin,
+        },
+        nodes: BucketView::start(nodes_kv, shutdown.clone()),
+        cluster: BucketView::start(cluster_kv, shutdown.clone()),
+        snapshots: Snapshots {
+            jetstream: jetstream.clone(),
+            kv: snapshots_kv,
+            piece_bytes: settings.snapshot_piece_bytes,
+        },
+        store: store.clone(),
+        table: table.clone(),
+        workers: WorkerSpec {
+            rules: rules.clone(),
+            engine_limits: EngineLimits {
+                resident_max: (config.limits.resident_max_customers / shards as usize).max(1),
+                passivate_after_ms: config.limits.passivate_after_s * 1000,
+                tick_batch_max: config.limits.batch_max_events,
+            },
+            batch_max_events: config.limits.batch_max_events,
+            passivate_every: Duration::from_secs(config.limits.passivate_after_s.clamp(1, 60)),
+            metrics: metrics.clone(),
+            progress: progress.clone(),
+            resident: resident.clone(),
+        },
+        router,
+        settings,
+    };
+    tasks.spawn(manager.run(shutdown.clone()));
 
     let shard_map = Shards {
         count: shards,
-        handles: Arc::new(handles),
+        table: table.clone(),
+        client: client.clone(),
         directory,
         timeout: Duration::from_millis(config.limits.query_timeout_ms),
     };
@@ -302,11 +323,10 @@ async fn session(
             shutdown.clone(),
         ));
     }
-    let value_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_VALUE, 1, replicas).await?;
     tasks.spawn(crate::value::append_models(
         jetstream.clone(),
         value_kv.clone(),
-        shard_map.handles.clone(),
+        table.clone(),
         shutdown.clone(),
     ));
     let value_service = ValueService {
@@ -314,7 +334,7 @@ async fn session(
         kv: value_kv,
         store: store.clone(),
         shard_count: shards,
-        handles: shard_map.handles.clone(),
+        table: table.clone(),
         node_id: config.node.node_id.clone(),
     };
     if config.limits.value_fit_interval_s > 0 {
@@ -371,6 +391,20 @@ async fn session(
             SessionEnd::Stopped
         },
     )
+}
+
+/// A per-process random id (tells a restarted node from its previous run in heartbeats).
+fn rand_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
 }
 
 /// Answers `crm.node.stats` with this node's counters.

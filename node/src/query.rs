@@ -8,7 +8,7 @@
 
 use crate::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
-use crate::shard_worker::{ShardHandle, ShardRequest};
+use crate::shard_worker::{ShardRequest, ShardTable};
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
@@ -28,8 +28,10 @@ pub const QUEUE_GROUP: &str = "crm-query";
 #[derive(Clone)]
 pub struct Shards {
     pub count: u32,
-    /// Indexed by shard number; `None` where this node does not own the shard.
-    pub handles: Arc<Vec<Option<ShardHandle>>>,
+    /// The shards this node serves now.
+    pub table: ShardTable,
+    /// A client to forward queries to the owners of the other shards.
+    pub client: Client,
     pub directory: Arc<IdentityDirectory>,
     pub timeout: Duration,
 }
@@ -69,38 +71,96 @@ pub async fn resolve_customer(
 }
 
 impl Shards {
-    /// The 360 view of a customer, or the error reply.
+    /// The 360 view of a customer, or the error reply: from this node's worker when it
+    /// serves the shard, else forwarded to the owner (`crm.owner.<n>.view`). While nobody
+    /// serves the shard (it is moving) the request is retried until the timeout.
     pub async fn view(&self, customer_id: &str) -> Value {
         let shard = shard_of(customer_id, self.count);
-        let Some(Some(handle)) = self.handles.get(shard as usize) else {
-            return error_reply(
-                "unavailable",
-                format!("shard {shard} is not served by this node"),
-            );
-        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let answer = match self.table.get(shard) {
+                Some(handle) => {
+                    self.local_view(&handle.sender, shard, customer_id, deadline)
+                        .await
+                }
+                None => self.forward(shard, customer_id, deadline).await,
+            };
+            match answer {
+                Some(view) => return view,
+                None if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                None => {
+                    return error_reply(
+                        "unavailable",
+                        format!(
+                            "shard {shard} is not served by any node within {} ms (moving or no node alive); retry",
+                            self.timeout.as_millis()
+                        ),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Asks this node's worker; `None` when it is stopping (the shard is moving).
+    async fn local_view(
+        &self,
+        sender: &tokio::sync::mpsc::Sender<ShardRequest>,
+        shard: u32,
+        customer_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<Value> {
         let (reply, answer) = oneshot::channel();
         let request = ShardRequest::View {
             customer_id: customer_id.to_string(),
             reply,
         };
-        if handle.sender.send(request).await.is_err() {
-            return error_reply("unavailable", format!("shard {shard} is stopping"));
-        }
-        match tokio::time::timeout(self.timeout, answer).await {
-            Ok(Ok(Ok(Some(view)))) => view,
-            Ok(Ok(Ok(None))) => not_found(customer_id),
-            Ok(Ok(Err(error))) => error_reply("unavailable", error),
-            Ok(Err(_)) => error_reply("unavailable", format!("shard {shard} is stopping")),
-            Err(_) => error_reply(
+        sender.send(request).await.ok()?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(Ok(Some(view)))) => Some(view),
+            Ok(Ok(Ok(None))) => Some(not_found(customer_id)),
+            Ok(Ok(Err(error))) => Some(error_reply("unavailable", error)),
+            Ok(Err(_)) => None,
+            Err(_) => Some(error_reply(
                 "unavailable",
                 format!(
                     "shard {shard} did not answer within {} ms",
                     self.timeout.as_millis()
                 ),
-            ),
+            )),
+        }
+    }
+
+    /// Asks the owner of `shard` over NATS; `None` when nobody answers (no owner now).
+    async fn forward(
+        &self,
+        shard: u32,
+        customer_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Option<Value> {
+        let body = json!({"customer_id": customer_id}).to_string();
+        let request = self
+            .client
+            .request(subjects::owner_view(shard), body.into());
+        match tokio::time::timeout_at(deadline, request).await {
+            Ok(Ok(reply)) => serde_json::from_slice::<Value>(&reply.payload)
+                .ok()
+                .filter(|view| view["error"]["code"] != "moving"),
+            Ok(Err(_)) => None,
+            Err(_) => Some(error_reply(
+                "unavailable",
+                format!(
+                    "the owner of shard {shard} did not answer within {} ms",
+                    self.timeout.as_millis()
+                ),
+            )),
         }
     }
 }
+
+/// Pause before a query for a moving shard is tried again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 fn not_found(what: &str) -> Value {
     error_reply("not_found", format!("no customer {what}"))

@@ -1,7 +1,8 @@
 //! The ingest router: `CRM_INGEST` -> validate -> identity -> `crm.shard.<n>`.
 //!
-//! Every node runs one router on the shared durable consumer `crm-router`, so ingest load is
-//! spread over the cluster. For each chunk of ready messages it validates the payload
+//! One node at a time runs the router (the holder of the router lease, see
+//! [`crate::cluster`]) on the durable consumer `crm-router`, so each customer's events
+//! reach the shard log in ingest order. For each chunk of ready messages it validates the payload
 //! (`crm_actors::event::parse_ingest`), resolves the identifiers to a customer id through the
 //! identity directory, and publishes the chunk's events as one [`ShardMessage::Routed`]
 //! record per shard (many events per shard-log message: the server stores, indexes and
@@ -13,6 +14,7 @@
 //! dead-letter stream and are acked; they never block the pipeline. The router holds no
 //! rules and no customer state.
 
+use crate::cluster::lease::Fence;
 use crate::dlq;
 use crate::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
 use crate::jetstream::{self as setup, IngestConsumerSettings};
@@ -35,7 +37,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-/// What the router needs; built by the node runtime.
+/// What the router needs; built by the node runtime (one per router lease taken).
+#[derive(Clone)]
 pub struct Router {
     pub jetstream: Context,
     pub directory: Arc<IdentityDirectory>,
@@ -45,6 +48,8 @@ pub struct Router {
     /// Settings to recreate the ingest consumer with when the router rewinds it.
     pub consumer_settings: IngestConsumerSettings,
     pub metrics: Arc<Metrics>,
+    /// The router lease's fence: nothing is published once it has expired.
+    pub fence: Fence,
 }
 
 impl Router {
@@ -61,7 +66,8 @@ impl Router {
     pub async fn run(self, consumer: PullConsumer, mut shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(100);
         let mut consumer = Some(consumer);
-        while !shutdown.is_triggered() {
+        let mut fenced = false;
+        while !shutdown.is_triggered() && !fenced {
             let current = match consumer.take() {
                 Some(current) => current,
                 None => {
@@ -140,6 +146,11 @@ impl Router {
                     settle(in_flight.take(), &self.metrics)
                 );
                 if !settled {
+                    break;
+                }
+                if !self.fence.valid() {
+                    warn!("router lease not renewed in time; routing stops");
+                    fenced = true;
                     break;
                 }
                 let routed = self.publish(prepared).await;

@@ -11,6 +11,8 @@
 //! from the applied sequence. Between batches it answers view requests for its customers
 //! and passivates idle actors. It holds no rules itself.
 
+use crate::cluster::lease::Fence;
+use crate::cluster::snapshot::Snapshots;
 use crate::dlq;
 use crate::metrics::Metrics;
 use crate::shard_log::ShardLogReader;
@@ -22,6 +24,7 @@ use crm_actors::codec;
 use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
 use crm_actors::engine::{OutboxKey, ShardEngine};
 use crm_actors::event::{RejectReason, Rejection};
+use futures::StreamExt;
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,13 +49,58 @@ pub struct ShardHandle {
     pub sender: mpsc::Sender<ShardRequest>,
 }
 
+/// The shard workers this node runs now, by shard number (`None` where another node owns
+/// the shard, or nobody yet). Changed by the cluster manager as shards move.
+#[derive(Clone)]
+pub struct ShardTable {
+    slots: Arc<std::sync::RwLock<Vec<Option<ShardHandle>>>>,
+}
+
+impl ShardTable {
+    /// A table of `count` shards, none served.
+    pub fn new(count: u32) -> ShardTable {
+        ShardTable {
+            slots: Arc::new(std::sync::RwLock::new(vec![None; count as usize])),
+        }
+    }
+
+    /// The worker of `shard`, if this node serves it.
+    pub fn get(&self, shard: u32) -> Option<ShardHandle> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.get(shard as usize).cloned().flatten()
+    }
+
+    /// Every served shard's worker, by shard number.
+    pub fn served(&self) -> Vec<ShardHandle> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.iter().flatten().cloned().collect()
+    }
+
+    /// Sets (or clears) the worker of `shard`.
+    pub fn set(&self, shard: u32, handle: Option<ShardHandle>) {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = slots.get_mut(shard as usize) {
+            *slot = handle;
+        }
+    }
+}
+
 /// Settings of one worker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerSettings {
     pub batch_max_events: usize,
     pub passivate_every: Duration,
-    /// Recorded with every applied batch (lease epoch; 0 on a single node).
+    /// The shard lease's epoch, recorded with every applied batch (sled meta and
+    /// `crm.audit.<n>`).
     pub owner_epoch: u64,
+    /// The shard lease's fence: no batch is applied once it has expired.
+    pub fence: Fence,
+    pub node_id: String,
+    /// Periodic snapshots: where, and how often.
+    pub snapshots: Option<Snapshots>,
+    pub snapshot_interval: Duration,
+    /// Applied records after which a snapshot is taken (0: by time only).
+    pub snapshot_every_records: u64,
 }
 
 /// One shard's worker.
@@ -65,6 +113,8 @@ pub struct ShardWorker {
     pub requests: mpsc::Receiver<ShardRequest>,
     /// Applied sequence of every shard of the node, published for `crm.node.stats`.
     pub progress: Arc<Vec<AtomicU64>>,
+    /// Resident customer actors of every shard of the node (0 where not served).
+    pub resident: Arc<Vec<AtomicU64>>,
     /// Batches of actor events whose acks are awaited (see `publish_events`).
     pub publishing: JoinSet<()>,
 }
@@ -78,12 +128,21 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 const READ_WAIT: Duration = Duration::from_millis(500);
 
 impl ShardWorker {
-    /// Runs until shutdown; the batch in hand is finished (applied and flushed) first.
+    /// Runs until shutdown or until its lease fence expires; the batch in hand is finished
+    /// (applied and flushed) first.
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let span = info_span!("shard", shard = self.shard);
         async move {
             self.publish_outbox().await;
             self.record_progress();
+            let client = self.jetstream.client();
+            let mut forwarded = match client.subscribe(subjects::owner_view(self.shard)).await {
+                Ok(subscription) => Some(subscription),
+                Err(error) => {
+                    warn!(%error, "forwarded queries cannot reach this shard");
+                    None
+                }
+            };
             let mut reader = ShardLogReader::new(
                 self.jetstream.clone(),
                 self.shard,
@@ -91,6 +150,8 @@ impl ShardWorker {
                 self.settings.batch_max_events,
             );
             let mut last_passivation = Instant::now();
+            let mut last_snapshot = Instant::now();
+            let mut since_snapshot: u64 = 0;
             while !shutdown.is_triggered() {
                 let records = {
                     let next = reader.next_batch(READ_WAIT);
@@ -100,14 +161,47 @@ impl ShardWorker {
                             biased;
                             records = &mut next => break Some(records),
                             Some(request) = self.requests.recv() => self.answer(request).await,
+                            Some(message) = next_forwarded(&mut forwarded) => {
+                                self.answer_forwarded(&client, message).await;
+                            }
                             _ = shutdown.wait() => break None,
                         }
                     }
                 };
                 let Some(records) = records else { break };
-                if !records.is_empty() && !self.process(records).await {
-                    tokio::time::sleep(RETRY_DELAY).await;
-                    reader.rewind(self.engine.meta().applied_seq + 1).await;
+                if !self.settings.fence.valid() {
+                    warn!(epoch = self.settings.owner_epoch, "shard lease not renewed in time; stopping before another node may take it");
+                    break;
+                }
+                if !records.is_empty() {
+                    let count = records.len() as u64;
+                    if self.process(records).await {
+                        since_snapshot += count;
+                    } else {
+                        tokio::time::sleep(RETRY_DELAY).await;
+                        reader.rewind(self.engine.meta().applied_seq + 1).await;
+                    }
+                }
+                let every = self.settings.snapshot_every_records;
+                let due = (every > 0 && since_snapshot >= every)
+                    || (since_snapshot > 0
+                        && last_snapshot.elapsed() >= self.settings.snapshot_interval);
+                if due && self.settings.fence.valid() {
+                    if let Some(snapshots) = &self.settings.snapshots {
+                        match snapshots
+                            .write(
+                                self.engine.store(),
+                                self.shard,
+                                self.settings.owner_epoch,
+                                &self.settings.node_id,
+                            )
+                            .await
+                        {
+                            Ok(_) => since_snapshot = 0,
+                            Err(error) => warn!(%error, "periodic snapshot failed; the log keeps everything meanwhile"),
+                        }
+                    }
+                    last_snapshot = Instant::now();
                 }
                 // The resident cap holds after every batch; idle actors go every
                 // `passivate_every`.
@@ -118,12 +212,44 @@ impl ShardWorker {
                     last_passivation = Instant::now();
                 }
             }
+            drop(forwarded);
             self.finish_publishing().await;
             self.engine.shutdown().await;
+            if let Some(slot) = self.resident.get(self.shard as usize) {
+                slot.store(0, Ordering::Relaxed);
+            }
             info!("shard worker stopped");
         }
         .instrument(span)
         .await
+    }
+
+    /// Answers a view query another node forwarded (`crm.owner.<n>.view`).
+    async fn answer_forwarded(
+        &mut self,
+        client: &async_nats::Client,
+        message: async_nats::Message,
+    ) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let customer_id = serde_json::from_slice::<Value>(&message.payload)
+            .ok()
+            .and_then(|body| body["customer_id"].as_str().map(str::to_string));
+        let body = match customer_id {
+            None => crate::query::error_reply("bad_request", "send {\"customer_id\": \"c…\"}"),
+            Some(customer_id) => match self.engine.view(&customer_id).await {
+                Ok(Some(view)) => view,
+                Ok(None) => {
+                    crate::query::error_reply("not_found", format!("no customer {customer_id}"))
+                }
+                Err(error) => crate::query::error_reply("unavailable", error.to_string()),
+            },
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        if let Err(error) = client.publish(reply, body.into()).await {
+            warn!(%error, "forwarded query reply not sent");
+        }
     }
 
     async fn answer(&mut self, request: ShardRequest) {
@@ -142,6 +268,9 @@ impl ShardWorker {
     fn record_progress(&self) {
         if let Some(slot) = self.progress.get(self.shard as usize) {
             slot.store(self.engine.meta().applied_seq, Ordering::Relaxed);
+        }
+        if let Some(slot) = self.resident.get(self.shard as usize) {
+            slot.store(self.engine.resident_count() as u64, Ordering::Relaxed);
         }
     }
 
@@ -189,6 +318,7 @@ impl ShardWorker {
             }
         };
         self.record_progress();
+        self.audit(&messages).await;
         Metrics::add(&self.metrics.shard_commands, result.messages.len() as u64);
         Metrics::add(&self.metrics.applied, result.applied);
         Metrics::add(&self.metrics.duplicates, result.duplicates);
@@ -269,6 +399,34 @@ impl ShardWorker {
             })
             .unwrap_or_default();
         (subjects::shard(self.shard), sequence, fallback.into())
+    }
+
+    /// Publishes the batch's audit record on `crm.audit.<n>`: who applied which sequences
+    /// under which lease epoch, and when (not awaited: the audit is for operators and
+    /// tests, the state does not depend on it).
+    async fn audit(&self, messages: &[Message]) {
+        let sequences = messages
+            .iter()
+            .filter_map(|m| m.info().ok().map(|i| i.stream_sequence));
+        let (first, last) = sequences.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s), hi.max(s)));
+        if last == 0 {
+            return;
+        }
+        let record = serde_json::json!({
+            "shard": self.shard,
+            "node": self.settings.node_id,
+            "epoch": self.settings.owner_epoch,
+            "first_seq": first,
+            "last_seq": last,
+            "at_ms": crate::cluster::wall_ms(),
+        });
+        let client = self.jetstream.client();
+        if let Err(error) = client
+            .publish(subjects::audit(self.shard), record.to_string().into())
+            .await
+        {
+            warn!(%error, "audit record not published");
+        }
     }
 
     async fn dead_letter(
@@ -359,6 +517,16 @@ impl ShardWorker {
     /// Waits for every batch of events still being published.
     async fn finish_publishing(&mut self) {
         while self.publishing.join_next().await.is_some() {}
+    }
+}
+
+/// The next forwarded query, or never when there is no subscription.
+async fn next_forwarded(
+    subscription: &mut Option<async_nats::Subscriber>,
+) -> Option<async_nats::Message> {
+    match subscription {
+        Some(subscription) => subscription.next().await,
+        None => std::future::pending().await,
     }
 }
 

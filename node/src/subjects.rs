@@ -13,6 +13,13 @@
 //! | `crm.query.customer` | none (request/reply) | query clients | query responders |
 //! | `crm.cmd.redeem`, `crm.cmd.tick` | none (request/reply) | clients, ops | command responders |
 //! | `crm.node.stats` | none (request/reply) | ops | every node |
+//! | `crm.snapshot.<n>.<id>` | `CRM_SNAPSHOTS` | the owner of shard n | the next owner |
+//! | `crm.audit.<n>` | `CRM_AUDIT` | the owner of shard n (one record per applied batch) | operators, tests |
+//! | `crm.owner.<n>.view` | none (request/reply) | any node forwarding a query | the owner of shard n |
+//!
+//! KV buckets: `crm_identity` (identifier -> customer), `crm_cluster` (shard count, shard
+//! assignment, drain requests), `crm_nodes` (heartbeats), `crm_leases` (shard, coordinator
+//! and router leases), `crm_snapshots` (each shard's last snapshot), `crm_value` (model).
 //!
 //! A *token* (channel, customer id, dead-letter reason) must be subject-safe: ASCII letters,
 //! digits, `-` and `_`, 1 to [`TOKEN_MAX_BYTES`] bytes ([`is_token`]). No dots (they split
@@ -56,6 +63,20 @@ pub const DLQ_STREAM: &str = "CRM_DLQ";
 /// Subjects of [`DLQ_STREAM`].
 pub const DLQ_ALL: &str = "crm.dlq.>";
 
+/// Prefix of snapshot subjects: `crm.snapshot.<n>.<id>`.
+pub const SNAPSHOT_PREFIX: &str = "crm.snapshot";
+/// Stream holding shard snapshots (pieces; each shard's manifest is in [`KV_SNAPSHOTS`]).
+pub const SNAPSHOTS_STREAM: &str = "CRM_SNAPSHOTS";
+/// Subjects of [`SNAPSHOTS_STREAM`].
+pub const SNAPSHOTS_ALL: &str = "crm.snapshot.>";
+
+/// Prefix of apply-audit subjects: `crm.audit.<n>`.
+pub const AUDIT_PREFIX: &str = "crm.audit";
+/// Stream holding one record per applied shard batch (owner, epoch, sequences).
+pub const AUDIT_STREAM: &str = "CRM_AUDIT";
+/// Subjects of [`AUDIT_STREAM`].
+pub const AUDIT_ALL: &str = "crm.audit.>";
+
 /// Request/reply: the 360 view of one customer.
 pub const QUERY_CUSTOMER: &str = "crm.query.customer";
 /// Request/reply: redeem a reward.
@@ -80,6 +101,44 @@ pub const KV_VALUE: &str = "crm_value";
 pub const VALUE_MODEL_KEY: &str = "model";
 /// Key in [`KV_CLUSTER`] holding the cluster's shard count (decimal text).
 pub const CLUSTER_KEY_SHARD_COUNT: &str = "shard_count";
+/// Key in [`KV_CLUSTER`] holding the shard assignment the coordinator wrote (JSON).
+pub const CLUSTER_KEY_ASSIGNMENT: &str = "assignment";
+/// KV bucket: node id -> heartbeat (JSON).
+pub const KV_NODES: &str = "crm_nodes";
+/// KV bucket: leases (JSON): `shard-<n>`, [`LEASE_COORDINATOR`], [`LEASE_ROUTER`].
+pub const KV_LEASES: &str = "crm_leases";
+/// Lease key of the coordinator (assigns shards).
+pub const LEASE_COORDINATOR: &str = "coordinator";
+/// Lease key of the router (one node routes ingest at a time, keeping each customer's
+/// events in order).
+pub const LEASE_ROUTER: &str = "router";
+/// KV bucket: `shard-<n>` -> the shard's last snapshot manifest (JSON).
+pub const KV_SNAPSHOTS: &str = "crm_snapshots";
+
+/// The lease key (in [`KV_LEASES`]) and snapshot key (in [`KV_SNAPSHOTS`]) of `shard`.
+pub fn shard_key(shard: u32) -> String {
+    format!("shard-{shard}")
+}
+
+/// A drain request for `node_id` in [`KV_CLUSTER`].
+pub fn drain_key(node_id: &str) -> String {
+    format!("drain-{node_id}")
+}
+
+/// The subject of one snapshot's pieces.
+pub fn snapshot(shard: u32, id: &str) -> String {
+    format!("{SNAPSHOT_PREFIX}.{shard}.{id}")
+}
+
+/// The audit subject of `shard`.
+pub fn audit(shard: u32) -> String {
+    format!("{AUDIT_PREFIX}.{shard}")
+}
+
+/// Where the owner of `shard` answers forwarded view queries.
+pub fn owner_view(shard: u32) -> String {
+    format!("crm.owner.{shard}.view")
+}
 
 /// Whether `token` can be used as one subject token (see the module docs).
 pub fn is_token(token: &str) -> bool {

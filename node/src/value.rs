@@ -14,7 +14,7 @@
 //! replay reproduces all of it. No rule lives here.
 
 use crate::query::error_reply;
-use crate::shard_worker::ShardHandle;
+use crate::shard_worker::ShardTable;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
@@ -31,7 +31,6 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -49,7 +48,7 @@ pub struct ValueService {
     pub store: Store,
     pub shard_count: u32,
     /// Indexed by shard number; `None` where this node does not serve the shard.
-    pub handles: Arc<Vec<Option<ShardHandle>>>,
+    pub table: ShardTable,
     pub node_id: String,
 }
 
@@ -259,13 +258,11 @@ impl ValueService {
                 TimeUnit::Days
             };
             let store = self.store.clone();
-            let (count, handles) = (self.shard_count, self.handles.clone());
+            let served: Vec<u32> = self.table.served().iter().map(|h| h.shard).collect();
+            let count = self.shard_count;
+            let served_set: std::collections::HashSet<u32> = served.iter().copied().collect();
             let rows = tokio::task::spawn_blocking(move || {
-                let owned = |customer_id: &str| {
-                    handles
-                        .get(shard_of(customer_id, count) as usize)
-                        .is_some_and(Option::is_some)
-                };
+                let owned = |customer_id: &str| served_set.contains(&shard_of(customer_id, count));
                 customer_value::summaries_from_store(&store, ask.as_of_day, unit, owned)
                     .map(|summaries| aggregate(&summaries))
             })
@@ -294,7 +291,6 @@ impl ValueService {
                     continue;
                 }
             };
-            let served: Vec<u32> = self.handles.iter().flatten().map(|h| h.shard).collect();
             let mut chunks: Vec<Vec<SummaryRow>> = rows
                 .chunks(CHUNK_ROWS_MAX)
                 .map(<[SummaryRow]>::to_vec)
@@ -421,11 +417,7 @@ impl ValueService {
     /// The day of the latest rule time any served shard has seen (the default as-of day).
     fn latest_rule_day(&self) -> i32 {
         let clock_ms = (0..self.shard_count)
-            .filter(|shard| {
-                self.handles
-                    .get(*shard as usize)
-                    .is_some_and(Option::is_some)
-            })
+            .filter(|shard| self.table.get(*shard).is_some())
             .filter_map(|shard| self.store.shard_meta(shard).ok())
             .map(|meta| meta.clock_ms)
             .max()
@@ -556,7 +548,7 @@ fn parse_day(text: &str) -> Option<i32> {
 pub async fn append_models(
     jetstream: Context,
     kv: kv::Store,
-    handles: Arc<Vec<Option<ShardHandle>>>,
+    table: ShardTable,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -603,7 +595,7 @@ pub async fn append_models(
             let version = model.version;
             let record = codec::encode(&ShardMessage::ValueModel { model });
             let mut appended_all = true;
-            for handle in handles.iter().flatten() {
+            for handle in table.served() {
                 let publish = Publish::build()
                     .payload(record.clone().into())
                     .message_id(format!("value-{version}-{}", handle.shard));

@@ -1,0 +1,238 @@
+//! The cluster under faults, against a real `nats-server` and real `crm-node` processes:
+//! three nodes under continuous load lose one to SIGKILL, gain a fourth, and drain one; a
+//! node restarted with its sled resumes where it was; a node cut from NATS by a proxy stops
+//! applying before its shards pass on. Every time, every customer's spend, purchase count
+//! and points end exact, and the apply audit shows that no shard was ever applied by two
+//! lease holders at once.
+
+use crm_cluster::cluster_env::{
+    assert_buyers_exact, expected_points, generated_traffic, publish_all, publish_paced,
+    purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
+};
+use crm_cluster::multi_node::{
+    assert_single_writer, audit_records, owned_by, status, status_cli, wait_cluster_settled,
+    wait_status, ClusterEnv,
+};
+use crm_cluster::node_process::run_cli;
+use crm_cluster::tcp_proxy::TcpProxy;
+use serde_json::Value;
+use std::time::Duration;
+
+const START: &str = "2026-01-05T00:00:00Z";
+const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every shard has an owner, the one the coordinator assigned.
+fn settled(status: &Value) -> bool {
+    status["shards"].as_array().is_some_and(|shards| {
+        shards
+            .iter()
+            .all(|s| !s["owner"].is_null() && s["owner"] == s["assigned"])
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact() {
+    let options = NodeOptions {
+        shards: 12,
+        limits: "batch_max_events = 64".to_string(),
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start(3, options));
+    let client = env.client().await;
+    let url = env.nats.url();
+    let status = wait_status(&client, "three nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s)
+            && ["node-1", "node-2", "node-3"]
+                .iter()
+                .all(|n| owned_by(s, n).len() == 4)
+    })
+    .await;
+    assert!(status["coordinator"].is_string(), "{status}");
+
+    let (events, truth) = generated_traffic(traffic_spec(START, 400, 30, 41));
+    let total = events.len();
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            publish_paced(&client, events, 300, Duration::from_secs(120)).await;
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::task::block_in_place(|| env.node("node-2").kill());
+    wait_status(
+        &client,
+        "node-2's shards served elsewhere",
+        MOVE_TIMEOUT,
+        |s| settled(s) && owned_by(s, "node-2").is_empty(),
+    )
+    .await;
+
+    let joined = tokio::task::block_in_place(|| env.add_node());
+    wait_status(&client, "the new node serves shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, &joined).len() >= 3
+    })
+    .await;
+
+    let (ok, stdout, stderr) = tokio::task::block_in_place(|| {
+        run_cli(&["--nats-url", &url, "drain", "node-1", "--timeout-s", "60"])
+    });
+    assert!(ok, "drain failed: {stderr}\n{}", env.logs(30));
+    assert!(stdout.contains("may stop"), "{stdout}");
+    let status = wait_status(&client, "node-1 drained", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, "node-1").is_empty()
+    })
+    .await;
+    assert_ne!(status["coordinator"], "node-1", "{status}");
+
+    publisher.await.expect("publisher");
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+    let arrivals = purchase_arrivals(&client).await;
+    let checked =
+        assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert!(checked > 100, "only {checked} buyers among {total} events");
+
+    let epochs = assert_single_writer(&audit_records(&client).await);
+    assert_eq!(
+        epochs.len(),
+        12,
+        "every shard applied something: {epochs:?}"
+    );
+    assert!(
+        epochs.values().filter(|e| e.len() > 1).count() >= 4,
+        "shards moved under several epochs: {epochs:?}"
+    );
+
+    // The documented status JSON, from the CLI.
+    let status = tokio::task::block_in_place(|| status_cli(&url));
+    let nodes = status["nodes"].as_array().expect("nodes");
+    let node = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .cloned()
+            .expect(id)
+    };
+    assert_eq!(node("node-2")["alive"], false, "{status}");
+    assert_eq!(node("node-3")["alive"], true, "{status}");
+    assert!(node("node-1")["shards"]
+        .as_array()
+        .expect("shards")
+        .is_empty());
+    let shards = status["shards"].as_array().expect("shards");
+    assert_eq!(shards.len(), 12);
+    for shard in shards {
+        assert!(
+            shard["owner"].is_string() && shard["epoch"].as_u64() > Some(0),
+            "{shard}"
+        );
+        assert_eq!(shard["lag"], 0, "{shard}");
+    }
+    assert!(status["coordinator"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_sled_takes_its_shards_back_without_a_full_replay() {
+    let options = NodeOptions {
+        shards: 8,
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start(2, options));
+    let client = env.client().await;
+    wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, "node-2").len() == 4
+    })
+    .await;
+    let (events, truth) = generated_traffic(traffic_spec(START, 200, 30, 43));
+    let (first, second) = events.split_at(events.len() / 2);
+    publish_all(&client, first.to_vec(), 256, Duration::from_secs(120)).await;
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+    let mine = owned_by(&status(&client).await, "node-2");
+
+    // SIGKILL and straight back, before its leases expire: it takes them back itself.
+    let log_before = env.node("node-2").log_lines().len();
+    tokio::task::block_in_place(|| env.node("node-2").restart(NODE_READY_TIMEOUT));
+    wait_status(
+        &client,
+        "node-2 serves its shards again",
+        MOVE_TIMEOUT,
+        |s| settled(s) && owned_by(s, "node-2") == mine,
+    )
+    .await;
+    publish_all(&client, second.to_vec(), 256, Duration::from_secs(120)).await;
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+
+    let restarted_log = env.node("node-2").log_lines()[log_before..].join("\n");
+    assert!(
+        !restarted_log.contains("snapshot restored"),
+        "its own sled was current:\n{restarted_log}"
+    );
+    let records = audit_records(&client).await;
+    assert_single_writer(&records);
+    for shard in &mine {
+        let of_shard: Vec<_> = records
+            .iter()
+            .filter(|r| u64::from(r.shard) == *shard)
+            .collect();
+        let first_ever = of_shard.iter().map(|r| r.first_seq).min().expect("applied");
+        let last_epoch = of_shard.iter().map(|r| r.epoch).max().expect("epochs");
+        let resumed_at = of_shard
+            .iter()
+            .filter(|r| r.epoch == last_epoch)
+            .map(|r| r.first_seq)
+            .min()
+            .expect("batches of the last epoch");
+        assert!(
+            resumed_at > first_ever && of_shard.iter().all(|r| r.epoch < last_epoch || r.node == "node-2"),
+            "shard {shard}: after the restart node-2 started at {resumed_at}, the log at {first_ever}"
+        );
+    }
+    let arrivals = purchase_arrivals(&client).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_nats_stops_applying_before_its_shards_pass_to_another() {
+    let options = NodeOptions {
+        shards: 8,
+        limits: "batch_max_events = 32".to_string(),
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start(1, options));
+    let proxy = TcpProxy::start(env.nats.port());
+    let cut = tokio::task::block_in_place(|| env.add_node_with_url(&proxy.url()));
+    let client = env.client().await;
+    wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, &cut).len() == 4
+    })
+    .await;
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 47));
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            publish_paced(&client, events, 400, Duration::from_secs(120)).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.cut();
+    wait_status(
+        &client,
+        "the cut node's shards served by node-1",
+        MOVE_TIMEOUT,
+        |s| settled(s) && owned_by(s, &cut).is_empty(),
+    )
+    .await;
+    let log = env.node(&cut).log_lines().join("\n");
+    assert!(
+        log.contains("not renewed in time"),
+        "the cut node did not stop on its own:\n{}",
+        env.node(&cut).log_tail(40)
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.heal();
+    publisher.await.expect("publisher");
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+    let arrivals = purchase_arrivals(&client).await;
+    assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert_single_writer(&audit_records(&client).await);
+}
