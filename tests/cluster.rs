@@ -5,6 +5,7 @@
 //! and points end exact, and the apply audit shows that no shard was ever applied by two
 //! lease holders at once.
 
+use crm_cluster::cluster_env::request;
 use crm_cluster::cluster_env::{
     assert_buyers_exact, expected_points, generated_traffic, publish_all, publish_paced,
     purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
@@ -15,7 +16,8 @@ use crm_cluster::multi_node::{
 };
 use crm_cluster::node_process::run_cli;
 use crm_cluster::tcp_proxy::TcpProxy;
-use serde_json::Value;
+use crm_node::subjects;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 const START: &str = "2026-01-05T00:00:00Z";
@@ -189,6 +191,14 @@ async fn a_node_restarted_with_its_sled_takes_its_shards_back_without_a_full_rep
     }
     let arrivals = purchase_arrivals(&client).await;
     assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+
+    // A value fit gathers every shard's summaries from both nodes (a missing shard would
+    // make it "unavailable"; too few buyers for the models is "fit_failed").
+    let fit = request(&client, subjects::CMD_VALUE_FIT, &json!({})).await;
+    assert_ne!(fit["error"]["code"], "unavailable", "{fit}");
+    if fit.get("error").is_none() {
+        assert!(fit["customers"].as_u64() > Some(100), "{fit}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,59 +176,91 @@ impl ValueService {
 
     /// Gathers the summaries of every shard of the cluster: asks every node on
     /// [`subjects::VALUE_COLLECT`] and reads their chunks until the shards they cover are
-    /// all the cluster's shards (or [`COLLECT_TIMEOUT`] passes: an error naming the
-    /// missing shards). This node answers its own request like any other.
+    /// all the cluster's shards. A node's answer counts once it is complete and covers no
+    /// shard already covered (a shard that moved meanwhile may be answered twice). Shards
+    /// still missing after [`COLLECT_ROUND`] without news are asked for again (a node that
+    /// was starting, or a shard that was moving); after [`COLLECT_TIMEOUT`] the error names
+    /// the missing shards. This node answers its own request like any other.
     async fn collect(&self, request: FitRequest) -> Result<Vec<(CustomerSummary, f64)>, Value> {
-        let inbox = self.client.new_inbox();
-        let mut replies =
-            self.client.subscribe(inbox.clone()).await.map_err(|e| {
-                error_reply("unavailable", format!("cannot collect summaries: {e}"))
-            })?;
-        let ask = CollectRequest {
-            as_of_day: request.as_of_day,
-            weeks: request.unit == TimeUnit::Weeks,
-        };
-        let body = serde_json::to_vec(&ask).unwrap_or_default();
-        self.client
-            .publish_with_reply(subjects::VALUE_COLLECT, inbox, body.into())
-            .await
-            .map_err(|e| error_reply("unavailable", format!("cannot collect summaries: {e}")))?;
+        let unavailable =
+            |e: String| error_reply("unavailable", format!("cannot collect summaries: {e}"));
         let mut covered = vec![false; self.shard_count as usize];
-        let mut received: HashMap<String, u32> = HashMap::new();
         let mut summaries = Vec::new();
         let deadline = tokio::time::Instant::now() + COLLECT_TIMEOUT;
         while covered.iter().any(|c| !c) {
-            let message = match tokio::time::timeout_at(deadline, replies.next()).await {
-                Ok(Some(message)) => message,
-                _ => {
-                    let missing: Vec<usize> = (0..covered.len()).filter(|s| !covered[*s]).collect();
-                    return Err(error_reply(
-                        "unavailable",
-                        format!(
-                            "no summaries for shards {missing:?} within {} s; are their nodes up?",
-                            COLLECT_TIMEOUT.as_secs()
-                        ),
-                    ));
-                }
+            let missing: Vec<u32> = (0..self.shard_count)
+                .filter(|s| !covered[*s as usize])
+                .collect();
+            let inbox = self.client.new_inbox();
+            let mut replies = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let ask = CollectRequest {
+                as_of_day: request.as_of_day,
+                weeks: request.unit == TimeUnit::Weeks,
+                shards: Some(missing.clone()),
             };
-            let chunk: SummaryChunk = codec::decode(&message.payload).map_err(|error| {
-                error_reply(
-                    "internal",
-                    format!(
-                        "a summary chunk does not decode ({error}); nodes of different versions?"
-                    ),
-                )
-            })?;
-            check_chunk(&mut received, &chunk)
-                .map_err(|message| error_reply("unavailable", message))?;
-            for row in &chunk.rows {
-                for _ in 0..row.count {
-                    summaries.push((row.summary(), row.mean_spend));
+            let body = serde_json::to_vec(&ask).unwrap_or_default();
+            self.client
+                .publish_with_reply(subjects::VALUE_COLLECT, inbox, body.into())
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            // This round's answers, per node: chunks received and rows so far.
+            let mut received: HashMap<String, u32> = HashMap::new();
+            let mut pending: HashMap<String, Vec<SummaryRow>> = HashMap::new();
+            loop {
+                let round_end = (tokio::time::Instant::now() + COLLECT_ROUND).min(deadline);
+                let message = match tokio::time::timeout_at(round_end, replies.next()).await {
+                    Ok(Some(message)) => message,
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        let missing: Vec<usize> =
+                            (0..covered.len()).filter(|s| !covered[*s]).collect();
+                        return Err(error_reply(
+                            "unavailable",
+                            format!(
+                                "no summaries for shards {missing:?} within {} s; are their nodes up?",
+                                COLLECT_TIMEOUT.as_secs()
+                            ),
+                        ));
+                    }
+                    // Quiet for a round: ask again for what is still missing.
+                    _ => break,
+                };
+                let chunk: SummaryChunk = codec::decode(&message.payload).map_err(|error| {
+                    error_reply(
+                        "internal",
+                        format!(
+                            "a summary chunk does not decode ({error}); nodes of different versions?"
+                        ),
+                    )
+                })?;
+                check_chunk(&mut received, &chunk)
+                    .map_err(|message| error_reply("unavailable", message))?;
+                let rows = pending.entry(chunk.node_id.clone()).or_default();
+                rows.extend(chunk.rows);
+                if chunk.chunks.is_none() {
+                    continue;
                 }
-            }
-            for shard in chunk.shards_done {
-                if let Some(slot) = covered.get_mut(shard as usize) {
-                    *slot = true;
+                let rows = pending.remove(&chunk.node_id).unwrap_or_default();
+                let fresh = chunk
+                    .shards_done
+                    .iter()
+                    .all(|s| covered.get(*s as usize).is_some_and(|c| !c));
+                if !fresh {
+                    continue;
+                }
+                for row in &rows {
+                    for _ in 0..row.count {
+                        summaries.push((row.summary(), row.mean_spend));
+                    }
+                }
+                for shard in chunk.shards_done {
+                    covered[shard as usize] = true;
+                }
+                if covered.iter().all(|c| *c) {
+                    break;
                 }
             }
         }
@@ -258,7 +290,16 @@ impl ValueService {
                 TimeUnit::Days
             };
             let store = self.store.clone();
-            let served: Vec<u32> = self.table.served().iter().map(|h| h.shard).collect();
+            let served: Vec<u32> = self
+                .table
+                .served()
+                .iter()
+                .map(|h| h.shard)
+                .filter(|s| ask.shards.as_ref().is_none_or(|wanted| wanted.contains(s)))
+                .collect();
+            if served.is_empty() {
+                continue;
+            }
             let count = self.shard_count;
             let served_set: std::collections::HashSet<u32> = served.iter().copied().collect();
             let rows = tokio::task::spawn_blocking(move || {
@@ -439,14 +480,19 @@ async fn next_message(
 
 /// Longest a fit waits for the summaries of every shard.
 pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Quiet time after which the shards still missing from a gather are asked for again.
+pub const COLLECT_ROUND: Duration = Duration::from_secs(2);
 /// Most summary rows in one chunk (~48 bytes each: well under NATS's 1 MiB payload).
 pub const CHUNK_ROWS_MAX: usize = 8_192;
 
 /// What a fit asks every node for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CollectRequest {
     as_of_day: i32,
     weeks: bool,
+    /// The shards wanted (None: all); a node answers for those it serves, if any.
+    #[serde(default)]
+    shards: Option<Vec<u32>>,
 }
 
 /// Identical customer summaries of one node, counted (bincode on the wire).
