@@ -45,6 +45,8 @@ use tracing::{info, warn};
 
 /// Queue depth of each shard worker's request channel (views waiting between batches).
 const SHARD_REQUESTS_MAX: usize = 256;
+/// How long a change seen in a bucket waits for the rest of its burst before it is acted on.
+const REACT_DEBOUNCE: Duration = Duration::from_millis(5);
 /// How often finished shard starts and hand-offs are looked for between rounds.
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -154,15 +156,38 @@ impl Manager {
         // serves (and a released lease frees) as soon as it can.
         let mut reaper = tokio::time::interval(REAP_INTERVAL);
         reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A change of the assignment, a lease or a heartbeat is acted on at once (a released
+        // lease taken, a new assignment followed), not at the next round.
+        let mut changes = [
+            self.leases.view.subscribe(),
+            self.cluster.subscribe(),
+            self.nodes.subscribe(),
+        ];
         loop {
-            tokio::select! {
-                _ = timer.tick() => self.round(&mut state).await,
+            let [leases, cluster, nodes] = &mut changes;
+            let changed = tokio::select! {
+                _ = timer.tick() => {
+                    self.round(&mut state).await;
+                    false
+                }
                 _ = reaper.tick() => {
                     if state.slots.values().any(Slot::is_finished) {
                         self.reap(&mut state).await;
                     }
+                    false
                 }
+                Ok(()) = leases.changed() => true,
+                Ok(()) = cluster.changed() => true,
+                Ok(()) = nodes.changed() => true,
                 _ = shutdown.wait() => break,
+            };
+            if changed {
+                // Let a burst (a node renewing all its leases) arrive, then act once.
+                tokio::time::sleep(REACT_DEBOUNCE).await;
+                for receiver in changes.iter_mut() {
+                    receiver.borrow_and_update();
+                }
+                self.react(&mut state).await;
             }
         }
         self.stop_all(&mut state).await;
@@ -178,6 +203,19 @@ impl Manager {
         self.reap(state).await;
         self.coordinate(state, draining).await;
         self.route(state, draining).await;
+        self.place_shards(state, draining).await;
+    }
+
+    /// A round without heartbeat and renewals, on a change seen in a bucket.
+    async fn react(&self, state: &mut State) {
+        let draining = self
+            .cluster
+            .get(&subjects::drain_key(&self.node_id))
+            .is_some();
+        self.reap(state).await;
+        if state.coordinator.is_some() {
+            self.coordinate(state, draining).await;
+        }
         self.place_shards(state, draining).await;
     }
 

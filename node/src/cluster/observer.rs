@@ -31,6 +31,8 @@ pub struct BucketView {
     keys: Arc<Mutex<HashMap<String, Observed>>>,
     /// Whether the watch has delivered the bucket's current state at least once.
     ready: watch::Receiver<bool>,
+    /// Bumped on every change seen (or written by this node).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 impl BucketView {
@@ -38,6 +40,8 @@ impl BucketView {
     pub fn start(store: kv::Store, mut stop: crate::shutdown::Shutdown) -> BucketView {
         let keys: Arc<Mutex<HashMap<String, Observed>>> = Arc::default();
         let (ready_tx, ready) = watch::channel(false);
+        let changes = Arc::new(watch::channel(0u64).0);
+        let changed = changes.clone();
         let shared = keys.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -92,6 +96,7 @@ impl BucketView {
                                 }
                             }
                             drop(keys);
+                            changed.send_modify(|n| *n += 1);
                             if entry.delta == 0 {
                                 let _ = ready_tx.send(true);
                             }
@@ -109,7 +114,16 @@ impl BucketView {
                 }
             }
         });
-        BucketView { keys, ready }
+        BucketView {
+            keys,
+            ready,
+            changes,
+        }
+    }
+
+    /// A receiver that wakes up when any key changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Waits (at most `timeout`) until the bucket's current state has been seen once.
@@ -143,6 +157,8 @@ impl BucketView {
                     since: Instant::now(),
                 },
             );
+            drop(keys);
+            self.changes.send_modify(|n| *n += 1);
         }
     }
 }
