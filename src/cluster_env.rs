@@ -25,6 +25,8 @@ pub struct NodeOptions {
     pub rules: PathBuf,
     /// Extra lines appended to the `[limits]` section.
     pub limits: String,
+    /// Extra lines appended to the `[cluster]` section.
+    pub cluster: String,
 }
 
 impl Default for NodeOptions {
@@ -33,6 +35,7 @@ impl Default for NodeOptions {
             shards: 8,
             rules: fixture("rules-e2e.toml"),
             limits: String::new(),
+            cluster: String::new(),
         }
     }
 }
@@ -66,6 +69,7 @@ connect_retry_max_ms = 1000
 name = "crm-test"
 shards = {shards}
 identity_secret = "integration-test-secret-0123456789"
+{cluster}
 
 [limits]
 tick_interval_s = 0
@@ -78,6 +82,7 @@ path = "{rules}"
         data = data_dir.display(),
         shards = options.shards,
         limits = options.limits,
+        cluster = options.cluster,
         rules = options.rules.display(),
     );
     let path = dir.join(format!("{node_id}.toml"));

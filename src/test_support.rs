@@ -30,7 +30,7 @@ pub fn start_env(rules: &str) -> TestEnv {
     TestEnv::start(NodeOptions {
         shards: SHARDS,
         rules: fixture(rules),
-        limits: String::new(),
+        ..NodeOptions::default()
     })
 }
 

@@ -37,6 +37,8 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
     let options = NodeOptions {
         shards: 12,
         limits: "batch_max_events = 64".to_string(),
+        // Periodic snapshots, so the crash failover restores one and replays the rest.
+        cluster: "snapshot_every_records = 150".to_string(),
         ..NodeOptions::default()
     };
     let mut env = tokio::task::block_in_place(|| ClusterEnv::start(3, options));
@@ -99,6 +101,20 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
         epochs.len(),
         12,
         "every shard applied something: {epochs:?}"
+    );
+    let restored = env
+        .nodes
+        .iter()
+        .filter(|(_, node)| {
+            node.log_lines()
+                .iter()
+                .any(|l| l.contains("snapshot restored"))
+        })
+        .count();
+    assert!(
+        restored >= 1,
+        "no node restored a snapshot:\n{}",
+        env.logs(20)
     );
     assert!(
         epochs.values().filter(|e| e.len() > 1).count() >= 4,

@@ -297,6 +297,7 @@ async fn a_node_fits_on_its_schedule_without_being_asked() {
         shards: SHARDS,
         rules: fixture(RULES),
         limits: "value_fit_interval_s = 2\n".to_string(),
+        ..NodeOptions::default()
     });
     let client = env.client().await;
     let events = purchase_events(&purchases(11), "s");

@@ -871,6 +871,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_timings_and_the_shard_log_retention_rule_are_checked() {
+        let message = error_of(&format!("{SECRET}shard_log_max_age_s = 100\n"));
+        assert!(
+            message.contains("cluster.shard_log_max_age_s = 100")
+                && message.contains("at least 3 x snapshot_interval_s (180)"),
+            "{message}"
+        );
+        let ok = parse(&format!(
+            "{SECRET}shard_log_max_age_s = 180\nsnapshot_interval_s = 60\n"
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+        let message = error_of(&format!("{SECRET}lease_margin_ms = 4000\n"));
+        assert!(
+            message.contains("cluster.lease_margin_ms = 4000")
+                && message.contains("raise lease_timeout_ms"),
+            "{message}"
+        );
+        let message = error_of(&format!("{SECRET}node_timeout_ms = 1500\n"));
+        assert!(message.contains("cluster.node_timeout_ms"), "{message}");
+        let settings = parse(SECRET).expect("defaults").cluster_settings();
+        assert_eq!(settings.lease_timeout, Duration::from_secs(5));
+        assert_eq!(settings.snapshot_piece_bytes, 512 * 1024);
+    }
+
+    #[test]
     fn a_value_of_the_wrong_type_names_the_key() {
         let message = error_of(&format!("{SECRET}shards = \"many\"\n"));
         assert!(message.starts_with("cluster-config/x.toml: "), "{message}");
