@@ -7,6 +7,8 @@
 //! outlive the test: they are killed on `Drop`, and every child is started with
 //! `PR_SET_PDEATHSIG = SIGKILL` from a harness thread that lives as long as the test process,
 //! so even a test binary killed with SIGKILL takes its servers with it.
+//! [`nats_cluster::NatsCluster`] does the same for a cluster of servers (replicated streams,
+//! one server failing while the others carry on).
 //! Nothing here knows the CRM; it is plain process plumbing.
 
 use std::io::{BufRead, BufReader, Read};
@@ -317,6 +319,8 @@ pub fn create_dir_all(path: &Path) {
     std::fs::create_dir_all(path)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
 }
+
+pub mod nats_cluster;
 
 // ---------------------------------------------------------------------------------------
 // crm-node processes (added by the lead: starting nodes with a config, readiness, SIGTERM /
