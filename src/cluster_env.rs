@@ -117,11 +117,12 @@ impl TestEnv {
     }
 }
 
-/// A client that keeps reconnecting (tests restart servers under it).
+/// A client that keeps reconnecting (tests restart servers under it); `url` may list
+/// several servers separated by commas.
 pub async fn connect(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .max_reconnects(None)
-        .connect(url)
+        .connect(crm_node::config::nats_urls(url))
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }

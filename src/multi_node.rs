@@ -3,6 +3,7 @@
 //! applied by two lease epochs at once).
 
 use crate::cluster_env::{connect, read_stream, write_config, NodeOptions, NODE_READY_TIMEOUT};
+use crate::nats_cluster::NatsCluster;
 use crate::node_process::{run_cli, NodeProcess};
 use crate::NatsServer;
 use async_nats::jetstream;
@@ -12,20 +13,29 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// One NATS server and named nodes, in a temporary directory; everything stops on drop.
+/// A NATS server (or a NATS cluster) and named nodes, in a temporary directory; everything
+/// stops on drop.
 pub struct ClusterEnv {
     pub nodes: Vec<(String, NodeProcess)>,
-    pub nats: NatsServer,
+    /// The single server, when not on a NATS cluster.
+    pub nats: Option<NatsServer>,
+    /// The NATS cluster, when on one.
+    pub nats_cluster: Option<NatsCluster>,
+    /// Every client URL, comma-separated.
+    pub url: String,
     pub dir: tempfile::TempDir,
     pub options: NodeOptions,
 }
 
 impl ClusterEnv {
-    /// Starts `count` nodes (`node-1` ...) one after the other.
+    /// Starts `count` nodes (`node-1` ...) on one NATS server, one after the other.
     pub fn start(count: usize, options: NodeOptions) -> ClusterEnv {
+        let nats = NatsServer::start();
         let mut env = ClusterEnv {
             nodes: Vec::new(),
-            nats: NatsServer::start(),
+            url: nats.url(),
+            nats: Some(nats),
+            nats_cluster: None,
             dir: tempfile::tempdir().expect("temporary directory"),
             options,
         };
@@ -35,9 +45,32 @@ impl ClusterEnv {
         env
     }
 
+    /// Starts `count` nodes on a cluster of `servers` NATS servers (every node knows every
+    /// server).
+    pub fn start_on_nats_cluster(count: usize, servers: usize, options: NodeOptions) -> ClusterEnv {
+        let cluster = NatsCluster::start(servers);
+        let mut env = ClusterEnv {
+            nodes: Vec::new(),
+            url: cluster.urls().join(","),
+            nats: None,
+            nats_cluster: Some(cluster),
+            dir: tempfile::tempdir().expect("temporary directory"),
+            options,
+        };
+        for _ in 0..count {
+            env.add_node();
+        }
+        env
+    }
+
+    /// The single NATS server (panics on a NATS cluster).
+    pub fn server(&self) -> &NatsServer {
+        self.nats.as_ref().expect("a single NATS server")
+    }
+
     /// Starts the next node (`node-<n+1>`) and returns its id.
     pub fn add_node(&mut self) -> String {
-        let url = self.nats.url();
+        let url = self.url.clone();
         self.add_node_with_url(&url)
     }
 
@@ -61,7 +94,7 @@ impl ClusterEnv {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        connect(&self.nats.url()).await
+        connect(&self.url).await
     }
 
     /// Every node's last log lines, for failure messages.

@@ -43,7 +43,7 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
     };
     let mut env = tokio::task::block_in_place(|| ClusterEnv::start(3, options));
     let client = env.client().await;
-    let url = env.nats.url();
+    let url = env.url.clone();
     let status = wait_status(&client, "three nodes share the shards", MOVE_TIMEOUT, |s| {
         settled(s)
             && ["node-1", "node-2", "node-3"]
@@ -225,7 +225,7 @@ async fn a_node_cut_from_nats_stops_applying_before_its_shards_pass_to_another()
         ..NodeOptions::default()
     };
     let mut env = tokio::task::block_in_place(|| ClusterEnv::start(1, options));
-    let proxy = TcpProxy::start(env.nats.port());
+    let proxy = TcpProxy::start(env.server().port());
     let cut = tokio::task::block_in_place(|| env.add_node_with_url(&proxy.url()));
     let client = env.client().await;
     wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
@@ -260,5 +260,43 @@ async fn a_node_cut_from_nats_stops_applying_before_its_shards_pass_to_another()
     wait_cluster_settled(&client, Duration::from_secs(120)).await;
     let arrivals = purchase_arrivals(&client).await;
     assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert_single_writer(&audit_records(&client).await);
+}
+
+/// Not in the default suite yet: on 2 cores with three servers and two nodes it takes about
+/// four minutes (JetStream API calls time out for tens of seconds after the kill, and the
+/// nodes' leases churn meanwhile), and one run in three failed (once a lost purchase, with
+/// KV direct gets served by replicas; once the checker's own consumer timed out). Run it
+/// with `cargo test --test cluster -- --ignored`.
+#[ignore = "slow and not yet reliable on a 2-core machine; see the comment"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nats_server_of_three_killed_under_load_loses_nothing() {
+    let options = NodeOptions {
+        shards: 8,
+        cluster: "stream_replicas = 3".to_string(),
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start_on_nats_cluster(2, 3, options));
+    let client = env.client().await;
+    wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, "node-2").len() == 4
+    })
+    .await;
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 53));
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            publish_paced(&client, events, 300, Duration::from_secs(180)).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cluster = env.nats_cluster.as_mut().expect("a NATS cluster");
+    tokio::task::block_in_place(|| cluster.kill(0));
+    publisher.await.expect("publisher");
+    wait_cluster_settled(&client, Duration::from_secs(180)).await;
+    let arrivals = purchase_arrivals(&client).await;
+    let checked =
+        assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert!(checked > 100, "only {checked} buyers checked");
     assert_single_writer(&audit_records(&client).await);
 }

@@ -102,7 +102,7 @@ pub struct LoadArgs {
 async fn connect(url: &str) -> Result<async_nats::Client> {
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connect(crate::config::nats_urls(url))
         .await
         .with_context(|| {
             format!(

@@ -71,6 +71,15 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
 }
 
+/// The servers of a `nats.url` value: one URL or several separated by commas.
+pub fn nats_urls(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// `[nats]`: how to reach the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -384,11 +393,16 @@ impl Config {
         }
 
         let nats = &self.nats;
-        if nats.url.trim().is_empty() || nats.url.chars().any(char::is_whitespace) {
+        let urls = nats_urls(&nats.url);
+        let unusable = urls
+            .iter()
+            .find(|url| url.parse::<async_nats::ServerAddr>().is_err());
+        if urls.is_empty() || nats.url.chars().any(char::is_whitespace) || unusable.is_some() {
             return Err(self.invalid(
                 "nats.url",
                 format!("{:?}", nats.url),
-                "must be a NATS URL without spaces, e.g. \"nats://127.0.0.1:4222\"",
+                "must be a NATS URL, or several separated by commas, without spaces, e.g. \
+                 \"nats://127.0.0.1:4222\" or \"nats://10.0.0.1:4222,nats://10.0.0.2:4222\"",
             ));
         }
         self.range(
@@ -866,6 +880,25 @@ mod tests {
         let message = error_of(&format!("{SECRET}shards = 5000\n"));
         assert!(
             message.contains("cluster.shards = 5000: must be between 1 and 4096"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_nats_url_list_is_split_and_each_server_checked() {
+        assert_eq!(
+            nats_urls("nats://a:4222,nats://b:4223"),
+            vec!["nats://a:4222".to_string(), "nats://b:4223".to_string()]
+        );
+        let ok = parse(&format!(
+            "[nats]\nurl = \"nats://127.0.0.1:4222,nats://127.0.0.1:4223\"\n{SECRET}"
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+        let message = error_of(&format!(
+            "[nats]\nurl = \"nats://a:4222,nats://b:x\"\n{SECRET}"
+        ));
+        assert!(
+            message.contains("nats.url") && message.contains("separated by commas"),
             "{message}"
         );
     }

@@ -417,7 +417,10 @@ pub async fn ensure_kv_replicated(
         duplicate_window: Duration::from_secs(120),
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        // Direct gets may be answered by a replica that has not applied the latest write
+        // yet: with replicas, reads go to the leader (read-your-writes for leases and the
+        // identity directory).
+        allow_direct: replicas <= 1,
         ..Default::default()
     };
     // A stream of that name that is not a KV bucket is an operator mistake: do not "fix" it.

@@ -109,7 +109,7 @@ async fn connect(
                     }
                 }
             })
-            .connect(config.nats.url.as_str())
+            .connect(crate::config::nats_urls(&config.nats.url))
             .await;
         match attempt {
             Ok(client) => return Ok(client),
@@ -380,7 +380,8 @@ async fn session(
         tasks.abort_all();
     }
     store.flush().await?;
-    client.flush().await.ok();
+    // A client whose server is gone would wait for it: bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     if let Some(failure) = failure {
         anyhow::bail!("{failure}");
     }
