@@ -166,8 +166,8 @@ pub fn render(status: &Value) -> String {
             text(&node["node_id"]),
             if node["alive"] == true { "yes" } else { "no" },
             node["shards"].as_array().map(Vec::len).unwrap_or(0),
-            node["resident_customers"],
-            node["stored_customers"],
+            node["resident_customers"].as_u64().unwrap_or(0),
+            node["stored_customers"].as_u64().unwrap_or(0),
             roles.join(",")
         ));
     }
@@ -175,9 +175,9 @@ pub fn render(status: &Value) -> String {
     for shard in status["shards"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:>5}  {:<11} {:>5} {:>9} {:>8}  {}\n",
-            shard["shard"],
+            shard["shard"].as_u64().unwrap_or(0),
             text(&shard["owner"]),
-            shard["epoch"],
+            shard["epoch"].as_u64().unwrap_or(0),
             shard["applied_seq"]
                 .as_u64()
                 .map(|s| s.to_string())
