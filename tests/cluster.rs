@@ -23,6 +23,36 @@ use std::time::Duration;
 const START: &str = "2026-01-05T00:00:00Z";
 const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The JSON example tagged `tag` in docs/cluster.md.
+fn doc_example(tag: &str) -> Value {
+    let text = std::fs::read_to_string(crm_cluster::cluster_env::repo_file("docs/cluster.md"))
+        .expect("docs/cluster.md");
+    let open = format!("```json {tag}\n");
+    let start = text.find(&open).unwrap_or_else(|| panic!("no {open}")) + open.len();
+    let end = start + text[start..].find("```").expect("the block ends");
+    serde_json::from_str(&text[start..end]).expect("the example is JSON")
+}
+
+/// Asserts that `real` has every key of `example` (objects; first element of arrays).
+fn has_keys_of(example: &Value, real: &Value, path: &str) {
+    match (example, real) {
+        (Value::Object(example), Value::Object(real)) => {
+            for (key, value) in example {
+                let inner = real
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{path}.{key} documented but missing in {real:?}"));
+                has_keys_of(value, inner, &format!("{path}.{key}"));
+            }
+        }
+        (Value::Array(example), Value::Array(real)) => {
+            if let (Some(example), Some(real)) = (example.first(), real.first()) {
+                has_keys_of(example, real, &format!("{path}[0]"));
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Every shard has an owner, the one the coordinator assigned.
 fn settled(status: &Value) -> bool {
     status["shards"].as_array().is_some_and(|shards| {
@@ -121,8 +151,12 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
         "shards moved under several epochs: {epochs:?}"
     );
 
-    // The documented status JSON, from the CLI.
+    // The documented status JSON and audit record, from the CLI and the stream.
     let status = tokio::task::block_in_place(|| status_cli(&url));
+    has_keys_of(&doc_example("status"), &status, "status");
+    let audit = crm_cluster::cluster_env::read_stream(&client, subjects::AUDIT_STREAM).await;
+    let record: Value = serde_json::from_slice(&audit[0].1).expect("audit JSON");
+    has_keys_of(&doc_example("audit"), &record, "audit");
     let nodes = status["nodes"].as_array().expect("nodes");
     let node = |id: &str| {
         nodes

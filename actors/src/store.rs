@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Attempts (50 ms apart) to open a store whose lock a just-closed instance still holds.
+const OPEN_LOCK_RETRIES: u32 = 40;
+
 /// The one sled tree holding every key of this store.
 pub const TREE_NAME: &str = "crm";
 
@@ -200,11 +203,26 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity_bytes)
-            .open()
-            .map_err(open_error)?;
+        // A store closed a moment ago may still be locked by sled's background flusher
+        // (it lets go of the file lock when its last thread ends): wait briefly for it.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_capacity_bytes)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(error))
+                    if attempts < OPEN_LOCK_RETRIES
+                        && error.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(error) => return Err(open_error(error)),
+            }
+        };
         let tree = db.open_tree(TREE_NAME).map_err(open_error)?;
         Ok(Store {
             db,
