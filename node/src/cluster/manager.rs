@@ -174,6 +174,15 @@ impl Manager {
                     if state.slots.values().any(Slot::is_finished) {
                         self.reap(&mut state).await;
                     }
+                    // A shard that starts or stops serving is announced at once (status
+                    // readers and operators see moves without waiting for a round).
+                    if std::mem::take(&mut state.served_changed) {
+                        let draining = self
+                            .cluster
+                            .get(&subjects::drain_key(&self.node_id))
+                            .is_some();
+                        self.heartbeat(&state, draining).await;
+                    }
                     false
                 }
                 Ok(()) = leases.changed() => true,
@@ -213,10 +222,12 @@ impl Manager {
             .get(&subjects::drain_key(&self.node_id))
             .is_some();
         self.reap(state).await;
-        if state.coordinator.is_some() {
-            self.coordinate(state, draining).await;
-        }
+        self.coordinate(state, draining).await;
+        self.route(state, draining).await;
         self.place_shards(state, draining).await;
+        if std::mem::take(&mut state.served_changed) {
+            self.heartbeat(state, draining).await;
+        }
     }
 
     async fn heartbeat(&self, state: &State, draining: bool) {
@@ -364,6 +375,7 @@ impl Manager {
                 Slot::Starting(task) => match task.await {
                     Ok(Ok(serving)) => {
                         self.table.set(shard, Some(serving.handle.clone()));
+                        state.served_changed = true;
                         info!(
                             shard,
                             epoch = state.held.get(&shard).map(|h| h.epoch),
@@ -550,6 +562,7 @@ impl Manager {
             };
             let epoch = state.held.get(&shard).map(|h| h.epoch).unwrap_or(0);
             self.table.set(shard, None);
+            state.served_changed = true;
             serving.stop.fire();
             let (snapshots, store, node_id) = (
                 self.snapshots.clone(),
@@ -631,6 +644,8 @@ impl Manager {
 
 #[derive(Default)]
 struct State {
+    /// A shard started or stopped serving since the last heartbeat.
+    served_changed: bool,
     held: HashMap<u32, Held>,
     slots: HashMap<u32, Slot>,
     coordinator: Option<Held>,
