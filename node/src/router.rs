@@ -117,9 +117,21 @@ impl Router {
             });
             let mut in_flight: Option<RoutedChunk> = None;
             loop {
-                let first = tokio::select! {
-                    item = ready.recv() => item,
-                    _ = shutdown.wait() => break,
+                let first = match ready.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        // Nothing to overlap with: settle the chunk in flight now, so the
+                        // end of a burst is acked at once, not when the next event comes.
+                        if in_flight.is_some() && !settle(in_flight.take(), &self.metrics).await
+                        {
+                            break;
+                        }
+                        tokio::select! {
+                            item = ready.recv() => item,
+                            _ = shutdown.wait() => break,
+                        }
+                    }
                 };
                 let Some(first) = first else { break };
                 let mut chunk = vec![first];

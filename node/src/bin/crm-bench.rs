@@ -15,7 +15,18 @@
 //! 3. `latency`: purchases at half the end-to-end rate; publish -> `points.earned` event.
 //! 4. `rss`: a fresh server and node fed one `visit` per new customer; the node's RSS when
 //!    the resident cap is reached and when every customer is stored.
-//! 5. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
+//! 5. `cluster`: for 1, 2 and 3 nodes on a fresh server each (every shard owned by its
+//!    assigned node, balanced): the e2e traffic until the cluster has applied it (router
+//!    drained, every shard's last record in the apply audit, confirmed by the status), then
+//!    the latency run at one fixed rate (half the 1-node rate by the nodes' counters) for
+//!    every size.
+//! 6. `failover`: 3 nodes under a light paced load; one node that owns shards is SIGKILLed;
+//!    seconds until the status shows each of its shards served by a live node, and until
+//!    the backlog is applied.
+//! 7. `handoff`: one node, one shard holding N customers; a second node starts and the
+//!    first is drained; seconds from the drain request until the second node serves the
+//!    shard with nothing left to apply.
+//! 8. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
 //!    sled store was closed and reopened.
 //!
 //! Between 1 and 2 a diagnostic (`kv`) times the identity directory's KV round trips alone.
@@ -46,7 +57,7 @@ use futures::StreamExt;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -82,16 +93,47 @@ const FEED_CHUNK: u64 = 2_000;
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How long a wait may see no progress at all before it declares the node stalled.
 const STALL_AFTER: Duration = Duration::from_secs(30);
+/// Extra patience for the router's consumer (its default ack wait equals STALL_AFTER).
+const ROUTER_ACK_WAIT_SLACK: Duration = Duration::from_secs(15);
 /// How long the latency run waits for the last actor events after its last publish.
 const LATENCY_TAIL_WAIT: Duration = Duration::from_secs(20);
+/// Every step, in the order they run (`--skip` names).
+const STEPS: [&str; 9] = [
+    "raw", "kv", "e2e", "latency", "rss", "cluster", "failover", "handoff", "cold",
+];
+/// The node timeout of `crm-node status` (the default `node_timeout_ms`).
+const STATUS_NODE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Pause between two cluster status reads while a failover or hand-off is timed.
+const STATUS_POLL: Duration = Duration::from_millis(100);
+/// How long a cluster may take to own every shard as assigned, balanced.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a failover or hand-off may take before the run is declared failed.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Load before the failover's kill, so that every shard is busy when its owner dies.
+const FAILOVER_WARMUP: Duration = Duration::from_secs(3);
+/// Node log lines kept with the instant they were read (cluster events; see `LOG_MARKS`).
+const NODE_MARKS_MAX: usize = 50_000;
+/// Node log lines kept with their arrival instant: what a failover or hand-off is made of.
+const LOG_MARKS: [&str; 10] = [
+    "crm-node ready",
+    "serving shard",
+    "shard started",
+    "handing shard off",
+    "snapshot written",
+    "snapshot restored",
+    "this node is the coordinator",
+    "this node routes ingest",
+    "shard assignment written",
+    "lease",
+];
 
 #[derive(Parser, Debug)]
 #[command(
     name = "crm-bench",
-    about = "Benchmark of one crm-node: JetStream baseline, end-to-end throughput, latency, memory, cold activation. Writes bench/results.json."
+    about = "Benchmark of crm-node: JetStream baseline, end-to-end throughput, latency, memory, cluster scaling, failover, shard hand-off, cold activation. Writes bench/results.json."
 )]
 struct Args {
-    /// Small sizes for a smoke run (about a minute).
+    /// Small sizes for a smoke run (a few minutes).
     #[arg(long)]
     quick: bool,
     /// Events of the raw and end-to-end throughput runs [default: 200000, --quick 20000].
@@ -135,13 +177,35 @@ struct Args {
     /// does for a new identifier) [default: 50000, --quick 10000].
     #[arg(long)]
     kv_keys: Option<u64>,
+    /// Cluster sizes of the `cluster` step, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    cluster_nodes: Vec<usize>,
+    /// Events of the cluster throughput runs [default: --events; --quick 10000].
+    #[arg(long)]
+    cluster_events: Option<u64>,
+    /// Publish rate of the cluster latency runs, the same for every size, events/s
+    /// [default: half the first size's rate by the nodes' counters].
+    #[arg(long)]
+    cluster_latency_rate: Option<f64>,
+    /// Failover runs (fresh server and 3 nodes each) [default: 3, --quick 1].
+    #[arg(long)]
+    failover_runs: Option<u32>,
+    /// Paced load of the failover runs, events/s.
+    #[arg(long, default_value_t = 200.0)]
+    failover_rate: f64,
+    /// Customers of the one shard handed off, one run per value, comma-separated
+    /// [default: 10000,100000; --quick 1000].
+    #[arg(long, value_delimiter = ',')]
+    handoff_customers: Vec<u64>,
     /// Seed of the generated traffic and of the samples.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Steps to skip, comma-separated: raw, kv, e2e, latency, rss, cold.
+    /// Steps to skip, comma-separated: raw, kv, e2e, latency, rss, cluster, failover,
+    /// handoff, cold.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
-    /// Keep every node's log in this directory (crm-node-<pid>.log); default: none kept.
+    /// Keep every node's log in this directory (crm-node-<node id>-<pid>.log); default:
+    /// none kept.
     #[arg(long)]
     node_logs: Option<PathBuf>,
     /// Results file [default: <repo>/bench/results.json].
@@ -175,6 +239,12 @@ struct Plan {
     cold_customers: u64,
     cold_samples: u64,
     kv_keys: u64,
+    cluster_nodes: Vec<usize>,
+    cluster_events: u64,
+    cluster_latency_rate: Option<f64>,
+    failover_runs: u32,
+    failover_rate: f64,
+    handoff_customers: Vec<u64>,
     seed: u64,
     skip: HashSet<String>,
     node_logs: Option<PathBuf>,
@@ -190,12 +260,23 @@ impl Plan {
         let pick = |value: Option<u64>, full: u64, small: u64| {
             value.unwrap_or(if quick { small } else { full })
         };
-        let steps = ["raw", "kv", "e2e", "latency", "rss", "cold"];
         for step in &args.skip {
-            if !steps.contains(&step.as_str()) {
-                bail!("--skip {step}: not a step; use raw, kv, e2e, latency, rss or cold");
+            if !STEPS.contains(&step.as_str()) {
+                bail!("--skip {step}: not a step; use {}", STEPS.join(", "));
             }
         }
+        let events = pick(args.events, 200_000, 20_000).max(1);
+        let mut cluster_nodes: Vec<usize> = args.cluster_nodes.iter().map(|&n| n.max(1)).collect();
+        cluster_nodes.dedup();
+        let handoff_customers = if args.handoff_customers.is_empty() {
+            if quick {
+                vec![1_000]
+            } else {
+                vec![10_000, 100_000]
+            }
+        } else {
+            args.handoff_customers.iter().map(|&c| c.max(1)).collect()
+        };
         let crm_node = match args.crm_node {
             Some(path) => path,
             None => std::env::current_exe()
@@ -204,7 +285,7 @@ impl Plan {
         };
         let plan = Plan {
             quick,
-            events: pick(args.events, 200_000, 20_000).max(1),
+            events,
             customers: pick(args.customers, 1_000_000, 20_000).max(1),
             resident_cap: pick(args.resident_cap, 100_000, 5_000).max(1),
             shards: args.shards.max(1),
@@ -220,6 +301,18 @@ impl Plan {
             cold_customers: pick(args.cold_customers, 20_000, 3_000).max(1),
             cold_samples: pick(args.cold_samples, 5_000, 1_000).max(1),
             kv_keys: pick(args.kv_keys, 50_000, 10_000).max(100),
+            cluster_nodes,
+            cluster_events: args
+                .cluster_events
+                .unwrap_or(if quick { events.min(10_000) } else { events })
+                .max(1),
+            cluster_latency_rate: args.cluster_latency_rate,
+            failover_runs: args
+                .failover_runs
+                .unwrap_or(if quick { 1 } else { 3 })
+                .max(1),
+            failover_rate: args.failover_rate.max(1.0),
+            handoff_customers,
             seed: args.seed,
             skip: args.skip.into_iter().collect(),
             node_logs: args.node_logs,
@@ -235,9 +328,7 @@ impl Plan {
                 .rules
                 .unwrap_or_else(|| repo_root().join("cluster-config/rules.toml")),
         };
-        let needs_nats = ["raw", "kv", "e2e", "latency", "rss"]
-            .iter()
-            .any(|step| plan.runs(step));
+        let needs_nats = STEPS.iter().any(|step| *step != "cold" && plan.runs(step));
         if needs_nats && !plan.crm_node.is_file() {
             bail!(
                 "{} is missing: build it with `cargo build --release -p crm-node --bins` (scripts/bench does)",
@@ -473,20 +564,50 @@ impl Drop for NatsServer {
 
 /// Node settings the bench changes from the defaults.
 struct NodeSettings {
+    node_id: String,
     shards: u32,
     resident_max_customers: Option<u64>,
+}
+
+impl NodeSettings {
+    /// The one node of the single-node steps.
+    fn single(shards: u32, resident_max_customers: Option<u64>) -> NodeSettings {
+        NodeSettings {
+            node_id: "bench-1".to_string(),
+            shards,
+            resident_max_customers,
+        }
+    }
+}
+
+/// A node log line of interest (see [`LOG_MARKS`]) and when the bench read it.
+#[derive(Clone)]
+struct LogMark {
+    at: Instant,
+    line: String,
 }
 
 /// A `crm-node run` process with its config and data in a scratch directory.
 struct CrmNode {
     child: Option<Child>,
     pid: u32,
+    node_id: String,
+    shards: u32,
     log: Arc<Mutex<VecDeque<String>>>,
+    marks: Arc<Mutex<Vec<LogMark>>>,
+    ready: Arc<AtomicBool>,
     dir: ScratchDir,
 }
 
 impl CrmNode {
     fn start(plan: &Plan, nats_url: &str, settings: &NodeSettings) -> Result<CrmNode> {
+        let mut node = CrmNode::spawn(plan, nats_url, settings)?;
+        node.wait_ready()?;
+        Ok(node)
+    }
+
+    /// Starts the process without waiting for `crm-node ready` (see [`CrmNode::wait_ready`]).
+    fn spawn(plan: &Plan, nats_url: &str, settings: &NodeSettings) -> Result<CrmNode> {
         let dir = ScratchDir::new("node")?;
         let mut resident = settings
             .resident_max_customers
@@ -498,9 +619,10 @@ impl CrmNode {
             resident.push('\n');
         }
         let config = format!(
-            "[node]\nnode_id = \"bench-1\"\ndata_dir = \"{data}\"\n\n[nats]\nurl = \"{nats_url}\"\n\n\
+            "[node]\nnode_id = \"{node_id}\"\ndata_dir = \"{data}\"\n\n[nats]\nurl = \"{nats_url}\"\n\n\
              [cluster]\nname = \"crm-bench\"\nshards = {shards}\nidentity_secret = \"crm-bench-secret-0123456789\"\n\n\
              [limits]\ntick_interval_s = 0\n{resident}\n[rules]\npath = \"{rules}\"\n",
+            node_id = settings.node_id,
             data = dir.path.join("data").display(),
             shards = settings.shards,
             rules = plan.rules.display(),
@@ -519,26 +641,37 @@ impl CrmNode {
         let mut child = spawn_tied_to_this_process(command)
             .with_context(|| format!("cannot run {}", plan.crm_node.display()))?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
+        let marks = Arc::new(Mutex::new(Vec::new()));
         let ready = Arc::new(AtomicBool::new(false));
         let mut keep = match &plan.node_logs {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
-                let path = dir.join(format!("crm-node-{}.log", child.id()));
+                let path = dir.join(format!("crm-node-{}-{}.log", settings.node_id, child.id()));
                 say(format!("    node log: {}", path.display()));
                 Some(std::fs::File::create(path)?)
             }
             None => None,
         };
         if let Some(stderr) = child.stderr.take() {
-            let (log, ready) = (log.clone(), ready.clone());
+            let (log, marks, ready) = (log.clone(), marks.clone(), ready.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let at = Instant::now();
                     if let Some(file) = keep.as_mut() {
                         use std::io::Write as _;
                         let _ = writeln!(file, "{line}");
                     }
                     if line.contains("crm-node ready") {
                         ready.store(true, Ordering::Release);
+                    }
+                    if LOG_MARKS.iter().any(|mark| line.contains(mark)) {
+                        let mut marks = marks.lock().unwrap_or_else(|p| p.into_inner());
+                        if marks.len() < NODE_MARKS_MAX {
+                            marks.push(LogMark {
+                                at,
+                                line: strip_ansi(&line),
+                            });
+                        }
                     }
                     let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
                     if log.len() >= NODE_LOG_LINES_MAX {
@@ -548,30 +681,57 @@ impl CrmNode {
                 }
             });
         }
-        let mut node = CrmNode {
+        Ok(CrmNode {
             pid: child.id(),
             child: Some(child),
+            node_id: settings.node_id.clone(),
+            shards: settings.shards,
             log,
+            marks,
+            ready,
             dir,
-        };
+        })
+    }
+
+    /// Waits until the node logs `crm-node ready`.
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + NODE_READY_TIMEOUT;
-        while !ready.load(Ordering::Acquire) {
-            node.check_alive()?;
+        while !self.ready.load(Ordering::Acquire) {
+            self.check_alive()?;
             if Instant::now() >= deadline {
                 bail!(
-                    "crm-node did not log 'crm-node ready' within {NODE_READY_TIMEOUT:?}:\n{}",
-                    node.log_tail()
+                    "crm-node {} did not log 'crm-node ready' within {NODE_READY_TIMEOUT:?}:\n{}",
+                    self.node_id,
+                    self.log_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        Ok(node)
+        Ok(())
+    }
+
+    /// SIGKILL, no grace: the node dies holding its leases.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The marked log lines (see [`LOG_MARKS`]) read at or after `since`.
+    fn marks_since(&self, since: Instant) -> Vec<LogMark> {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.iter().filter(|m| m.at >= since).cloned().collect()
     }
 
     fn check_alive(&mut self) -> Result<()> {
         if let Some(child) = self.child.as_mut() {
             if let Ok(Some(status)) = child.try_wait() {
-                bail!("crm-node exited ({status}); its log:\n{}", self.log_tail());
+                bail!(
+                    "crm-node {} exited ({status}); its log:\n{}",
+                    self.node_id,
+                    self.log_tail()
+                );
             }
         }
         Ok(())
@@ -595,6 +755,33 @@ impl CrmNode {
             .cloned()
             .collect()
     }
+}
+
+/// `line` without terminal colour sequences (`ESC [ ... letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The value of the `key=value` field `key` in a log line, e.g. `bytes` in
+/// `snapshot written shard=0 seq=412 entries=10000 bytes=5242880 ms=91`.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|token| token.strip_prefix(key)?.strip_prefix('='))
+        .map(|value| value.trim_matches(|c| c == '"' || c == ',').to_string())
 }
 
 impl Drop for CrmNode {
@@ -665,12 +852,19 @@ struct CpuSnapshot {
 
 impl CpuSnapshot {
     fn take(nats_pid: u32, node_pid: Option<u32>) -> CpuSnapshot {
+        CpuSnapshot::take_many(nats_pid, node_pid.as_slice())
+    }
+
+    /// The same with several nodes (`crm_node` sums them; a dead node counts 0 from then
+    /// on, so take both ends of a span over the same live nodes).
+    fn take_many(nats_pid: u32, node_pids: &[u32]) -> CpuSnapshot {
         CpuSnapshot {
             at: Instant::now(),
             nats: proc_cpu_seconds(&nats_pid.to_string()).unwrap_or(0.0),
-            node: node_pid
-                .and_then(|pid| proc_cpu_seconds(&pid.to_string()))
-                .unwrap_or(0.0),
+            node: node_pids
+                .iter()
+                .filter_map(|pid| proc_cpu_seconds(&pid.to_string()))
+                .sum(),
             bench: proc_cpu_seconds("self").unwrap_or(0.0),
             machine: machine_busy_seconds().unwrap_or(0.0),
         }
@@ -926,6 +1120,7 @@ async fn router_consumer(js: &jetstream::Context) -> Result<jetstream::consumer:
 struct StallWatch {
     last: Option<(u64, u64, u64)>,
     since: Instant,
+    limit: Duration,
 }
 
 impl StallWatch {
@@ -933,6 +1128,17 @@ impl StallWatch {
         StallWatch {
             last: None,
             since: Instant::now(),
+            limit: STALL_AFTER,
+        }
+    }
+
+    /// For the router's consumer: messages it holds unacked come back only after the
+    /// consumer's ack wait (30 s by default, see [`RouterTail`]), which must not count as
+    /// a stall.
+    fn for_router() -> StallWatch {
+        StallWatch {
+            limit: STALL_AFTER + ROUTER_ACK_WAIT_SLACK,
+            ..StallWatch::new()
         }
     }
 
@@ -942,10 +1148,10 @@ impl StallWatch {
             self.since = Instant::now();
             return Ok(());
         }
-        if self.since.elapsed() >= STALL_AFTER {
+        if self.since.elapsed() >= self.limit {
             bail!(
                 "no progress for {} s ({what}): the node is stalled (see 'Known problems' in docs/benchmark.md)",
-                STALL_AFTER.as_secs()
+                self.limit.as_secs()
             );
         }
         Ok(())
@@ -977,7 +1183,8 @@ async fn wait_applied(
     let deadline = Instant::now() + timeout;
     let mut consumer = router_consumer(&js).await?;
     let mut last_report = Instant::now();
-    let mut stall = StallWatch::new();
+    let mut stall = StallWatch::for_router();
+    let mut tail = RouterTail::default();
     let routed_at = loop {
         node.check_alive()?;
         let (pending, unacked, floor) = router_progress(&mut consumer).await?;
@@ -988,6 +1195,7 @@ async fn wait_applied(
         if pending == 0 && unacked == 0 {
             break Instant::now();
         }
+        tail.observe(pending, unacked);
         if last_report.elapsed() >= PROGRESS_EVERY {
             say(format!(
                 "    waiting for the router: {pending} pending, {unacked} unacked"
@@ -1054,6 +1262,39 @@ async fn wait_applied(
             bail!("{behind} shards not applied within {timeout:?}");
         }
         tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// What the latency run drives: one node, or a cluster of them.
+trait Deployment {
+    /// Fails when a node the run relies on has exited.
+    fn check_alive(&mut self) -> Result<()>;
+    /// The nodes' processes (for CPU accounting).
+    fn node_pids(&self) -> Vec<u32>;
+    /// `crm.node.stats`; for several nodes, every node's counters summed.
+    async fn stats(&self, client: &async_nats::Client) -> Result<Value>;
+    /// Waits until everything published so far is applied.
+    async fn wait_applied(&mut self, client: &async_nats::Client, timeout: Duration) -> Result<()>;
+}
+
+impl Deployment for CrmNode {
+    fn check_alive(&mut self) -> Result<()> {
+        CrmNode::check_alive(self)
+    }
+
+    fn node_pids(&self) -> Vec<u32> {
+        vec![self.pid]
+    }
+
+    async fn stats(&self, client: &async_nats::Client) -> Result<Value> {
+        node_stats(client).await
+    }
+
+    async fn wait_applied(&mut self, client: &async_nats::Client, timeout: Duration) -> Result<()> {
+        let shards = self.shards;
+        wait_applied(client, self, shards, timeout)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -1449,7 +1690,7 @@ fn latency_index(id: &str) -> Option<usize> {
 
 async fn latency(
     client: &async_nats::Client,
-    node: &mut CrmNode,
+    target: &mut impl Deployment,
     plan: &Plan,
     rate: f64,
     nats_pid: u32,
@@ -1468,8 +1709,10 @@ async fn latency(
         }
     });
     publish_bounded(&js, identifies, plan.in_flight, None).await?;
-    wait_applied(client, node, plan.shards, Duration::from_secs(300)).await?;
-    let stats_before = node_stats(client).await?;
+    target
+        .wait_applied(client, Duration::from_secs(300))
+        .await?;
+    let stats_before = target.stats(client).await?;
 
     let count = plan
         .latency_events
@@ -1538,7 +1781,7 @@ async fn latency(
         (ack_ms, failures)
     });
 
-    let cpu_before = CpuSnapshot::take(nats_pid, Some(node.pid));
+    let cpu_before = CpuSnapshot::take_many(nats_pid, &target.node_pids());
     let interval_s = 1.0 / rate.max(1e-3);
     let start = Instant::now();
     for index in 0..count {
@@ -1574,17 +1817,17 @@ async fn latency(
     }
     let publish_seconds = start.elapsed().as_secs_f64();
     drop(ack_sender);
-    let cpu_published = CpuSnapshot::take(nats_pid, Some(node.pid));
+    let cpu_published = CpuSnapshot::take_many(nats_pid, &target.node_pids());
     let wait_until = Instant::now() + LATENCY_TAIL_WAIT;
     while Instant::now() < wait_until && !earned_task.is_finished() {
-        node.check_alive()?;
+        target.check_alive()?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
     let (earned_ms, earned_missing, earned_worst) = earned_task.await.context("earned matcher")?;
     let (routed_ms, routed_missing, routed_worst) = routed_task.await.context("routed matcher")?;
     let (ack_ms, ack_failures) = ack_task.await.context("ack task")?;
-    let stats_after = node_stats(client).await?;
+    let stats_after = target.stats(client).await?;
     let e2e = summary(earned_ms, 2);
     Ok(json!({
         "target_rate_per_s": round(rate, 1),
@@ -1658,66 +1901,16 @@ async fn memory(plan: &Plan) -> Result<Value> {
     let mut node = CrmNode::start(
         plan,
         &nats.url(),
-        &NodeSettings {
-            shards: plan.shards,
-            resident_max_customers: Some(plan.resident_cap),
-        },
+        &NodeSettings::single(plan.shards, Some(plan.resident_cap)),
     )?;
     let client = connect(&nats.url()).await?;
-    let js = jetstream::new(client.clone());
     let rss_start = proc_status_mib(node.pid, "VmRSS:").unwrap_or(0.0);
     let customers = plan.customers;
-    let start_ms = traffic_start_ms();
-    let visit = move |i: u64| {
-        let event_id = format!("m-{i}");
-        let body = format!(
-            r#"{{"v":1,"event_id":"{event_id}","type":"visit","occurred_at":"{}","identity":{{"customer_id":"bench-{i:09}"}}}}"#,
-            format_rfc3339(start_ms + i as i64)
-        );
-        Outgoing {
-            subject: subjects::ingest("store"),
-            msg_id: event_id,
-            payload: Bytes::from(body),
-        }
-    };
     let acked = Arc::new(AtomicU64::new(0));
     let cpu_before = CpuSnapshot::take(nats.pid, Some(node.pid));
     let started = Instant::now();
-    let in_flight = plan.in_flight;
-    // The feed keeps at most FEED_BACKLOG_MAX events published but not applied, as a
-    // steady adapter would, instead of dumping every customer into the ingest stream at
-    // once (a huge backlog makes nats-server 2.9's filtered consumers slower).
-    let publisher = {
-        let (js, acked, client) = (js.clone(), acked.clone(), client.clone());
-        tokio::spawn(async move {
-            let mut first_publish = None;
-            let mut count = 0;
-            let mut start = 0;
-            while start < customers {
-                loop {
-                    let applied = metric(&node_stats(&client).await?, "applied");
-                    if acked.load(Ordering::Relaxed).saturating_sub(applied) <= FEED_BACKLOG_MAX {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let end = (start + FEED_CHUNK).min(customers);
-                let published =
-                    publish_bounded(&js, (start..end).map(visit), in_flight, Some(acked.clone()))
-                        .await?;
-                first_publish.get_or_insert(published.first_publish);
-                count += published.count;
-                start = end;
-            }
-            let now = Instant::now();
-            Ok::<Published, anyhow::Error>(Published {
-                first_publish: first_publish.unwrap_or(now),
-                last_ack: now,
-                count,
-                duplicates: 0,
-            })
-        })
-    };
+    let publisher = spawn_customer_feed(&client, customers, plan.in_flight, acked.clone());
+    let _publisher_guard = AbortOnDrop::new(&publisher);
     let mut samples = Vec::new();
     let mut at_cap: Option<Value> = None;
     let mut last_print = Instant::now();
@@ -1814,6 +2007,83 @@ async fn memory(plan: &Plan) -> Result<Value> {
     }))
 }
 
+/// Aborts a background task when the step that spawned it ends, however it ends (a step
+/// that fails half-way must not leave a publisher running into the next one).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl AbortOnDrop {
+    fn new<T>(task: &tokio::task::JoinHandle<T>) -> AbortOnDrop {
+        AbortOnDrop(task.abort_handle())
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One `visit` of the new customer `bench-<i>` (the memory feed's event).
+fn visit_of_new_customer(i: u64) -> Outgoing {
+    let event_id = format!("m-{i}");
+    let body = format!(
+        r#"{{"v":1,"event_id":"{event_id}","type":"visit","occurred_at":"{}","identity":{{"customer_id":"bench-{i:09}"}}}}"#,
+        format_rfc3339(traffic_start_ms() + i as i64)
+    );
+    Outgoing {
+        subject: subjects::ingest("store"),
+        msg_id: event_id,
+        payload: Bytes::from(body),
+    }
+}
+
+/// Publishes one `visit` per new customer (`bench-0` .. `bench-<customers - 1>`), bumping
+/// `acked` per ack. The feed keeps at most FEED_BACKLOG_MAX events published but not
+/// applied (the `applied` counter of `crm.node.stats`: one node), as a steady adapter
+/// would, instead of dumping every customer into the ingest stream at once (a huge
+/// backlog makes nats-server 2.9's filtered consumers slower).
+fn spawn_customer_feed(
+    client: &async_nats::Client,
+    customers: u64,
+    in_flight: usize,
+    acked: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<Result<Published>> {
+    let client = client.clone();
+    let js = jetstream::new(client.clone());
+    tokio::spawn(async move {
+        let mut first_publish = None;
+        let mut count = 0;
+        let mut start = 0;
+        while start < customers {
+            loop {
+                let applied = metric(&node_stats(&client).await?, "applied");
+                if acked.load(Ordering::Relaxed).saturating_sub(applied) <= FEED_BACKLOG_MAX {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let end = (start + FEED_CHUNK).min(customers);
+            let published = publish_bounded(
+                &js,
+                (start..end).map(visit_of_new_customer),
+                in_flight,
+                Some(acked.clone()),
+            )
+            .await?;
+            first_publish.get_or_insert(published.first_publish);
+            count += published.count;
+            start = end;
+        }
+        let now = Instant::now();
+        Ok::<Published, anyhow::Error>(Published {
+            first_publish: first_publish.unwrap_or(now),
+            last_ack: now,
+            count,
+            duplicates: 0,
+        })
+    })
+}
+
 /// Total size of the files under `path`.
 fn dir_bytes(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
@@ -1829,7 +2099,1406 @@ fn dir_bytes(path: &Path) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Step 5: cold activation, in-process
+// Clusters: several nodes on one server
+// ---------------------------------------------------------------------------------------
+
+/// A private server and nodes `node-1` .. `node-<n>` on it, each with its own sled.
+struct BenchCluster {
+    /// Dropped first: the nodes stop before the server.
+    nodes: Vec<CrmNode>,
+    shards: u32,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nats: NatsServer,
+}
+
+impl BenchCluster {
+    /// A fresh server and `nodes` nodes: `node-1` first (it creates the streams and
+    /// buckets), then the others at once.
+    async fn start(plan: &Plan, label: &str, nodes: usize, shards: u32) -> Result<BenchCluster> {
+        let nats = NatsServer::start(&plan.nats_server, label)?;
+        let client = connect(&nats.url()).await?;
+        let js = jetstream::new(client.clone());
+        let mut cluster = BenchCluster {
+            nodes: Vec::new(),
+            shards,
+            client,
+            js,
+            nats,
+        };
+        cluster.add_nodes(plan, 1)?;
+        cluster.add_nodes(plan, nodes.saturating_sub(1))?;
+        Ok(cluster)
+    }
+
+    /// Starts `count` more nodes at once (`node-<k>` numbering on) and waits until each
+    /// logged `crm-node ready`.
+    fn add_nodes(&mut self, plan: &Plan, count: usize) -> Result<()> {
+        let first = self.nodes.len();
+        let url = self.nats.url();
+        for index in first..first + count {
+            let settings = NodeSettings {
+                node_id: format!("node-{}", index + 1),
+                shards: self.shards,
+                resident_max_customers: None,
+            };
+            self.nodes.push(CrmNode::spawn(plan, &url, &settings)?);
+        }
+        for node in &mut self.nodes[first..] {
+            node.wait_ready()?;
+        }
+        Ok(())
+    }
+
+    fn node_ids(&self) -> Vec<String> {
+        self.live().map(|n| n.node_id.clone()).collect()
+    }
+
+    fn live(&self) -> impl Iterator<Item = &CrmNode> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    fn node(&self, id: &str) -> Option<&CrmNode> {
+        self.nodes.iter().find(|n| n.node_id == id)
+    }
+
+    fn kill(&mut self, id: &str) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.node_id == id) {
+            node.kill();
+        }
+    }
+
+    async fn status(&self) -> Result<Value> {
+        crm_node::cluster::status::gather(&self.js, STATUS_NODE_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("cluster status: {e}"))
+    }
+
+    /// Every node's marked log lines read at or after `since`, in time order, with the node.
+    fn marks_since(&self, since: Instant) -> Vec<(String, LogMark)> {
+        let mut marks: Vec<(String, LogMark)> = self
+            .nodes
+            .iter()
+            .flat_map(|node| {
+                node.marks_since(since)
+                    .into_iter()
+                    .map(|mark| (node.node_id.clone(), mark))
+            })
+            .collect();
+        marks.sort_by_key(|(_, mark)| mark.at);
+        marks
+    }
+
+    /// The last log lines of every live node (for error messages).
+    fn log_tails(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("--- {}\n{}", node.node_id, node.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for BenchCluster {
+    fn drop(&mut self) {
+        // SIGTERM every node at once, then reap each (CrmNode's drop waits for its exit).
+        for node in &self.nodes {
+            if let Some(child) = node.child.as_ref() {
+                signal_child(child, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+impl Deployment for BenchCluster {
+    fn check_alive(&mut self) -> Result<()> {
+        for node in self.nodes.iter_mut() {
+            node.check_alive()?;
+        }
+        Ok(())
+    }
+
+    fn node_pids(&self) -> Vec<u32> {
+        self.live().map(|n| n.pid).collect()
+    }
+
+    async fn stats(&self, client: &async_nats::Client) -> Result<Value> {
+        let replies = all_node_stats(client, self.live().count()).await?;
+        Ok(sum_stats(&replies))
+    }
+
+    async fn wait_applied(&mut self, client: &async_nats::Client, timeout: Duration) -> Result<()> {
+        let _ = client;
+        wait_cluster_applied(self, None, None, timeout)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Polls every node's `shard_commands` counter (summed) every 100 ms until it reaches
+/// `target` (then returns that moment) or `stop`.
+fn spawn_commands_watch(
+    client: async_nats::Client,
+    nodes: usize,
+    target: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Option<Instant>> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(replies) = all_node_stats(&client, nodes).await {
+                if replies.len() == nodes
+                    && metric(&sum_stats(&replies), "shard_commands") >= target
+                {
+                    return Some(Instant::now());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    })
+}
+
+/// `crm.node.stats` of every node: one request, the replies of up to `expected` nodes
+/// (whoever answers within 2 s).
+async fn all_node_stats(client: &async_nats::Client, expected: usize) -> Result<Vec<Value>> {
+    let inbox = client.new_inbox();
+    let mut replies_sub = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| anyhow!("subscribe: {e}"))?;
+    client
+        .publish_with_reply(subjects::NODE_STATS, inbox, Bytes::from_static(b"{}"))
+        .await
+        .map_err(|e| anyhow!("crm.node.stats: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut replies = Vec::new();
+    while replies.len() < expected {
+        match tokio::time::timeout_at(deadline, replies_sub.next()).await {
+            Ok(Some(message)) => {
+                if let Ok(value) = serde_json::from_slice::<Value>(&message.payload) {
+                    replies.push(value);
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = replies_sub.unsubscribe().await;
+    if replies.is_empty() {
+        bail!("no node answered crm.node.stats within 2 s");
+    }
+    Ok(replies)
+}
+
+/// The nodes' `metrics` and `identity` counters summed (what [`metrics_delta`] reads).
+fn sum_stats(replies: &[Value]) -> Value {
+    let sum = |section: &str| {
+        let mut total = Map::new();
+        for reply in replies {
+            for (name, value) in reply[section].as_object().into_iter().flatten() {
+                let was = total.get(name).and_then(Value::as_u64).unwrap_or(0);
+                total.insert(name.clone(), json!(was + value.as_u64().unwrap_or(0)));
+            }
+        }
+        Value::Object(total)
+    };
+    json!({
+        "nodes": replies.iter().map(|r| r["node_id"].clone()).collect::<Vec<_>>(),
+        "metrics": sum("metrics"),
+        "identity": sum("identity"),
+    })
+}
+
+/// The apply audit (`crm.audit.<n>`, one record per applied batch, published by the owner
+/// after the batch is committed and flushed) as it arrives: when each shard's applied
+/// sequence reached each value, and when each (shard, node) applied its first batch.
+struct AuditWatch {
+    seen: Arc<Mutex<AuditSeen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct AuditSeen {
+    /// Per shard, each time its highest audited sequence grew: (sequence, arrival).
+    reached: Vec<Vec<(u64, Instant)>>,
+    /// The arrival of the first batch of each (shard, node).
+    first_batch: BTreeMap<(u32, String), Instant>,
+    records: u64,
+}
+
+impl AuditWatch {
+    async fn start(client: &async_nats::Client, shards: u32) -> Result<AuditWatch> {
+        let mut subscription = client
+            .subscribe(subjects::AUDIT_ALL)
+            .await
+            .map_err(|e| anyhow!("subscribe {}: {e}", subjects::AUDIT_ALL))?;
+        client.flush().await.map_err(|e| anyhow!("flush: {e}"))?;
+        let seen = Arc::new(Mutex::new(AuditSeen {
+            reached: vec![Vec::new(); shards as usize],
+            ..AuditSeen::default()
+        }));
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Some(message) = subscription.next().await {
+                    let at = Instant::now();
+                    let Ok(record) = serde_json::from_slice::<Value>(&message.payload) else {
+                        continue;
+                    };
+                    let (Some(shard), Some(last)) =
+                        (record["shard"].as_u64(), record["last_seq"].as_u64())
+                    else {
+                        continue;
+                    };
+                    let node = record["node"].as_str().unwrap_or("?").to_string();
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    seen.records += 1;
+                    seen.first_batch.entry((shard as u32, node)).or_insert(at);
+                    if let Some(list) = seen.reached.get_mut(shard as usize) {
+                        if list.last().is_none_or(|(top, _)| last > *top) {
+                            list.push((last, at));
+                        }
+                    }
+                }
+            })
+        };
+        Ok(AuditWatch { seen, task })
+    }
+
+    /// When the audit first showed `shard` applied up to `seq` or beyond.
+    fn reached(&self, shard: u32, seq: u64) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let list = seen.reached.get(shard as usize)?;
+        let index = list.partition_point(|(s, _)| *s < seq);
+        list.get(index).map(|(_, at)| *at)
+    }
+
+    /// The highest sequence audited for `shard`.
+    fn top(&self, shard: u32) -> u64 {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.reached
+            .get(shard as usize)
+            .and_then(|l| l.last())
+            .map(|(s, _)| *s)
+            .unwrap_or(0)
+    }
+
+    /// When `node` applied its first batch of `shard`.
+    fn first_batch(&self, shard: u32, node: &str) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.first_batch.get(&(shard, node.to_string())).copied()
+    }
+
+    fn records(&self) -> u64 {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).records
+    }
+}
+
+impl Drop for AuditWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The last sequence of every shard's log (0: none yet).
+async fn shard_log_ends(js: &jetstream::Context, shards: u32) -> Result<Vec<u64>> {
+    let stream = js
+        .get_stream(subjects::SHARDS_STREAM)
+        .await
+        .map_err(|e| anyhow!("stream {}: {e}", subjects::SHARDS_STREAM))?;
+    let mut last = Vec::with_capacity(shards as usize);
+    for shard in 0..shards {
+        let sequence = stream
+            .get_last_raw_message_by_subject(&subjects::shard(shard))
+            .await
+            .map(|m| m.sequence)
+            .unwrap_or(0);
+        last.push(sequence);
+    }
+    Ok(last)
+}
+
+/// The router's durable consumer: (pending, unacked), `None` while it does not exist yet.
+async fn router_backlog(js: &jetstream::Context) -> Option<(u64, u64)> {
+    let mut consumer = router_consumer(js).await.ok()?;
+    router_progress(&mut consumer)
+        .await
+        .ok()
+        .map(|(pending, unacked, _)| (pending, unacked))
+}
+
+/// The alive nodes of a status and the shards each one's heartbeat says it serves.
+fn serving_nodes(status: &Value) -> BTreeMap<String, HashSet<u64>> {
+    status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|node| node["alive"] == true)
+        .filter_map(|node| {
+            let id = node["node_id"].as_str()?.to_string();
+            let shards = node["shards"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+                .collect();
+            Some((id, shards))
+        })
+        .collect()
+}
+
+/// What keeps a cluster of `nodes` from being settled (`None`: settled): every shard's
+/// lease held by its assigned node, which is alive and serves it (its heartbeat lists the
+/// shard) with lag 0; the shards balanced over `nodes` (counts differ by at most one);
+/// a coordinator and a router.
+fn unsettled(status: &Value, nodes: &[String]) -> Option<String> {
+    let shards = status["shards"].as_array()?;
+    let serving = serving_nodes(status);
+    let mut problems = Vec::new();
+    if status["coordinator"].is_null() {
+        problems.push("no coordinator".to_string());
+    }
+    if status["router"].is_null() {
+        problems.push("no router".to_string());
+    }
+    let (mut unowned, mut moving, mut unserved, mut lagging) = (0, 0, 0, 0);
+    let mut counts: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
+    for shard in shards {
+        let number = shard["shard"].as_u64().unwrap_or(u64::MAX);
+        let Some(owner) = shard["owner"].as_str() else {
+            unowned += 1;
+            continue;
+        };
+        if shard["assigned"].as_str() != Some(owner) {
+            moving += 1;
+        }
+        if !serving.get(owner).is_some_and(|s| s.contains(&number)) {
+            unserved += 1;
+        }
+        if shard["lag"].as_u64() != Some(0) {
+            lagging += 1;
+        }
+        if let Some(count) = counts.get_mut(owner) {
+            *count += 1;
+        }
+    }
+    for (what, count) in [
+        ("without owner", unowned),
+        ("moving", moving),
+        ("not yet served", unserved),
+        ("lagging", lagging),
+    ] {
+        if count > 0 {
+            problems.push(format!("{count} shards {what}"));
+        }
+    }
+    let (low, high) = (
+        counts.values().min().copied().unwrap_or(0),
+        counts.values().max().copied().unwrap_or(0),
+    );
+    if high > low + 1 {
+        problems.push(format!("unbalanced: {counts:?}"));
+    }
+    (!problems.is_empty()).then(|| problems.join(", "))
+}
+
+/// Shards per node as the status shows them (lease owners).
+fn shard_counts(status: &Value) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for shard in status["shards"].as_array().into_iter().flatten() {
+        if let Some(owner) = shard["owner"].as_str() {
+            *counts.entry(owner.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Waits until the cluster of `nodes` is settled (see [`unsettled`]); returns the status
+/// and how long it took.
+async fn wait_settled(
+    cluster: &mut BenchCluster,
+    nodes: &[String],
+    timeout: Duration,
+) -> Result<(Value, f64)> {
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        cluster.check_alive()?;
+        let problem = match cluster.status().await {
+            Ok(status) => match unsettled(&status, nodes) {
+                None => return Ok((status, started.elapsed().as_secs_f64())),
+                Some(what) => what,
+            },
+            Err(error) => format!("{error:#}"),
+        };
+        if started.elapsed() >= timeout {
+            bail!(
+                "the cluster of {} did not settle within {timeout:?}: {problem}",
+                nodes.join(", ")
+            );
+        }
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            say(format!("    waiting for the cluster to settle: {problem}"));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Notices a router that holds delivered messages unacked with nothing pending (they come
+/// back only after the consumer's ack wait, `ack_wait_s`) and says so once.
+#[derive(Default)]
+struct RouterTail {
+    since: Option<(u64, Instant)>,
+    said: bool,
+}
+
+impl RouterTail {
+    fn observe(&mut self, pending: u64, unacked: u64) {
+        if pending != 0 || unacked == 0 || unacked == u64::MAX {
+            self.since = None;
+            return;
+        }
+        match self.since {
+            Some((count, at)) if count == unacked => {
+                if !self.said && at.elapsed() >= Duration::from_secs(5) {
+                    say(format!(
+                        "    note: the router holds {unacked} delivered messages unacked with nothing pending for {:.0} s; the server redelivers them after the consumer's ack wait (ack_wait_s, 30 s by default)",
+                        at.elapsed().as_secs_f64()
+                    ));
+                    self.said = true;
+                }
+            }
+            _ => self.since = Some((unacked, Instant::now())),
+        }
+    }
+}
+
+/// When a cluster had applied everything published so far.
+struct ClusterApplied {
+    /// The router had nothing pending or unacked.
+    routed_at: Instant,
+    /// The apply audit showed every shard at its last record, and the router had drained
+    /// (the status' moment when the audit is not complete).
+    applied_at: Instant,
+    /// The status confirmed it: every shard served by its assigned owner with lag 0.
+    confirmed_at: Instant,
+    /// Whether `applied_at` comes from the audit.
+    audit_complete: bool,
+    status: Value,
+}
+
+/// Waits until a cluster has applied everything published so far: the router's durable
+/// consumer has nothing pending or unacked (the shard logs are then complete), then, with
+/// an audit watch, until every shard whose log grew past `base` has an audit record at
+/// its last sequence (the later of the two is the precise moment it had applied
+/// everything), and in any case until the status shows every
+/// shard served by its assigned owner with lag 0 (the status lags the truth by up to a
+/// heartbeat interval: it reads the applied sequences of the nodes' heartbeats).
+async fn wait_cluster_applied(
+    cluster: &mut BenchCluster,
+    audit: Option<&AuditWatch>,
+    base: Option<&[u64]>,
+    timeout: Duration,
+) -> Result<ClusterApplied> {
+    let deadline = Instant::now() + timeout;
+    let js = cluster.js.clone();
+    let mut last_report = Instant::now();
+    let mut stall = StallWatch::for_router();
+    let mut tail = RouterTail::default();
+    let routed_at = loop {
+        cluster.check_alive()?;
+        let backlog = router_backlog(&js).await;
+        let (pending, unacked) = backlog.unwrap_or((u64::MAX, u64::MAX));
+        stall.observe((pending, unacked, 0), "router consumer")?;
+        if backlog == Some((0, 0)) {
+            break Instant::now();
+        }
+        tail.observe(pending, unacked);
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            match backlog {
+                Some(_) => say(format!(
+                    "    waiting for the router: {pending} pending, {unacked} unacked"
+                )),
+                None => say("    waiting for the router's consumer to exist"),
+            }
+            last_report = Instant::now();
+        }
+        if Instant::now() >= deadline {
+            bail!("router not drained within {timeout:?}: {pending} pending, {unacked} unacked");
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    let mut applied_at = None;
+    if let Some(audit) = audit {
+        let last = shard_log_ends(&js, cluster.shards).await?;
+        let mut stall = StallWatch::new();
+        loop {
+            cluster.check_alive()?;
+            let waiting: Vec<u32> = (0..cluster.shards)
+                .filter(|&s| {
+                    let grew = last[s as usize] > base.map_or(0, |b| b[s as usize]);
+                    grew && audit.reached(s, last[s as usize]).is_none()
+                })
+                .collect();
+            if waiting.is_empty() {
+                // Never before the router drained: "applied everything" includes the
+                // router's acks (as the single-node wait does).
+                applied_at = (0..cluster.shards)
+                    .filter_map(|s| audit.reached(s, last[s as usize]))
+                    .max()
+                    .map(|at| at.max(routed_at))
+                    .or(Some(routed_at));
+                break;
+            }
+            let audited: u64 = waiting.iter().map(|&s| audit.top(s)).sum();
+            let stalled = stall.observe(
+                (waiting.len() as u64, audited, 0),
+                &format!("{} shards not audited at their last record", waiting.len()),
+            );
+            if stalled.is_err() || Instant::now() >= deadline {
+                // Audit records are core NATS messages: a lost one must not hang the wait;
+                // the status below decides, and its moment is used.
+                say(format!(
+                    "    the apply audit misses {} shards (e.g. shard {}); timing by the status",
+                    waiting.len(),
+                    waiting[0]
+                ));
+                break;
+            }
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                say(format!(
+                    "    waiting for {} shards to apply their last record",
+                    waiting.len()
+                ));
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let nodes = cluster.node_ids();
+    let mut stall = StallWatch::new();
+    loop {
+        cluster.check_alive()?;
+        let status = cluster.status().await?;
+        let problem = unsettled(&status, &nodes);
+        match problem {
+            None => {
+                let confirmed_at = Instant::now();
+                return Ok(ClusterApplied {
+                    routed_at,
+                    applied_at: applied_at.unwrap_or(confirmed_at),
+                    confirmed_at,
+                    audit_complete: applied_at.is_some(),
+                    status,
+                });
+            }
+            Some(problem) => {
+                let lag: u64 = status["shards"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["lag"].as_u64())
+                    .sum();
+                stall.observe((lag, 0, 0), &format!("status: {problem}"))?;
+                if Instant::now() >= deadline {
+                    bail!("the cluster did not apply everything within {timeout:?}: {problem}");
+                }
+                if last_report.elapsed() >= PROGRESS_EVERY {
+                    say(format!("    waiting for the status: {problem}"));
+                    last_report = Instant::now();
+                }
+            }
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    }
+}
+
+/// Median and worst of some seconds.
+fn median_and_worst(mut values: Vec<f64>) -> (Option<f64>, Option<f64>) {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return (None, None);
+    }
+    let middle = values.len() / 2;
+    let median = if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    };
+    (Some(round(median, 3)), values.last().map(|v| round(*v, 3)))
+}
+
+/// Seconds from `from` to `to` (negative when `to` came first), rounded to the ms.
+fn seconds_between(from: Instant, to: Instant) -> f64 {
+    let seconds = if to >= from {
+        to.duration_since(from).as_secs_f64()
+    } else {
+        -from.duration_since(to).as_secs_f64()
+    };
+    round(seconds, 3)
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 5: throughput and latency with 1, 2 and 3 nodes
+// ---------------------------------------------------------------------------------------
+
+/// The e2e traffic through clusters of each size in `--cluster-nodes`, a fresh server
+/// each; then purchases at one fixed rate (half the first size's rate).
+async fn cluster_scaling(plan: &Plan, report: &mut Report) {
+    say(format!(
+        "generating {} events of sample traffic for the cluster runs",
+        plan.cluster_events
+    ));
+    let (traffic, _) = generated_traffic(plan.cluster_events, plan.seed);
+    let mut rate = plan.cluster_latency_rate;
+    let (mut per_s, mut by_counters, mut p50, mut p99, mut details) =
+        (Map::new(), Map::new(), Map::new(), Map::new(), Map::new());
+    for &nodes in &plan.cluster_nodes {
+        say(format!(
+            "step 5/8: cluster of {nodes} node(s), {} shards: {} events, then latency",
+            plan.shards,
+            traffic.len()
+        ));
+        match cluster_size(plan, nodes, traffic.clone(), &mut rate).await {
+            Ok(result) => {
+                let key = nodes.to_string();
+                per_s.insert(key.clone(), result["events_per_s"].clone());
+                by_counters.insert(
+                    key.clone(),
+                    result["throughput"]["events_per_s_by_counters"].clone(),
+                );
+                let earned = &result["latency"]["publish_to_points_earned_ms"];
+                if !earned.is_null() {
+                    p50.insert(key.clone(), earned["p50"].clone());
+                    p99.insert(key.clone(), earned["p99"].clone());
+                }
+                details.insert(key, result);
+            }
+            Err(error) => report.fail(&format!("cluster_{nodes}"), error),
+        }
+    }
+    report.set("cluster_events_per_s", Value::Object(per_s));
+    report.set(
+        "cluster_events_per_s_by_counters",
+        Value::Object(by_counters),
+    );
+    report.set("cluster_latency_p50_ms", Value::Object(p50));
+    report.set("cluster_latency_p99_ms", Value::Object(p99));
+    report.set(
+        "cluster_latency_rate_per_s",
+        rate.map(|r| json!(round(r, 1))).unwrap_or(Value::Null),
+    );
+    report.set("cluster", Value::Object(details));
+}
+
+/// One cluster size: settle, throughput, latency. Sets `rate` (half this size's rate)
+/// when it is not known yet.
+async fn cluster_size(
+    plan: &Plan,
+    nodes: usize,
+    traffic: Vec<Outgoing>,
+    rate: &mut Option<f64>,
+) -> Result<Value> {
+    let label = format!("nats-cluster-{nodes}");
+    let mut cluster = BenchCluster::start(plan, &label, nodes, plan.shards).await?;
+    let node_ids = cluster.node_ids();
+    let (settled, settle_s) = wait_settled(&mut cluster, &node_ids, SETTLE_TIMEOUT)
+        .await
+        .with_context(|| cluster.log_tails())?;
+    say(format!(
+        "    settled in {settle_s:.1} s: {:?}",
+        shard_counts(&settled)
+    ));
+    let client = cluster.client.clone();
+    let js = cluster.js.clone();
+    let base = shard_log_ends(&js, plan.shards).await?;
+    let audit = AuditWatch::start(&client, plan.shards).await?;
+    let stats_before = cluster.stats(&client).await?;
+    let events = traffic.len() as u64;
+    let pids = cluster.node_pids();
+    let cpu_before = CpuSnapshot::take_many(cluster.nats.pid, &pids);
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let commands_watch = spawn_commands_watch(
+        client.clone(),
+        pids.len(),
+        metric(&stats_before, "shard_commands") + events,
+        stop_watch.clone(),
+    );
+    let _watch_guard = AbortOnDrop::new(&commands_watch);
+    let published = publish_bounded(&js, traffic, plan.in_flight, None).await?;
+    let cpu_published = CpuSnapshot::take_many(cluster.nats.pid, &pids);
+    let timeout = Duration::from_secs(120 + events / 200);
+    let applied = wait_cluster_applied(&mut cluster, Some(&audit), Some(&base), timeout).await;
+    stop_watch.store(true, Ordering::Relaxed);
+    let commands_at = commands_watch.await.ok().flatten();
+    let applied = applied?;
+    let cpu_after = CpuSnapshot::take_many(cluster.nats.pid, &pids);
+    let stats_after = cluster.stats(&client).await?;
+    let first = published.first_publish;
+    let seconds = applied.applied_at.duration_since(first).as_secs_f64();
+    let delta = metrics_delta(&stats_before, &stats_after);
+    let batches = delta["shard_batches"].as_u64().unwrap_or(0);
+    let shard_messages = delta["shard_messages"].as_u64().unwrap_or(0);
+    let events_per_s = events as f64 / seconds.max(1e-9);
+    let throughput = json!({
+        "events": events,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events_per_s, 0),
+        "publish_done_s": round(published.last_ack.duration_since(first).as_secs_f64(), 3),
+        "routed_done_s": round(applied.routed_at.duration_since(first).as_secs_f64(), 3),
+        "applied_done_s": round(seconds, 3),
+        "applied_timing": if applied.audit_complete { "apply audit" } else { "status" },
+        "status_confirmed_s": round(applied.confirmed_at.duration_since(first).as_secs_f64(), 3),
+        "commands_applied_s": commands_at.map(|at| seconds_between(first, at)),
+        "events_per_s_by_counters": commands_at
+            .map(|at| round(events as f64 / at.duration_since(first).as_secs_f64().max(1e-9), 0)),
+        "audit_records": audit.records(),
+        "duplicates_acked": published.duplicates,
+        "node_counters": delta,
+        "identity_counters": identity_delta(&stats_before, &stats_after),
+        "mean_shard_batch_messages": round(shard_messages as f64 / batches.max(1) as f64, 2),
+        "cpu_while_publishing": cpu_before.since(&cpu_published),
+        "cpu_total": cpu_before.since(&cpu_after),
+        "shards_per_node": shard_counts(&applied.status),
+    });
+    drop(audit);
+    say(format!(
+        "    {nodes} node(s): {events} events in {seconds:.2} s = {events_per_s:.0} events/s"
+    ));
+    // Half the rate at which every event had been applied once (the nodes' counters): the
+    // strict figure above also waits for the router's last ingest acks, which can lag by
+    // the consumer's ack wait (see RouterTail) and would make the rate meaningless.
+    let capacity = throughput["events_per_s_by_counters"]
+        .as_f64()
+        .unwrap_or(events_per_s);
+    let rate = *rate.get_or_insert(capacity / 2.0);
+    say(format!(
+        "    latency at {rate:.0} events/s for {} s",
+        plan.latency_seconds
+    ));
+    let nats_pid = cluster.nats.pid;
+    let latency = latency(&client, &mut cluster, plan, rate, nats_pid).await;
+    let (latency, latency_error) = match latency {
+        Ok(latency) => (latency, Value::Null),
+        Err(error) => (Value::Null, json!(format!("{error:#}"))),
+    };
+    let warnings: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.problems()
+                .into_iter()
+                .map(|line| format!("{}: {}", n.node_id, line))
+        })
+        .collect();
+    if !latency_error.is_null() {
+        bail!("latency: {}", latency_error.as_str().unwrap_or("failed"));
+    }
+    Ok(json!({
+        "nodes": nodes,
+        "shards": plan.shards,
+        "settle_s": round(settle_s, 2),
+        "coordinator": settled["coordinator"],
+        "router": settled["router"],
+        "events_per_s": throughput["events_per_s"],
+        "throughput": throughput,
+        "latency": latency,
+        "node_warnings": warnings,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 6: failover after a SIGKILL
+// ---------------------------------------------------------------------------------------
+
+/// Publishes `messages` at `rate` per second until they run out or `stop`; PubAcks are
+/// awaited by a second task so that they never hold the schedule back. Returns how many
+/// were published and how many publishes or acks failed.
+fn spawn_paced_load(
+    js: jetstream::Context,
+    messages: Vec<Outgoing>,
+    rate: f64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    tokio::spawn(async move {
+        let (ack_sender, mut ack_receiver) = tokio::sync::mpsc::channel::<PublishAckFuture>(4096);
+        let acks = tokio::spawn(async move {
+            let mut failures = 0u64;
+            while let Some(ack) = ack_receiver.recv().await {
+                if ack.await.is_err() {
+                    failures += 1;
+                }
+            }
+            failures
+        });
+        let interval = 1.0 / rate.max(1e-3);
+        let start = Instant::now();
+        let (mut published, mut failures) = (0u64, 0u64);
+        for (index, message) in messages.into_iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let due = start + Duration::from_secs_f64(index as f64 * interval);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let publish = PublishMessage::build()
+                .payload(message.payload)
+                .message_id(&message.msg_id);
+            match js.send_publish(message.subject, publish).await {
+                Ok(ack) => {
+                    published += 1;
+                    if ack_sender.send(ack).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => failures += 1,
+            }
+        }
+        drop(ack_sender);
+        failures += acks.await.unwrap_or(0);
+        (published, failures)
+    })
+}
+
+/// Which node a failover run kills: run 1 a node with neither cluster-wide role, run 2
+/// the router, run 3 the coordinator (then again); a node that owns shards in any case,
+/// any such node when the preferred one does not exist.
+fn pick_victim(status: &Value, run: u32) -> Option<String> {
+    let counts = shard_counts(status);
+    let coordinator = status["coordinator"].as_str();
+    let router = status["router"].as_str();
+    let owners: Vec<&String> = counts.keys().collect();
+    let preferred = owners.iter().find(|id| {
+        let id = Some(id.as_str());
+        match run % 3 {
+            0 => id != coordinator && id != router,
+            1 => id == router,
+            _ => id == coordinator,
+        }
+    });
+    preferred.or(owners.first()).map(|id| id.to_string())
+}
+
+/// Every failover run, then the worst and the median.
+async fn failover(plan: &Plan, report: &mut Report) {
+    let count =
+        (plan.failover_rate * (FAILOVER_WARMUP + MOVE_TIMEOUT).as_secs_f64() * 1.1).ceil() as u64;
+    let (traffic, _) = generated_traffic(count.max(100), plan.seed + 1);
+    let mut runs = Vec::new();
+    for run in 0..plan.failover_runs {
+        say(format!(
+            "step 6/8: failover run {} of {}: 3 nodes, {:.0} events/s, SIGKILL of one node",
+            run + 1,
+            plan.failover_runs,
+            plan.failover_rate
+        ));
+        match failover_run(plan, run, &traffic).await {
+            Ok(result) => {
+                let roles: Vec<&str> = result["killed_roles"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let roles = if roles.is_empty() {
+                    "no cluster-wide role".to_string()
+                } else {
+                    roles.join(" + ")
+                };
+                say(format!(
+                    "    killed {} ({} shards, {roles}): served again after {} s (node logs: {} s)",
+                    result["killed"].as_str().unwrap_or("?"),
+                    result["killed_shards"],
+                    result["failover_s"],
+                    result["failover_log_s"],
+                ));
+                say(format!(
+                    "    caught up after {} s (apply audit: {} s)",
+                    result["caught_up_s"], result["caught_up_audit_s"]
+                ));
+                runs.push(result);
+            }
+            Err(error) => report.fail(&format!("failover_{}", run + 1), error),
+        }
+    }
+    let figures = |key: &str| -> Vec<f64> { runs.iter().filter_map(|r| r[key].as_f64()).collect() };
+    let (served_median, served_worst) = median_and_worst(figures("failover_s"));
+    let (caught_median, caught_worst) = median_and_worst(figures("caught_up_s"));
+    let (log_median, log_worst) = median_and_worst(figures("failover_log_s"));
+    report.set("failover_s", json!(served_worst));
+    report.set("failover_median_s", json!(served_median));
+    report.set("failover_caught_up_s", json!(caught_worst));
+    report.set("failover_caught_up_median_s", json!(caught_median));
+    report.set(
+        "failover",
+        json!({
+            "runs": runs,
+            "load_events_per_s": plan.failover_rate,
+            "nodes": 3,
+            "shards": plan.shards,
+            "served_worst_s": served_worst,
+            "served_median_s": served_median,
+            "served_by_node_logs_worst_s": log_worst,
+            "served_by_node_logs_median_s": log_median,
+            "caught_up_worst_s": caught_worst,
+            "caught_up_median_s": caught_median,
+            "method": "status polled every 100 ms after the SIGKILL; served: every shard the killed node owned has a lease owner other than it, alive, whose heartbeat lists the shard, and lag not null; the load stops then; caught up: the router lease is held by a live node other than the killed one, the router consumer has nothing pending, and every shard has lag 0",
+        }),
+    );
+}
+
+async fn failover_run(plan: &Plan, run: u32, traffic: &[Outgoing]) -> Result<Value> {
+    let mut cluster = BenchCluster::start(plan, "nats-failover", 3, plan.shards).await?;
+    let node_ids = cluster.node_ids();
+    let (settled, settle_s) = wait_settled(&mut cluster, &node_ids, SETTLE_TIMEOUT)
+        .await
+        .with_context(|| cluster.log_tails())?;
+    let base: Vec<u64> = settled["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["last_seq"].as_u64().unwrap_or(0))
+        .collect();
+    let audit = AuditWatch::start(&cluster.client, plan.shards).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_paced_load(
+        cluster.js.clone(),
+        traffic.to_vec(),
+        plan.failover_rate,
+        stop.clone(),
+    );
+    let _load_guard = AbortOnDrop::new(&load);
+    tokio::time::sleep(FAILOVER_WARMUP).await;
+    cluster.check_alive()?;
+    let before = cluster.status().await?;
+    let victim = pick_victim(&before, run).ok_or_else(|| anyhow!("no node owns shards"))?;
+    let victim_shards: Vec<u64> = before["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["owner"].as_str() == Some(victim.as_str()))
+        .filter_map(|s| s["shard"].as_u64())
+        .collect();
+    let mut roles = Vec::new();
+    if before["coordinator"].as_str() == Some(victim.as_str()) {
+        roles.push("coordinator");
+    }
+    if before["router"].as_str() == Some(victim.as_str()) {
+        roles.push("router");
+    }
+    let survivors: Vec<String> = node_ids
+        .iter()
+        .filter(|id| **id != victim)
+        .cloned()
+        .collect();
+    let survivor_pids: Vec<u32> = cluster
+        .live()
+        .filter(|n| n.node_id != victim)
+        .map(|n| n.pid)
+        .collect();
+    let cpu_before = CpuSnapshot::take_many(cluster.nats.pid, &survivor_pids);
+    let killed_at = Instant::now();
+    cluster.kill(&victim);
+    let mut served_at = None;
+    let mut caught_up = None;
+    let mut router_unacked = None;
+    let mut polls = 0u64;
+    let mut poll_ms = Vec::new();
+    let mut last_problem = String::new();
+    let mut last_report = Instant::now();
+    while caught_up.is_none() {
+        cluster.check_alive()?;
+        if killed_at.elapsed() >= MOVE_TIMEOUT {
+            stop.store(true, Ordering::Relaxed);
+            bail!(
+                "{victim}'s shards not {} within {MOVE_TIMEOUT:?} of its SIGKILL: {last_problem}\n{}",
+                if served_at.is_some() { "caught up" } else { "served again" },
+                cluster.log_tails()
+            );
+        }
+        let asked = Instant::now();
+        let status = cluster.status().await;
+        poll_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+        let status = match status {
+            Ok(status) => status,
+            Err(error) => {
+                last_problem = format!("{error:#}");
+                tokio::time::sleep(STATUS_POLL).await;
+                continue;
+            }
+        };
+        polls += 1;
+        let now = Instant::now();
+        let serving = serving_nodes(&status);
+        let shards = status["shards"].as_array().cloned().unwrap_or_default();
+        let of_victim = |s: &&Value| {
+            s["shard"]
+                .as_u64()
+                .is_some_and(|n| victim_shards.contains(&n))
+        };
+        let not_served = shards
+            .iter()
+            .filter(of_victim)
+            .filter(|s| {
+                let number = s["shard"].as_u64().unwrap_or(u64::MAX);
+                let served = s["owner"].as_str().is_some_and(|owner| {
+                    owner != victim && serving.get(owner).is_some_and(|set| set.contains(&number))
+                });
+                !served || s["lag"].is_null()
+            })
+            .count();
+        if served_at.is_none() {
+            if not_served == 0 {
+                served_at = Some(now);
+                // Stop the load: "lag 0" is then a fixed point the cluster reaches.
+                stop.store(true, Ordering::Relaxed);
+            } else {
+                last_problem = format!("{not_served} of {} shards not served", victim_shards.len());
+            }
+        }
+        if served_at.is_some() {
+            let backlog = router_backlog(&cluster.js).await;
+            let lagging = shards
+                .iter()
+                .filter(|s| s["lag"].as_u64() != Some(0))
+                .count();
+            let router = status["router"].as_str().map(str::to_string);
+            let router_live = router
+                .as_ref()
+                .is_some_and(|r| *r != victim && serving.contains_key(r));
+            let pending = backlog.map(|(pending, _)| pending);
+            if router_live && pending == Some(0) && lagging == 0 && not_served == 0 {
+                router_unacked = backlog.map(|(_, unacked)| unacked);
+                caught_up = Some((Instant::now(), status));
+            } else {
+                last_problem = format!(
+                    "router {router:?}, router backlog {backlog:?} (pending, unacked), {lagging} shards lagging"
+                );
+            }
+        }
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            say(format!(
+                "    {:.0} s after the kill: {last_problem}",
+                killed_at.elapsed().as_secs_f64()
+            ));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    }
+    let (caught_up_at, final_status) = caught_up.expect("loop ends when caught up");
+    let served_at = served_at.expect("served before caught up");
+    stop.store(true, Ordering::Relaxed);
+    let (published, publish_failures) = load.await.unwrap_or((0, 0));
+    let cpu_after = CpuSnapshot::take_many(cluster.nats.pid, &survivor_pids);
+
+    // The same moments, precisely, from the survivors' logs and the apply audit.
+    let marks = cluster.marks_since(killed_at);
+    let shard_of =
+        |mark: &LogMark| log_field(&mark.line, "shard").and_then(|s| s.parse::<u64>().ok());
+    let mut served_by_log: BTreeMap<u64, (String, Instant)> = BTreeMap::new();
+    let mut start_ms = Vec::new();
+    let mut restored = 0u64;
+    for (node, mark) in &marks {
+        let Some(shard) = shard_of(mark).filter(|s| victim_shards.contains(s)) else {
+            continue;
+        };
+        if mark.line.contains("serving shard") {
+            served_by_log
+                .entry(shard)
+                .or_insert((node.clone(), mark.at));
+        } else if mark.line.contains("shard started") {
+            if let Some(ms) = log_field(&mark.line, "ms").and_then(|v| v.parse::<f64>().ok()) {
+                start_ms.push(ms);
+            }
+        } else if mark.line.contains("snapshot restored") {
+            restored += 1;
+        }
+    }
+    let failover_log_s = (served_by_log.len() == victim_shards.len())
+        .then(|| served_by_log.values().map(|(_, at)| *at).max())
+        .flatten()
+        .map(|at| seconds_between(killed_at, at));
+    let mut new_owners: BTreeMap<String, usize> = BTreeMap::new();
+    for (node, _) in served_by_log.values() {
+        *new_owners.entry(node.clone()).or_insert(0) += 1;
+    }
+    let first_mark = |needle: &str| {
+        marks
+            .iter()
+            .find(|(_, m)| m.line.contains(needle))
+            .map(|(node, m)| json!({"node": node, "s": seconds_between(killed_at, m.at)}))
+    };
+    let first_apply_s = victim_shards
+        .iter()
+        .filter_map(|&shard| {
+            survivors
+                .iter()
+                .filter_map(|node| audit.first_batch(shard as u32, node))
+                .filter(|at| *at >= killed_at)
+                .min()
+        })
+        .max()
+        .map(|at| seconds_between(killed_at, at));
+    // Caught up by the audit: every shard at the last sequence the final status showed.
+    let mut audit_complete = true;
+    let mut audit_caught_up = killed_at;
+    for shard in final_status["shards"].as_array().into_iter().flatten() {
+        let (Some(number), Some(last)) = (shard["shard"].as_u64(), shard["last_seq"].as_u64())
+        else {
+            continue;
+        };
+        if last <= base.get(number as usize).copied().unwrap_or(0) {
+            continue;
+        }
+        match audit.reached(number as u32, last) {
+            Some(at) => audit_caught_up = audit_caught_up.max(at),
+            None => audit_complete = false,
+        }
+    }
+    let timeline: Vec<Value> = marks
+        .iter()
+        .filter(|(_, m)| {
+            [
+                "coordinator",
+                "routes ingest",
+                "assignment written",
+                "lease",
+            ]
+            .iter()
+            .any(|needle| m.line.contains(needle))
+        })
+        .take(40)
+        .map(|(node, m)| {
+            let text = m
+                .line
+                .split_once("  ")
+                .map(|(_, rest)| rest)
+                .unwrap_or(&m.line);
+            json!({"s": seconds_between(killed_at, m.at), "node": node, "line": text.trim()})
+        })
+        .collect();
+    Ok(json!({
+        "run": run + 1,
+        "settle_s": round(settle_s, 2),
+        "killed": victim,
+        "killed_roles": roles,
+        "killed_shards": victim_shards.len(),
+        "survivors": survivors,
+        "failover_s": seconds_between(killed_at, served_at),
+        "failover_log_s": failover_log_s,
+        "first_apply_by_new_owner_worst_s": first_apply_s,
+        "caught_up_s": seconds_between(killed_at, caught_up_at),
+        "caught_up_audit_s": audit_complete.then(|| seconds_between(killed_at, audit_caught_up)),
+        "router_unacked_when_caught_up": router_unacked,
+        "new_owners": new_owners,
+        "shards_restored_from_snapshot": restored,
+        "shard_start_ms": summary(start_ms, 1),
+        "coordinator_taken_s": first_mark("this node is the coordinator"),
+        "router_taken_s": first_mark("this node routes ingest"),
+        "first_assignment_after_kill": first_mark("shard assignment written"),
+        "status_polls": polls,
+        "status_read_ms": summary(poll_ms, 1),
+        "load_published": published,
+        "load_failures": publish_failures,
+        "shards_per_node_after": shard_counts(&final_status),
+        "cpu_survivors": cpu_before.since(&cpu_after),
+        "timeline": timeline,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 7: hand-off of one shard holding N customers
+// ---------------------------------------------------------------------------------------
+
+/// `10k` for 10,000; the number itself when it is not a whole thousand.
+fn customers_label(customers: u64) -> String {
+    if customers.is_multiple_of(1000) {
+        format!("{}k", customers / 1000)
+    } else {
+        customers.to_string()
+    }
+}
+
+async fn handoff(plan: &Plan, report: &mut Report) {
+    let mut runs = Vec::new();
+    for &customers in &plan.handoff_customers {
+        say(format!(
+            "step 7/8: hand-off of one shard holding {customers} customers (drain node-1, node-2 takes it)"
+        ));
+        match handoff_run(plan, customers).await {
+            Ok(result) => {
+                say(format!(
+                    "    served by node-2 after {} s (node log: {} s), snapshot {} bytes",
+                    result["handoff_s"], result["handoff_log_s"], result["snapshot_bytes"]
+                ));
+                report.set(
+                    &format!("handoff_{}_s", customers_label(customers)),
+                    result["handoff_s"].clone(),
+                );
+                runs.push(result);
+            }
+            Err(error) => report.fail(&format!("handoff_{}", customers_label(customers)), error),
+        }
+    }
+    report.set(
+        "handoff",
+        json!({
+            "runs": runs,
+            "method": "shards = 1; node-1 alone is fed one visit per new customer and applies it; node-2 starts and the cluster settles (node-1 keeps the shard); then the drain of node-1 is requested (crm_node::cluster::status::request_drain) and the status is polled every 100 ms until shard 0's lease owner is node-2, node-2's heartbeat lists it, and its lag is 0. handoff_log_s: from the drain request until node-2 logs 'serving shard'",
+        }),
+    );
+}
+
+async fn handoff_run(plan: &Plan, customers: u64) -> Result<Value> {
+    let label = format!("nats-handoff-{}", customers_label(customers));
+    let mut cluster = BenchCluster::start(plan, &label, 1, 1).await?;
+    wait_settled(&mut cluster, &["node-1".to_string()], SETTLE_TIMEOUT)
+        .await
+        .with_context(|| cluster.log_tails())?;
+    let client = cluster.client.clone();
+    let acked = Arc::new(AtomicU64::new(0));
+    let feed = spawn_customer_feed(&client, customers, plan.in_flight, acked.clone());
+    let _feed_guard = AbortOnDrop::new(&feed);
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while !feed.is_finished() {
+        cluster.check_alive()?;
+        if last_report.elapsed() >= Duration::from_secs(15) {
+            say(format!(
+                "    {} of {customers} customers published",
+                acked.load(Ordering::Relaxed)
+            ));
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let published = feed.await.context("feed")??;
+    cluster
+        .wait_applied(&client, Duration::from_secs(600 + customers / 100))
+        .await?;
+    let feed_seconds = started.elapsed().as_secs_f64();
+    let stats = node_stats(&client).await?;
+    let stored = metric(&stats, "stored_customers");
+    let sled_mib = cluster
+        .node("node-1")
+        .map(|n| dir_bytes(&n.dir.path.join("data")) as f64 / 1048576.0)
+        .unwrap_or(0.0);
+
+    cluster.add_nodes(plan, 1)?;
+    let both = vec!["node-1".to_string(), "node-2".to_string()];
+    let (settled, _) = wait_settled(&mut cluster, &both, SETTLE_TIMEOUT)
+        .await
+        .with_context(|| cluster.log_tails())?;
+    if settled["shards"][0]["owner"].as_str() != Some("node-1") {
+        bail!(
+            "shard 0 moved to {} before the drain",
+            settled["shards"][0]["owner"]
+        );
+    }
+    let pids = cluster.node_pids();
+    let cpu_before = CpuSnapshot::take_many(cluster.nats.pid, &pids);
+    let drain_at = Instant::now();
+    crm_node::cluster::status::request_drain(&cluster.js, "node-1", false)
+        .await
+        .map_err(|e| anyhow!("drain request: {e}"))?;
+    let mut polls = 0u64;
+    let mut poll_ms = Vec::new();
+    let mut trace: Vec<Value> = Vec::new();
+    let mut last_problem = String::from("no status yet");
+    let done_at = loop {
+        cluster.check_alive()?;
+        if drain_at.elapsed() >= MOVE_TIMEOUT {
+            bail!(
+                "shard 0 not served by node-2 within {MOVE_TIMEOUT:?} of the drain request: {last_problem}\n{}",
+                cluster.log_tails()
+            );
+        }
+        let asked = Instant::now();
+        let status = cluster.status().await;
+        poll_ms.push(asked.elapsed().as_secs_f64() * 1000.0);
+        match status {
+            Ok(status) => {
+                polls += 1;
+                let shard = &status["shards"][0];
+                let serving = serving_nodes(&status);
+                let served = shard["owner"].as_str() == Some("node-2")
+                    && serving.get("node-2").is_some_and(|s| s.contains(&0));
+                let seen = json!([
+                    shard["owner"],
+                    shard["assigned"],
+                    served,
+                    shard["applied_seq"],
+                    shard["last_seq"],
+                    shard["lag"]
+                ]);
+                if trace.last().map(|t: &Value| &t["seen"]) != Some(&seen) {
+                    trace.push(
+                        json!({"s": seconds_between(drain_at, Instant::now()), "seen": seen}),
+                    );
+                }
+                if served && shard["lag"].as_u64() == Some(0) {
+                    break Instant::now();
+                }
+                last_problem = format!(
+                    "owner {}, assigned {}, lag {}",
+                    shard["owner"], shard["assigned"], shard["lag"]
+                );
+            }
+            Err(error) => last_problem = format!("{error:#}"),
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    };
+    let cpu_after = CpuSnapshot::take_many(cluster.nats.pid, &pids);
+    let marks = cluster.marks_since(drain_at);
+    let find = |node: &str, needle: &str| {
+        marks
+            .iter()
+            .find(|(n, m)| n == node && m.line.contains(needle))
+            .map(|(_, m)| m.clone())
+    };
+    let at = |mark: &Option<LogMark>| mark.as_ref().map(|m| seconds_between(drain_at, m.at));
+    let number = |mark: &Option<LogMark>, key: &str| {
+        mark.as_ref()
+            .and_then(|m| log_field(&m.line, key))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let handing_off = find("node-1", "handing shard off");
+    let written = find("node-1", "snapshot written");
+    let restored = find("node-2", "snapshot restored");
+    let started_mark = find("node-2", "shard started");
+    let serving = find("node-2", "serving shard");
+    let assignment = marks
+        .iter()
+        .find(|(_, m)| m.line.contains("shard assignment written"))
+        .map(|(node, m)| json!({"node": node, "s": seconds_between(drain_at, m.at)}));
+    Ok(json!({
+        "customers": customers,
+        "customers_published": published.count,
+        "stored_customers": stored,
+        "feed_seconds": round(feed_seconds, 1),
+        "sled_dir_mib_node_1": round(sled_mib, 1),
+        "handoff_s": seconds_between(drain_at, done_at),
+        "handoff_log_s": at(&serving),
+        "assignment_written": assignment,
+        "handing_off_s": at(&handing_off),
+        "snapshot_written_s": at(&written),
+        "snapshot_bytes": number(&written, "bytes"),
+        "snapshot_entries": number(&written, "entries"),
+        "snapshot_write_ms": number(&written, "ms"),
+        "snapshot_restored_s": at(&restored),
+        "snapshot_restore_ms": number(&restored, "ms"),
+        "shard_started_s": at(&started_mark),
+        "shard_start_ms": number(&started_mark, "ms"),
+        "status_polls": polls,
+        "status_read_ms": summary(poll_ms, 1),
+        "status_trace": {"fields": ["owner", "assigned", "node-2 serves it", "applied_seq", "last_seq", "lag"], "changes": trace},
+        "cpu": cpu_before.since(&cpu_after),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 8: cold activation, in-process
 // ---------------------------------------------------------------------------------------
 
 async fn cold_activation(plan: &Plan) -> Result<Value> {
@@ -2043,7 +3712,7 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
     let client = connect(&nats.url()).await?;
     if plan.runs("raw") {
         say(format!(
-            "step 1/5: raw JetStream baseline ({} events, {} in flight)",
+            "step 1/8: raw JetStream baseline ({} events, {} in flight)",
             traffic.len(),
             plan.in_flight
         ));
@@ -2069,17 +3738,10 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
         return Ok(());
     }
     say(format!("starting crm-node ({} shards)", plan.shards));
-    let mut node = CrmNode::start(
-        plan,
-        &nats.url(),
-        &NodeSettings {
-            shards: plan.shards,
-            resident_max_customers: None,
-        },
-    )?;
+    let mut node = CrmNode::start(plan, &nats.url(), &NodeSettings::single(plan.shards, None))?;
     if plan.runs("e2e") {
         say(format!(
-            "step 2/5: end-to-end throughput ({} events)",
+            "step 2/8: end-to-end throughput ({} events)",
             traffic.len()
         ));
         match end_to_end(&client, &mut node, traffic, plan, nats.pid).await {
@@ -2097,7 +3759,7 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
         match rate {
             Some(rate) => {
                 say(format!(
-                    "step 3/5: latency at {rate:.0} events/s for {} s",
+                    "step 3/8: latency at {rate:.0} events/s for {} s",
                     plan.latency_seconds
                 ));
                 match latency(&client, &mut node, plan, rate, nats.pid).await {
@@ -2135,7 +3797,7 @@ async fn nats_steps(plan: &Plan, report: &mut Report) {
     }
     if plan.runs("rss") {
         say(format!(
-            "step 4/5: memory: {} new customers through a fresh node (resident cap {})",
+            "step 4/8: memory: {} new customers through a fresh node (resident cap {})",
             plan.customers, plan.resident_cap
         ));
         match memory(plan).await {
@@ -2148,6 +3810,15 @@ async fn nats_steps(plan: &Plan, report: &mut Report) {
             }
             Err(error) => report.fail("rss", error),
         }
+    }
+    if plan.runs("cluster") {
+        cluster_scaling(plan, report).await;
+    }
+    if plan.runs("failover") {
+        failover(plan, report).await;
+    }
+    if plan.runs("handoff") {
+        handoff(plan, report).await;
     }
 }
 
@@ -2200,7 +3871,7 @@ fn run() -> Result<bool> {
     }
     if plan.runs("cold") {
         say(format!(
-            "step 5/5: cold activation ({} customers stored, {} activations timed)",
+            "step 8/8: cold activation ({} customers stored, {} activations timed)",
             plan.cold_customers, plan.cold_samples
         ));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -2272,10 +3943,27 @@ fn results_json(plan: &Plan, report: Report, elapsed: Duration) -> Value {
         "cold_activation_p99_us".into(),
         take("cold_activation_p99_us"),
     );
+    for key in [
+        "cluster_events_per_s",
+        "cluster_events_per_s_by_counters",
+        "cluster_latency_p50_ms",
+        "cluster_latency_p99_ms",
+        "cluster_latency_rate_per_s",
+        "failover_s",
+        "failover_median_s",
+        "failover_caught_up_s",
+        "failover_caught_up_median_s",
+        "handoff_10k_s",
+        "handoff_100k_s",
+    ] {
+        results.insert(key.into(), take(key));
+    }
     results.insert("events".into(), json!(plan.events));
+    results.insert("cluster_events".into(), json!(plan.cluster_events));
     results.insert(
         "targets".into(),
-        json!({"ratio_to_raw_min": 0.30, "p99_latency_ms_max": 50.0}),
+        json!({"ratio_to_raw_min": 0.30, "p99_latency_ms_max": 50.0,
+            "failover_s_max": 10.0, "handoff_10k_s_max": 2.0}),
     );
     results.insert("machine".into(), machine(plan));
     results.insert(
@@ -2283,7 +3971,9 @@ fn results_json(plan: &Plan, report: Report, elapsed: Duration) -> Value {
         json!({"mode": if plan.quick { "quick" } else { "full" }, "seconds": round(elapsed.as_secs_f64(), 1),
             "shards": plan.shards, "in_flight": plan.in_flight, "seed": plan.seed,
             "skipped": plan.skip.iter().collect::<Vec<_>>(),
-            "node_config": "defaults, except tick_interval_s = 0, shards, and resident_max_customers in the memory run",
+            "node_config": "defaults, except tick_interval_s = 0, shards, node_id, resident_max_customers in the memory run, and shards = 1 in the hand-off runs",
+            "cluster_nodes": plan.cluster_nodes, "failover_runs": plan.failover_runs,
+            "failover_rate_per_s": plan.failover_rate, "handoff_customers": plan.handoff_customers,
             "rules": plan.rules.display().to_string(),
             "command": std::env::args().collect::<Vec<_>>().join(" ")}),
     );
@@ -2317,7 +4007,7 @@ fn print_table(results: &Value) {
         None => "-",
     };
     let at_rate = format!("at {} events/s", number("latency_rate_per_s", 0));
-    let rows: [(String, String, String); 9] = [
+    let mut rows: Vec<(String, String, String)> = vec![
         (
             "raw JetStream publish+consume (events/s)".into(),
             number("raw_jetstream_events_per_s", 0),
@@ -2370,6 +4060,97 @@ fn print_table(results: &Value) {
             String::new(),
         ),
     ];
+    let in_map = |key: &str, size: &str, decimals: usize| match results[key][size].as_f64() {
+        Some(value) => format!("{value:.decimals$}"),
+        None => "-".to_string(),
+    };
+    let sizes: Vec<String> = results["run"]["cluster_nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| n.to_string())
+        .filter(|n| {
+            !results["cluster_events_per_s"][n].is_null()
+                || !results["cluster_latency_p99_ms"][n].is_null()
+        })
+        .collect();
+    for size in &sizes {
+        rows.push((
+            format!("cluster, {size} node(s): published -> applied (events/s)"),
+            in_map("cluster_events_per_s", size, 0),
+            String::new(),
+        ));
+        rows.push((
+            "  every event applied once, by the nodes' counters (events/s)".into(),
+            in_map("cluster_events_per_s_by_counters", size, 0),
+            String::new(),
+        ));
+        rows.push((
+            format!(
+                "cluster, {size} node(s): latency p50 / p99 at {} events/s (ms)",
+                number("cluster_latency_rate_per_s", 0)
+            ),
+            format!(
+                "{} / {}",
+                in_map("cluster_latency_p50_ms", size, 1),
+                in_map("cluster_latency_p99_ms", size, 1)
+            ),
+            String::new(),
+        ));
+    }
+    if !results["failover"].is_null() {
+        let runs = results["failover"]["runs"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0);
+        let failover = results["failover_s"].as_f64();
+        rows.push((
+            format!("failover, SIGKILL -> shards served (s, worst of {runs})"),
+            number("failover_s", 2),
+            format!("<= 10 s: {}", verdict(failover.map(|f| f <= 10.0))),
+        ));
+        rows.push((
+            "  median".into(),
+            number("failover_median_s", 2),
+            String::new(),
+        ));
+        rows.push((
+            format!("failover, SIGKILL -> backlog applied (s, worst of {runs})"),
+            number("failover_caught_up_s", 2),
+            String::new(),
+        ));
+    }
+    for run in results["handoff"]["runs"].as_array().into_iter().flatten() {
+        let customers = run["customers"].as_u64().unwrap_or(0);
+        let seconds = run["handoff_s"].as_f64();
+        let target = if customers == 10_000 {
+            format!("<= 2 s: {}", verdict(seconds.map(|s| s <= 2.0)))
+        } else {
+            String::new()
+        };
+        let text = |v: &Value, decimals: usize| match v.as_f64() {
+            Some(value) => format!("{value:.decimals$}"),
+            None => "-".to_string(),
+        };
+        rows.push((
+            format!("hand-off, shard of {customers} customers: drain -> served (s)"),
+            text(&run["handoff_s"], 2),
+            target,
+        ));
+        rows.push((
+            "  drain -> 'serving shard' in node-2's log (s)".into(),
+            text(&run["handoff_log_s"], 2),
+            String::new(),
+        ));
+        rows.push((
+            "  snapshot (MiB)".into(),
+            run["snapshot_bytes"]
+                .as_f64()
+                .map(|b| format!("{:.1}", b / 1048576.0))
+                .unwrap_or_else(|| "-".into()),
+            String::new(),
+        ));
+    }
     println!("{:<62} {:>12}  target", "metric", "value");
     for (name, value, target) in rows {
         println!("{name:<62} {value:>12}  {target}");
