@@ -5,12 +5,15 @@
 
 use crate::node_process::NodeProcess;
 use crate::NatsServer;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::{self, message::PublishMessage};
 use crm_node::loadgen::{GeneratedEvent, Generator, GeneratorSpec, PersonTruth, Truth};
 use crm_node::subjects;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -122,6 +125,10 @@ impl TestEnv {
 pub async fn connect(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .max_reconnects(None)
+        // Shown with --nocapture: when a test's own connection moved between servers.
+        .event_callback(|event| async move {
+            eprintln!("{}: test client: {event}", crm_node::cluster::wall_ms())
+        })
         .connect(crm_node::config::nats_urls(url))
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
@@ -186,7 +193,7 @@ pub async fn publish_all(
 ) -> u64 {
     let js = jetstream::new(client.clone());
     let until = Instant::now() + deadline;
-    let mut in_flight: VecDeque<(Outgoing, PublishAckFuture)> = VecDeque::new();
+    let mut in_flight: VecDeque<(Outgoing, AckTask)> = VecDeque::new();
     let mut duplicates = 0;
     let mut retry: VecDeque<Outgoing> = VecDeque::new();
     let mut source = events.into_iter();
@@ -207,7 +214,7 @@ pub async fn publish_all(
             .send_publish(subjects::ingest(&event.channel), publish)
             .await
         {
-            Ok(ack) => in_flight.push_back((event, ack)),
+            Ok(ack) => in_flight.push_back((event, ack_task(ack))),
             Err(_) => {
                 assert!(
                     Instant::now() < until,
@@ -240,19 +247,102 @@ pub async fn publish_paced(
     }
 }
 
+/// Like [`publish_paced`], on its own connection to `url`, which it replaces whenever a
+/// publish ack times out. An adapter of a NATS cluster needs this: after its server died
+/// and the client reconnected to another one, one publish in each burst was seen to get
+/// no ack for minutes (async-nats 0.51 against nats-server 2.9.10; each waits out the ack
+/// timeout) while the rest of the burst was acked.
+pub async fn publish_paced_reconnecting(
+    url: &str,
+    events: Vec<Outgoing>,
+    per_second: usize,
+    deadline: Duration,
+) {
+    use async_nats::jetstream::context::PublishErrorKind;
+    let until = Instant::now() + deadline;
+    let slice = (per_second / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut js = jetstream::new(connect(url).await);
+    for chunk in events.chunks(slice) {
+        tick.tick().await;
+        let mut pending = chunk.to_vec();
+        while !pending.is_empty() {
+            assert!(
+                Instant::now() < until,
+                "publishing did not succeed before the deadline"
+            );
+            let mut acks = Vec::with_capacity(pending.len());
+            for event in pending.drain(..) {
+                let publish = PublishMessage::build()
+                    .payload(event.payload.clone().into())
+                    .message_id(&event.event_id);
+                let sent = js
+                    .send_publish(subjects::ingest(&event.channel), publish)
+                    .await
+                    .map(ack_task);
+                acks.push((event, sent));
+            }
+            let mut timed_out = false;
+            for (event, sent) in acks {
+                let error = match sent {
+                    Ok(ack) => match ack.await.expect("ack task") {
+                        Ok(_) => continue,
+                        Err(error) => {
+                            timed_out |= error.kind() == PublishErrorKind::TimedOut;
+                            error.to_string()
+                        }
+                    },
+                    Err(error) => error.to_string(),
+                };
+                eprintln!(
+                    "{}: publish of {} not acked: {error}",
+                    crm_node::cluster::wall_ms(),
+                    event.event_id
+                );
+                pending.push(event);
+            }
+            if timed_out {
+                eprintln!(
+                    "{}: publishing on a fresh connection",
+                    crm_node::cluster::wall_ms()
+                );
+                js = jetstream::new(connect(url).await);
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A publish ack awaited by a task of its own.
+type AckTask = tokio::task::JoinHandle<Result<PublishAck, PublishError>>;
+
+/// Starts awaiting `ack` at once: async-nats starts an ack's timeout only when the ack is
+/// awaited, so acks awaited one after the other that never come (a NATS server died) would
+/// each wait out the timeout in turn, minutes for a few dozen.
+fn ack_task(ack: PublishAckFuture) -> AckTask {
+    tokio::spawn(ack.into_future())
+}
+
 async fn settle(
     event: Outgoing,
-    ack: PublishAckFuture,
+    ack: AckTask,
     duplicates: &mut u64,
     retry: &mut VecDeque<Outgoing>,
     until: Instant,
 ) {
-    match ack.await {
+    match ack.await.expect("ack task") {
         Ok(ack) => *duplicates += u64::from(ack.duplicate),
-        Err(_) => {
+        Err(error) => {
             assert!(
                 Instant::now() < until,
                 "publishing did not succeed before the deadline"
+            );
+            eprintln!(
+                "{}: publish of {} not acked: {error}",
+                crm_node::cluster::wall_ms(),
+                event.event_id
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
             retry.push_back(event);
@@ -354,38 +444,72 @@ pub async fn purchase_arrivals(client: &async_nats::Client) -> HashMap<String, u
 }
 
 /// Every message of `stream` as (stream sequence, payload), in order, read with an ordered
-/// consumer.
+/// consumer. A read that fails (JetStream not answering, e.g. while a NATS cluster elects
+/// new leaders after losing a server) starts over, for up to [`READ_STREAM_TIMEOUT`].
 pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<(u64, bytes::Bytes)> {
+    let deadline = Instant::now() + READ_STREAM_TIMEOUT;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_read_stream(client, stream).await {
+            Ok(read) => return read,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{stream}: not read within {READ_STREAM_TIMEOUT:?} ({attempt} attempts); last error: {error}"
+                );
+                eprintln!("reading {stream} failed ({error}); reading again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// How long [`read_stream`] keeps trying.
+pub const READ_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn try_read_stream(
+    client: &async_nats::Client,
+    stream: &str,
+) -> Result<Vec<(u64, bytes::Bytes)>, String> {
     let js = jetstream::new(client.clone());
     let handle = js
         .get_stream(stream)
         .await
-        .unwrap_or_else(|e| panic!("{stream}: {e}"));
-    let mut consumer = handle
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        .map_err(|e| format!("stream info: {e}"))?;
+    let mut consumer = crm_node::jetstream::create_with_retries(3, || {
+        handle.create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ..Default::default()
         })
-        .await
-        .unwrap_or_else(|e| panic!("ordered consumer on {stream}: {e}"));
+    })
+    .await
+    .map_err(|e| format!("ordered consumer: {e}"))?;
     let mut read = Vec::new();
-    if consumer.info().await.expect("consumer info").num_pending == 0 {
-        return read;
-    }
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(30), messages.next())
+    let info = consumer
+        .info()
         .await
-        .unwrap_or_else(|_| panic!("{stream} read timed out"))
-    {
-        let message = message.unwrap_or_else(|e| panic!("{stream} message: {e}"));
-        let info = message.info().expect("JetStream info");
+        .map_err(|e| format!("consumer info: {e}"))?;
+    if info.num_pending == 0 {
+        return Ok(read);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("messages: {e}"))?;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| "no message for 30 s".to_string())?
+            .ok_or_else(|| "the consumer ended".to_string())?
+            .map_err(|e| format!("message: {e}"))?;
+        let info = message.info().map_err(|e| format!("JetStream info: {e}"))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
         read.push((sequence, message.payload.clone()));
         if pending == 0 {
-            break;
+            return Ok(read);
         }
     }
-    read
 }
 
 /// Points under tests/fixtures/rules-e2e.toml, computed from the ground truth alone:

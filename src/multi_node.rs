@@ -107,6 +107,22 @@ impl ClusterEnv {
     }
 }
 
+impl Drop for ClusterEnv {
+    /// With `CRM_TEST_LOGS=<dir>` set, every node's whole log is kept there
+    /// (`<dir>/<pid>-<node>.log`), for looking into a fault test after it ran.
+    fn drop(&mut self) {
+        let Some(dir) = std::env::var_os("CRM_TEST_LOGS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::create_dir_all(&dir);
+        for (id, node) in &self.nodes {
+            let path = dir.join(format!("{}-{id}.log", std::process::id()));
+            let _ = std::fs::write(&path, node.log_lines().join("\n"));
+        }
+    }
+}
+
 /// `crm-node status --json` through the library (what the CLI prints).
 pub async fn status(client: &async_nats::Client) -> Value {
     let js = jetstream::new(client.clone());
@@ -165,11 +181,18 @@ pub async fn cluster_busy(client: &async_nats::Client) -> Vec<String> {
 
 /// Waits until [`cluster_busy`] is empty; panics with what is still busy after `timeout`.
 pub async fn wait_cluster_settled(client: &async_nats::Client, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut next_report = started + Duration::from_secs(10);
     loop {
         let busy = cluster_busy(client).await;
         if busy.is_empty() {
             return;
+        }
+        if Instant::now() >= next_report {
+            // Shown with --nocapture: what a slow settle waited for.
+            eprintln!("{:?}: still busy: {}", started.elapsed(), busy.join("; "));
+            next_report += Duration::from_secs(10);
         }
         assert!(
             Instant::now() < deadline,
@@ -189,8 +212,12 @@ pub async fn wait_status(
 ) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let status = status(client).await;
-        if predicate(&status) {
+        // A status that cannot be read (JetStream busy electing leaders) is asked again.
+        let js = jetstream::new(client.clone());
+        let status = crm_node::cluster::status::gather(&js, Duration::from_secs(4))
+            .await
+            .unwrap_or_else(|e| Value::String(format!("not read: {e}")));
+        if status.is_object() && predicate(&status) {
             return status;
         }
         assert!(

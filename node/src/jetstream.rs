@@ -371,6 +371,44 @@ async fn ensure_stream(js: &Context, desired: stream::Config) -> Result<stream::
     }
 }
 
+/// How long attempt `attempt` (1-based) to create an ephemeral consumer may take: 2 s,
+/// 2 s, 4 s, 4 s, then 8 s. A fresh attempt is usually better than a long wait: after a
+/// server of a NATS cluster dies, nats-server 2.9 keeps placing some new ephemeral consumers
+/// on the dead server until it notices it is gone (a minute or more, nats-server PR 7165),
+/// and such a create never answers, while the next one, placed again, usually lands on a
+/// live server. A create that answers late leaves a consumer that its inactivity threshold
+/// removes.
+pub fn consumer_create_timeout(attempt: u32) -> Duration {
+    Duration::from_secs(2 << (attempt.saturating_sub(1) / 2).min(2))
+}
+
+/// Runs `create` (an ephemeral consumer's creation: an ordered consumer, a KV watch) up to
+/// `attempts` times, each bounded by [`consumer_create_timeout`]; the last error otherwise.
+pub async fn create_with_retries<T, E, F, Fut>(attempts: u32, mut create: F) -> Result<T, String>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut last = String::from("no attempt made");
+    for attempt in 1..=attempts.max(1) {
+        match tokio::time::timeout(consumer_create_timeout(attempt), create()).await {
+            Ok(Ok(created)) => return Ok(created),
+            Ok(Err(error)) => {
+                last = error.to_string();
+                tokio::time::sleep(retry_delay(attempt)).await;
+            }
+            Err(_) => {
+                last = format!(
+                    "timed out after {} ms",
+                    consumer_create_timeout(attempt).as_millis()
+                )
+            }
+        }
+    }
+    Err(last)
+}
+
 fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis(SETUP_RETRY_INITIAL_MS << attempt.min(5).saturating_sub(1))
 }
@@ -591,5 +629,43 @@ async fn ensure_consumer(
             }
         }
         tokio::time::sleep(retry_delay(attempt)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn create_timeouts_start_short_and_grow_to_eight_seconds() {
+        let secs: Vec<u64> = (1..=7)
+            .map(|a| consumer_create_timeout(a).as_secs())
+            .collect();
+        assert_eq!(secs, [2, 2, 4, 4, 8, 8, 8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_create_that_never_answers_is_tried_again_and_errors_are_reported() {
+        let calls = AtomicU32::new(0);
+        // First attempt hangs (placed on a dead server), the second answers.
+        let created = create_with_retries(3, || {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if call == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, String>(call)
+            }
+        })
+        .await;
+        assert_eq!(created, Ok(1));
+
+        let failed: Result<(), String> =
+            create_with_retries(2, || async { Err("no responders") }).await;
+        assert_eq!(failed, Err("no responders".to_string()));
+        let hung: Result<(), String> =
+            create_with_retries(1, || std::future::pending::<Result<(), String>>()).await;
+        assert_eq!(hung, Err("timed out after 2000 ms".to_string()));
     }
 }

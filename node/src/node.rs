@@ -160,12 +160,23 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
             .map(|_| AtomicU64::new(0))
             .collect(),
     );
+    let mut restarted = false;
     loop {
-        match session(&config, &trigger, &rules, &store, &metrics, &progress).await? {
-            SessionEnd::Stopped => break,
-            SessionEnd::ConnectionRestored => {
+        match session(&config, &trigger, &rules, &store, &metrics, &progress).await {
+            Ok(SessionEnd::Stopped) => break,
+            Ok(SessionEnd::ConnectionRestored) => {
                 warn!("restarting the node's tasks on a fresh NATS connection");
+                restarted = true;
             }
+            // A session started after a lost connection may find JetStream still electing
+            // leaders (a NATS server of a cluster died) and its set-up timing out: try
+            // again rather than exit. The first session's errors (bad settings, a shard
+            // count the cluster does not have) end the process with a clear message.
+            Err(error) if restarted && !trigger.subscribe().is_triggered() => {
+                warn!(error = %format!("{error:#}"), "the node's tasks could not start again; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error),
         }
     }
     store.flush().await?;
@@ -219,6 +230,7 @@ async fn session(
     let mut tasks = JoinSet::new();
     let table = ShardTable::new(shards);
     let resident: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
+    let applied: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
     let nodes_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_NODES, 1, replicas).await?;
     let leases_kv =
         setup::ensure_kv_replicated(&jetstream, subjects::KV_LEASES, 1, replicas).await?;
@@ -279,6 +291,7 @@ async fn session(
             metrics: metrics.clone(),
             progress: progress.clone(),
             resident: resident.clone(),
+            applied: applied.clone(),
         },
         router,
         settings,

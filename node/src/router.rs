@@ -63,9 +63,12 @@ impl Router {
     /// customer's later events (a nak would redeliver it after them). What was routed twice
     /// by the rewind is dropped by the shard log's `Nats-Msg-Id` dedup or the customers'
     /// event-id dedup.
-    pub async fn run(self, consumer: PullConsumer, mut shutdown: Shutdown) {
+    ///
+    /// Without a `consumer` the router sets up (and rewinds) the durable consumer itself,
+    /// retrying until it can, so whoever starts it is not held up by a slow JetStream.
+    pub async fn run(self, consumer: Option<PullConsumer>, mut shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(100);
-        let mut consumer = Some(consumer);
+        let mut consumer = consumer;
         let mut fenced = false;
         while !shutdown.is_triggered() && !fenced {
             let current = match consumer.take() {
@@ -123,8 +126,7 @@ impl Router {
                     Err(mpsc::error::TryRecvError::Empty) => {
                         // Nothing to overlap with: settle the chunk in flight now, so the
                         // end of a burst is acked at once, not when the next event comes.
-                        if in_flight.is_some() && !settle(in_flight.take(), &self.metrics).await
-                        {
+                        if in_flight.is_some() && !settle(in_flight.take(), &self.metrics).await {
                             break;
                         }
                         tokio::select! {

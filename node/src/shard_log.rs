@@ -19,6 +19,8 @@ use tracing::{debug, warn};
 
 /// How long an abandoned reader's consumer lingers on the server.
 const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
+/// Attempts to create the reader's consumer per call of `open` (the worker calls it again).
+const CREATE_ATTEMPTS: u32 = 3;
 /// How long one pull request of the reader stays open on the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// The server sends a heartbeat this often while a pull request waits; a reader that misses
@@ -171,17 +173,19 @@ impl ShardLogReader {
             num_replicas: 1,
             ..Default::default()
         };
-        let consumer: PullConsumer = match self
-            .jetstream
-            .create_consumer_on_stream(config, subjects::SHARDS_STREAM)
+        let jetstream = &self.jetstream;
+        let consumer: PullConsumer =
+            match crate::jetstream::create_with_retries(CREATE_ATTEMPTS, || {
+                jetstream.create_consumer_on_stream(config.clone(), subjects::SHARDS_STREAM)
+            })
             .await
-        {
-            Ok(consumer) => consumer,
-            Err(error) => {
-                warn!(shard = self.shard, %error, "cannot open a shard log reader; retrying");
-                return false;
-            }
-        };
+            {
+                Ok(consumer) => consumer,
+                Err(error) => {
+                    warn!(shard = self.shard, %error, "cannot open a shard log reader; retrying");
+                    return false;
+                }
+            };
         let name = consumer.cached_info().name.clone();
         let messages = consumer
             .stream()

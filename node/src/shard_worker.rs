@@ -115,6 +115,8 @@ pub struct ShardWorker {
     pub progress: Arc<Vec<AtomicU64>>,
     /// Resident customer actors of every shard of the node (0 where not served).
     pub resident: Arc<Vec<AtomicU64>>,
+    /// Shard commands applied by this node per shard since it started (its load).
+    pub applied: Arc<Vec<AtomicU64>>,
     /// Batches of actor events whose acks are awaited (see `publish_events`).
     pub publishing: JoinSet<()>,
 }
@@ -320,6 +322,9 @@ impl ShardWorker {
         self.record_progress();
         self.audit(&messages).await;
         Metrics::add(&self.metrics.shard_commands, result.messages.len() as u64);
+        if let Some(applied) = self.applied.get(self.shard as usize) {
+            applied.fetch_add(result.messages.len() as u64, Ordering::Relaxed);
+        }
         Metrics::add(&self.metrics.applied, result.applied);
         Metrics::add(&self.metrics.duplicates, result.duplicates);
         Metrics::add(&self.metrics.rejected, result.rejected);

@@ -157,19 +157,40 @@ impl Leases {
             owner: self.node_id.clone(),
             epoch: held.epoch,
         };
-        let sent = Instant::now();
-        match self.write(&held.key, &lease, held.revision).await {
-            Ok(revision) => {
-                held.revision = revision;
-                held.fence.extend(sent + self.valid_for());
-                Renewal::Renewed
+        let mut adopted = false;
+        loop {
+            let sent = Instant::now();
+            match self.write(&held.key, &lease, held.revision).await {
+                Ok(revision) => {
+                    held.revision = revision;
+                    held.fence.extend(sent + self.valid_for());
+                    return Renewal::Renewed;
+                }
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    // An earlier renewal that NATS did not confirm may have landed after
+                    // all: the key then holds this very lease (only this node writes its
+                    // name with this epoch). Renew from that revision, once; the fence
+                    // still runs from the last confirmed renewal.
+                    if !adopted {
+                        if let Some(revision) = self.own_revision(&held.key, &lease).await {
+                            held.revision = revision;
+                            adopted = true;
+                            continue;
+                        }
+                    }
+                    held.fence.revoke();
+                    return Renewal::Lost;
+                }
+                Err(error) => return Renewal::Unconfirmed(error.to_string()),
             }
-            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                held.fence.revoke();
-                Renewal::Lost
-            }
-            Err(error) => Renewal::Unconfirmed(error.to_string()),
         }
+    }
+
+    /// The key's current revision when its value is `lease` (this node's own write).
+    async fn own_revision(&self, key: &str, lease: &Lease) -> Option<u64> {
+        let entry = self.kv.entry(key).await.ok()??;
+        let stored: Lease = serde_json::from_slice(&entry.value).ok()?;
+        (entry.operation == kv::Operation::Put && stored == *lease).then_some(entry.revision)
     }
 
     /// Gives a held lease up (owner emptied, epoch kept). The fence is revoked first.

@@ -16,7 +16,7 @@
 //! race each other. When the session ends it stops the router and every worker, releases
 //! its leases (so a restart or another node takes over at once) and removes its heartbeat.
 
-use super::assignment::{plan, Assignment};
+use super::assignment::{plan, Assignment, Load};
 use super::lease::{Fence, Held, Leases, Renewal};
 use super::observer::BucketView;
 use super::snapshot::Snapshots;
@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::shard_worker::{ShardHandle, ShardTable, ShardWorker, WorkerSettings};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
-use crate::{jetstream as setup, subjects};
+use crate::subjects;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{kv, Context};
 use crm_actors::codec;
@@ -68,6 +68,57 @@ pub struct Heartbeat {
     pub router: bool,
     pub draining: bool,
     pub at_ms: i64,
+    /// The machine the node runs on (its host name), for operators.
+    #[serde(default)]
+    pub host: String,
+    /// Shard commands applied per second, per served shard (a moving average over about
+    /// [`LOAD_TIME_CONSTANT`]): what the coordinator balances by, besides counts.
+    #[serde(default)]
+    pub load: BTreeMap<u32, f64>,
+}
+
+/// Time constant of the moving average of each shard's load.
+pub const LOAD_TIME_CONSTANT: Duration = Duration::from_secs(10);
+/// How long an assignment stays unchanged before the coordinator moves shards for load
+/// alone: a shard that just moved has no load measured on its new owner yet.
+const LOAD_SETTLE: Duration = Duration::from_secs(60);
+
+/// Per-shard load of this node: applied commands per second, moving average.
+#[derive(Default)]
+struct LoadMeter {
+    last: Option<Instant>,
+    counts: HashMap<u32, u64>,
+    rates: BTreeMap<u32, f64>,
+}
+
+impl LoadMeter {
+    /// Folds the counters in since the last sample, for the `served` shards only.
+    fn sample(&mut self, applied: &[AtomicU64], served: &[u32]) {
+        let now = Instant::now();
+        let elapsed = self.last.map(|last| now - last);
+        self.last = Some(now);
+        let weight =
+            elapsed.map(|dt| 1.0 - (-dt.as_secs_f64() / LOAD_TIME_CONSTANT.as_secs_f64()).exp());
+        let mut counts = HashMap::new();
+        let mut rates = BTreeMap::new();
+        for &shard in served {
+            let count = applied
+                .get(shard as usize)
+                .map(|a| a.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            counts.insert(shard, count);
+            let (Some(dt), Some(weight), Some(before)) = (elapsed, weight, self.counts.get(&shard))
+            else {
+                rates.insert(shard, self.rates.get(&shard).copied().unwrap_or(0.0));
+                continue;
+            };
+            let now_rate = count.saturating_sub(*before) as f64 / dt.as_secs_f64().max(1e-3);
+            let previous = self.rates.get(&shard).copied().unwrap_or(now_rate);
+            rates.insert(shard, previous + weight * (now_rate - previous));
+        }
+        self.counts = counts;
+        self.rates = rates;
+    }
 }
 
 /// What a shard worker needs, besides its shard and lease.
@@ -80,6 +131,8 @@ pub struct WorkerSpec {
     pub metrics: Arc<Metrics>,
     pub progress: Arc<Vec<AtomicU64>>,
     pub resident: Arc<Vec<AtomicU64>>,
+    /// Shard commands applied per shard since the node started.
+    pub applied: Arc<Vec<AtomicU64>>,
 }
 
 /// The cluster manager of one node session.
@@ -207,8 +260,16 @@ impl Manager {
             .cluster
             .get(&subjects::drain_key(&self.node_id))
             .is_some();
-        self.heartbeat(state, draining).await;
-        self.renew(state).await;
+        let served: Vec<u32> = state
+            .slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Serving(_)))
+            .map(|(shard, _)| *shard)
+            .collect();
+        state.load.sample(&self.workers.applied, &served);
+        // A heartbeat that NATS is slow to confirm must not delay the renewals.
+        let beat = self.beat(state, draining);
+        tokio::join!(self.write_heartbeat(beat), self.renew(state));
         self.reap(state).await;
         self.coordinate(state, draining).await;
         self.route(state, draining).await;
@@ -231,6 +292,11 @@ impl Manager {
     }
 
     async fn heartbeat(&self, state: &State, draining: bool) {
+        self.write_heartbeat(self.beat(state, draining)).await;
+    }
+
+    /// This node's heartbeat as of now.
+    fn beat(&self, state: &State, draining: bool) -> Heartbeat {
         let mut shards = BTreeMap::new();
         let mut epochs = BTreeMap::new();
         for (shard, slot) in &state.slots {
@@ -248,7 +314,7 @@ impl Manager {
             }
         }
         let metrics = self.workers.metrics.snapshot();
-        let beat = Heartbeat {
+        Heartbeat {
             node_id: self.node_id.clone(),
             instance: self.instance.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -266,7 +332,17 @@ impl Manager {
             router: state.routing.is_some(),
             draining,
             at_ms: super::wall_ms(),
-        };
+            host: host_name(),
+            load: state
+                .load
+                .rates
+                .iter()
+                .map(|(shard, rate)| (*shard, (rate * 10.0).round() / 10.0))
+                .collect(),
+        }
+    }
+
+    async fn write_heartbeat(&self, beat: Heartbeat) {
         let value = serde_json::to_vec(&beat).unwrap_or_default();
         if let Err(error) = self.nodes_kv.put(&self.node_id, value.into()).await {
             warn!(%error, "heartbeat not written");
@@ -472,12 +548,30 @@ impl Manager {
             let holder = self.leases.holder(&subjects::shard_key(shard));
             assigned.is_some() && holder.map(|h| h.owner).as_deref() == assigned
         };
+        // Each shard's load as its owner last reported it (alive nodes only).
+        let mut load = BTreeMap::new();
+        for (id, seen) in self.nodes.all() {
+            if !eligible.contains(&id) {
+                continue;
+            }
+            if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&seen.value) {
+                load.extend(beat.load);
+            }
+        }
+        let unchanged_for = observed
+            .as_ref()
+            .map(|o| o.since.elapsed())
+            .unwrap_or_default();
         let owners = plan(
             &current.owners,
             self.shards,
             &eligible,
             settled,
             self.settings.rebalance_max_moves,
+            &Load {
+                per_shard: load,
+                moves_allowed: unchanged_for >= LOAD_SETTLE,
+            },
         );
         if owners == current.owners {
             return Ok(());
@@ -520,19 +614,12 @@ impl Manager {
         let Some(held) = self.leases.acquire(subjects::LEASE_ROUTER).await else {
             return;
         };
-        let consumer =
-            match setup::ingest_consumer(&self.jetstream, &self.router.consumer_settings).await {
-                Ok(consumer) => consumer,
-                Err(error) => {
-                    warn!(%error, "router not started; its lease is released");
-                    let _ = self.leases.release(&held).await;
-                    return;
-                }
-            };
+        // The router sets up its consumer in its own task: that may take many seconds
+        // while JetStream elects leaders, and this loop must keep renewing leases meanwhile.
         let mut router = self.router.clone();
         router.fence = held.fence.clone();
         let (stop, stopped) = shutdown::channel();
-        let task = tokio::spawn(router.run(consumer, stopped));
+        let task = tokio::spawn(router.run(None, stopped));
         info!(epoch = held.epoch, "this node routes ingest");
         state.routing = Some(Routing { held, stop, task });
     }
@@ -650,6 +737,14 @@ struct State {
     slots: HashMap<u32, Slot>,
     coordinator: Option<Held>,
     routing: Option<Routing>,
+    load: LoadMeter,
+}
+
+/// This machine's host name (Linux), or empty.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default()
 }
 
 struct StartContext {
@@ -709,6 +804,7 @@ async fn start_shard(context: StartContext, epoch: u64, fence: Fence) -> Result<
         requests,
         progress: workers.progress.clone(),
         resident: workers.resident.clone(),
+        applied: workers.applied.clone(),
         publishing: tokio::task::JoinSet::new(),
     };
     let (stop, stopped) = shutdown::channel();
@@ -755,5 +851,47 @@ async fn append_current_model(jetstream: &Context, kv: &kv::Store, store: &Store
     };
     if let Err(error) = appended {
         warn!(shard, version, %error, "value model not appended on start; the model watch retries");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_meter_averages_applied_commands_per_served_shard() {
+        let applied: Vec<AtomicU64> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let mut meter = LoadMeter::default();
+        meter.sample(&applied, &[0, 1]);
+        assert_eq!(
+            meter.rates.get(&0),
+            Some(&0.0),
+            "no rate before a second sample"
+        );
+        // Shard 0 applies steadily, shard 1 nothing; shard 2 is not served here.
+        let started = Instant::now();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            applied[0].fetch_add(100, Ordering::Relaxed);
+            applied[2].fetch_add(100, Ordering::Relaxed);
+            meter.sample(&applied, &[0, 1]);
+        }
+        let true_rate = 500.0 / started.elapsed().as_secs_f64();
+        let rate = meter.rates[&0];
+        // The average starts at 0 and moves towards the true rate with a 10 s time
+        // constant: after 0.1 s it is about 1 % of the way there.
+        assert!(
+            rate > 0.0 && rate < true_rate * 0.05,
+            "{rate} of {true_rate}"
+        );
+        assert_eq!(meter.rates[&1], 0.0);
+        assert!(!meter.rates.contains_key(&2));
+        // A shard no longer served is forgotten; counters that restart (a new session)
+        // count as nothing applied, not as a negative load.
+        applied[0].store(0, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(10));
+        meter.sample(&applied, &[0]);
+        assert!(meter.rates[&0] <= rate);
+        assert!(!meter.rates.contains_key(&1));
     }
 }

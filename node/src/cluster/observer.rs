@@ -46,7 +46,9 @@ impl BucketView {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while !stop.is_triggered() {
-                let mut entries = match store.watch_with_history(">").await {
+                let watch =
+                    crate::jetstream::create_with_retries(2, || store.watch_with_history(">"));
+                let mut entries = match watch.await {
                     Ok(entries) => entries,
                     Err(error) => {
                         warn!(%error, bucket = %store.name, "cannot watch the bucket; retrying");

@@ -243,17 +243,15 @@ impl Snapshots {
                 shard,
                 detail: e.to_string(),
             })?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        let consumer = crate::jetstream::create_with_retries(3, || {
+            stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: subjects::snapshot(shard, &manifest.id),
                 deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| SnapshotError::Nats {
-                shard,
-                detail: e.to_string(),
-            })?;
+        })
+        .await
+        .map_err(|detail| SnapshotError::Nats { shard, detail })?;
         let mut messages = consumer.messages().await.map_err(|e| SnapshotError::Nats {
             shard,
             detail: e.to_string(),

@@ -17,7 +17,7 @@ async fn read_bucket(js: &Context, bucket: &str) -> Result<BTreeMap<String, byte
         return Ok(BTreeMap::new());
     };
     let mut values = BTreeMap::new();
-    let keys: Vec<String> = match store.keys().await {
+    let keys: Vec<String> = match crate::jetstream::create_with_retries(3, || store.keys()).await {
         Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
         Err(error) => return Err(format!("cannot list bucket {bucket}: {error}")),
     };
@@ -55,6 +55,7 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
         .filter_map(|v| serde_json::from_slice(v).ok())
         .collect();
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut shard_load: BTreeMap<u32, f64> = BTreeMap::new();
     let nodes: Vec<Value> = beats
         .iter()
         .map(|beat| {
@@ -64,6 +65,7 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
                 for (shard, seq) in &beat.shards {
                     applied.insert(*shard, *seq);
                 }
+                shard_load.extend(beat.load.iter().map(|(s, l)| (*s, *l)));
             }
             json!({
                 "node_id": beat.node_id,
@@ -76,6 +78,8 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
                 "resident_customers": beat.resident_customers,
                 "stored_customers": beat.stored_customers,
                 "heartbeat_age_ms": age,
+                "host": beat.host,
+                "load_per_s": (beat.load.values().sum::<f64>() * 10.0).round() / 10.0,
                 "version": beat.version,
                 "pid": beat.pid,
             })
@@ -107,6 +111,7 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
             "applied_seq": applied_seq,
             "last_seq": last,
             "lag": lag,
+            "load_per_s": shard_load.get(&shard),
         }));
     }
     Ok(json!({
@@ -120,15 +125,16 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
 
 /// Records of `shard`'s log after sequence `seq` (an ephemeral consumer's pending count).
 async fn pending_after(stream: &jetstream::stream::Stream, shard: u32, seq: u64) -> Value {
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+    let consumer = crate::jetstream::create_with_retries(2, || {
+        stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subjects::shard(shard),
             deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: seq + 1,
             },
             ..Default::default()
         })
-        .await;
+    })
+    .await;
     match consumer {
         Ok(mut consumer) => consumer
             .info()
@@ -149,7 +155,7 @@ pub fn render(status: &Value) -> String {
         text(&status["router"]),
         status["assignment_version"]
     ));
-    out.push_str("node        alive  shards  resident   stored  roles\n");
+    out.push_str("node        alive  shards  resident   stored   load/s  roles\n");
     for node in status["nodes"].as_array().into_iter().flatten() {
         let mut roles = Vec::new();
         for (flag, name) in [
@@ -162,12 +168,13 @@ pub fn render(status: &Value) -> String {
             }
         }
         out.push_str(&format!(
-            "{:<11} {:<6} {:>6} {:>9} {:>8}  {}\n",
+            "{:<11} {:<6} {:>6} {:>9} {:>8} {:>8.1}  {}\n",
             text(&node["node_id"]),
             if node["alive"] == true { "yes" } else { "no" },
             node["shards"].as_array().map(Vec::len).unwrap_or(0),
             node["resident_customers"].as_u64().unwrap_or(0),
             node["stored_customers"].as_u64().unwrap_or(0),
+            node["load_per_s"].as_f64().unwrap_or(0.0),
             roles.join(",")
         ));
     }
