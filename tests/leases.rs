@@ -95,3 +95,25 @@ async fn a_renewal_that_landed_unconfirmed_keeps_the_lease_and_another_writer_ta
         .expect("odd write");
     assert!(matches!(mine.renew(&mut again).await, Renewal::Lost));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_after_a_landed_renewal_still_frees_the_lease() {
+    let server = NatsServer::start();
+    let (mine, _stop) = leases(&server, "node-1").await;
+    let held = mine.acquire(KEY).await.expect("a free lease is taken");
+    mine.kv
+        .update(KEY, value("node-1", held.epoch), held.revision)
+        .await
+        .expect("a renewal that landed unconfirmed");
+    mine.release(&held).await.expect("released");
+    assert!(!held.fence.valid());
+    let entry = mine.kv.entry(KEY).await.expect("read").expect("present");
+    let stored: Lease = serde_json::from_slice(&entry.value).expect("lease JSON");
+    assert_eq!(
+        stored,
+        Lease {
+            owner: String::new(),
+            epoch: held.epoch
+        }
+    );
+}

@@ -396,7 +396,9 @@ where
             Ok(Ok(created)) => return Ok(created),
             Ok(Err(error)) => {
                 last = error.to_string();
-                tokio::time::sleep(retry_delay(attempt)).await;
+                if attempt < attempts {
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                }
             }
             Err(_) => {
                 last = format!(

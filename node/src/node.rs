@@ -125,6 +125,9 @@ async fn connect(
     }
 }
 
+/// How long a node keeps trying to start its tasks again after a restored connection.
+const SESSION_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// How one session on one NATS connection ended.
 enum SessionEnd {
     /// Shutdown was asked for.
@@ -160,6 +163,8 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
             .map(|_| AtomicU64::new(0))
             .collect(),
     );
+    // Since when sessions started after a lost connection keep failing.
+    let mut failing_since: Option<std::time::Instant> = None;
     let mut restarted = false;
     loop {
         match session(&config, &trigger, &rules, &store, &metrics, &progress).await {
@@ -167,14 +172,26 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
             Ok(SessionEnd::ConnectionRestored) => {
                 warn!("restarting the node's tasks on a fresh NATS connection");
                 restarted = true;
+                failing_since = None;
             }
             // A session started after a lost connection may find JetStream still electing
             // leaders (a NATS server of a cluster died) and its set-up timing out: try
-            // again rather than exit. The first session's errors (bad settings, a shard
-            // count the cluster does not have) end the process with a clear message.
-            Err(error) if restarted && !trigger.subscribe().is_triggered() => {
+            // again, for up to SESSION_RETRY_MAX, rather than exit. The first session's
+            // errors (bad settings, a shard count the cluster does not have) end the
+            // process at once with a clear message, as does a restart that keeps failing.
+            Err(error)
+                if restarted
+                    && failing_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < SESSION_RETRY_MAX =>
+            {
                 warn!(error = %format!("{error:#}"), "the node's tasks could not start again; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut shutdown = trigger.subscribe();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => break,
+                }
             }
             Err(error) => return Err(error),
         }
@@ -206,7 +223,11 @@ async fn session(
         tokio::spawn(async move {
             tokio::select! {
                 _ = process_shutdown.wait() => {}
-                Some(()) = restored.recv() => connection_restored.store(true, Ordering::Relaxed),
+                restored_now = restored.recv() => match restored_now {
+                    Some(()) => connection_restored.store(true, Ordering::Relaxed),
+                    // The client is gone (the session ended): so is this watch.
+                    None => return,
+                },
             }
             session_trigger.fire();
         });

@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// What the router needs; built by the node runtime (one per router lease taken).
 #[derive(Clone)]
@@ -70,13 +70,30 @@ impl Router {
         let mut backoff = Duration::from_millis(100);
         let mut consumer = consumer;
         let mut fenced = false;
+        let mut setup_failures = 0;
         while !shutdown.is_triggered() && !fenced {
             let current = match consumer.take() {
                 Some(current) => current,
                 None => {
+                    // The set-up deletes and recreates the shared durable consumer: never
+                    // once the lease is gone (another router may be using it by then).
+                    if !self.fence.valid() {
+                        warn!("router lease not renewed in time; routing stops");
+                        break;
+                    }
                     match setup::ingest_consumer(&self.jetstream, &self.consumer_settings).await {
-                        Ok(rewound) => rewound,
+                        Ok(rewound) => {
+                            setup_failures = 0;
+                            rewound
+                        }
                         Err(error) => {
+                            setup_failures += 1;
+                            if setup_failures >= SETUP_FAILURES_MAX {
+                                // Ends the task: the manager releases the router lease, so
+                                // a node that cannot route does not hold the role.
+                                error!(%error, failures = setup_failures, "router: cannot set up the ingest consumer; giving the router role up");
+                                break;
+                            }
                             warn!(%error, "router: cannot rewind the ingest consumer; retrying");
                             if !pause(&mut shutdown, &mut backoff).await {
                                 break;
@@ -86,6 +103,10 @@ impl Router {
                     }
                 }
             };
+            if !self.fence.valid() {
+                warn!("router lease not renewed in time; routing stops");
+                break;
+            }
             let stream = match current
                 .stream()
                 .max_messages_per_batch(self.batch_max_events)
@@ -500,6 +521,8 @@ struct RoutedChunk {
 
 /// Chunks (of `batch_max_events`) the router may hold pulled but not yet routed.
 const PREFETCH_CHUNKS: usize = 2;
+/// Failed set-ups of the ingest consumer in a row after which the router gives its role up.
+const SETUP_FAILURES_MAX: u32 = 10;
 
 /// Awaits the publish acks of a routed chunk and then acks, in order, the ingest messages
 /// whose publish was acked. Returns whether every message of the chunk is in a log (true

@@ -172,10 +172,15 @@ impl Leases {
                     // name with this epoch). Renew from that revision, once; the fence
                     // still runs from the last confirmed renewal.
                     if !adopted {
-                        if let Some(revision) = self.own_revision(&held.key, &lease).await {
-                            held.revision = revision;
-                            adopted = true;
-                            continue;
+                        match self.own_revision(&held.key, &lease).await {
+                            Ok(Some(revision)) => {
+                                held.revision = revision;
+                                adopted = true;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            // Unknown yet: the fence runs out unless a later renewal works.
+                            Err(error) => return Renewal::Unconfirmed(error),
                         }
                     }
                     held.fence.revoke();
@@ -186,24 +191,45 @@ impl Leases {
         }
     }
 
-    /// The key's current revision when its value is `lease` (this node's own write).
-    async fn own_revision(&self, key: &str, lease: &Lease) -> Option<u64> {
-        let entry = self.kv.entry(key).await.ok()??;
-        let stored: Lease = serde_json::from_slice(&entry.value).ok()?;
-        (entry.operation == kv::Operation::Put && stored == *lease).then_some(entry.revision)
+    /// The key's current revision when its value is `lease` (this node's own write);
+    /// `None` when it holds something else; an error when it cannot be read.
+    async fn own_revision(&self, key: &str, lease: &Lease) -> Result<Option<u64>, String> {
+        let Some(entry) = self.kv.entry(key).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let stored: Option<Lease> = serde_json::from_slice(&entry.value).ok();
+        Ok(
+            (entry.operation == kv::Operation::Put && stored.as_ref() == Some(lease))
+                .then_some(entry.revision),
+        )
     }
 
     /// Gives a held lease up (owner emptied, epoch kept). The fence is revoked first.
+    /// A renewal that landed unconfirmed is recognised as in [`Leases::renew`].
     pub async fn release(&self, held: &Held) -> Result<(), String> {
         held.fence.revoke();
         let lease = Lease {
             owner: String::new(),
             epoch: held.epoch,
         };
-        self.write(&held.key, &lease, held.revision)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        match self.write(&held.key, &lease, held.revision).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                let mine = Lease {
+                    owner: self.node_id.clone(),
+                    epoch: held.epoch,
+                };
+                match self.own_revision(&held.key, &mine).await? {
+                    Some(revision) => self
+                        .write(&held.key, &lease, revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!("{}: no longer this node's lease", held.key)),
+                }
+            }
+            Err(error) => Err(error.to_string()),
+        }
     }
 
     fn valid_for(&self) -> Duration {

@@ -89,6 +89,8 @@ struct LoadMeter {
     last: Option<Instant>,
     counts: HashMap<u32, u64>,
     rates: BTreeMap<u32, f64>,
+    /// When each shard was first sampled here.
+    since: HashMap<u32, Instant>,
 }
 
 impl LoadMeter {
@@ -118,6 +120,24 @@ impl LoadMeter {
         }
         self.counts = counts;
         self.rates = rates;
+        self.since.retain(|shard, _| served.contains(shard));
+        for &shard in served {
+            self.since.entry(shard).or_insert(now);
+        }
+    }
+
+    /// The rates of the shards measured for at least [`LOAD_SETTLE`] (a fresh average
+    /// still climbs from 0 and would make a busy shard look idle).
+    fn measured(&self) -> BTreeMap<u32, f64> {
+        self.rates
+            .iter()
+            .filter(|(shard, _)| {
+                self.since
+                    .get(shard)
+                    .is_some_and(|since| since.elapsed() >= LOAD_SETTLE)
+            })
+            .map(|(shard, rate)| (*shard, (rate * 10.0).round() / 10.0))
+            .collect()
     }
 }
 
@@ -333,12 +353,7 @@ impl Manager {
             draining,
             at_ms: super::wall_ms(),
             host: host_name(),
-            load: state
-                .load
-                .rates
-                .iter()
-                .map(|(shard, rate)| (*shard, (rate * 10.0).round() / 10.0))
-                .collect(),
+            load: state.load.measured(),
         }
     }
 
@@ -406,6 +421,7 @@ impl Manager {
         } else if let Some(routing) = state.routing.take() {
             warn!("router lease lost; routing stops");
             routing.stop.fire();
+            state.router_stopping = Some((routing.task, None));
         }
     }
 
@@ -548,16 +564,21 @@ impl Manager {
             let holder = self.leases.holder(&subjects::shard_key(shard));
             assigned.is_some() && holder.map(|h| h.owner).as_deref() == assigned
         };
-        // Each shard's load as its owner last reported it (alive nodes only).
-        let mut load = BTreeMap::new();
-        for (id, seen) in self.nodes.all() {
-            if !eligible.contains(&id) {
-                continue;
-            }
-            if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&seen.value) {
-                load.extend(beat.load);
-            }
-        }
+        // Each shard's load as its assigned owner reports it (measured shards only).
+        let beats: HashMap<String, Heartbeat> = self
+            .nodes
+            .all()
+            .into_iter()
+            .filter(|(id, _)| eligible.contains(id))
+            .filter_map(|(id, seen)| Some((id, serde_json::from_slice(&seen.value).ok()?)))
+            .collect();
+        let load: BTreeMap<u32, f64> = (0..self.shards)
+            .filter_map(|shard| {
+                let beat = beats.get(current.owner(shard)?)?;
+                Some((shard, *beat.load.get(&shard)?))
+            })
+            .collect();
+        let all_measured = load.len() == self.shards as usize;
         let unchanged_for = observed
             .as_ref()
             .map(|o| o.since.elapsed())
@@ -570,7 +591,7 @@ impl Manager {
             self.settings.rebalance_max_moves,
             &Load {
                 per_shard: load,
-                moves_allowed: unchanged_for >= LOAD_SETTLE,
+                moves_allowed: unchanged_for >= LOAD_SETTLE && all_measured,
             },
         );
         if owners == current.owners {
@@ -598,13 +619,24 @@ impl Manager {
 
     /// Takes the router lease when free and runs the router while it holds it.
     async fn route(&self, state: &mut State, draining: bool) {
+        // A router told to stop is awaited here, round after round, not inline (it may be
+        // inside a slow consumer set-up): no new router starts before it has ended, and
+        // its lease, when still held, is released only then.
+        if let Some((task, _)) = &state.router_stopping {
+            if !task.is_finished() {
+                return;
+            }
+            if let Some((_, Some(held))) = state.router_stopping.take() {
+                let _ = self.leases.release(&held).await;
+                info!("router stopped; router lease released");
+            }
+        }
         if let Some(routing) = &state.routing {
             if draining || routing.task.is_finished() {
                 let routing = state.routing.take().expect("checked");
                 routing.stop.fire();
-                let _ = routing.task.await;
-                let _ = self.leases.release(&routing.held).await;
-                info!("router stopped; router lease released");
+                state.router_stopping = Some((routing.task, Some(routing.held)));
+                state.served_changed = true;
             }
             return;
         }
@@ -704,6 +736,12 @@ impl Manager {
 
     /// Session end: stop the router and every worker, release every lease, leave.
     async fn stop_all(&self, state: &mut State) {
+        if let Some((task, held)) = state.router_stopping.take() {
+            let _ = task.await;
+            if let Some(held) = held {
+                let _ = self.leases.release(&held).await;
+            }
+        }
         if let Some(routing) = state.routing.take() {
             routing.stop.fire();
             let _ = routing.task.await;
@@ -737,6 +775,9 @@ struct State {
     slots: HashMap<u32, Slot>,
     coordinator: Option<Held>,
     routing: Option<Routing>,
+    /// A router told to stop, and its lease when it is still held (to release once the
+    /// task has ended).
+    router_stopping: Option<(JoinHandle<()>, Option<Held>)>,
     load: LoadMeter,
 }
 
@@ -879,9 +920,13 @@ mod tests {
         let true_rate = 500.0 / started.elapsed().as_secs_f64();
         let rate = meter.rates[&0];
         // The average starts at 0 and moves towards the true rate with a 10 s time
-        // constant: after 0.1 s it is about 1 % of the way there.
+        // constant: after 0.1 s it is about 1 % of the way there (half way after 7 s).
         assert!(
-            rate > 0.0 && rate < true_rate * 0.05,
+            meter.measured().is_empty(),
+            "not measured for long enough yet"
+        );
+        assert!(
+            rate > 0.0 && rate < true_rate * 0.5,
             "{rate} of {true_rate}"
         );
         assert_eq!(meter.rates[&1], 0.0);
