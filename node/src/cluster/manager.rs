@@ -111,11 +111,12 @@ impl LoadMeter {
             counts.insert(shard, count);
             let (Some(dt), Some(weight), Some(before)) = (elapsed, weight, self.counts.get(&shard))
             else {
-                rates.insert(shard, self.rates.get(&shard).copied().unwrap_or(0.0));
+                // First sample of the shard here: its average starts at 0.
+                rates.insert(shard, 0.0);
                 continue;
             };
             let now_rate = count.saturating_sub(*before) as f64 / dt.as_secs_f64().max(1e-3);
-            let previous = self.rates.get(&shard).copied().unwrap_or(now_rate);
+            let previous = self.rates.get(&shard).copied().unwrap_or(0.0);
             rates.insert(shard, previous + weight * (now_rate - previous));
         }
         self.counts = counts;

@@ -55,7 +55,8 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
         .filter_map(|v| serde_json::from_slice(v).ok())
         .collect();
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut shard_load: BTreeMap<u32, f64> = BTreeMap::new();
+    // Each alive node's measured shard loads; a shard's is its lease owner's.
+    let mut loads: BTreeMap<&str, &BTreeMap<u32, f64>> = BTreeMap::new();
     let nodes: Vec<Value> = beats
         .iter()
         .map(|beat| {
@@ -65,7 +66,7 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
                 for (shard, seq) in &beat.shards {
                     applied.insert(*shard, *seq);
                 }
-                shard_load.extend(beat.load.iter().map(|(s, l)| (*s, *l)));
+                loads.insert(beat.node_id.as_str(), &beat.load);
             }
             json!({
                 "node_id": beat.node_id,
@@ -111,7 +112,9 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
             "applied_seq": applied_seq,
             "last_seq": last,
             "lag": lag,
-            "load_per_s": shard_load.get(&shard),
+            "load_per_s": held
+                .as_ref()
+                .and_then(|l| loads.get(l.owner.as_str())?.get(&shard)),
         }));
     }
     Ok(json!({
