@@ -276,7 +276,7 @@ impl Default for LimitsSection {
             items_max: 200,
             item_qty_max: 10_000,
             batch_max_events: 512,
-            router_batch_max_events: 256,
+            router_batch_max_events: 2048,
             snapshot_piece_bytes: 512 * 1024,
             ingest_max_ack_pending: 8_192,
             ack_wait_s: 30,

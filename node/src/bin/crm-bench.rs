@@ -74,7 +74,7 @@ const TRAFFIC_DAYS: u32 = 7;
 /// Scratch stream of the raw JetStream baseline.
 const RAW_STREAM: &str = "BENCH_RAW";
 /// Messages per pull request, as the router (`router_batch_max_events` default).
-const PULL_BATCH_MAX: usize = 256;
+const PULL_BATCH_MAX: usize = 2048;
 /// Unacked messages the raw consumer may hold, as the router (`ingest_max_ack_pending`).
 const RAW_MAX_ACK_PENDING: i64 = 8192;
 /// How long a node may take to log `crm-node ready`.
