@@ -8,7 +8,7 @@
 use crm_cluster::cluster_env::request;
 use crm_cluster::cluster_env::{
     assert_buyers_exact, expected_points, generated_traffic, publish_all, publish_paced,
-    publish_paced_reconnecting, purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
+    purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
 };
 use crm_cluster::multi_node::{
     assert_single_writer, audit_records, owned_by, status, status_cli, wait_cluster_settled,
@@ -317,9 +317,9 @@ async fn one_nats_server_of_three_killed_under_load_loses_nothing() {
     .await;
     let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 53));
     let publisher = {
-        let url = env.url.clone();
+        let client = client.clone();
         tokio::spawn(async move {
-            publish_paced_reconnecting(&url, events, 300, Duration::from_secs(180)).await;
+            publish_paced(&client, events, 300, Duration::from_secs(180)).await;
         })
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
