@@ -125,10 +125,15 @@ impl Drop for ClusterEnv {
 
 /// `crm-node status --json` through the library (what the CLI prints).
 pub async fn status(client: &async_nats::Client) -> Value {
-    let js = jetstream::new(client.clone());
-    crm_node::cluster::status::gather(&js, Duration::from_secs(4))
+    try_status(client)
         .await
         .unwrap_or_else(|e| panic!("status: {e}"))
+}
+
+/// [`status`], or why it could not be read (JetStream busy electing leaders, say).
+pub async fn try_status(client: &async_nats::Client) -> Result<Value, String> {
+    let js = jetstream::new(client.clone());
+    crm_node::cluster::status::gather(&js, Duration::from_secs(4)).await
 }
 
 /// `crm-node status --json` through the CLI.
@@ -159,7 +164,7 @@ pub async fn cluster_busy(client: &async_nats::Client) -> Vec<String> {
         )),
         None => busy.push("router consumer not readable yet".to_string()),
     }
-    let status = match crm_node::cluster::status::gather(&js, Duration::from_secs(4)).await {
+    let status = match try_status(client).await {
         Ok(status) => status,
         Err(error) => {
             busy.push(error);
@@ -212,9 +217,8 @@ pub async fn wait_status(
 ) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        // A status that cannot be read (JetStream busy electing leaders) is asked again.
-        let js = jetstream::new(client.clone());
-        let status = crm_node::cluster::status::gather(&js, Duration::from_secs(4))
+        // A status that cannot be read is asked again.
+        let status = try_status(client)
             .await
             .unwrap_or_else(|e| Value::String(format!("not read: {e}")));
         if status.is_object() && predicate(&status) {

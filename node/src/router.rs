@@ -64,11 +64,11 @@ impl Router {
     /// by the rewind is dropped by the shard log's `Nats-Msg-Id` dedup or the customers'
     /// event-id dedup.
     ///
-    /// Without a `consumer` the router sets up (and rewinds) the durable consumer itself,
-    /// retrying until it can, so whoever starts it is not held up by a slow JetStream.
-    pub async fn run(self, consumer: Option<PullConsumer>, mut shutdown: Shutdown) {
+    /// The router sets up (and rewinds) the durable consumer itself, retrying until it
+    /// can, so whoever starts it is not held up by a slow JetStream.
+    pub async fn run(self, mut shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(100);
-        let mut consumer = consumer;
+        let mut consumer: Option<PullConsumer> = None;
         let mut fenced = false;
         let mut setup_failures = 0;
         while !shutdown.is_triggered() && !fenced {

@@ -129,7 +129,6 @@ pub fn plan(
                 })
                 .min_by(|a, b| a.1.total_cmp(&b.1))
         };
-    let moving_before = moving;
     while moving < max_moves {
         let most = nodes
             .iter()
@@ -151,7 +150,7 @@ pub fn plan(
     // measured on their new owners yet.
     let reassigned =
         current.len() != owners.len() || owners.iter().zip(current).any(|(new, old)| new != old);
-    if load.moves_allowed && !reassigned && moving == moving_before && nodes.len() > 1 {
+    if load.moves_allowed && !reassigned && nodes.len() > 1 {
         let mean = nodes.values().map(|(_, l)| l).sum::<f64>() / nodes.len() as f64;
         let threshold = LOAD_GAP_MIN.max(mean / 2.0);
         while moving < max_moves {

@@ -652,7 +652,7 @@ impl Manager {
         let mut router = self.router.clone();
         router.fence = held.fence.clone();
         let (stop, stopped) = shutdown::channel();
-        let task = tokio::spawn(router.run(None, stopped));
+        let task = tokio::spawn(router.run(stopped));
         info!(epoch = held.epoch, "this node routes ingest");
         state.routing = Some(Routing { held, stop, task });
     }
@@ -782,11 +782,15 @@ struct State {
     load: LoadMeter,
 }
 
-/// This machine's host name (Linux), or empty.
+/// This machine's host name (Linux), or empty; read once.
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_string())
-        .unwrap_or_default()
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 struct StartContext {
