@@ -328,25 +328,46 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
     for identities in &events {
         expected.push(one_by_one.resolve(identities).await.unwrap());
     }
+    let mut many_full_cache = None;
 
     // The same events in chunks of varying size (a chunk sees what earlier chunks created),
-    // on a fresh server, with a cache too small to hold everything.
-    let server = NatsServer::start();
-    let many = directory(&server, 16).await;
-    let mut got = Vec::new();
-    let mut rest: &[Vec<Identity>] = &events;
-    for size in [1usize, 7, 40, 2, 70].iter().cycle() {
-        if rest.is_empty() {
-            break;
+    // on a fresh server each, with no cache (every identifier is looked up or created
+    // straight away, and creates lose to what earlier chunks stored), a cache too small to
+    // hold everything, and one that holds everything.
+    let mut keys_a = kv_keys(&one_by_one_server).await;
+    keys_a.sort();
+    for cache_max_entries in [0, 16, 1000] {
+        let server = NatsServer::start();
+        let many = directory(&server, cache_max_entries).await;
+        let mut got = Vec::new();
+        let mut rest: &[Vec<Identity>] = &events;
+        for size in [1usize, 7, 40, 2, 70].iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+            let slices: Vec<&[Identity]> = chunk.iter().map(Vec::as_slice).collect();
+            for result in many.resolve_many(&slices).await.unwrap() {
+                got.push(result.unwrap());
+            }
+            rest = tail;
         }
-        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-        let slices: Vec<&[Identity]> = chunk.iter().map(Vec::as_slice).collect();
-        for result in many.resolve_many(&slices).await.unwrap() {
-            got.push(result.unwrap());
+        assert_eq!(got, expected, "cache of {cache_max_entries}");
+        let (a, b) = (one_by_one.metrics(), many.metrics());
+        assert_eq!(
+            (a.creates, a.links, a.conflicts),
+            (b.creates, b.links, b.conflicts),
+            "cache of {cache_max_entries}"
+        );
+        // Both ways of learning an uncached identifier were taken.
+        assert!(b.created_first > 0 && b.kv_reads > 0, "{b:?}");
+        let mut keys_b = kv_keys(&server).await;
+        keys_b.sort();
+        assert_eq!(keys_a, keys_b, "cache of {cache_max_entries}");
+        if cache_max_entries == 1000 {
+            many_full_cache = Some((server, many));
         }
-        rest = tail;
     }
-    assert_eq!(got, expected);
     assert!(
         expected.iter().any(|r| !r.conflicts.is_empty()),
         "the mix has conflicts"
@@ -355,16 +376,7 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
         expected.iter().any(|r| r.created),
         "the mix creates customers"
     );
-    let (a, b) = (one_by_one.metrics(), many.metrics());
-    assert_eq!(
-        (a.creates, a.links, a.conflicts),
-        (b.creates, b.links, b.conflicts)
-    );
-    let mut keys_a = kv_keys(&one_by_one_server).await;
-    let mut keys_b = kv_keys(&server).await;
-    keys_a.sort();
-    keys_b.sort();
-    assert_eq!(keys_a, keys_b);
+    let (_server, many) = many_full_cache.expect("the last run kept its directory");
 
     // An event without identifiers fails alone.
     let results = many

@@ -22,7 +22,7 @@ use crm_actors::identity::{Identity, IdentityKind};
 use futures::{StreamExt, TryStreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -37,6 +37,38 @@ pub const KV_RETRY_INITIAL_MS: u64 = 50;
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
 /// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
 pub const KV_IN_FLIGHT_MAX: usize = 128;
+
+/// What round 1 of [`IdentityDirectory::resolve_many`] learnt about an uncached key.
+enum Probe {
+    /// Read (or found by a create that lost): the stored customer, if any.
+    Found(Option<String>),
+    /// Unmapped until this call's create mapped it (to what `create_first` said).
+    Created,
+}
+
+/// The customer that uncached `key` (first seen in the event whose keys are `event_keys`)
+/// maps to if it is unmapped, when that does not depend on any other unknown key: the
+/// event's other keys are all known (`known` holds their customer), or it has no other key
+/// (the customer minted from it). Such a key can be created straight away: a create that
+/// wins gives what a read of "absent" followed by the create would, one that loses reads
+/// the stored customer. `None` when another key of the event is unknown too: which customer
+/// the event belongs to depends on whether those keys exist, so they are read first.
+fn create_first(
+    event_keys: &[String],
+    key: &str,
+    known: &HashMap<String, Option<String>>,
+) -> Option<String> {
+    let mut winner = None;
+    for other in event_keys.iter().filter(|other| *other != key) {
+        match known.get(other) {
+            Some(Some(customer_id)) => {
+                winner.get_or_insert_with(|| customer_id.clone());
+            }
+            _ => return None,
+        }
+    }
+    winner.or_else(|| Some(format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS])))
+}
 
 /// The outcome of [`IdentityDirectory::resolve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +101,11 @@ pub struct DirectoryMetrics {
     pub conflicts: u64,
     /// KV operations retried after a transient failure.
     pub kv_retries: u64,
+    /// Uncached identifiers read from the KV bucket.
+    pub kv_reads: u64,
+    /// Uncached identifiers mapped with a create and no read before it (their mapping did
+    /// not depend on any other unknown identifier, see `resolve_many`).
+    pub created_first: u64,
 }
 
 /// Why the directory could not answer.
@@ -110,6 +147,8 @@ struct Counters {
     links: AtomicU64,
     conflicts: AtomicU64,
     kv_retries: AtomicU64,
+    kv_reads: AtomicU64,
+    created_first: AtomicU64,
 }
 
 impl IdentityDirectory {
@@ -220,9 +259,12 @@ impl IdentityDirectory {
     /// resolving them one after the other in order, in a few concurrent rounds of KV round
     /// trips instead of two per unknown identifier.
     ///
-    /// The identifiers not in the cache are read concurrently (each distinct key once); the
-    /// events are then resolved in order against what was read, an event seeing the
-    /// mappings that the events before it create; those creates are then issued
+    /// The identifiers not in the cache are looked up concurrently, each distinct key once:
+    /// a key whose mapping would not depend on any other unknown key (it is its event's
+    /// only unknown identifier and first appears in that event) is created at once, which
+    /// costs one round trip when it is new, the usual case with a warm cache; every other
+    /// one is read. The events are then resolved in order against what was learnt, an event
+    /// seeing the mappings that the events before it create; those creates are then issued
     /// concurrently. A create that another router won with a different customer makes every
     /// event from the first one that planned it resolve again, one by one, against what is
     /// now stored (as [`resolve`](Self::resolve) does when it loses a race). The result has
@@ -236,12 +278,15 @@ impl IdentityDirectory {
             .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
             .collect();
 
-        // Round 1: the current value of every distinct key (cache, then concurrent reads).
+        // Round 1: the current value of every distinct key: the cache, then concurrently a
+        // create for each uncached key whose value does not depend on any other uncached key
+        // (see `create_first`), a read for every other one.
         let mut known: HashMap<String, Option<String>> = HashMap::new();
-        let mut to_read: Vec<(IdentityKind, String)> = Vec::new();
+        // Uncached keys: (kind, key, index of the first event that has it).
+        let mut missed: Vec<(IdentityKind, String, usize)> = Vec::new();
         {
             let mut cache = self.lock_cache();
-            for (identities, keys) in events.iter().zip(&keys) {
+            for (event, (identities, keys)) in events.iter().zip(&keys).enumerate() {
                 for (identity, key) in identities.iter().zip(keys) {
                     if known.contains_key(key) {
                         continue;
@@ -254,27 +299,48 @@ impl IdentityDirectory {
                         None => {
                             self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
                             known.insert(key.clone(), None);
-                            to_read.push((identity.kind, key.clone()));
+                            missed.push((identity.kind, key.clone(), event));
                         }
                     }
                 }
             }
         }
-        let reads: Vec<(String, Option<String>)> =
-            futures::stream::iter(to_read.into_iter().map(|(kind, key)| async move {
-                let found = self.read(kind, &key).await?;
-                Ok::<_, DirectoryError>((key, found))
-            }))
+        let probes = missed.into_iter().map(|(kind, key, event)| {
+            let value = create_first(&keys[event], &key, &known);
+            async move {
+                let probe = match value {
+                    Some(value) => match self.create(kind, &key, &value).await? {
+                        Created::Won => Probe::Created,
+                        Created::Lost(stored) => Probe::Found(Some(stored)),
+                    },
+                    None => Probe::Found(self.read(kind, &key).await?),
+                };
+                Ok::<_, DirectoryError>((key, probe))
+            }
+        });
+        let probes: Vec<(String, Probe)> = futures::stream::iter(probes)
             .buffer_unordered(KV_IN_FLIGHT_MAX)
             .try_collect()
             .await?;
+        // Keys this call created in round 1: the plan resolves their event as if they were
+        // unknown (linked, or the minted primary) but does not create them again.
+        let mut created_first: HashSet<String> = HashSet::new();
         {
             let mut cache = self.lock_cache();
-            for (key, found) in reads {
-                if let Some(customer_id) = &found {
-                    cache.insert(&key, customer_id);
+            for (key, probe) in probes {
+                match probe {
+                    Probe::Found(found) => {
+                        self.counters.kv_reads.fetch_add(1, Ordering::Relaxed);
+                        if let Some(customer_id) = &found {
+                            cache.insert(&key, customer_id);
+                        }
+                        known.insert(key, found);
+                    }
+                    Probe::Created => {
+                        self.counters.created_first.fetch_add(1, Ordering::Relaxed);
+                        created_first.insert(key);
+                    }
                 }
-                known.insert(key, found);
             }
         }
 
@@ -309,7 +375,9 @@ impl IdentityDirectory {
                     None => {
                         resolution.linked.push(identity.kind);
                         known.insert(keys[index].clone(), Some(winner.clone()));
-                        creates.push((index, keys[index].clone(), winner.clone()));
+                        if !created_first.contains(&keys[index]) {
+                            creates.push((index, keys[index].clone(), winner.clone()));
+                        }
                     }
                 }
             }
@@ -407,6 +475,8 @@ impl IdentityDirectory {
             links: c.links.load(Ordering::Relaxed),
             conflicts: c.conflicts.load(Ordering::Relaxed),
             kv_retries: c.kv_retries.load(Ordering::Relaxed),
+            kv_reads: c.kv_reads.load(Ordering::Relaxed),
+            created_first: c.created_first.load(Ordering::Relaxed),
         }
     }
 
