@@ -11,6 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write as _;
 use std::path::PathBuf;
 
+/// mimalloc instead of the system allocator: a node allocates and frees small buffers on
+/// every message (NATS payloads, JSON, bincode, sled pages), and glibc's malloc took about
+/// a third of the node's CPU under load (see docs/benchmark.md, "Fifth pass").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "crm-node", version, about = "Distributed actor-based CRM node")]
 struct Cli {
