@@ -3,7 +3,7 @@
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
 use crm_cluster::NatsServer;
-use crm_node::identity_directory::{IdentityDirectory, Resolution};
+use crm_node::identity_directory::{IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE};
 use crm_node::jetstream::ensure_kv;
 use crm_node::subjects;
 use futures::{StreamExt, TryStreamExt};
@@ -333,24 +333,51 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
     // The same events in chunks of varying size (a chunk sees what earlier chunks created),
     // on a fresh server each, with no cache (every identifier is looked up or created
     // straight away, and creates lose to what earlier chunks stored), a cache too small to
-    // hold everything, and one that holds everything.
+    // hold everything, and one that holds everything; and as the router does it, each chunk
+    // read ahead before the one before it is resolved (so what a chunk creates was read
+    // ahead as absent for the next one).
     let mut keys_a = kv_keys(&one_by_one_server).await;
     keys_a.sort();
-    for cache_max_entries in [0, 16, 1000] {
+    let sizes = [1usize, 7, 40, 2, 70];
+    let mut chunks: Vec<&[Vec<Identity>]> = Vec::new();
+    let mut rest: &[Vec<Identity>] = &events;
+    for size in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+        chunks.push(chunk);
+        rest = tail;
+    }
+    let slices = |chunk: &[Vec<Identity>]| -> Vec<Vec<Identity>> { chunk.to_vec() };
+    for (cache_max_entries, read_ahead) in [
+        (0, false),
+        (16, false),
+        (1000, false),
+        (0, true),
+        (16, true),
+        (READ_AHEAD_MIN_CACHE, true),
+    ] {
         let server = NatsServer::start();
         let many = directory(&server, cache_max_entries).await;
         let mut got = Vec::new();
-        let mut rest: &[Vec<Identity>] = &events;
-        for size in [1usize, 7, 40, 2, 70].iter().cycle() {
-            if rest.is_empty() {
-                break;
+        for (index, chunk) in chunks.iter().enumerate() {
+            if read_ahead {
+                if index == 0 {
+                    let first = slices(chunk);
+                    let first: Vec<&[Identity]> = first.iter().map(Vec::as_slice).collect();
+                    many.read_ahead(&first).await;
+                }
+                if let Some(next) = chunks.get(index + 1) {
+                    let next = slices(next);
+                    let next: Vec<&[Identity]> = next.iter().map(Vec::as_slice).collect();
+                    many.read_ahead(&next).await;
+                }
             }
-            let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-            let slices: Vec<&[Identity]> = chunk.iter().map(Vec::as_slice).collect();
-            for result in many.resolve_many(&slices).await.unwrap() {
+            let chunk: Vec<&[Identity]> = chunk.iter().map(Vec::as_slice).collect();
+            for result in many.resolve_many(&chunk).await.unwrap() {
                 got.push(result.unwrap());
             }
-            rest = tail;
         }
         assert_eq!(got, expected, "cache of {cache_max_entries}");
         let (a, b) = (one_by_one.metrics(), many.metrics());
@@ -359,8 +386,14 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
             (b.creates, b.links, b.conflicts),
             "cache of {cache_max_entries}"
         );
-        // Both ways of learning an uncached identifier were taken.
-        assert!(b.created_first > 0 && b.kv_reads > 0, "{b:?}");
+        // Both ways of learning an uncached identifier were taken, and the answers read
+        // ahead were used when the cache is big enough to make them safe.
+        assert!(b.created_first > 0, "{b:?}");
+        if read_ahead && cache_max_entries >= READ_AHEAD_MIN_CACHE {
+            assert!(b.read_ahead_used > 0, "{b:?}");
+        } else {
+            assert!(b.kv_reads > 0 && b.read_ahead == 0, "{b:?}");
+        }
         let mut keys_b = kv_keys(&server).await;
         keys_b.sort();
         assert_eq!(keys_a, keys_b, "cache of {cache_max_entries}");

@@ -37,6 +37,15 @@ pub const KV_RETRY_INITIAL_MS: u64 = 50;
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
 /// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
 pub const KV_IN_FLIGHT_MAX: usize = 128;
+/// Most answers [`IdentityDirectory::read_ahead`] keeps for `resolve_many` (all are dropped
+/// when it is full: they are hints, a missing one is read again).
+pub const READ_AHEAD_MAX: usize = 65_536;
+/// Smallest cache with which [`IdentityDirectory::read_ahead`] reads anything: an "absent"
+/// read ahead is safe to use only while the keys this directory created since are still
+/// cached (see `read_ahead`).
+pub const READ_AHEAD_MIN_CACHE: usize = 65_536;
+/// Answers of a read-ahead that took longer than this are dropped (see `read_ahead`).
+pub const READ_AHEAD_FRESH: Duration = Duration::from_secs(1);
 
 /// What round 1 of [`IdentityDirectory::resolve_many`] learnt about an uncached key.
 enum Probe {
@@ -106,6 +115,10 @@ pub struct DirectoryMetrics {
     /// Uncached identifiers mapped with a create and no read before it (their mapping did
     /// not depend on any other unknown identifier, see `resolve_many`).
     pub created_first: u64,
+    /// Identifiers read ahead of their chunk ([`IdentityDirectory::read_ahead`]).
+    pub read_ahead: u64,
+    /// Uncached identifiers `resolve_many` took from the answers read ahead.
+    pub read_ahead_used: u64,
 }
 
 /// Why the directory could not answer.
@@ -136,6 +149,9 @@ pub struct IdentityDirectory {
     /// HMAC key state with the cluster secret already absorbed; cloned per identifier.
     hmac: Hmac<Sha256>,
     cache: Mutex<BoundedCache>,
+    /// What [`read_ahead`](Self::read_ahead) learnt of uncached keys: key -> stored customer
+    /// (`None`: absent when read). At most [`READ_AHEAD_MAX`] entries.
+    read_ahead: Mutex<HashMap<String, Option<String>>>,
     counters: Counters,
 }
 
@@ -149,6 +165,8 @@ struct Counters {
     kv_retries: AtomicU64,
     kv_reads: AtomicU64,
     created_first: AtomicU64,
+    read_ahead: AtomicU64,
+    read_ahead_used: AtomicU64,
 }
 
 impl IdentityDirectory {
@@ -167,6 +185,7 @@ impl IdentityDirectory {
             kv,
             hmac,
             cache: Mutex::new(BoundedCache::new(cache_max_entries)),
+            read_ahead: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
@@ -304,6 +323,26 @@ impl IdentityDirectory {
                     }
                 }
             }
+        }
+        // Keys read ahead need no round trip now. Mappings never change, so a customer read
+        // ahead is still right; "absent" may have become wrong only if another router mapped
+        // the key since, which the create planned below detects like any lost race.
+        {
+            let mut answers = self.lock_read_ahead();
+            let mut cache = self.lock_cache();
+            missed.retain(|(_, key, _)| match answers.remove(key) {
+                Some(found) => {
+                    self.counters
+                        .read_ahead_used
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(customer_id) = &found {
+                        cache.insert(key, customer_id);
+                    }
+                    known.insert(key.clone(), found);
+                    false
+                }
+                None => true,
+            });
         }
         let probes = missed.into_iter().map(|(kind, key, event)| {
             let value = create_first(&keys[event], &key, &known);
@@ -455,6 +494,86 @@ impl IdentityDirectory {
         Ok(results)
     }
 
+    /// Reads, ahead of [`resolve_many`](Self::resolve_many), the uncached identifiers it
+    /// would read for these events (those of events with two or more uncached identifiers;
+    /// a lone unknown identifier is created without a read), and keeps the answers for it.
+    /// The router calls it on the chunk after the one it is resolving, so those reads (the
+    /// slow KV operation: a read of an absent key) overlap the resolution in hand. Failed
+    /// reads are left to `resolve_many`.
+    ///
+    /// An answer "absent" goes stale when this directory creates the key before the answer
+    /// is used (the chunk in hand creates what the next one reads ahead). `resolve_many`
+    /// looks at the cache first and every create caches its key, so a stale answer is never
+    /// used while the key stays cached: hence nothing is read ahead with a cache smaller
+    /// than [`READ_AHEAD_MIN_CACHE`] (the chunks in flight create far fewer keys than half
+    /// of it, and the cache keeps at least the newest half), and answers that took longer
+    /// than [`READ_AHEAD_FRESH`] are dropped. A key another router mapped since is caught,
+    /// as any lost race, by the create that `resolve_many` plans for it.
+    pub async fn read_ahead(&self, events: &[&[Identity]]) {
+        if self.lock_cache().capacity < READ_AHEAD_MIN_CACHE {
+            return;
+        }
+        let started = std::time::Instant::now();
+        // Keys first (HMAC), then the cache, then the answers kept: one lock at a time.
+        let keyed: Vec<Vec<(IdentityKind, String)>> = events
+            .iter()
+            .map(|identities| {
+                identities
+                    .iter()
+                    .map(|identity| (identity.kind, self.key_of(identity)))
+                    .collect()
+            })
+            .collect();
+        let uncached: Vec<(IdentityKind, String)> = {
+            let cache = self.lock_cache();
+            keyed
+                .into_iter()
+                .map(|keys| {
+                    keys.into_iter()
+                        .filter(|(_, key)| !cache.contains(key))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|keys| keys.len() >= 2)
+                .flatten()
+                .collect()
+        };
+        let wanted: Vec<(IdentityKind, String)> = {
+            let answers = self.lock_read_ahead();
+            let mut seen: HashSet<String> = HashSet::new();
+            uncached
+                .into_iter()
+                .filter(|(_, key)| !answers.contains_key(key) && seen.insert(key.clone()))
+                .collect()
+        };
+        let answers: Vec<(String, Result<Option<String>, DirectoryError>)> =
+            futures::stream::iter(wanted.into_iter().map(|(kind, key)| async move {
+                let found = self.read(kind, &key).await;
+                (key, found)
+            }))
+            .buffer_unordered(KV_IN_FLIGHT_MAX)
+            .collect()
+            .await;
+        if started.elapsed() > READ_AHEAD_FRESH {
+            return;
+        }
+        let answers: Vec<(String, Option<String>)> = {
+            let cache = self.lock_cache();
+            answers
+                .into_iter()
+                .filter_map(|(key, found)| Some((key, found.ok()?)))
+                .filter(|(key, found)| found.is_some() || !cache.contains(key))
+                .collect()
+        };
+        let mut kept = self.lock_read_ahead();
+        for (key, found) in answers {
+            if kept.len() >= READ_AHEAD_MAX {
+                kept.clear();
+            }
+            self.counters.read_ahead.fetch_add(1, Ordering::Relaxed);
+            kept.entry(key).or_insert(found);
+        }
+    }
+
     /// The customer of the highest-priority known identifier, or `None`; never creates.
     pub async fn lookup(&self, identities: &[Identity]) -> Result<Option<String>, DirectoryError> {
         if identities.is_empty() {
@@ -477,12 +596,21 @@ impl IdentityDirectory {
             kv_retries: c.kv_retries.load(Ordering::Relaxed),
             kv_reads: c.kv_reads.load(Ordering::Relaxed),
             created_first: c.created_first.load(Ordering::Relaxed),
+            read_ahead: c.read_ahead.load(Ordering::Relaxed),
+            read_ahead_used: c.read_ahead_used.load(Ordering::Relaxed),
         }
     }
 
     /// Mappings held in the cache now (never above `cache_max_entries`).
     pub fn cache_len(&self) -> usize {
         self.lock_cache().len()
+    }
+
+    fn lock_read_ahead(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        // Hints only: whatever a panicking holder left is still a valid hint.
+        self.read_ahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, BoundedCache> {
@@ -664,6 +792,11 @@ impl BoundedCache {
         let (key, value) = self.older.remove_entry(key)?;
         self.put(key, value.clone());
         Some(value)
+    }
+
+    /// Whether `key` is cached (without refreshing it).
+    fn contains(&self, key: &str) -> bool {
+        self.recent.contains_key(key) || self.older.contains_key(key)
     }
 
     fn insert(&mut self, key: &str, value: &str) {

@@ -8,7 +8,10 @@
 //! record per shard (many events per shard-log message: the server stores, indexes and
 //! delivers one message where it would handle dozens), with a `Nats-Msg-Id` derived from the
 //! ingest sequences it holds (so a chunk routed again is not logged twice; a regrouped one
-//! is caught by the actors' event-id dedup).
+//! is caught by the actors' event-id dedup). A prefetch task pulls ahead of the chunk in
+//! hand, validates what it pulls and has the directory read ahead the identifiers the next
+//! chunk will need ([`IdentityDirectory::read_ahead`]), so its KV reads overlap the
+//! resolution of the chunk in hand.
 //! An ingest message is acked only after its shard (or dead-letter) publish is acked: an
 //! event the adapter saw acked is never lost. Inputs that fail validation go to the
 //! dead-letter stream and are acked; they never block the pipeline. The router holds no
@@ -22,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
+use async_nats::jetstream::consumer::pull::{self, MessagesError};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
@@ -30,11 +34,12 @@ use crm_actors::codec;
 use crm_actors::command::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
 use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, RejectReason, Rejection};
 use crm_actors::identity::Identity;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 /// What the router needs; built by the node runtime (one per router lease taken).
@@ -128,17 +133,17 @@ impl Router {
             // A task of its own keeps pulling while a chunk is routed, so the next chunk is
             // ready (up to `batch_max_events`) when the router comes back: routing waits on
             // KV and publish round trips, and pulling only between chunks left each chunk
-            // with what one pull delivered meanwhile.
+            // with what one pull delivered meanwhile. It also validates what it pulls and
+            // has the identity directory read ahead what the chunk will need.
             let (prefetched, mut ready) =
                 mpsc::channel(PREFETCH_CHUNKS * self.batch_max_events.max(1));
-            let prefetch = tokio::spawn(async move {
-                let mut stream = stream;
-                while let Some(item) = stream.next().await {
-                    if prefetched.send(item).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            let prefetch = tokio::spawn(prefetch(
+                stream,
+                prefetched,
+                self.directory.clone(),
+                self.limits.clone(),
+                self.batch_max_events.max(1),
+            ));
             let mut in_flight: Option<RoutedChunk> = None;
             loop {
                 let first = match ready.try_recv() {
@@ -203,18 +208,12 @@ impl Router {
         info!("router stopped");
     }
 
-    /// Validates every message of a chunk and resolves the identities of the valid ones
-    /// together (see [`IdentityDirectory::resolve_many`]). Publishes nothing.
-    async fn prepare(&self, messages: Vec<Message>) -> Prepared {
-        Metrics::add(&self.metrics.ingest_received, messages.len() as u64);
-        let parsed: Vec<Result<ChannelEvent, Rejection>> = messages
-            .iter()
-            .map(|message| {
-                let channel =
-                    subjects::channel_from_ingest_subject(message.subject.as_str()).unwrap_or("");
-                parse_ingest(channel, &message.payload, &self.limits)
-            })
-            .collect();
+    /// Resolves the identities of a chunk's valid messages together (see
+    /// [`IdentityDirectory::resolve_many`]). Publishes nothing.
+    async fn prepare(&self, pulled: Vec<Validated>) -> Prepared {
+        Metrics::add(&self.metrics.ingest_received, pulled.len() as u64);
+        let (messages, parsed): (Vec<Message>, Vec<Result<ChannelEvent, Rejection>>) =
+            pulled.into_iter().unzip();
         if messages.is_empty() {
             return Prepared {
                 messages,
@@ -521,6 +520,67 @@ struct RoutedChunk {
 
 /// Chunks (of `batch_max_events`) the router may hold pulled but not yet routed.
 const PREFETCH_CHUNKS: usize = 2;
+/// Read-ahead calls of the identity directory the prefetch task keeps running at once.
+const READ_AHEAD_TASKS: usize = 4;
+
+/// An ingest message and what validating it gave.
+type Validated = (Message, Result<ChannelEvent, Rejection>);
+
+/// Validates an ingest message (the channel is the subject's last token).
+fn validate(message: Message, limits: &IngestLimits) -> Validated {
+    let channel = subjects::channel_from_ingest_subject(message.subject.as_str()).unwrap_or("");
+    let event = parse_ingest(channel, &message.payload, limits);
+    (message, event)
+}
+
+/// The router's prefetch task: pulls from the ingest consumer into `ready` (bounded), a
+/// group of what is already there at a time, validates each message, and has the
+/// directory read ahead the identities of each group (at most [`READ_AHEAD_TASKS`] groups
+/// at once; a group that finds them all busy goes without). Ends with the stream or when
+/// the router drops `ready`; aborting it aborts its reads.
+async fn prefetch(
+    mut stream: pull::Stream,
+    ready: mpsc::Sender<Result<Validated, MessagesError>>,
+    directory: Arc<IdentityDirectory>,
+    limits: IngestLimits,
+    group_max: usize,
+) {
+    let mut reading = JoinSet::new();
+    while let Some(item) = stream.next().await {
+        let mut items = vec![item];
+        while items.len() < group_max {
+            match stream.next().now_or_never() {
+                Some(Some(item)) => items.push(item),
+                _ => break,
+            }
+        }
+        let group: Vec<Result<Validated, MessagesError>> = items
+            .into_iter()
+            .map(|item| item.map(|message| validate(message, &limits)))
+            .collect();
+        while reading.try_join_next().is_some() {}
+        if reading.len() < READ_AHEAD_TASKS {
+            let identities: Vec<Vec<Identity>> = group
+                .iter()
+                .filter_map(|item| item.as_ref().ok())
+                .filter_map(|(_, event)| event.as_ref().ok())
+                .map(|event| event.identities.clone())
+                .collect();
+            if !identities.is_empty() {
+                let directory = directory.clone();
+                reading.spawn(async move {
+                    let slices: Vec<&[Identity]> = identities.iter().map(Vec::as_slice).collect();
+                    directory.read_ahead(&slices).await;
+                });
+            }
+        }
+        for item in group {
+            if ready.send(item).await.is_err() {
+                return;
+            }
+        }
+    }
+}
 /// Failed set-ups of the ingest consumer in a row after which the router gives its role up.
 const SETUP_FAILURES_MAX: u32 = 10;
 
