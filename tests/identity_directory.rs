@@ -473,3 +473,38 @@ async fn two_routers_resolving_chunks_of_the_same_new_people_end_with_one_custom
     assert_eq!(created, 30, "exactly one resolve minted each customer");
     assert_eq!(kv_keys(&server).await.len(), 60);
 }
+
+#[tokio::test]
+async fn answers_read_ahead_before_another_router_mapped_the_keys_are_dropped_when_routing_starts()
+{
+    // Router A reads a chunk ahead, then loses the router role; router B resolves that
+    // chunk (mapping its new identifiers); A routes again: what A read ahead ("absent") is
+    // no longer true. A starts routing with `clear_read_ahead`, so it resolves the next
+    // events exactly as one by one would.
+    let server = NatsServer::start();
+    let a = directory(&server, READ_AHEAD_MIN_CACHE).await;
+    let b = directory(&server, READ_AHEAD_MIN_CACHE).await;
+    let first = ids(&[
+        (IdentityKind::LoyaltyCard, "LC-77"),
+        (IdentityKind::Email, "ann@example.com"),
+    ]);
+    a.read_ahead(&[first.as_slice()]).await;
+    assert_eq!(a.metrics().read_ahead, 2, "both keys read ahead as absent");
+    let minted = b.resolve_many(&[first.as_slice()]).await.unwrap();
+    let owner = minted[0].as_ref().unwrap().customer_id.clone();
+
+    a.clear_read_ahead();
+    let second = ids(&[
+        (IdentityKind::Email, "ann@example.com"),
+        (IdentityKind::Phone, "+49 151 0000 7777"),
+    ]);
+    let resolved = a.resolve_many(&[second.as_slice()]).await.unwrap();
+    let resolution = resolved[0].as_ref().unwrap();
+    assert_eq!(resolution.customer_id, owner);
+    assert!(resolution.conflicts.is_empty(), "{resolution:?}");
+    assert_eq!(resolution.linked, vec![IdentityKind::Phone]);
+    assert_eq!(a.metrics().read_ahead_used, 0);
+    // The phone now leads to the same customer.
+    let phone = ids(&[(IdentityKind::Phone, "+49 151 0000 7777")]);
+    assert_eq!(b.lookup(&phone).await.unwrap(), Some(owner));
+}

@@ -40,12 +40,9 @@ pub const KV_IN_FLIGHT_MAX: usize = 128;
 /// Most answers [`IdentityDirectory::read_ahead`] keeps for `resolve_many` (all are dropped
 /// when it is full: they are hints, a missing one is read again).
 pub const READ_AHEAD_MAX: usize = 65_536;
-/// Smallest cache with which [`IdentityDirectory::read_ahead`] reads anything: an "absent"
-/// read ahead is safe to use only while the keys this directory created since are still
-/// cached (see `read_ahead`).
+/// Smallest cache with which [`IdentityDirectory::read_ahead`] reads anything (with a small
+/// cache its "absent" answers expire before they are used, see `read_ahead`).
 pub const READ_AHEAD_MIN_CACHE: usize = 65_536;
-/// Answers of a read-ahead that took longer than this are dropped (see `read_ahead`).
-pub const READ_AHEAD_FRESH: Duration = Duration::from_secs(1);
 
 /// What round 1 of [`IdentityDirectory::resolve_many`] learnt about an uncached key.
 enum Probe {
@@ -53,6 +50,25 @@ enum Probe {
     Found(Option<String>),
     /// Unmapped until this call's create mapped it (to what `create_first` said).
     Created,
+}
+
+/// An answer [`IdentityDirectory::read_ahead`] keeps for `resolve_many`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hint {
+    /// The stored customer; `None`: absent when read.
+    found: Option<String>,
+    /// The cache's [`BoundedCache::generations`] when the read began.
+    generations: u64,
+}
+
+impl Hint {
+    /// Whether the hint may be used now that the cache has filled `generations`: a customer
+    /// always; "absent" while at most one generation has filled since the read began, so
+    /// that every key this directory created since is still cached (and the cache, looked
+    /// at first, answers for it).
+    fn usable(&self, generations: u64) -> bool {
+        self.found.is_some() || generations.saturating_sub(self.generations) <= 1
+    }
 }
 
 /// The customer that uncached `key` (first seen in the event whose keys are `event_keys`)
@@ -100,7 +116,7 @@ pub struct Resolution {
 pub struct DirectoryMetrics {
     /// Identifier look-ups answered from the cache.
     pub cache_hits: u64,
-    /// Identifier look-ups that went to the KV bucket.
+    /// Identifier look-ups the cache could not answer.
     pub cache_misses: u64,
     /// Customers minted by this directory.
     pub creates: u64,
@@ -115,7 +131,7 @@ pub struct DirectoryMetrics {
     /// Uncached identifiers mapped with a create and no read before it (their mapping did
     /// not depend on any other unknown identifier, see `resolve_many`).
     pub created_first: u64,
-    /// Identifiers read ahead of their chunk ([`IdentityDirectory::read_ahead`]).
+    /// Answers read ahead of their chunk and kept ([`IdentityDirectory::read_ahead`]).
     pub read_ahead: u64,
     /// Uncached identifiers `resolve_many` took from the answers read ahead.
     pub read_ahead_used: u64,
@@ -149,9 +165,9 @@ pub struct IdentityDirectory {
     /// HMAC key state with the cluster secret already absorbed; cloned per identifier.
     hmac: Hmac<Sha256>,
     cache: Mutex<BoundedCache>,
-    /// What [`read_ahead`](Self::read_ahead) learnt of uncached keys: key -> stored customer
-    /// (`None`: absent when read). At most [`READ_AHEAD_MAX`] entries.
-    read_ahead: Mutex<HashMap<String, Option<String>>>,
+    /// What [`read_ahead`](Self::read_ahead) learnt of uncached keys. At most
+    /// [`READ_AHEAD_MAX`] entries.
+    read_ahead: Mutex<HashMap<String, Hint>>,
     counters: Counters,
 }
 
@@ -324,24 +340,31 @@ impl IdentityDirectory {
                 }
             }
         }
-        // Keys read ahead need no round trip now. Mappings never change, so a customer read
-        // ahead is still right; "absent" may have become wrong only if another router mapped
-        // the key since, which the create planned below detects like any lost race.
+        // Keys read ahead need no round trip now, when their answer is still true (see
+        // `read_ahead`). Every hint for a key of this chunk goes: it is used or outdated.
         {
             let mut answers = self.lock_read_ahead();
             let mut cache = self.lock_cache();
-            missed.retain(|(_, key, _)| match answers.remove(key) {
-                Some(found) => {
-                    self.counters
-                        .read_ahead_used
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(customer_id) = &found {
-                        cache.insert(key, customer_id);
-                    }
-                    known.insert(key.clone(), found);
-                    false
+            for key in keys.iter().flatten() {
+                if known.get(key).is_some_and(Option::is_some) {
+                    answers.remove(key);
                 }
-                None => true,
+            }
+            missed.retain(|(_, key, _)| {
+                let Some(hint) = answers.remove(key) else {
+                    return true;
+                };
+                if !hint.usable(cache.generations) {
+                    return true;
+                }
+                self.counters
+                    .read_ahead_used
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(customer_id) = &hint.found {
+                    cache.insert(key, customer_id);
+                }
+                known.insert(key.clone(), hint.found);
+                false
             });
         }
         let probes = missed.into_iter().map(|(kind, key, event)| {
@@ -498,80 +521,87 @@ impl IdentityDirectory {
     /// would read for these events (those of events with two or more uncached identifiers;
     /// a lone unknown identifier is created without a read), and keeps the answers for it.
     /// The router calls it on the chunk after the one it is resolving, so those reads (the
-    /// slow KV operation: a read of an absent key) overlap the resolution in hand. Failed
-    /// reads are left to `resolve_many`.
+    /// slow KV operation: a read of an absent key) overlap the resolution in hand. A read
+    /// that fails is left to `resolve_many` (one attempt, no retry).
     ///
-    /// An answer "absent" goes stale when this directory creates the key before the answer
-    /// is used (the chunk in hand creates what the next one reads ahead). `resolve_many`
-    /// looks at the cache first and every create caches its key, so a stale answer is never
-    /// used while the key stays cached: hence nothing is read ahead with a cache smaller
-    /// than [`READ_AHEAD_MIN_CACHE`] (the chunks in flight create far fewer keys than half
-    /// of it, and the cache keeps at least the newest half), and answers that took longer
-    /// than [`READ_AHEAD_FRESH`] are dropped. A key another router mapped since is caught,
-    /// as any lost race, by the create that `resolve_many` plans for it.
+    /// A customer read ahead stays true (mappings never change). "Absent" goes stale when
+    /// the key is mapped after the read: by this directory (the chunk in hand creates what
+    /// the next one reads ahead) or by another router. Every create of this directory
+    /// caches its key, and `resolve_many` looks at the cache first, so a stale "absent"
+    /// would be used only once the cache has dropped the key: the cache drops an entry only
+    /// after two generations (see [`BoundedCache`]) have filled since it was inserted, so an
+    /// "absent" is used only while at most one generation has filled since its read began
+    /// (and not at all with a cache under [`READ_AHEAD_MIN_CACHE`]). Another router maps
+    /// keys only while this node does not route: [`clear_read_ahead`](Self::clear_read_ahead)
+    /// when routing starts.
     pub async fn read_ahead(&self, events: &[&[Identity]]) {
-        if self.lock_cache().capacity < READ_AHEAD_MIN_CACHE {
-            return;
-        }
-        let started = std::time::Instant::now();
+        let generations = {
+            let cache = self.lock_cache();
+            if cache.capacity < READ_AHEAD_MIN_CACHE {
+                return;
+            }
+            cache.generations
+        };
         // Keys first (HMAC), then the cache, then the answers kept: one lock at a time.
-        let keyed: Vec<Vec<(IdentityKind, String)>> = events
+        let keyed: Vec<Vec<String>> = events
             .iter()
-            .map(|identities| {
-                identities
-                    .iter()
-                    .map(|identity| (identity.kind, self.key_of(identity)))
-                    .collect()
-            })
+            .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
             .collect();
-        let uncached: Vec<(IdentityKind, String)> = {
+        let uncached: Vec<String> = {
             let cache = self.lock_cache();
             keyed
                 .into_iter()
                 .map(|keys| {
                     keys.into_iter()
-                        .filter(|(_, key)| !cache.contains(key))
+                        .filter(|key| !cache.contains(key))
                         .collect::<Vec<_>>()
                 })
                 .filter(|keys| keys.len() >= 2)
                 .flatten()
                 .collect()
         };
-        let wanted: Vec<(IdentityKind, String)> = {
+        let wanted: Vec<String> = {
             let answers = self.lock_read_ahead();
             let mut seen: HashSet<String> = HashSet::new();
             uncached
                 .into_iter()
-                .filter(|(_, key)| !answers.contains_key(key) && seen.insert(key.clone()))
+                .filter(|key| !answers.contains_key(key) && seen.insert(key.clone()))
                 .collect()
         };
-        let answers: Vec<(String, Result<Option<String>, DirectoryError>)> =
-            futures::stream::iter(wanted.into_iter().map(|(kind, key)| async move {
-                let found = self.read(kind, &key).await;
-                (key, found)
+        let answers: Vec<(String, Option<String>)> =
+            futures::stream::iter(wanted.into_iter().map(|key| async move {
+                // A value that is not a customer id is left for resolve_many to report.
+                let found = match self.kv.get(&key).await {
+                    Ok(None) => Some(None),
+                    Ok(Some(value)) => std::str::from_utf8(&value)
+                        .ok()
+                        .filter(|text| subjects::is_token(text))
+                        .map(|text| Some(text.to_string())),
+                    Err(_) => None,
+                };
+                found.map(|found| (key, found))
             }))
             .buffer_unordered(KV_IN_FLIGHT_MAX)
+            .filter_map(|answer| async move { answer })
             .collect()
             .await;
-        if started.elapsed() > READ_AHEAD_FRESH {
-            return;
-        }
-        let answers: Vec<(String, Option<String>)> = {
-            let cache = self.lock_cache();
-            answers
-                .into_iter()
-                .filter_map(|(key, found)| Some((key, found.ok()?)))
-                .filter(|(key, found)| found.is_some() || !cache.contains(key))
-                .collect()
-        };
         let mut kept = self.lock_read_ahead();
         for (key, found) in answers {
             if kept.len() >= READ_AHEAD_MAX {
                 kept.clear();
             }
-            self.counters.read_ahead.fetch_add(1, Ordering::Relaxed);
-            kept.entry(key).or_insert(found);
+            // A customer found stays true; a newer read replaces an older "absent".
+            if kept.get(&key).is_none_or(|hint| hint.found.is_none()) {
+                self.counters.read_ahead.fetch_add(1, Ordering::Relaxed);
+                kept.insert(key, Hint { found, generations });
+            }
         }
+    }
+
+    /// Drops every answer read ahead: the router calls it when it starts routing, since
+    /// another node's router may have mapped keys meanwhile (see `read_ahead`).
+    pub fn clear_read_ahead(&self) {
+        self.lock_read_ahead().clear();
     }
 
     /// The customer of the highest-priority known identifier, or `None`; never creates.
@@ -606,7 +636,7 @@ impl IdentityDirectory {
         self.lock_cache().len()
     }
 
-    fn lock_read_ahead(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+    fn lock_read_ahead(&self) -> std::sync::MutexGuard<'_, HashMap<String, Hint>> {
         // Hints only: whatever a panicking holder left is still a valid hint.
         self.read_ahead
             .lock()
@@ -766,6 +796,9 @@ struct BoundedCache {
     capacity: usize,
     recent: HashMap<String, String>,
     older: HashMap<String, String>,
+    /// Generations filled so far: each time `recent` became `older` (or, with a capacity
+    /// of 1, was emptied). An entry inserted stays cached until two more have filled.
+    generations: u64,
 }
 
 impl BoundedCache {
@@ -774,6 +807,7 @@ impl BoundedCache {
             capacity,
             recent: HashMap::new(),
             older: HashMap::new(),
+            generations: 0,
         }
     }
 
@@ -811,8 +845,10 @@ impl BoundedCache {
         if self.capacity == 1 {
             self.recent.clear();
             self.older.clear();
+            self.generations += 1;
         } else if self.recent.len() >= self.generation_max() {
             self.older = std::mem::take(&mut self.recent);
+            self.generations += 1;
         }
         self.recent.insert(key, value);
         debug_assert!(self.len() <= self.capacity);
@@ -822,6 +858,35 @@ impl BoundedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_stays_cached_while_at_most_one_generation_fills_after_it() {
+        let mut cache = BoundedCache::new(8);
+        cache.insert("k", "c1");
+        let inserted = cache.generations;
+        let mut n = 0;
+        while cache.generations - inserted <= 1 {
+            assert!(cache.contains("k"), "after {n} more inserts");
+            cache.insert(&format!("other-{n}"), "c2");
+            n += 1;
+        }
+        assert!(!cache.contains("k"), "two generations later it is gone");
+    }
+
+    #[test]
+    fn a_hint_of_absence_expires_after_one_generation_and_a_customer_never() {
+        let absent = Hint {
+            found: None,
+            generations: 5,
+        };
+        assert!(absent.usable(5) && absent.usable(6));
+        assert!(!absent.usable(7));
+        let found = Hint {
+            found: Some("c1".into()),
+            generations: 5,
+        };
+        assert!(found.usable(100));
+    }
 
     #[test]
     fn the_cache_never_holds_more_than_its_capacity() {

@@ -72,6 +72,8 @@ impl Router {
     /// The router sets up (and rewinds) the durable consumer itself, retrying until it
     /// can, so whoever starts it is not held up by a slow JetStream.
     pub async fn run(self, mut shutdown: Shutdown) {
+        // Another node may have routed (and mapped identifiers) since this one last did.
+        self.directory.clear_read_ahead();
         let mut backoff = Duration::from_millis(100);
         let mut consumer: Option<PullConsumer> = None;
         let mut fenced = false;
