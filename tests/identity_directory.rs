@@ -3,7 +3,9 @@
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
 use crm_cluster::NatsServer;
-use crm_node::identity_directory::{IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE};
+use crm_node::identity_directory::{
+    DirectoryError, IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE,
+};
 use crm_node::jetstream::ensure_kv;
 use crm_node::subjects;
 use futures::{StreamExt, TryStreamExt};
@@ -507,4 +509,85 @@ async fn answers_read_ahead_before_another_router_mapped_the_keys_are_dropped_wh
     // The phone now leads to the same customer.
     let phone = ids(&[(IdentityKind::Phone, "+49 151 0000 7777")]);
     assert_eq!(b.lookup(&phone).await.unwrap(), Some(owner));
+}
+
+#[tokio::test]
+async fn an_identifier_whose_stored_value_is_not_a_customer_id_fails_only_its_event() {
+    // Someone wrote garbage under an identifier's key. The events that carry it fail with
+    // `CorruptValue` (the router dead-letters them, naming the key to fix); the others of
+    // the chunk resolve as usual, whether the bad key is the event's only unknown one
+    // (created first, the create loses, the read finds garbage) or one of two (read).
+    let server = NatsServer::start();
+    let many = directory(&server, 1000).await;
+    let bad = ids(&[(IdentityKind::Email, "broken@example.com")]);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(subjects::KV_IDENTITY)
+        .await
+        .unwrap();
+    kv.put(many.key_of(&bad[0]), "not a customer id".into())
+        .await
+        .unwrap();
+    let good = ids(&[(IdentityKind::Email, "fine@example.com")]);
+    let bad_and_new = ids(&[
+        (IdentityKind::Email, "broken@example.com"),
+        (IdentityKind::DeviceId, "dev-new"),
+    ]);
+    let after = ids(&[(IdentityKind::DeviceId, "dev-new")]);
+    let results = many
+        .resolve_many(&[&good, &bad, &bad_and_new, &after])
+        .await
+        .expect("a corrupt key does not fail the chunk");
+    assert!(results[0].as_ref().is_ok_and(|r| r.created));
+    for failed in [&results[1], &results[2]] {
+        match failed {
+            Err(DirectoryError::CorruptValue { key, value, .. }) => {
+                assert_eq!(*key, many.key_of(&bad[0]));
+                assert_eq!(value, "not a customer id");
+            }
+            other => panic!("expected CorruptValue, got {other:?}"),
+        }
+    }
+    // The failed event created nothing: its device id is new to the next event.
+    assert!(results[3].as_ref().is_ok_and(|r| r.created));
+    // One by one gives the same.
+    assert!(matches!(
+        many.resolve(&bad).await,
+        Err(DirectoryError::CorruptValue { .. })
+    ));
+    // First seen with another unknown identifier, the bad key is read, not created.
+    let fresh = directory(&server, 1000).await;
+    let bad_first = ids(&[
+        (IdentityKind::Email, "broken@example.com"),
+        (IdentityKind::DeviceId, "dev-other"),
+    ]);
+    let results = fresh
+        .resolve_many(&[&bad_first, &good])
+        .await
+        .expect("a corrupt key does not fail the chunk");
+    assert!(matches!(
+        results[0],
+        Err(DirectoryError::CorruptValue { .. })
+    ));
+    assert!(results[1].is_ok());
+}
+
+#[tokio::test]
+async fn a_read_ahead_begun_before_routing_restarted_keeps_nothing() {
+    let server = NatsServer::start();
+    let a = directory(&server, READ_AHEAD_MIN_CACHE).await;
+    let event = ids(&[
+        (IdentityKind::LoyaltyCard, "LC-88"),
+        (IdentityKind::Email, "bea@example.com"),
+    ]);
+    let events = [event.as_slice()];
+    // The clear lands while the read-ahead's reads are in flight.
+    let ((), ()) = tokio::join!(a.read_ahead(&events), async {
+        tokio::task::yield_now().await;
+        a.clear_read_ahead();
+    });
+    assert_eq!(a.metrics().read_ahead, 0);
+    // Begun after the clear, it keeps its answers.
+    a.read_ahead(&events).await;
+    assert_eq!(a.metrics().read_ahead, 2);
 }

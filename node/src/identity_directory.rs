@@ -50,6 +50,8 @@ enum Probe {
     Found(Option<String>),
     /// Unmapped until this call's create mapped it (to what `create_first` said).
     Created,
+    /// Its stored value is not a customer id.
+    Corrupt(DirectoryError),
 }
 
 /// An answer [`IdentityDirectory::read_ahead`] keeps for `resolve_many`.
@@ -138,7 +140,7 @@ pub struct DirectoryMetrics {
 }
 
 /// Why the directory could not answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DirectoryError {
     #[error("no identifier given; an event or query needs at least one of loyalty_card, customer_id, email, phone, device_id")]
     NoIdentity,
@@ -168,6 +170,9 @@ pub struct IdentityDirectory {
     /// What [`read_ahead`](Self::read_ahead) learnt of uncached keys. At most
     /// [`READ_AHEAD_MAX`] entries.
     read_ahead: Mutex<HashMap<String, Hint>>,
+    /// Bumped by [`clear_read_ahead`](Self::clear_read_ahead): a read-ahead that began
+    /// before it keeps nothing.
+    read_ahead_epoch: AtomicU64,
     counters: Counters,
 }
 
@@ -202,6 +207,7 @@ impl IdentityDirectory {
             hmac,
             cache: Mutex::new(BoundedCache::new(cache_max_entries)),
             read_ahead: Mutex::new(HashMap::new()),
+            read_ahead_epoch: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -371,11 +377,17 @@ impl IdentityDirectory {
             let value = create_first(&keys[event], &key, &known);
             async move {
                 let probe = match value {
-                    Some(value) => match self.create(kind, &key, &value).await? {
-                        Created::Won => Probe::Created,
-                        Created::Lost(stored) => Probe::Found(Some(stored)),
+                    Some(value) => match self.create(kind, &key, &value).await {
+                        Ok(Created::Won) => Probe::Created,
+                        Ok(Created::Lost(stored)) => Probe::Found(Some(stored)),
+                        Err(error @ DirectoryError::CorruptValue { .. }) => Probe::Corrupt(error),
+                        Err(error) => return Err(error),
                     },
-                    None => Probe::Found(self.read(kind, &key).await?),
+                    None => match self.read(kind, &key).await {
+                        Ok(found) => Probe::Found(found),
+                        Err(error @ DirectoryError::CorruptValue { .. }) => Probe::Corrupt(error),
+                        Err(error) => return Err(error),
+                    },
                 };
                 Ok::<_, DirectoryError>((key, probe))
             }
@@ -387,6 +399,9 @@ impl IdentityDirectory {
         // Keys this call created in round 1: the plan resolves their event as if they were
         // unknown (linked, or the minted primary) but does not create them again.
         let mut created_first: HashSet<String> = HashSet::new();
+        // Keys whose stored value is not a customer id: their events fail alone, as with
+        // `resolve`, so the router dead-letters them instead of retrying the whole chunk.
+        let mut corrupt: HashMap<String, DirectoryError> = HashMap::new();
         {
             let mut cache = self.lock_cache();
             for (key, probe) in probes {
@@ -402,6 +417,10 @@ impl IdentityDirectory {
                         self.counters.created_first.fetch_add(1, Ordering::Relaxed);
                         created_first.insert(key);
                     }
+                    // The key stays unknown; only the events that hold it fail (below).
+                    Probe::Corrupt(error) => {
+                        corrupt.insert(key, error);
+                    }
                 }
             }
         }
@@ -416,6 +435,10 @@ impl IdentityDirectory {
         for (identities, keys) in events.iter().zip(&keys) {
             if identities.is_empty() {
                 plans.push(Err(DirectoryError::NoIdentity));
+                continue;
+            }
+            if let Some(error) = keys.iter().find_map(|key| corrupt.get(key)) {
+                plans.push(Err(error.clone()));
                 continue;
             }
             let found: Vec<Option<String>> = keys.iter().map(|k| known[k].clone()).collect();
@@ -465,9 +488,13 @@ impl IdentityDirectory {
         let outcomes: Vec<(usize, usize, bool, bool)> =
             futures::stream::iter(planned.into_iter().map(
                 |(event, index, kind, key, value)| async move {
-                    Ok::<_, DirectoryError>(match self.create(kind, &key, &value).await? {
-                        Created::Won => (event, index, true, true),
-                        Created::Lost(stored) => (event, index, false, stored == value),
+                    Ok::<_, DirectoryError>(match self.create(kind, &key, &value).await {
+                        Ok(Created::Won) => (event, index, true, true),
+                        Ok(Created::Lost(stored)) => (event, index, false, stored == value),
+                        // Written meanwhile, with a value that is not a customer id: the
+                        // event is resolved again alone below, and fails there.
+                        Err(DirectoryError::CorruptValue { .. }) => (event, index, false, false),
+                        Err(error) => return Err(error),
                     })
                 },
             ))
@@ -535,6 +562,7 @@ impl IdentityDirectory {
     /// keys only while this node does not route: [`clear_read_ahead`](Self::clear_read_ahead)
     /// when routing starts.
     pub async fn read_ahead(&self, events: &[&[Identity]]) {
+        let epoch = self.read_ahead_epoch.load(Ordering::SeqCst);
         let generations = {
             let cache = self.lock_cache();
             if cache.capacity < READ_AHEAD_MIN_CACHE {
@@ -565,7 +593,12 @@ impl IdentityDirectory {
             let mut seen: HashSet<String> = HashSet::new();
             uncached
                 .into_iter()
-                .filter(|key| !answers.contains_key(key) && seen.insert(key.clone()))
+                .filter(|key| {
+                    !answers
+                        .get(key)
+                        .is_some_and(|hint| hint.usable(generations))
+                        && seen.insert(key.clone())
+                })
                 .collect()
         };
         let answers: Vec<(String, Option<String>)> =
@@ -586,6 +619,9 @@ impl IdentityDirectory {
             .collect()
             .await;
         let mut kept = self.lock_read_ahead();
+        if self.read_ahead_epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
         for (key, found) in answers {
             if kept.len() >= READ_AHEAD_MAX {
                 kept.clear();
@@ -601,7 +637,10 @@ impl IdentityDirectory {
     /// Drops every answer read ahead: the router calls it when it starts routing, since
     /// another node's router may have mapped keys meanwhile (see `read_ahead`).
     pub fn clear_read_ahead(&self) {
-        self.lock_read_ahead().clear();
+        let mut kept = self.lock_read_ahead();
+        kept.clear();
+        // Under the lock: a read-ahead still running keeps nothing it read before.
+        self.read_ahead_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The customer of the highest-priority known identifier, or `None`; never creates.
@@ -797,7 +836,8 @@ struct BoundedCache {
     recent: HashMap<String, String>,
     older: HashMap<String, String>,
     /// Generations filled so far: each time `recent` became `older` (or, with a capacity
-    /// of 1, was emptied). An entry inserted stays cached until two more have filled.
+    /// of 1, was emptied). With a capacity of 2 or more, an entry inserted stays cached
+    /// until two more have filled (with 1, until the next; with 0 nothing is cached).
     generations: u64,
 }
 
