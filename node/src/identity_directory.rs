@@ -377,19 +377,23 @@ impl IdentityDirectory {
             let value = create_first(&keys[event], &key, &known);
             async move {
                 let probe = match value {
-                    Some(value) => match self.create(kind, &key, &value).await {
-                        Ok(Created::Won) => Probe::Created,
-                        Ok(Created::Lost(stored)) => Probe::Found(Some(stored)),
-                        Err(error @ DirectoryError::CorruptValue { .. }) => Probe::Corrupt(error),
-                        Err(error) => return Err(error),
-                    },
-                    None => match self.read(kind, &key).await {
-                        Ok(found) => Probe::Found(found),
-                        Err(error @ DirectoryError::CorruptValue { .. }) => Probe::Corrupt(error),
-                        Err(error) => return Err(error),
-                    },
+                    Some(value) => {
+                        self.create(kind, &key, &value)
+                            .await
+                            .map(|created| match created {
+                                Created::Won => Probe::Created,
+                                Created::Lost(stored) => Probe::Found(Some(stored)),
+                            })
+                    }
+                    None => self.read(kind, &key).await.map(Probe::Found),
                 };
-                Ok::<_, DirectoryError>((key, probe))
+                match probe {
+                    Ok(probe) => Ok((key, probe)),
+                    Err(error @ DirectoryError::CorruptValue { .. }) => {
+                        Ok((key, Probe::Corrupt(error)))
+                    }
+                    Err(error) => Err(error),
+                }
             }
         });
         let probes: Vec<(String, Probe)> = futures::stream::iter(probes)
@@ -571,29 +575,34 @@ impl IdentityDirectory {
             cache.generations
         };
         // Keys first (HMAC), then the cache, then the answers kept: one lock at a time.
-        let keyed: Vec<Vec<String>> = events
+        let keyed: Vec<Vec<(IdentityKind, String)>> = events
             .iter()
-            .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
+            .map(|identities| {
+                identities
+                    .iter()
+                    .map(|identity| (identity.kind, self.key_of(identity)))
+                    .collect()
+            })
             .collect();
-        let uncached: Vec<String> = {
+        let uncached: Vec<(IdentityKind, String)> = {
             let cache = self.lock_cache();
             keyed
                 .into_iter()
                 .map(|keys| {
                     keys.into_iter()
-                        .filter(|key| !cache.contains(key))
+                        .filter(|(_, key)| !cache.contains(key))
                         .collect::<Vec<_>>()
                 })
                 .filter(|keys| keys.len() >= 2)
                 .flatten()
                 .collect()
         };
-        let wanted: Vec<String> = {
+        let wanted: Vec<(IdentityKind, String)> = {
             let answers = self.lock_read_ahead();
             let mut seen: HashSet<String> = HashSet::new();
             uncached
                 .into_iter()
-                .filter(|key| {
+                .filter(|(_, key)| {
                     !answers
                         .get(key)
                         .is_some_and(|hint| hint.usable(generations))
@@ -602,14 +611,11 @@ impl IdentityDirectory {
                 .collect()
         };
         let answers: Vec<(String, Option<String>)> =
-            futures::stream::iter(wanted.into_iter().map(|key| async move {
+            futures::stream::iter(wanted.into_iter().map(|(kind, key)| async move {
                 // A value that is not a customer id is left for resolve_many to report.
                 let found = match self.kv.get(&key).await {
                     Ok(None) => Some(None),
-                    Ok(Some(value)) => std::str::from_utf8(&value)
-                        .ok()
-                        .filter(|text| subjects::is_token(text))
-                        .map(|text| Some(text.to_string())),
+                    Ok(Some(value)) => self.customer_id_from(kind, &key, &value).ok().map(Some),
                     Err(_) => None,
                 };
                 found.map(|found| (key, found))
