@@ -74,3 +74,36 @@ impl Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity_directory::DirectoryMetrics;
+
+    /// Every counter of `crm.node.stats` has a row in docs/protocol.md's tables.
+    #[test]
+    fn every_counter_is_documented() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
+        let text = std::fs::read_to_string(&docs).expect("docs/protocol.md exists");
+        let section = text
+            .split("## Node counters")
+            .nth(1)
+            .expect("docs/protocol.md has a Node counters section");
+        let metrics = serde_json::to_value(MetricsSnapshot::default()).expect("serialises");
+        let identity = serde_json::to_value(DirectoryMetrics::default()).expect("serialises");
+        let names = metrics
+            .as_object()
+            .into_iter()
+            .chain(identity.as_object())
+            .flat_map(|fields| fields.keys());
+        let mut count = 0;
+        for name in names {
+            count += 1;
+            assert!(
+                section.contains(&format!("| `{name}` |")),
+                "docs/protocol.md lacks a row for the counter `{name}`"
+            );
+        }
+        assert!(count >= 25, "only {count} counters found");
+    }
+}
