@@ -591,3 +591,88 @@ async fn a_read_ahead_begun_before_routing_restarted_keeps_nothing() {
     a.read_ahead(&events).await;
     assert_eq!(a.metrics().read_ahead, 2);
 }
+
+#[tokio::test]
+async fn a_router_whose_lease_ran_out_creates_no_more_identity_keys() {
+    let server = NatsServer::start();
+    let router = directory(&server, 100).await;
+    let known = ids(&[(IdentityKind::Email, "known@example.com")]);
+    router.resolve(&known).await.unwrap();
+    assert_eq!(kv_keys(&server).await.len(), 1);
+    let new_people: Vec<Vec<Identity>> = (0..6)
+        .map(|i| ids(&[(IdentityKind::Email, &format!("new-{i}@example.com"))]))
+        .collect();
+    // Each a new person's only identifier, created without a read, and one event that
+    // links a new card to the known email (planned in round 2, created in round 3).
+    let linking = ids(&[
+        (IdentityKind::Email, "known@example.com"),
+        (IdentityKind::LoyaltyCard, "LC-NEW"),
+    ]);
+    let mut chunk: Vec<&[Identity]> = new_people.iter().map(Vec::as_slice).collect();
+    chunk.push(&linking);
+
+    // The fence has run out: nothing is created, the whole chunk fails.
+    let refused = router.resolve_many_guarded(&chunk, &|| false).await;
+    assert!(
+        matches!(refused, Err(DirectoryError::Fenced)),
+        "{refused:?}"
+    );
+    assert_eq!(kv_keys(&server).await.len(), 1, "no key was created");
+
+    // Two new identifiers in one event are read first and created in the last round: the
+    // fence is asked there too.
+    let pair = ids(&[
+        (IdentityKind::Email, "pair@example.com"),
+        (IdentityKind::Phone, "+4915112345678"),
+    ]);
+    let refused = router.resolve_many_guarded(&[&pair], &|| false).await;
+    assert!(
+        matches!(refused, Err(DirectoryError::Fenced)),
+        "{refused:?}"
+    );
+    assert_eq!(kv_keys(&server).await.len(), 1, "no key was created");
+
+    // It runs out after the first create: at most that one key exists.
+    let allowed = std::sync::atomic::AtomicUsize::new(1);
+    let may_create = || {
+        allowed
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |left| left.checked_sub(1),
+            )
+            .is_ok()
+    };
+    let cut = router.resolve_many_guarded(&chunk, &may_create).await;
+    assert!(matches!(cut, Err(DirectoryError::Fenced)), "{cut:?}");
+    assert_eq!(
+        kv_keys(&server).await.len(),
+        2,
+        "only the one allowed create"
+    );
+
+    // A chunk of known identifiers needs no create: it resolves with the fence gone.
+    let again: Vec<&[Identity]> = vec![&known, &known];
+    let resolved = router
+        .resolve_many_guarded(&again, &|| false)
+        .await
+        .expect("cached identifiers resolve without writes");
+    assert!(resolved.iter().all(Result::is_ok), "{resolved:?}");
+
+    // The next router (lease valid) maps everyone, the key already made included.
+    let next = directory(&server, 100).await;
+    let results = next
+        .resolve_many(&chunk)
+        .await
+        .expect("the next router resolves the chunk");
+    let created = results
+        .iter()
+        .map(|result| result.as_ref().expect("resolved").created)
+        .filter(|created| *created)
+        .count();
+    assert_eq!(
+        created, 5,
+        "the key made before the fence ran out is reused"
+    );
+    assert_eq!(kv_keys(&server).await.len(), 1 + 6 + 1);
+}

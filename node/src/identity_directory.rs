@@ -159,7 +159,13 @@ pub enum DirectoryError {
         key: String,
         value: String,
     },
+    #[error("identity keys are no longer created here: the router lease ran out, and another router may be mapping these identifiers; the next holder of the lease routes the chunk again")]
+    Fenced,
 }
+
+/// Asked just before each identity key is created: may this caller still write? (The
+/// router answers with its lease fence.)
+pub type MayCreate<'a> = &'a (dyn Fn() -> bool + Sync);
 
 /// The identity directory over one KV bucket. Cheap to share behind an `Arc`.
 pub struct IdentityDirectory {
@@ -314,6 +320,18 @@ impl IdentityDirectory {
         &self,
         events: &[&[Identity]],
     ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
+        self.resolve_many_guarded(events, &|| true).await
+    }
+
+    /// [`resolve_many`](Self::resolve_many) that asks `may_create` before every key it
+    /// creates, and fails with [`DirectoryError::Fenced`] (creating nothing more) once the
+    /// answer is no. Keys already created stay: mappings never change, and the next router
+    /// reads them.
+    pub async fn resolve_many_guarded(
+        &self,
+        events: &[&[Identity]],
+        may_create: MayCreate<'_>,
+    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
         let keys: Vec<Vec<String>> = events
             .iter()
             .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
@@ -377,6 +395,7 @@ impl IdentityDirectory {
             let value = create_first(&keys[event], &key, &known);
             async move {
                 let probe = match value {
+                    Some(_) if !may_create() => Err(DirectoryError::Fenced),
                     Some(value) => {
                         self.create(kind, &key, &value)
                             .await
@@ -492,6 +511,9 @@ impl IdentityDirectory {
         let outcomes: Vec<(usize, usize, bool, bool)> =
             futures::stream::iter(planned.into_iter().map(
                 |(event, index, kind, key, value)| async move {
+                    if !may_create() {
+                        return Err(DirectoryError::Fenced);
+                    }
                     Ok::<_, DirectoryError>(match self.create(kind, &key, &value).await {
                         Ok(Created::Won) => (event, index, true, true),
                         Ok(Created::Lost(stored)) => (event, index, false, stored == value),
@@ -522,6 +544,10 @@ impl IdentityDirectory {
             }
         }
 
+        // The events resolved again one by one below may create keys too.
+        if first_lost.is_some() && !may_create() {
+            return Err(DirectoryError::Fenced);
+        }
         let mut results = Vec::with_capacity(events.len());
         for (event, plan) in plans.into_iter().enumerate() {
             if first_lost.is_some_and(|lost| event >= lost) {

@@ -228,10 +228,17 @@ impl Router {
             .filter_map(|event| event.as_ref().ok())
             .map(|event| event.identities.as_slice())
             .collect();
-        let resolutions = match self.directory.resolve_many(&identities).await {
+        // No identity key is created once the lease is gone: another router may be
+        // mapping the same identifiers by then.
+        let may_create = || self.fence.valid();
+        let resolutions = match self
+            .directory
+            .resolve_many_guarded(&identities, &may_create)
+            .await
+        {
             Ok(resolutions) => resolutions,
             Err(error) => {
-                warn!(%error, "router: identity directory unavailable");
+                warn!(%error, "router: identities not resolved");
                 Vec::new()
             }
         };
@@ -275,7 +282,9 @@ impl Router {
                                 .or_default()
                                 .push((index, entry, size));
                         }
-                        Some(Err(error @ DirectoryError::Unavailable { .. })) => {
+                        Some(Err(
+                            error @ (DirectoryError::Unavailable { .. } | DirectoryError::Fenced),
+                        )) => {
                             warn!(%error, event_id = %event.event_id, "router: identity not resolved");
                             chunk.complete = false;
                         }
