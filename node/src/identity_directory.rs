@@ -241,6 +241,16 @@ impl IdentityDirectory {
     /// identifier is then mapped to that customer; known identifiers of other customers
     /// are reported in [`Resolution::conflicts`].
     pub async fn resolve(&self, identities: &[Identity]) -> Result<Resolution, DirectoryError> {
+        self.resolve_guarded(identities, &|| true).await
+    }
+
+    /// [`resolve`](Self::resolve) that asks `may_create` before every key it creates (see
+    /// [`resolve_many_guarded`](Self::resolve_many_guarded)).
+    async fn resolve_guarded(
+        &self,
+        identities: &[Identity],
+        may_create: MayCreate<'_>,
+    ) -> Result<Resolution, DirectoryError> {
         let Some(primary) = identities.first() else {
             return Err(DirectoryError::NoIdentity);
         };
@@ -258,7 +268,10 @@ impl IdentityDirectory {
             Some(customer_id) => customer_id.clone(),
             None => {
                 let minted = format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]);
-                match self.create(primary.kind, &keys[0], &minted).await? {
+                match self
+                    .create(primary.kind, &keys[0], &minted, may_create)
+                    .await?
+                {
                     Created::Won => {
                         created = true;
                         linked.push(primary.kind);
@@ -277,7 +290,10 @@ impl IdentityDirectory {
                 Some(customer_id) if *customer_id == winner => {}
                 Some(other) => conflicts.push((identity.kind, other.clone())),
                 None if index == 0 && created => {}
-                None => match self.create(identity.kind, &keys[index], &winner).await? {
+                None => match self
+                    .create(identity.kind, &keys[index], &winner, may_create)
+                    .await?
+                {
                     Created::Won => {
                         linked.push(identity.kind);
                         self.counters.links.fetch_add(1, Ordering::Relaxed);
@@ -395,9 +411,8 @@ impl IdentityDirectory {
             let value = create_first(&keys[event], &key, &known);
             async move {
                 let probe = match value {
-                    Some(_) if !may_create() => Err(DirectoryError::Fenced),
                     Some(value) => {
-                        self.create(kind, &key, &value)
+                        self.create(kind, &key, &value, may_create)
                             .await
                             .map(|created| match created {
                                 Created::Won => Probe::Created,
@@ -511,17 +526,18 @@ impl IdentityDirectory {
         let outcomes: Vec<(usize, usize, bool, bool)> =
             futures::stream::iter(planned.into_iter().map(
                 |(event, index, kind, key, value)| async move {
-                    if !may_create() {
-                        return Err(DirectoryError::Fenced);
-                    }
-                    Ok::<_, DirectoryError>(match self.create(kind, &key, &value).await {
-                        Ok(Created::Won) => (event, index, true, true),
-                        Ok(Created::Lost(stored)) => (event, index, false, stored == value),
-                        // Written meanwhile, with a value that is not a customer id: the
-                        // event is resolved again alone below, and fails there.
-                        Err(DirectoryError::CorruptValue { .. }) => (event, index, false, false),
-                        Err(error) => return Err(error),
-                    })
+                    Ok::<_, DirectoryError>(
+                        match self.create(kind, &key, &value, may_create).await {
+                            Ok(Created::Won) => (event, index, true, true),
+                            Ok(Created::Lost(stored)) => (event, index, false, stored == value),
+                            // Written meanwhile, with a value that is not a customer id: the
+                            // event is resolved again alone below, and fails there.
+                            Err(DirectoryError::CorruptValue { .. }) => {
+                                (event, index, false, false)
+                            }
+                            Err(error) => return Err(error),
+                        },
+                    )
                 },
             ))
             .buffer_unordered(KV_IN_FLIGHT_MAX)
@@ -544,14 +560,13 @@ impl IdentityDirectory {
             }
         }
 
-        // The events resolved again one by one below may create keys too.
-        if first_lost.is_some() && !may_create() {
-            return Err(DirectoryError::Fenced);
-        }
         let mut results = Vec::with_capacity(events.len());
         for (event, plan) in plans.into_iter().enumerate() {
             if first_lost.is_some_and(|lost| event >= lost) {
-                results.push(self.resolve(events[event]).await);
+                match self.resolve_guarded(events[event], may_create).await {
+                    Err(DirectoryError::Fenced) => return Err(DirectoryError::Fenced),
+                    result => results.push(result),
+                }
                 continue;
             }
             results.push(plan.map(|plan| {
@@ -769,17 +784,22 @@ impl IdentityDirectory {
 
     /// Maps `key` to `customer_id` if it is unmapped (KV create). `Lost` carries the value
     /// some other writer stored first. Retries transient failures; a write that succeeded but
-    /// whose ack was lost shows up as `Lost(customer_id)`.
+    /// whose ack was lost shows up as `Lost(customer_id)`. `may_create` is asked before
+    /// every attempt: [`DirectoryError::Fenced`] once it says no.
     async fn create(
         &self,
         kind: IdentityKind,
         key: &str,
         customer_id: &str,
+        may_create: MayCreate<'_>,
     ) -> Result<Created, DirectoryError> {
         debug_assert!(subjects::is_token(customer_id));
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if !may_create() {
+                return Err(DirectoryError::Fenced);
+            }
             match self
                 .kv
                 .create(key, bytes::Bytes::copy_from_slice(customer_id.as_bytes()))
