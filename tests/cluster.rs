@@ -1,7 +1,8 @@
 //! The cluster under faults, against a real `nats-server` and real `crm-node` processes:
 //! three nodes under continuous load lose one to SIGKILL, gain a fourth, and drain one; a
 //! node restarted with its sled resumes where it was; a node cut from NATS by a proxy stops
-//! applying before its shards pass on. Every time, every customer's spend, purchase count
+//! applying before its shards pass on; a shard whose snapshot is damaged is rebuilt from
+//! its whole log. Every time, every customer's spend, purchase count
 //! and points end exact, and the apply audit shows that no shard was ever applied by two
 //! lease holders at once.
 
@@ -249,6 +250,64 @@ async fn a_node_restarted_with_its_sled_takes_its_shards_back_without_a_full_rep
     if fit.get("error").is_none() {
         assert!(fit["customers"].as_u64() > Some(100), "{fit}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_snapshot_is_damaged_is_rebuilt_from_its_whole_log() {
+    let options = NodeOptions {
+        shards: 4,
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start(2, options));
+    let client = env.client().await;
+    wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, "node-2").len() == 2
+    })
+    .await;
+    let (events, truth) = generated_traffic(traffic_spec(START, 150, 30, 47));
+    let (first, second) = events.split_at(events.len() / 2);
+    publish_all(&client, first.to_vec(), 256, Duration::from_secs(120)).await;
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+    let moved = owned_by(&status(&client).await, "node-2");
+
+    // The snapshots of node-2's shards name pieces that are not there (a newer sequence
+    // than anyone's copy, so the next owner must try them).
+    let kv = async_nats::jetstream::new(client.clone())
+        .get_key_value(subjects::KV_SNAPSHOTS)
+        .await
+        .expect("snapshot bucket");
+    for shard in &moved {
+        let manifest = json!({"shard": shard, "id": "9-999999-0", "seq": 999_999, "epoch": 9,
+            "pieces": 2, "entries": 10, "bytes": 100, "checksum": "0000000000000000",
+            "node": "node-2", "at_ms": 0});
+        kv.put(
+            subjects::shard_key(*shard as u32),
+            manifest.to_string().into(),
+        )
+        .await
+        .expect("manifest written");
+    }
+    tokio::task::block_in_place(|| env.node("node-2").kill());
+    wait_status(
+        &client,
+        "node-2's shards served by node-1",
+        MOVE_TIMEOUT,
+        |s| settled(s) && owned_by(s, "node-1").len() == 4,
+    )
+    .await;
+    publish_all(&client, second.to_vec(), 256, Duration::from_secs(120)).await;
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+
+    let log = env.node("node-1").log_lines().join("\n");
+    let rebuilt = log
+        .matches("rebuilding the shard from its whole log")
+        .count();
+    assert_eq!(rebuilt, moved.len(), "{log}");
+    let arrivals = purchase_arrivals(&client).await;
+    let checked =
+        assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert!(checked > 50, "only {checked} buyers checked");
+    assert_single_writer(&audit_records(&client).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

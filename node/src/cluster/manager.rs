@@ -19,7 +19,7 @@
 use super::assignment::{plan, Assignment, Load};
 use super::lease::{Fence, Held, Leases, Renewal};
 use super::observer::BucketView;
-use super::snapshot::Snapshots;
+use super::snapshot::{SnapshotError, Snapshots};
 use super::ClusterSettings;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -804,6 +804,20 @@ struct StartContext {
     settings: ClusterSettings,
 }
 
+/// Whether `CRM_SHARDS` still holds every record ever written to it (none removed by age,
+/// size or a purge), so that any shard can be rebuilt by replaying it from sequence 1.
+async fn shard_log_is_whole(jetstream: &Context) -> Result<bool, String> {
+    let mut stream = jetstream
+        .get_stream(subjects::SHARDS_STREAM)
+        .await
+        .map_err(|e| format!("{}: {e}", subjects::SHARDS_STREAM))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("{}: {e}", subjects::SHARDS_STREAM))?;
+    Ok(info.state.first_sequence <= 1)
+}
+
 /// Restores the shard's snapshot when newer than the local copy, brings the shard up to the
 /// published customer-value model, and starts its worker.
 async fn start_shard(context: StartContext, epoch: u64, fence: Fence) -> Result<Serving, String> {
@@ -818,10 +832,24 @@ async fn start_shard(context: StartContext, epoch: u64, fence: Fence) -> Result<
         settings,
     } = context;
     let started = Instant::now();
-    let restored = snapshots
-        .restore_if_newer(&store, shard)
-        .await
-        .map_err(|e| e.to_string())?;
+    let restored = match snapshots.restore_if_newer(&store, shard).await {
+        Ok(restored) => restored,
+        // The failed restore cleared the local copy: rebuild it from the whole log, which
+        // the worker replays from sequence 1, if nothing was ever removed from the log.
+        Err(error @ SnapshotError::Damaged { .. }) => {
+            if !shard_log_is_whole(&jetstream).await? {
+                return Err(format!(
+                    "{error}; {} no longer starts at its first record (shard_log_max_age_s or \
+                     a purge removed records), so the shard cannot be rebuilt from it: \
+                     restore the stream or a good snapshot",
+                    subjects::SHARDS_STREAM
+                ));
+            }
+            warn!(shard, %error, "rebuilding the shard from its whole log");
+            None
+        }
+        Err(error) => return Err(error.to_string()),
+    };
     append_current_model(&jetstream, &value_kv, &store, shard).await;
     let engine = ShardEngine::new(
         shard,

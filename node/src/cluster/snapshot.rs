@@ -57,7 +57,7 @@ pub enum SnapshotError {
     },
     #[error("snapshot of shard {shard}: NATS: {detail}")]
     Nats { shard: u32, detail: String },
-    #[error("snapshot {id} of shard {shard} is incomplete or damaged: {detail}; the shard replays its log from its own copy instead, and the next snapshot replaces it")]
+    #[error("snapshot {id} of shard {shard} is incomplete or damaged: {detail}; the shard's local copy is cleared, and the shard is rebuilt from its whole log when the log still starts at its first record")]
     Damaged {
         shard: u32,
         id: String,
@@ -230,11 +230,6 @@ impl Snapshots {
             return Ok(None);
         }
         let started = std::time::Instant::now();
-        let damaged = |detail: String| SnapshotError::Damaged {
-            shard,
-            id: manifest.id.clone(),
-            detail,
-        };
         let stream = self
             .jetstream
             .get_stream(subjects::SNAPSHOTS_STREAM)
@@ -257,6 +252,45 @@ impl Snapshots {
             detail: e.to_string(),
         })?;
         store.clear_shard(shard).map_err(store_error)?;
+        match self
+            .import_pieces(store, shard, &manifest, &mut messages)
+            .await
+        {
+            Ok(()) => {}
+            Err(error @ SnapshotError::Damaged { .. }) => {
+                // No half-imported copy is left behind: its customers would take the
+                // replayed records for repeats.
+                store.clear_shard(shard).map_err(store_error)?;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        }
+        store.flush().await.map_err(store_error)?;
+        info!(
+            shard,
+            seq = manifest.seq,
+            entries = manifest.entries,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot restored"
+        );
+        Ok(Some(manifest))
+    }
+
+    /// Imports every piece of `manifest` from `messages` into `store` and checks them
+    /// (order, shard, checksum, restored sequence).
+    async fn import_pieces(
+        &self,
+        store: &Store,
+        shard: u32,
+        manifest: &Manifest,
+        messages: &mut jetstream::consumer::pull::Ordered,
+    ) -> Result<(), SnapshotError> {
+        let store_error = |source| SnapshotError::Store { shard, source };
+        let damaged = |detail: String| SnapshotError::Damaged {
+            shard,
+            id: manifest.id.clone(),
+            detail,
+        };
         let mut checksum = FNV_START;
         for index in 0..manifest.pieces {
             let message = match tokio::time::timeout(PIECE_WAIT, messages.next()).await {
@@ -283,25 +317,15 @@ impl Snapshots {
                 .map_err(store_error)?;
         }
         if format!("{checksum:016x}") != manifest.checksum {
-            store.clear_shard(shard).map_err(store_error)?;
             return Err(damaged("checksum mismatch".to_string()));
         }
         let restored = store.shard_meta(shard).map_err(store_error)?.applied_seq;
         if restored != manifest.seq {
-            store.clear_shard(shard).map_err(store_error)?;
             return Err(damaged(format!(
                 "it restores sequence {restored}, its manifest says {}",
                 manifest.seq
             )));
         }
-        store.flush().await.map_err(store_error)?;
-        info!(
-            shard,
-            seq = manifest.seq,
-            entries = manifest.entries,
-            ms = started.elapsed().as_millis() as u64,
-            "snapshot restored"
-        );
-        Ok(Some(manifest))
+        Ok(())
     }
 }

@@ -1,0 +1,139 @@
+//! Shard snapshots (`crm_node::cluster::snapshot`) against a real nats-server: a snapshot
+//! restores a shard exactly over an older local copy, and a damaged one (its pieces gone)
+//! leaves no half-imported copy behind.
+
+use crm_actors::codec;
+use crm_actors::state::CustomerState;
+use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, ShardMeta, Store};
+use crm_cluster::NatsServer;
+use crm_node::cluster::snapshot::{SnapshotError, Snapshots};
+use crm_node::jetstream::{ensure_kv, ensure_streams, StreamSettings};
+use crm_node::subjects;
+
+const SHARD: u32 = 3;
+
+async fn snapshots(server: &NatsServer) -> (Snapshots, async_nats::jetstream::Context) {
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    ensure_streams(&js, &StreamSettings::default())
+        .await
+        .expect("streams");
+    let kv = ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)
+        .await
+        .expect("bucket");
+    let snapshots = Snapshots {
+        jetstream: js.clone(),
+        kv,
+        // Small pieces: a snapshot of a few customers takes several.
+        piece_bytes: 200,
+    };
+    (snapshots, js)
+}
+
+/// Commits `customers` to `SHARD` of `store` as applied up to `applied_seq`.
+fn commit(store: &Store, applied_seq: u64, customers: &[&str]) {
+    let writes = customers
+        .iter()
+        .map(|id| CustomerWrite {
+            customer_id: id.to_string(),
+            state: EncodedState {
+                bytes: codec::encode(&CustomerState::new(id)),
+                next_due_ms: Some(1_000 + applied_seq as i64),
+            },
+        })
+        .collect();
+    let batch = CommitBatch {
+        customers: writes,
+        meta: ShardMeta {
+            applied_seq,
+            clock_ms: 1_000,
+            owner_epoch: 1,
+        },
+        created: customers.iter().map(|id| id.to_string()).collect(),
+        ..CommitBatch::default()
+    };
+    store.commit(SHARD, &batch).expect("commit");
+}
+
+fn entries(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store
+        .export_shard(SHARD, 1 << 20)
+        .flat_map(|piece| piece.expect("readable"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores_exactly() {
+    let server = NatsServer::start();
+    let (snapshots, js) = snapshots(&server).await;
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let owner = Store::open(owner_dir.path(), 8 << 20).expect("store");
+    let customers: Vec<String> = (0..20).map(|i| format!("customer-{i:02}")).collect();
+    let names: Vec<&str> = customers.iter().map(String::as_str).collect();
+    commit(&owner, 40, &names);
+
+    // Another node's older copy of the shard.
+    let taker_dir = tempfile::tempdir().expect("tempdir");
+    let taker = Store::open(taker_dir.path(), 8 << 20).expect("store");
+    commit(&taker, 7, &["old-customer"]);
+
+    let manifest = snapshots
+        .write(&owner, SHARD, 2, "node-a")
+        .await
+        .expect("snapshot written");
+    assert!(manifest.pieces > 2, "{manifest:?}");
+
+    // The pieces vanish (purged, or lost with the stream): the restore fails and leaves
+    // nothing of the shard, neither the old copy nor part of the snapshot.
+    let mut stream = js
+        .get_stream(subjects::SNAPSHOTS_STREAM)
+        .await
+        .expect("stream");
+    stream
+        .purge()
+        .filter(subjects::snapshot(SHARD, &manifest.id))
+        .await
+        .expect("purged");
+    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
+    assert!(
+        matches!(damaged, Err(SnapshotError::Damaged { .. })),
+        "{damaged:?}"
+    );
+    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+    assert_eq!(taker.shard_meta(SHARD).expect("meta").applied_seq, 0);
+
+    // Pieces that stop half-way: the same.
+    let cut = snapshots
+        .write(&owner, SHARD, 3, "node-a")
+        .await
+        .expect("snapshot written");
+    assert!(cut.pieces > 2, "{cut:?}");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    stream
+        .delete_message(last)
+        .await
+        .expect("last piece deleted");
+    commit(&taker, 7, &["old-customer"]);
+    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
+    assert!(
+        matches!(damaged, Err(SnapshotError::Damaged { .. })),
+        "{damaged:?}"
+    );
+    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+
+    // A whole snapshot restores the owner's shard exactly.
+    let manifest = snapshots
+        .write(&owner, SHARD, 4, "node-a")
+        .await
+        .expect("snapshot written");
+    let restored = snapshots
+        .restore_if_newer(&taker, SHARD)
+        .await
+        .expect("restored");
+    assert_eq!(restored.map(|m| m.id), Some(manifest.id.clone()));
+    assert_eq!(entries(&taker), entries(&owner));
+    assert_eq!(taker.shard_meta(SHARD).expect("meta").applied_seq, 40);
+    // Not again: the local copy now covers the snapshot.
+    let again = snapshots.restore_if_newer(&taker, SHARD).await;
+    assert!(matches!(again, Ok(None)), "{again:?}");
+}
