@@ -121,9 +121,41 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
     );
     assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
 
+    // Whole pieces under a manifest whose checksum does not match: refused before the
+    // last piece (the one with the shard meta) is imported.
+    let whole = snapshots
+        .write(&owner, SHARD, 4, "node-a")
+        .await
+        .expect("snapshot written");
+    let (_, revision) = snapshots
+        .manifest(SHARD)
+        .await
+        .expect("manifest read")
+        .expect("manifest");
+    let wrong = crm_node::cluster::snapshot::Manifest {
+        checksum: "0123456789abcdef".to_string(),
+        ..whole
+    };
+    snapshots
+        .kv
+        .update(
+            subjects::shard_key(SHARD),
+            serde_json::to_vec(&wrong).expect("JSON").into(),
+            revision,
+        )
+        .await
+        .expect("manifest replaced");
+    commit(&taker, 7, &["old-customer"]);
+    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
+    assert!(
+        matches!(&damaged, Err(SnapshotError::Damaged { detail, .. }) if detail.contains("checksum")),
+        "{damaged:?}"
+    );
+    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+
     // A whole snapshot restores the owner's shard exactly.
     let manifest = snapshots
-        .write(&owner, SHARD, 4, "node-a")
+        .write(&owner, SHARD, 5, "node-a")
         .await
         .expect("snapshot written");
     let restored = snapshots

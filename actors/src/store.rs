@@ -644,6 +644,8 @@ impl Store {
         }
         writes.remove([VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat());
         self.tree.apply_batch(writes)?;
+        // A write like any other: the next flush makes it durable.
+        self.flusher.committed.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 

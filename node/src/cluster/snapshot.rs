@@ -258,9 +258,10 @@ impl Snapshots {
         {
             Ok(()) => {}
             Err(error @ SnapshotError::Damaged { .. }) => {
-                // No half-imported copy is left behind: its customers would take the
-                // replayed records for repeats.
+                // No half-imported copy is left behind, not even after a crash: its
+                // customers would take the replayed records for repeats.
                 store.clear_shard(shard).map_err(store_error)?;
+                store.flush().await.map_err(store_error)?;
                 return Err(error);
             }
             Err(error) => return Err(error),
@@ -304,6 +305,11 @@ impl Snapshots {
                 }
             };
             fnv(&mut checksum, &message.payload);
+            // Checked before the last piece, which holds the shard meta, is imported: a
+            // crash can then never leave the meta over pieces that failed the check.
+            if index + 1 == manifest.pieces && format!("{checksum:016x}") != manifest.checksum {
+                return Err(damaged("checksum mismatch".to_string()));
+            }
             let piece: Piece = codec::decode(&message.payload)
                 .map_err(|e| damaged(format!("piece {index}: {e}")))?;
             if piece.shard != shard || piece.index != index {
