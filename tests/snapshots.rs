@@ -169,3 +169,39 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
     let again = snapshots.restore_if_newer(&taker, SHARD).await;
     assert!(matches!(again, Ok(None)), "{again:?}");
 }
+
+#[tokio::test]
+async fn snapshots_written_at_once_leave_only_the_pieces_their_manifest_names() {
+    let server = NatsServer::start();
+    let (snapshots, js) = snapshots(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), 8 << 20).expect("store");
+    let customers: Vec<String> = (0..20).map(|i| format!("customer-{i:02}")).collect();
+    let names: Vec<&str> = customers.iter().map(String::as_str).collect();
+    commit(&store, 40, &names);
+
+    // Two writers race for the manifest (an owner's periodic snapshot and its hand-off,
+    // or a stale owner): the loser's compare-and-set fails, and its pieces must go.
+    for round in 0..4u64 {
+        let (a, b) = tokio::join!(
+            snapshots.write(&store, SHARD, 10 + 2 * round, "node-a"),
+            snapshots.write(&store, SHARD, 11 + 2 * round, "node-b"),
+        );
+        assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+    }
+    let (manifest, _) = snapshots
+        .manifest(SHARD)
+        .await
+        .expect("manifest read")
+        .expect("manifest");
+    let mut stream = js
+        .get_stream(subjects::SNAPSHOTS_STREAM)
+        .await
+        .expect("stream");
+    let stored = stream.info().await.expect("info").state.messages;
+    assert_eq!(
+        stored,
+        u64::from(manifest.pieces),
+        "pieces of snapshots no manifest names were left behind"
+    );
+}

@@ -188,7 +188,10 @@ impl ShardWorker {
                 let due = (every > 0 && since_snapshot >= every)
                     || (since_snapshot > 0
                         && last_snapshot.elapsed() >= self.settings.snapshot_interval);
-                if due && self.settings.fence.valid() {
+                if due && self.settings.fence.valid() && self.settings.snapshots.is_some() {
+                    // Events still awaiting their acks would sit in the snapshot's outbox
+                    // and be published again by whoever restores it.
+                    self.finish_publishing().await;
                     if let Some(snapshots) = &self.settings.snapshots {
                         match snapshots
                             .write(

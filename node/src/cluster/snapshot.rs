@@ -116,11 +116,78 @@ impl Snapshots {
         node_id: &str,
     ) -> Result<Manifest, SnapshotError> {
         let started = std::time::Instant::now();
-        let store_error = |source| SnapshotError::Store { shard, source };
         let nats = |detail: String| SnapshotError::Nats { shard, detail };
+        let manifest = match self.write_pieces(store, shard, epoch, node_id).await {
+            Ok(manifest) => manifest,
+            Err((id, error)) => {
+                // Pieces that no manifest names only take space, and a full CRM_SNAPSHOTS
+                // refuses the next snapshot.
+                if let Some(id) = id {
+                    self.purge(shard, &id).await;
+                }
+                return Err(error);
+            }
+        };
+        let (entries, bytes) = (manifest.entries, manifest.bytes);
+        let previous = match self.manifest(shard).await {
+            Ok(previous) => previous,
+            Err(error) => {
+                self.purge(shard, &manifest.id).await;
+                return Err(error);
+            }
+        };
+        if let Some((newer, _)) = previous.as_ref().filter(|(p, _)| p.seq > manifest.seq) {
+            // Only a stale owner could be behind the stored snapshot: keep the newer one.
+            warn!(
+                shard,
+                ours = manifest.seq,
+                stored = newer.seq,
+                "a newer snapshot exists; ours is dropped"
+            );
+            self.purge(shard, &manifest.id).await;
+            return Ok(newer.clone());
+        }
+        let value = serde_json::to_vec(&manifest).unwrap_or_default();
+        let revision = previous.as_ref().map(|(_, r)| *r).unwrap_or(0);
+        if let Err(error) = self
+            .kv
+            .update(subjects::shard_key(shard), value.into(), revision)
+            .await
+        {
+            self.purge(shard, &manifest.id).await;
+            return Err(nats(format!("manifest not written: {error}")));
+        }
+        if let Some((old, _)) = previous {
+            if old.id != manifest.id {
+                self.purge(shard, &old.id).await;
+            }
+        }
+        info!(
+            shard,
+            seq = manifest.seq,
+            entries,
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        Ok(manifest)
+    }
+
+    /// Publishes `shard`'s pieces and returns the manifest that would name them (not
+    /// recorded yet). On failure, the snapshot id when pieces may have been published.
+    async fn write_pieces(
+        &self,
+        store: &Store,
+        shard: u32,
+        epoch: u64,
+        node_id: &str,
+    ) -> Result<Manifest, (Option<String>, SnapshotError)> {
+        let store_error = |source| (None, SnapshotError::Store { shard, source });
         let meta = store.shard_meta(shard).map_err(store_error)?;
         let id = format!("{epoch}-{}-{}", meta.applied_seq, super::wall_ms());
         let subject = subjects::snapshot(shard, &id);
+        let nats = |detail: String| (Some(id.clone()), SnapshotError::Nats { shard, detail });
+        let store_error = |source| (Some(id.clone()), SnapshotError::Store { shard, source });
         let mut checksum = FNV_START;
         let (mut pieces, mut entries, mut bytes) = (0u32, 0u64, 0u64);
         let mut acks = VecDeque::new();
@@ -149,7 +216,7 @@ impl Snapshots {
         for ack in acks {
             ack.await.map_err(|e| nats(e.to_string()))?;
         }
-        let manifest = Manifest {
+        Ok(Manifest {
             shard,
             id,
             seq: meta.applied_seq,
@@ -160,39 +227,7 @@ impl Snapshots {
             checksum: format!("{checksum:016x}"),
             node: node_id.to_string(),
             at_ms: super::wall_ms(),
-        };
-        let previous = self.manifest(shard).await?;
-        if let Some((newer, _)) = previous.as_ref().filter(|(p, _)| p.seq > manifest.seq) {
-            // Only a stale owner could be behind the stored snapshot: keep the newer one.
-            warn!(
-                shard,
-                ours = manifest.seq,
-                stored = newer.seq,
-                "a newer snapshot exists; ours is dropped"
-            );
-            self.purge(shard, &manifest.id).await;
-            return Ok(newer.clone());
-        }
-        let value = serde_json::to_vec(&manifest).unwrap_or_default();
-        let revision = previous.as_ref().map(|(_, r)| *r).unwrap_or(0);
-        self.kv
-            .update(subjects::shard_key(shard), value.into(), revision)
-            .await
-            .map_err(|e| nats(format!("manifest not written: {e}")))?;
-        if let Some((old, _)) = previous {
-            if old.id != manifest.id {
-                self.purge(shard, &old.id).await;
-            }
-        }
-        info!(
-            shard,
-            seq = manifest.seq,
-            entries,
-            bytes,
-            ms = started.elapsed().as_millis() as u64,
-            "snapshot written"
-        );
-        Ok(manifest)
+        })
     }
 
     async fn purge(&self, shard: u32, id: &str) {
