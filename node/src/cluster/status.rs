@@ -11,6 +11,9 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// Longest wait for a bucket's key listing.
+const BUCKET_LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Reads every key of a bucket (last values); an absent bucket reads as empty.
 async fn read_bucket(js: &Context, bucket: &str) -> Result<BTreeMap<String, bytes::Bytes>, String> {
     let Ok(store) = js.get_key_value(bucket).await else {
@@ -18,7 +21,18 @@ async fn read_bucket(js: &Context, bucket: &str) -> Result<BTreeMap<String, byte
     };
     let mut values = BTreeMap::new();
     let keys: Vec<String> = match crate::jetstream::create_with_retries(3, || store.keys()).await {
-        Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+        // Bounded: a key listing that never reports its end (seen once under load, in a
+        // test whose status reads then hung for good) is an error the caller can retry.
+        Ok(keys) => tokio::time::timeout(
+            BUCKET_LIST_TIMEOUT,
+            keys.filter_map(|k| async move { k.ok() }).collect(),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "cannot list bucket {bucket}: no end of the key list after {BUCKET_LIST_TIMEOUT:?}"
+            )
+        })?,
         Err(error) => return Err(format!("cannot list bucket {bucket}: {error}")),
     };
     for key in keys {
