@@ -62,6 +62,17 @@ fn entries(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Restores into `taker`, expects the snapshot refused as damaged with nothing of the shard
+/// left behind; returns why it was refused.
+async fn refused_as_damaged(snapshots: &Snapshots, taker: &Store) -> String {
+    let damaged = snapshots.restore_if_newer(taker, SHARD).await;
+    let Err(SnapshotError::Damaged { detail, .. }) = damaged else {
+        panic!("{damaged:?}");
+    };
+    assert!(entries(taker).is_empty(), "{:?}", entries(taker).len());
+    detail
+}
+
 #[tokio::test]
 async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores_exactly() {
     let server = NatsServer::start();
@@ -94,12 +105,7 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
         .filter(subjects::snapshot(SHARD, &manifest.id))
         .await
         .expect("purged");
-    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
-    assert!(
-        matches!(damaged, Err(SnapshotError::Damaged { .. })),
-        "{damaged:?}"
-    );
-    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+    refused_as_damaged(&snapshots, &taker).await;
     assert_eq!(taker.shard_meta(SHARD).expect("meta").applied_seq, 0);
 
     // Pieces that stop half-way: the same.
@@ -114,12 +120,7 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
         .await
         .expect("last piece deleted");
     commit(&taker, 7, &["old-customer"]);
-    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
-    assert!(
-        matches!(damaged, Err(SnapshotError::Damaged { .. })),
-        "{damaged:?}"
-    );
-    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+    refused_as_damaged(&snapshots, &taker).await;
 
     // Whole pieces under a manifest whose checksum does not match: refused before the
     // last piece (the one with the shard meta) is imported.
@@ -146,12 +147,8 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
         .await
         .expect("manifest replaced");
     commit(&taker, 7, &["old-customer"]);
-    let damaged = snapshots.restore_if_newer(&taker, SHARD).await;
-    assert!(
-        matches!(&damaged, Err(SnapshotError::Damaged { detail, .. }) if detail.contains("checksum")),
-        "{damaged:?}"
-    );
-    assert!(entries(&taker).is_empty(), "{:?}", entries(&taker).len());
+    let detail = refused_as_damaged(&snapshots, &taker).await;
+    assert!(detail.contains("checksum"), "{detail}");
 
     // A whole snapshot restores the owner's shard exactly.
     let manifest = snapshots

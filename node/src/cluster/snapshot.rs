@@ -12,7 +12,7 @@
 use crate::subjects;
 use async_nats::jetstream::{self, kv, Context};
 use crm_actors::codec;
-use crm_actors::store::{ShardEntries, Store};
+use crm_actors::store::{ShardEntries, ShardMeta, Store};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -117,14 +117,19 @@ impl Snapshots {
     ) -> Result<Manifest, SnapshotError> {
         let started = std::time::Instant::now();
         let nats = |detail: String| SnapshotError::Nats { shard, detail };
-        let manifest = match self.write_pieces(store, shard, epoch, node_id).await {
+        let meta = store
+            .shard_meta(shard)
+            .map_err(|source| SnapshotError::Store { shard, source })?;
+        let id = format!("{epoch}-{}-{}", meta.applied_seq, super::wall_ms());
+        let manifest = match self
+            .write_pieces(store, shard, epoch, node_id, meta, &id)
+            .await
+        {
             Ok(manifest) => manifest,
-            Err((id, error)) => {
+            Err(error) => {
                 // Pieces that no manifest names only take space, and a full CRM_SNAPSHOTS
                 // refuses the next snapshot.
-                if let Some(id) = id {
-                    self.purge(shard, &id).await;
-                }
+                self.purge(shard, &id).await;
                 return Err(error);
             }
         };
@@ -173,21 +178,20 @@ impl Snapshots {
         Ok(manifest)
     }
 
-    /// Publishes `shard`'s pieces and returns the manifest that would name them (not
-    /// recorded yet). On failure, the snapshot id when pieces may have been published.
+    /// Publishes the pieces of snapshot `id` of `shard` (as of `meta`) and returns the
+    /// manifest that would name them (not recorded yet).
     async fn write_pieces(
         &self,
         store: &Store,
         shard: u32,
         epoch: u64,
         node_id: &str,
-    ) -> Result<Manifest, (Option<String>, SnapshotError)> {
-        let store_error = |source| (None, SnapshotError::Store { shard, source });
-        let meta = store.shard_meta(shard).map_err(store_error)?;
-        let id = format!("{epoch}-{}-{}", meta.applied_seq, super::wall_ms());
-        let subject = subjects::snapshot(shard, &id);
-        let nats = |detail: String| (Some(id.clone()), SnapshotError::Nats { shard, detail });
-        let store_error = |source| (Some(id.clone()), SnapshotError::Store { shard, source });
+        meta: ShardMeta,
+        id: &str,
+    ) -> Result<Manifest, SnapshotError> {
+        let subject = subjects::snapshot(shard, id);
+        let nats = |detail: String| SnapshotError::Nats { shard, detail };
+        let store_error = |source| SnapshotError::Store { shard, source };
         let mut checksum = FNV_START;
         let (mut pieces, mut entries, mut bytes) = (0u32, 0u64, 0u64);
         let mut acks = VecDeque::new();
@@ -218,7 +222,7 @@ impl Snapshots {
         }
         Ok(Manifest {
             shard,
-            id,
+            id: id.to_string(),
             seq: meta.applied_seq,
             epoch,
             pieces,
@@ -357,6 +361,7 @@ impl Snapshots {
                 .import_piece(shard, &piece.entries)
                 .map_err(store_error)?;
         }
+        // Checked in the loop for every snapshot with pieces; here for one without.
         if format!("{checksum:016x}") != manifest.checksum {
             return Err(damaged("checksum mismatch".to_string()));
         }
