@@ -146,6 +146,25 @@ impl NodeProcess {
         }
     }
 
+    /// SIGSTOP: the process is frozen as a whole (a long GC-like pause, a stalled VM); its
+    /// connections stay open and its clocks run on. [`NodeProcess::resume`] continues it.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`NodeProcess::pause`].
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&mut self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("the node is running");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) with the pid of a child this handle still owns (not yet waited for).
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "signal {signal} not sent to crm-node {pid}");
+    }
+
     /// SIGTERM and wait for a graceful exit; returns whether it exited with success.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
         self.child

@@ -1,8 +1,9 @@
 //! The cluster under faults, against a real `nats-server` and real `crm-node` processes:
 //! three nodes under continuous load lose one to SIGKILL, gain a fourth, and drain one; a
 //! node restarted with its sled resumes where it was; a node cut from NATS by a proxy stops
-//! applying before its shards pass on; a shard whose snapshot is damaged is rebuilt from
-//! its whole log. Every time, every customer's spend, purchase count
+//! applying before its shards pass on; a node frozen mid-batch past its leases publishes
+//! nothing when it runs again; a shard whose snapshot is damaged is rebuilt from its whole
+//! log. Every time, every customer's spend, purchase count
 //! and points end exact, and the apply audit shows that no shard was ever applied by two
 //! lease holders at once.
 
@@ -354,6 +355,69 @@ async fn a_node_cut_from_nats_stops_applying_before_its_shards_pass_to_another()
     let arrivals = purchase_arrivals(&client).await;
     assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
     assert_single_writer(&audit_records(&client).await);
+}
+
+/// A process can be frozen as a whole (SIGSTOP here; a stalled VM or a swap storm in life)
+/// with its connections open, in the middle of a batch. It cannot stop itself in time, so
+/// the fence must hold when it runs again: whatever it finishes after losing its leases
+/// stays in its own sled, and nothing of it (audit, actor events, routed records) reaches
+/// NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_leases_publishes_nothing_when_it_runs_again() {
+    let options = NodeOptions {
+        shards: 8,
+        // Flushes 300 ms apart: each worker spends most of its time inside a batch,
+        // waiting for that batch's flush, so the freeze catches them there.
+        limits: "batch_max_events = 32\nflush_interval_ms = 300".to_string(),
+        ..NodeOptions::default()
+    };
+    let mut env = tokio::task::block_in_place(|| ClusterEnv::start(2, options));
+    let client = env.client().await;
+    let before = wait_status(&client, "two nodes share the shards", MOVE_TIMEOUT, |s| {
+        settled(s) && owned_by(s, "node-2").len() == 4 && s["router"].is_string()
+    })
+    .await;
+    // The router's holder, so that routing and applying both pass to the other node.
+    let frozen = before["router"].as_str().expect("a router").to_string();
+    let other = if frozen == "node-1" {
+        "node-2"
+    } else {
+        "node-1"
+    };
+    let (events, truth) = generated_traffic(traffic_spec(START, 300, 30, 59));
+    // Faster than the nodes apply, so that the freeze finds the router and the shard
+    // workers in the middle of their batches.
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            publish_paced(&client, events, 3000, Duration::from_secs(120)).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.node(&frozen).pause();
+    wait_status(
+        &client,
+        "the other node routes and serves every shard",
+        MOVE_TIMEOUT,
+        |s| settled(s) && owned_by(s, other).len() == 8 && s["router"] == other,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.node(&frozen).resume();
+    publisher.await.expect("publisher");
+    wait_cluster_settled(&client, Duration::from_secs(120)).await;
+    let log = env.node(&frozen).log_lines().join("\n");
+    assert!(
+        log.contains("shard lease ran out while a batch was applied"),
+        "the freeze caught no batch in the middle (the test proves nothing):\n{}",
+        env.node(&frozen).log_tail(40)
+    );
+    let audit = audit_records(&client).await;
+    let arrivals = purchase_arrivals(&client).await;
+    let checked =
+        assert_buyers_exact(&client, &truth, |p| Some(expected_points(p, &arrivals))).await;
+    assert!(checked > 50, "only {checked} buyers checked");
+    assert_single_writer(&audit);
 }
 
 /// On nats-server 2.9 a killed server is taken for alive for a minute or more, so some new

@@ -124,6 +124,17 @@ pub struct ShardWorker {
 /// Batches of actor events one worker may have awaiting their acks.
 pub const PUBLISHING_BATCHES_MAX: usize = 16;
 
+/// What became of a chunk of shard-log records.
+enum Processed {
+    /// Applied, durable, and its results published.
+    Published,
+    /// Nothing of it was applied; the reader must be reopened.
+    NotApplied,
+    /// Applied and durable here, but the lease fence expired meanwhile: nothing published,
+    /// and the worker must stop.
+    Fenced,
+}
+
 /// Delay before the reader is reopened after a failure.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest wait for new records before the worker looks at its other duties.
@@ -177,11 +188,16 @@ impl ShardWorker {
                 }
                 if !records.is_empty() {
                     let count = records.len() as u64;
-                    if self.process(records).await {
-                        since_snapshot += count;
-                    } else {
-                        tokio::time::sleep(RETRY_DELAY).await;
-                        reader.rewind(self.engine.meta().applied_seq + 1).await;
+                    match self.process(records).await {
+                        Processed::Published => since_snapshot += count,
+                        Processed::NotApplied => {
+                            tokio::time::sleep(RETRY_DELAY).await;
+                            reader.rewind(self.engine.meta().applied_seq + 1).await;
+                        }
+                        Processed::Fenced => {
+                            warn!(epoch = self.settings.owner_epoch, "shard lease ran out while a batch was applied (the process was stalled); the batch stays in this node's store and nothing of it is published");
+                            break;
+                        }
                     }
                 }
                 let every = self.settings.snapshot_every_records;
@@ -279,9 +295,9 @@ impl ShardWorker {
         }
     }
 
-    /// Applies one chunk: decode, engine (commit + flush), then publish the results.
-    /// `false`: nothing of it was applied; the reader must be reopened.
-    async fn process(&mut self, messages: Vec<Message>) -> bool {
+    /// Applies one chunk: decode, engine (commit + flush), then publish the results, if the
+    /// lease fence still holds once the chunk is durable.
+    async fn process(&mut self, messages: Vec<Message>) -> Processed {
         Metrics::add(&self.metrics.shard_batches, 1);
         Metrics::add(&self.metrics.shard_messages, messages.len() as u64);
         let mut batch = Vec::with_capacity(messages.len());
@@ -319,10 +335,18 @@ impl ShardWorker {
             Ok(result) => result,
             Err(failure) => {
                 error!(error = %failure, "batch could not be applied; reading it again");
-                return false;
+                return Processed::NotApplied;
             }
         };
         self.record_progress();
+        if !self.settings.fence.valid() {
+            // The lease ran out while the batch was applied (a stalled process: the check
+            // before it passed). Another node may apply these records now, so nothing of
+            // this copy leaves the node: no audit, replies or events. They stay in the
+            // outbox, which a later take-over either replaces (a newer snapshot) or
+            // publishes again under the same event ids.
+            return Processed::Fenced;
+        }
         self.audit(&messages).await;
         Metrics::add(&self.metrics.shard_commands, result.messages.len() as u64);
         if let Some(applied) = self.applied.get(self.shard as usize) {
@@ -359,7 +383,7 @@ impl ShardWorker {
             }
         }
         self.publish_events(result.events).await;
-        true
+        Processed::Published
     }
 
     /// What a dead letter of a command of the shard record at `sequence` carries: the
