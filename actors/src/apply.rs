@@ -126,7 +126,12 @@ fn run_due(state: &mut CustomerState, rules: &Rules, until_ms: i64, emitter: &mu
 fn fire_at(state: &mut CustomerState, rules: &Rules, now_ms: i64, emitter: &mut Emitter) {
     state.clock_ms = state.clock_ms.max(now_ms);
     loyalty::release_due(&mut state.loyalty, rules, now_ms, emitter);
-    loyalty::expire_due(&mut state.loyalty, now_ms, emitter);
+    for (source, points) in loyalty::expire_due(&mut state.loyalty, now_ms, emitter) {
+        // A return of that order must not take these points again from other lots.
+        if let Some(order) = state.orders.get_mut(&source) {
+            order.points_expired = order.points_expired.saturating_add(points);
+        }
+    }
     if state
         .loyalty
         .tier_review_at_ms
@@ -178,11 +183,36 @@ fn unapplicable(message: String) -> ApplyOutcome {
 }
 
 /// Refusals that must be decided before anything changes.
-fn check_event(state: &CustomerState, event: &ChannelEvent) -> Option<ApplyOutcome> {
+fn check_event(state: &CustomerState, event: &ChannelEvent, rules: &Rules) -> Option<ApplyOutcome> {
     if state.dedup.contains(&event.event_id) {
         return Some(outcome(ApplyStatus::Duplicate, Vec::new()));
     }
     match &event.kind {
+        EventKind::Identify { profile } => {
+            let new: Vec<&str> = profile
+                .keys()
+                .filter(|key| !state.profile.contains_key(*key))
+                .map(String::as_str)
+                .collect();
+            let max = rules.limits.profile_fields_max;
+            (state.profile.len() + new.len() > max).then(|| {
+                unapplicable(format!(
+                    "identify {} would give the customer {} profile fields (new: {}), above limits.profile_fields_max = {max}; send fewer distinct fields or raise the limit in the rules file",
+                    event.event_id,
+                    state.profile.len() + new.len(),
+                    new.join(", ")
+                ))
+            })
+        }
+        EventKind::Consent { purpose, .. }
+            if !state.consents.contains_key(purpose)
+                && state.consents.len() >= rules.limits.consent_purposes_max =>
+        {
+            Some(unapplicable(format!(
+                "consent {} names a new purpose '{purpose}', but the customer already has limits.consent_purposes_max = {} purposes; reuse a purpose or raise the limit in the rules file",
+                event.event_id, rules.limits.consent_purposes_max
+            )))
+        }
         EventKind::Purchase(purchase) if state.orders.contains_key(&purchase.order_id) => {
             Some(outcome(ApplyStatus::Duplicate, Vec::new()))
         }
@@ -222,7 +252,7 @@ fn apply_event(
     conflict: Option<&IdentityConflict>,
     rules: &Rules,
 ) -> ApplyOutcome {
-    if let Some(refused) = check_event(state, event) {
+    if let Some(refused) = check_event(state, event, rules) {
         return refused;
     }
     let at = event.occurred_at_ms;
@@ -278,14 +308,12 @@ fn apply_event(
         );
     }
 
-    let activity = state
-        .channels
-        .entry(event.channel.clone())
-        .or_insert(ChannelActivity {
-            events: 0,
-            first_at_ms: at,
-            last_at_ms: at,
-        });
+    let channel = bounded_key(&state.channels, &event.channel, rules.limits.channels_max);
+    let activity = state.channels.entry(channel).or_insert(ChannelActivity {
+        events: 0,
+        first_at_ms: at,
+        last_at_ms: at,
+    });
     activity.events += 1;
     activity.first_at_ms = activity.first_at_ms.min(at);
     activity.last_at_ms = activity.last_at_ms.max(at);
@@ -458,11 +486,12 @@ pub(crate) fn record_purchase_day(
     let folded = &mut history.folded;
     if folded.count > 0 && day == folded.first_day {
         // The first day ever is folded: a late purchase on it adds to it.
-        folded.amount_minor += amount_minor;
-        folded.first_amount_minor += amount_minor;
+        folded.amount_minor = folded.amount_minor.saturating_add(amount_minor);
+        folded.first_amount_minor = folded.first_amount_minor.saturating_add(amount_minor);
         return;
     }
-    *history.days.entry(day).or_insert(0) += amount_minor;
+    let day_total = history.days.entry(day).or_insert(0);
+    *day_total = day_total.saturating_add(amount_minor);
     while history.days.len() > days_max.max(1) {
         let Some((oldest, amount)) = history.days.pop_first() else {
             break;
@@ -478,9 +507,22 @@ pub(crate) fn record_purchase_day(
             folded.last_day.max(oldest)
         };
         folded.count += 1;
-        folded.amount_minor += amount;
+        folded.amount_minor = folded.amount_minor.saturating_add(amount);
     }
 }
+
+/// The key to count `key` under in `map`, which holds at most `max` keys one by one: the
+/// key itself while there is room (or it is there already), else `other`.
+fn bounded_key<V>(map: &std::collections::BTreeMap<String, V>, key: &str, max: usize) -> String {
+    if map.contains_key(key) || map.len() < max {
+        key.to_string()
+    } else {
+        OTHER_KEY.to_string()
+    }
+}
+
+/// Where channels and categories beyond their limits are counted.
+const OTHER_KEY: &str = "other";
 
 fn apply_purchase(
     state: &mut CustomerState,
@@ -493,12 +535,13 @@ fn apply_purchase(
     let now = state.clock_ms;
     let in_loyalty_currency = purchase.currency == rules.currency;
     let base_points = loyalty::order_points(rules, &event.channel, purchase);
-    let bonus_points = if state.purchases.count == 0 && in_loyalty_currency {
+    let bonus_points = if !state.loyalty.first_purchase_bonus_granted && in_loyalty_currency {
+        state.loyalty.first_purchase_bonus_granted = true;
         rules.earning.first_purchase_bonus_points
     } else {
         0
     };
-    let points = base_points + bonus_points;
+    let points = base_points.saturating_add(bonus_points);
 
     state.orders.insert(
         purchase.order_id.clone(),
@@ -510,13 +553,17 @@ fn apply_purchase(
             points_granted: points,
             points_reversed: 0,
             returned_minor: 0,
+            points_expired: 0,
+            applied_n: state.purchases.count,
         },
     );
+    // Dropped by application order, not order time: a late order older than every kept
+    // one still guards its order id for the next `orders_max` purchases.
     while state.orders.len() > rules.limits.orders_max {
         let oldest = state
             .orders
             .iter()
-            .min_by_key(|(id, o)| (o.at_ms, (*id).clone()))
+            .min_by_key(|(_, o)| o.applied_n)
             .map(|(id, _)| id.clone());
         match oldest {
             Some(id) => state.orders.remove(&id),
@@ -529,13 +576,24 @@ fn apply_purchase(
     summary.first_at_ms = Some(summary.first_at_ms.map_or(at, |f| f.min(at)));
     summary.last_at_ms = Some(summary.last_at_ms.map_or(at, |l| l.max(at)));
     if in_loyalty_currency {
-        summary.total_spend_minor += purchase.amount_minor;
-        *summary
-            .by_channel_minor
-            .entry(event.channel.clone())
-            .or_insert(0) += purchase.amount_minor;
+        summary.total_spend_minor = summary
+            .total_spend_minor
+            .saturating_add(purchase.amount_minor);
+        let channel = bounded_key(
+            &summary.by_channel_minor,
+            &event.channel,
+            rules.limits.channels_max,
+        );
+        let channel_total = summary.by_channel_minor.entry(channel).or_insert(0);
+        *channel_total = channel_total.saturating_add(purchase.amount_minor);
         for (category, amount) in loyalty::category_split(purchase) {
-            *summary.by_category_minor.entry(category).or_insert(0) += amount;
+            let category = bounded_key(
+                &summary.by_category_minor,
+                &category,
+                rules.limits.categories_max,
+            );
+            let category_total = summary.by_category_minor.entry(category).or_insert(0);
+            *category_total = category_total.saturating_add(amount);
         }
         loyalty::record_spend(&mut state.loyalty, at, purchase.amount_minor);
         record_purchase_day(
@@ -579,7 +637,7 @@ fn apply_purchase(
     );
     loyalty::upgrade_if_qualified(&mut state.loyalty, rules, now, emitter);
 
-    let items: u32 = purchase.items.iter().map(|i| i.qty).sum();
+    let items: u64 = purchase.items.iter().map(|i| u64::from(i.qty)).sum();
     let mut text = format!(
         "order {}: {} {}",
         purchase.order_id,
@@ -620,23 +678,31 @@ fn apply_return(
     let to_reverse = (target - order.points_reversed).max(0);
     order.points_reversed += to_reverse;
     order.returned_minor = returned;
+    let order_expired = order.points_expired;
     let order_at = order.at_ms;
     let counts_for_spend = order.currency == rules.currency;
     let fully_returned = returned >= order.amount_minor;
 
     state.returns.count += 1;
-    state.returns.total_minor += ret.amount_minor;
+    state.returns.total_minor = state.returns.total_minor.saturating_add(ret.amount_minor);
     state.returns.last_at_ms = state.returns.last_at_ms.max(Some(event.occurred_at_ms));
     if counts_for_spend {
         loyalty::record_spend(&mut state.loyalty, order_at, -ret.amount_minor);
     }
 
     if to_reverse > 0 {
-        let (from_pending, from_balance) =
-            loyalty::take_back(&mut state.loyalty, &ret.order_id, to_reverse);
-        let shortfall = to_reverse - from_pending - from_balance;
-        state.loyalty.shortfall_points += shortfall;
-        state.loyalty.reversed_total += from_pending + from_balance;
+        let taken =
+            loyalty::take_back(&mut state.loyalty, &ret.order_id, to_reverse, order_expired);
+        let (from_pending, from_balance) = (taken.from_pending, taken.from_balance);
+        if let Some(order) = state.orders.get_mut(&ret.order_id) {
+            order.points_expired -= taken.from_expired;
+        }
+        let shortfall = to_reverse - from_pending - from_balance - taken.from_expired;
+        state.loyalty.shortfall_points = state.loyalty.shortfall_points.saturating_add(shortfall);
+        state.loyalty.reversed_total = state
+            .loyalty
+            .reversed_total
+            .saturating_add(from_pending + from_balance);
         emitter.emit(
             "points.reversed",
             now,
@@ -646,6 +712,7 @@ fn apply_return(
                 "points": to_reverse,
                 "from_pending": from_pending,
                 "from_balance": from_balance,
+                "from_expired": taken.from_expired,
                 "shortfall": shortfall,
                 "points_balance": state.loyalty.balance(),
                 "points_pending": state.loyalty.pending_points(),
@@ -773,7 +840,7 @@ fn apply_redeem(
         Some(reward) => {
             let spent = loyalty::spend_oldest_first(&mut state.loyalty, reward.points_cost);
             debug_assert_eq!(spent, reward.points_cost);
-            state.loyalty.redeemed_total += spent;
+            state.loyalty.redeemed_total = state.loyalty.redeemed_total.saturating_add(spent);
             let balance = state.loyalty.balance();
             emitter.emit(
                 "points.redeemed",
@@ -838,6 +905,7 @@ mod tests {
         first_bonus: i64,
         winback_delay_days: i64,
         extra_earning: &'static str,
+        extra_limits: &'static str,
     }
 
     impl Default for Setup {
@@ -847,6 +915,7 @@ mod tests {
                 first_bonus: 0,
                 winback_delay_days: 3,
                 extra_earning: "",
+                extra_limits: "",
             }
         }
     }
@@ -858,6 +927,7 @@ version = 7
 currency = "EUR"
 [limits]
 timeline_max_entries = 5
+{limits}
 [earning]
 points_per_currency_unit = 1
 pending_days = {pending}
@@ -891,6 +961,7 @@ winback_delay_days = {winback}
             pending = setup.pending_days,
             bonus = setup.first_bonus,
             extra = setup.extra_earning,
+            limits = setup.extra_limits,
             winback = setup.winback_delay_days,
         );
         Rules::from_toml_str(&text).unwrap()
@@ -937,6 +1008,13 @@ winback_delay_days = {winback}
                 store_id: None,
             }),
         )
+    }
+
+    fn status(outcome: &ApplyOutcome) -> Option<RejectReason> {
+        match &outcome.status {
+            ApplyStatus::Rejected(rejection) => Some(rejection.reason),
+            _ => None,
+        }
     }
 
     fn purchase(event_id: &str, order_id: &str, at_ms: i64, amount_minor: i64) -> CustomerCommand {
@@ -1743,5 +1821,234 @@ winback_delay_days = {winback}
             );
             assert_eq!(state.clock_ms, reference.clock_ms);
         }
+    }
+
+    #[test]
+    fn a_late_purchase_dated_before_the_lapse_does_not_reactivate() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        // Gap 10 days: lapsed 20 days after day 10, offer 3 days later.
+        let events = run(
+            &mut state,
+            &rules,
+            &[
+                purchase("e1", "o1", day(0), 1000),
+                purchase("e2", "o2", day(10), 1000),
+                tick(day(40)),
+            ],
+        );
+        assert!(types(&events).contains(&"retention.winback_offered"));
+        let late = apply(&mut state, &purchase("e0", "o0", day(5), 1000), &rules);
+        assert_eq!(late.status, ApplyStatus::Applied);
+        assert_eq!(types(&late.events), vec!["points.earned"]);
+        assert_eq!(state.retention.status, RetentionStatus::Lapsed);
+        assert_eq!(
+            (
+                state.retention.lapse_count,
+                state.retention.reactivated_count
+            ),
+            (1, 0)
+        );
+        assert_eq!(state.retention.lapsed_at_ms, Some(day(30) + 1));
+        // A purchase after the lapse still reactivates.
+        let back = apply(&mut state, &purchase("e3", "o3", day(41), 1000), &rules);
+        assert!(types(&back.events).contains(&"retention.reactivated"));
+        assert_eq!(state.retention.status, RetentionStatus::Active);
+    }
+
+    #[test]
+    fn returning_an_order_whose_points_expired_takes_nothing_from_other_lots() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        run(
+            &mut state,
+            &rules,
+            &[
+                purchase("e1", "o1", day(0), 10_000),
+                purchase("e2", "o2", day(300), 5_000),
+                tick(day(366)),
+            ],
+        );
+        assert_eq!(state.loyalty.balance(), 50, "o1's 100 points expired");
+        let events = run(
+            &mut state,
+            &rules,
+            &[give_back("r1", "o1", day(367), 10_000)],
+        );
+        let reversed = find(&events, "points.reversed");
+        assert_eq!(reversed.data["points"], 100);
+        assert_eq!(reversed.data["from_expired"], 100);
+        assert_eq!(reversed.data["from_balance"], 0);
+        assert_eq!(reversed.data["shortfall"], 0);
+        assert_eq!(state.loyalty.balance(), 50, "o2's points stay");
+        assert_eq!(state.loyalty.shortfall_points, 0);
+    }
+
+    #[test]
+    fn a_partly_expired_order_takes_back_its_spent_points_from_other_lots() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        run(
+            &mut state,
+            &rules,
+            &[
+                purchase("e1", "o1", day(0), 10_000),
+                redeem("q1", "sticker", day(1)),
+                purchase("e2", "o2", day(300), 20_000),
+                tick(day(366)),
+            ],
+        );
+        // o1: 100 points, 50 spent on the sticker, 50 expired; o2: 200 points.
+        assert_eq!(state.loyalty.balance(), 200);
+        let events = run(
+            &mut state,
+            &rules,
+            &[give_back("r1", "o1", day(367), 10_000)],
+        );
+        let reversed = find(&events, "points.reversed");
+        assert_eq!(reversed.data["from_expired"], 50);
+        assert_eq!(reversed.data["from_balance"], 50, "the spent half");
+        assert_eq!(state.loyalty.balance(), 150);
+    }
+
+    #[test]
+    fn a_late_order_older_than_every_kept_one_still_guards_its_order_id() {
+        let rules = rules_with(Setup {
+            extra_limits: "orders_max = 2",
+            ..Setup::default()
+        });
+        let mut state = CustomerState::new("c1");
+        run(
+            &mut state,
+            &rules,
+            &[
+                purchase("e1", "o1", day(10), 1000),
+                purchase("e2", "o2", day(20), 1000),
+                purchase("e0", "o0", day(5), 1000),
+            ],
+        );
+        assert!(state.orders.contains_key("o0"), "{:?}", state.orders.keys());
+        assert!(
+            !state.orders.contains_key("o1"),
+            "the order applied longest ago goes"
+        );
+        let again = apply(
+            &mut state,
+            &purchase("e0-retry", "o0", day(5), 1000),
+            &rules,
+        );
+        assert_eq!(again.status, ApplyStatus::Duplicate);
+        assert_eq!(state.loyalty.earned_total, 30);
+    }
+
+    #[test]
+    fn the_first_purchase_bonus_waits_for_a_purchase_in_the_loyalty_currency() {
+        let rules = rules_with(Setup {
+            first_bonus: 100,
+            ..Setup::default()
+        });
+        let mut state = CustomerState::new("c1");
+        let mut dollars = purchase("e1", "o1", day(0), 1000);
+        if let CustomerCommand::Event { event, .. } = &mut dollars {
+            if let EventKind::Purchase(purchase) = &mut event.kind {
+                purchase.currency = "USD".to_string();
+            }
+        }
+        run(&mut state, &rules, &[dollars]);
+        assert_eq!(state.loyalty.earned_total, 0);
+        let euros = run(&mut state, &rules, &[purchase("e2", "o2", day(1), 1000)]);
+        assert_eq!(find(&euros, "points.earned").data["points"], 110);
+        let more = run(&mut state, &rules, &[purchase("e3", "o3", day(2), 1000)]);
+        assert_eq!(find(&more, "points.earned").data["points"], 10);
+    }
+
+    #[test]
+    fn point_totals_saturate_instead_of_overflowing() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        run(&mut state, &rules, &[purchase("e1", "o1", day(0), 1000)]);
+        state.loyalty.earned_total = i64::MAX - 3;
+        state.loyalty.lots[0].points = i64::MAX - 3;
+        run(&mut state, &rules, &[purchase("e2", "o2", day(1), 1000)]);
+        assert_eq!(state.loyalty.earned_total, i64::MAX);
+        assert_eq!(state.loyalty.balance(), i64::MAX);
+    }
+
+    #[test]
+    fn profile_consent_channel_and_category_counts_are_bounded() {
+        let rules = rules_with(Setup {
+            extra_limits: "profile_fields_max = 2\nconsent_purposes_max = 1\nchannels_max = 1\ncategories_max = 1",
+            ..Setup::default()
+        });
+        let mut state = CustomerState::new("c1");
+        run(&mut state, &rules, &[purchase("e1", "o1", day(0), 1000)]);
+        let identify = |id: &str, fields: &[&str]| {
+            event(
+                id,
+                "web",
+                day(1),
+                EventKind::Identify {
+                    profile: fields
+                        .iter()
+                        .map(|f| (f.to_string(), "x".to_string()))
+                        .collect(),
+                },
+            )
+        };
+        let refused = apply(&mut state, &identify("i1", &["a", "b", "c"]), &rules);
+        assert_eq!(status(&refused), Some(RejectReason::Unapplicable));
+        assert!(
+            state.profile.is_empty(),
+            "a refused identify changes nothing"
+        );
+        let fits = apply(&mut state, &identify("i2", &["a", "b"]), &rules);
+        assert_eq!(fits.status, ApplyStatus::Applied);
+        let same = apply(&mut state, &identify("i3", &["a"]), &rules);
+        assert_eq!(
+            same.status,
+            ApplyStatus::Applied,
+            "updating a kept field is fine"
+        );
+
+        let consent = |id: &str, purpose: &str| {
+            event(
+                id,
+                "web",
+                day(2),
+                EventKind::Consent {
+                    purpose: purpose.to_string(),
+                    granted: true,
+                },
+            )
+        };
+        assert_eq!(
+            apply(&mut state, &consent("k1", "email"), &rules).status,
+            ApplyStatus::Applied
+        );
+        let second = apply(&mut state, &consent("k2", "sms"), &rules);
+        assert_eq!(status(&second), Some(RejectReason::Unapplicable));
+
+        run(
+            &mut state,
+            &rules,
+            &[purchase_with(
+                "e2",
+                "o2",
+                "app",
+                day(3),
+                2000,
+                vec![item("shoes", 1, 1000), item("bags", 1, 1000)],
+            )],
+        );
+        let channels: Vec<&String> = state.channels.keys().collect();
+        assert_eq!(channels, vec!["other", "web"]);
+        let spend: Vec<&String> = state.purchases.by_channel_minor.keys().collect();
+        assert_eq!(spend, vec!["other", "web"]);
+        assert!(
+            state.purchases.by_category_minor.len() <= 2,
+            "{:?}",
+            state.purchases.by_category_minor
+        );
+        assert!(state.purchases.by_category_minor.contains_key("other"));
     }
 }

@@ -16,8 +16,10 @@ use serde::Serialize;
 
 /// The format version byte this build writes and reads. History: 1, the first format;
 /// 2, customer state gained its purchase days (`ValueHistory`) and the shard log the
-/// `Routed` record. No deployment ever held version 1 data, so version 2 does not read it.
-pub const FORMAT_VERSION: u8 = 2;
+/// `Routed` record; 3, orders record their expired points and application order, and
+/// loyalty whether the first-purchase bonus was granted. No deployment ever held version 1
+/// or 2 data, so version 3 reads neither.
+pub const FORMAT_VERSION: u8 = 3;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

@@ -127,7 +127,7 @@ pub fn add_lot(loyalty: &mut Loyalty, rules: &Rules, lot: PointsLot) {
             && l.expires_at_ms == lot.expires_at_ms
             && l.earned_at_ms == lot.earned_at_ms
     }) {
-        same.points += lot.points;
+        same.points = same.points.saturating_add(lot.points);
         return;
     }
     if loyalty.lots.len() >= rules.limits.lots_max {
@@ -187,7 +187,7 @@ pub fn grant(
     if points <= 0 {
         return false;
     }
-    loyalty.earned_total += points;
+    loyalty.earned_total = loyalty.earned_total.saturating_add(points);
     let pending = pending_allowed && rules.earning.pending_days > 0;
     data.insert("source".into(), json!(source));
     data.insert("points".into(), json!(points));
@@ -246,9 +246,22 @@ pub fn spend_oldest_first(loyalty: &mut Loyalty, points: i64) -> i64 {
     points - left
 }
 
-/// Takes back up to `points` for a return of the order `source`: its pending points first,
-/// then its own lot, then other lots oldest expiry first. Returns (from pending, from lots).
-pub fn take_back(loyalty: &mut Loyalty, source: &str, points: i64) -> (i64, i64) {
+/// Where the points a return takes back came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TakenBack {
+    /// The order's own pending points.
+    pub from_pending: i64,
+    /// Spendable lots: the order's own first, then the others, earliest expiry first.
+    pub from_balance: i64,
+    /// Points of the order that had already expired: gone, so nothing is taken for them.
+    pub from_expired: i64,
+}
+
+/// Takes back `points` of the order `source`: its pending points first, then its own
+/// lots, then up to `expired` of its points that already expired (nothing left to take),
+/// then the other lots, earliest expiry first. What none of these covers is the caller's
+/// shortfall.
+pub fn take_back(loyalty: &mut Loyalty, source: &str, points: i64, expired: i64) -> TakenBack {
     let mut left = points;
     let mut from_pending = 0;
     for entry in loyalty.pending.iter_mut().filter(|p| p.source == source) {
@@ -258,16 +271,22 @@ pub fn take_back(loyalty: &mut Loyalty, source: &str, points: i64) -> (i64, i64)
         from_pending += take;
     }
     loyalty.pending.retain(|p| p.points > 0);
-    let mut from_lots = 0;
+    let mut from_balance = 0;
     for lot in loyalty.lots.iter_mut().filter(|l| l.source == source) {
         let take = lot.points.min(left);
         lot.points -= take;
         left -= take;
-        from_lots += take;
+        from_balance += take;
     }
     loyalty.lots.retain(|l| l.points > 0);
-    from_lots += spend_oldest_first(loyalty, left);
-    (from_pending, from_lots)
+    let from_expired = expired.clamp(0, left);
+    left -= from_expired;
+    from_balance += spend_oldest_first(loyalty, left);
+    TakenBack {
+        from_pending,
+        from_balance,
+        from_expired,
+    }
 }
 
 /// Moves pending points whose release time is at or before `now_ms` into lots.
@@ -306,29 +325,30 @@ pub fn release_due(loyalty: &mut Loyalty, rules: &Rules, now_ms: i64, emitter: &
 }
 
 /// Removes lots expired at or before `now_ms`; emits one `points.expired` for them.
-pub fn expire_due(loyalty: &mut Loyalty, now_ms: i64, emitter: &mut Emitter) {
-    let mut expired = 0;
-    let mut lots = 0;
-    let mut sources = Vec::new();
+pub fn expire_due(loyalty: &mut Loyalty, now_ms: i64, emitter: &mut Emitter) -> Vec<(String, i64)> {
+    let mut expired: i64 = 0;
+    let mut gone = Vec::new();
     loyalty.lots.retain(|lot| match lot.expires_at_ms {
         Some(at) if at <= now_ms => {
-            expired += lot.points;
-            lots += 1;
-            sources.push(lot.source.clone());
+            expired = expired.saturating_add(lot.points);
+            gone.push((lot.source.clone(), lot.points));
             false
         }
         _ => true,
     });
-    if lots == 0 {
-        return;
+    if gone.is_empty() {
+        return gone;
     }
-    loyalty.expired_total += expired;
+    let lots = gone.len();
+    let sources: Vec<&str> = gone.iter().map(|(source, _)| source.as_str()).collect();
+    loyalty.expired_total = loyalty.expired_total.saturating_add(expired);
     let mut data = serde_json::Map::new();
     data.insert("points".into(), json!(expired));
     data.insert("lots".into(), json!(lots));
     data.insert("sources".into(), json!(sources));
     data.insert("points_balance".into(), json!(loyalty.balance()));
     emitter.emit("points.expired", now_ms, data);
+    gone
 }
 
 /// UTC day index of an instant.
@@ -339,7 +359,7 @@ pub fn day_of(at_ms: i64) -> i64 {
 /// Adds `delta_minor` (negative for returns) to the net spend of the day of `at_ms`.
 pub fn record_spend(loyalty: &mut Loyalty, at_ms: i64, delta_minor: i64) {
     let entry = loyalty.spend_by_day_minor.entry(day_of(at_ms)).or_insert(0);
-    *entry += delta_minor;
+    *entry = entry.saturating_add(delta_minor);
     if *entry == 0 {
         loyalty.spend_by_day_minor.remove(&day_of(at_ms));
     }

@@ -46,7 +46,9 @@ pub fn schedule(retention: &mut RetentionState, rules: &Rules) {
 }
 
 /// Records a purchase at `at_ms`, applied while the clock is `now_ms`; emits
-/// `retention.reactivated` when a lapsed customer buys again.
+/// `retention.reactivated` when a lapsed customer buys again. A late purchase dated before
+/// the lapse was declared does not reactivate: it joins the history (and the mean gap),
+/// and the customer stays lapsed with the offer already made or due.
 pub fn record_purchase(
     retention: &mut RetentionState,
     rules: &Rules,
@@ -62,6 +64,7 @@ pub fn record_purchase(
     match retention.status {
         RetentionStatus::New => retention.status = RetentionStatus::Active,
         RetentionStatus::Active => {}
+        RetentionStatus::Lapsed if retention.lapsed_at_ms.is_some_and(|l| at_ms < l) => {}
         RetentionStatus::Lapsed => {
             retention.status = RetentionStatus::Active;
             retention.reactivated_count += 1;
@@ -110,12 +113,12 @@ pub fn lapse(retention: &mut RetentionState, rules: &Rules, now_ms: i64, emitter
     let threshold_days = lapse_after_ms(retention, rules) / DAY_MS;
     let reason = if default_gap {
         format!(
-            "no second purchase for {days_since} days after the only one (more than {factor} x the default gap of {} days = {threshold_days} days)",
+            "no second purchase for {days_since} days after the only one: past {factor} x the default gap of {} days ({threshold_days} days)",
             rules.retention.default_gap_days
         )
     } else {
         format!(
-            "no purchase for {days_since} days, more than {factor} x the customer's mean gap of {} days between purchases ({threshold_days} days)",
+            "no purchase for {days_since} days: past {factor} x the customer's mean gap of {} days between purchases ({threshold_days} days)",
             gap_ms / DAY_MS
         )
     };

@@ -74,6 +74,15 @@ pub struct Limits {
     pub lots_max: usize,
     /// Purchase days kept one by one for the customer-value models (older ones folded).
     pub purchase_days_max: usize,
+    /// Profile attributes one customer may hold (an identify adding more is refused).
+    pub profile_fields_max: usize,
+    /// Consent purposes one customer may hold (a consent for one more is refused).
+    pub consent_purposes_max: usize,
+    /// Channels counted one by one per customer (activity, spend); later ones count as
+    /// `other`.
+    pub channels_max: usize,
+    /// Categories counted one by one in a customer's spend; later ones count as `other`.
+    pub categories_max: usize,
 }
 
 /// How points are earned.
@@ -269,6 +278,10 @@ struct RawLimits {
     tier_history_max: i64,
     lots_max: i64,
     purchase_days_max: i64,
+    profile_fields_max: i64,
+    consent_purposes_max: i64,
+    channels_max: i64,
+    categories_max: i64,
 }
 
 impl Default for RawLimits {
@@ -282,6 +295,10 @@ impl Default for RawLimits {
             tier_history_max: 20,
             lots_max: 500,
             purchase_days_max: 1000,
+            profile_fields_max: 64,
+            consent_purposes_max: 32,
+            channels_max: 16,
+            categories_max: 100,
         }
     }
 }
@@ -522,6 +539,10 @@ impl RawRules {
             tier_history_max: limit("tier_history_max", l.tier_history_max)?,
             lots_max: limit("lots_max", l.lots_max)?,
             purchase_days_max: limit("purchase_days_max", l.purchase_days_max)?,
+            profile_fields_max: limit("profile_fields_max", l.profile_fields_max)?,
+            consent_purposes_max: limit("consent_purposes_max", l.consent_purposes_max)?,
+            channels_max: limit("channels_max", l.channels_max)?,
+            categories_max: limit("categories_max", l.categories_max)?,
         };
 
         let e = &self.earning;

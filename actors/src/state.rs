@@ -34,7 +34,8 @@ pub struct CustomerState {
     pub timeline: VecDeque<TimelineEntry>,
     pub purchases: PurchaseSummary,
     pub returns: ReturnSummary,
-    /// Recent orders by order id, at most `orders_max` (the oldest dropped).
+    /// Recent orders by order id, at most `orders_max` (the one applied longest ago
+    /// dropped).
     pub orders: BTreeMap<String, OrderRecord>,
     pub browsing: Browsing,
     pub support: Support,
@@ -112,6 +113,13 @@ pub struct OrderRecord {
     pub points_reversed: i64,
     /// Amount already returned, minor units.
     pub returned_minor: i64,
+    /// Points of the order's own lots that expired and that no return has accounted for
+    /// yet: a return takes these back from nothing (they are gone already), not from the
+    /// customer's other lots.
+    pub points_expired: i64,
+    /// The customer's purchase count when the order was applied (0 for the first): the
+    /// order applied longest ago is the one dropped beyond `orders_max`.
+    pub applied_n: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +217,9 @@ pub struct Loyalty {
     /// Redeem requests by arrival, at most `redemptions_max`.
     pub redemptions: VecDeque<Redemption>,
     pub profile_bonus_granted: bool,
+    /// Was the first-purchase bonus granted (on the first purchase in the loyalty
+    /// currency applied)?
+    pub first_purchase_bonus_granted: bool,
     pub earned_total: i64,
     pub redeemed_total: i64,
     pub expired_total: i64,
@@ -218,12 +229,16 @@ pub struct Loyalty {
 impl Loyalty {
     /// Spendable points.
     pub fn balance(&self) -> i64 {
-        self.lots.iter().map(|l| l.points).sum()
+        self.lots
+            .iter()
+            .fold(0i64, |sum, l| sum.saturating_add(l.points))
     }
 
     /// Earned, not yet spendable points.
     pub fn pending_points(&self) -> i64 {
-        self.pending.iter().map(|p| p.points).sum()
+        self.pending
+            .iter()
+            .fold(0i64, |sum, p| sum.saturating_add(p.points))
     }
 }
 
