@@ -187,6 +187,38 @@ fn router_rejections() -> Vec<BadInput> {
             "occurred_at",
         ),
         bad(
+            "event_id with a line break (it could not go into a header)",
+            "dl-crlf",
+            bytes(&with(
+                ok("dl-crlf"),
+                "event_id",
+                json!("dl-crlf\r\nX-Injected: 1"),
+            )),
+            "invalid",
+            "event_id",
+        ),
+        bad(
+            "occurred_at in the year 9999",
+            "dl-far-future",
+            bytes(&with(
+                ok("dl-far-future"),
+                "occurred_at",
+                json!("9999-01-01T00:00:00Z"),
+            )),
+            "invalid",
+            "occurred_at_future_max_days",
+        ),
+        bad(
+            "a key twice in one object",
+            "dl-twice",
+            {
+                let text = String::from_utf8(bytes(&ok("dl-twice"))).expect("utf-8");
+                format!("{{\"amount\": -5, {}", &text[1..]).into_bytes()
+            },
+            "malformed",
+            "twice",
+        ),
+        bad(
             "unknown currency",
             "dl-currency",
             bytes(&with(ok("dl-currency"), "currency", json!("XYZ"))),

@@ -36,6 +36,13 @@ pub struct IngestLimits {
     pub item_qty_max: u32,
     /// Currencies accepted (ISO 4217 codes); from the rules file.
     pub currencies: Vec<String>,
+    /// How far ahead of the reader's wall clock an `occurred_at` may be, ms (`None`: no
+    /// bound); the router turns it into `occurred_at_max_ms` as it reads.
+    pub occurred_at_future_max_ms: Option<i64>,
+    /// Latest accepted `occurred_at`, Unix ms (`None`: no bound). The router sets it from
+    /// its wall clock for each group of events it reads; the rules themselves never read
+    /// the wall clock (the shard log holds only events that passed).
+    pub occurred_at_max_ms: Option<i64>,
 }
 
 impl Default for IngestLimits {
@@ -46,6 +53,8 @@ impl Default for IngestLimits {
             items_max: 200,
             item_qty_max: 10_000,
             currencies: vec!["EUR".to_string()],
+            occurred_at_future_max_ms: None,
+            occurred_at_max_ms: None,
         }
     }
 }
@@ -292,6 +301,14 @@ pub fn parse_ingest(
             format!("payload is not valid JSON ({error}); send one JSON object"),
         )
     })?;
+    // serde_json keeps the last of repeated keys; a reader that keeps the first would see
+    // another event (`"amount": -5, "amount": 5`), so repeats are refused.
+    serde_json::from_slice::<NoRepeatedKeys>(payload).map_err(|error| {
+        Rejection::new(
+            RejectReason::Malformed,
+            format!("payload has {error}; send each field once"),
+        )
+    })?;
     let Value::Object(object) = value else {
         return Err(Rejection::new(
             RejectReason::Malformed,
@@ -344,6 +361,20 @@ pub fn parse_ingest(
             ))
         }
     };
+    if occurred_at_ms < 0 {
+        return Err(invalid(format!(
+            "occurred_at {} is before 1970-01-01T00:00:00Z; send the time the event happened",
+            crate::time::format_rfc3339(occurred_at_ms)
+        )));
+    }
+    if let Some(latest) = limits.occurred_at_max_ms.filter(|&l| occurred_at_ms > l) {
+        return Err(invalid(format!(
+            "occurred_at {} is after {}, further ahead of this node's clock than \
+             limits.occurred_at_future_max_days allows; fix the adapter's clock or time zone",
+            crate::time::format_rfc3339(occurred_at_ms),
+            crate::time::format_rfc3339(latest)
+        )));
+    }
     let identities = parse_identities(object.get("identity"))?;
     let kind = parse_kind(type_name, &fields, limits)?;
     Ok(ChannelEvent {
@@ -373,13 +404,21 @@ pub fn parse_identities(value: Option<&Value>) -> Result<Vec<Identity>, Rejectio
             ));
         };
         let raw = match raw {
+            Value::String(s) if s.chars().any(char::is_control) => {
+                return Err(Rejection::new(
+                    RejectReason::NoIdentity,
+                    format!("identity.{name} contains a control character (a line break, a tab, ...); send printable text"),
+                ))
+            }
             Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
+            // Whole numbers only: a float's text (1e3 -> "1000.0", 2^70 -> "1.18e21") would
+            // map different identifiers to one key, or one to two.
+            Value::Number(n) if n.as_u64().is_some() => n.to_string(),
             Value::Null => continue,
             _ => {
                 return Err(Rejection::new(
                     RejectReason::NoIdentity,
-                    format!("identity.{name} must be a string"),
+                    format!("identity.{name} must be a string (or a whole number from 0 to 18446744073709551615)"),
                 ))
             }
         };
@@ -535,17 +574,77 @@ fn parse_kind(
     })
 }
 
+/// A JSON document walked only to refuse an object that repeats a key.
+struct NoRepeatedKeys;
+
+impl<'de> serde::Deserialize<'de> for NoRepeatedKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoRepeatedKeysVisitor)
+    }
+}
+
+struct NoRepeatedKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoRepeatedKeysVisitor {
+    type Value = NoRepeatedKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<NoRepeatedKeys>()?;
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key \"{}\" twice in one object",
+                    truncate(&key)
+                )));
+            }
+            seen.insert(key);
+        }
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<NoRepeatedKeys>()?.is_some() {}
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(NoRepeatedKeys)
+    }
+}
+
 struct Fields<'a>(&'a Map<String, Value>);
 
 impl Fields<'_> {
     fn id(&self, name: &str) -> Result<String, Rejection> {
         match self.0.get(name) {
-            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= ID_MAX_BYTES => {
-                Ok(s.clone())
-            }
             Some(Value::String(s)) if s.len() > ID_MAX_BYTES => Err(invalid(format!(
                 "{name} is longer than {ID_MAX_BYTES} bytes"
             ))),
+            // An id travels in NATS headers (Nats-Msg-Id), where a line break cannot go.
+            Some(Value::String(s)) if s.chars().any(char::is_control) => Err(invalid(format!(
+                "{name} contains a control character (a line break, a tab, ...); send printable text"
+            ))),
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
             _ => Err(invalid(format!(
                 "{name} is missing or empty; send a non-empty string"
             ))),
@@ -673,6 +772,12 @@ fn check_text(name: &str, text: &str) -> Result<(), Rejection> {
             truncate(name)
         )));
     }
+    if text.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{} contains a control character (a line break, a tab, ...); send printable text",
+            truncate(name)
+        )));
+    }
     Ok(())
 }
 
@@ -753,5 +858,92 @@ mod tests {
         let error = parse(v).unwrap_err();
         assert_eq!(error.reason, RejectReason::Invalid);
         assert!(error.message.contains("occurred_at"), "{}", error.message);
+    }
+
+    #[test]
+    fn control_characters_in_ids_and_text_are_refused() {
+        for (field, value) in [
+            ("event_id", "a\r\nb"),
+            ("order_id", "o\n1"),
+            ("store_id", "s\u{1b}[31m"),
+        ] {
+            let mut v = purchase();
+            v[field] = json!(value);
+            let error = parse(v).unwrap_err();
+            assert_eq!(error.reason, RejectReason::Invalid, "{field}");
+            assert!(error.message.contains(field), "{}", error.message);
+            assert!(
+                error.message.contains("control character"),
+                "{}",
+                error.message
+            );
+        }
+        let mut v = purchase();
+        v["items"][0]["sku"] = json!("a\u{0}b");
+        assert_eq!(parse(v).unwrap_err().reason, RejectReason::Invalid);
+        let mut v = purchase();
+        v["identity"] = json!({"customer_id": "c\n1"});
+        assert_eq!(parse(v).unwrap_err().reason, RejectReason::NoIdentity);
+    }
+
+    #[test]
+    fn numeric_identifiers_must_be_whole_numbers() {
+        let mut v = purchase();
+        v["identity"] = json!({"customer_id": 123456789});
+        assert_eq!(parse(v).unwrap().identities[0].value, "123456789");
+        for number in [json!(1e3), json!(1.5), json!(-7)] {
+            let mut v = purchase();
+            v["identity"] = json!({"customer_id": number});
+            assert_eq!(parse(v).unwrap_err().reason, RejectReason::NoIdentity);
+        }
+        // 2^70 is not a u64: as a float it would share its text with its neighbours.
+        let text =
+            br#"{"v": 1, "event_id": "e1", "type": "view", "occurred_at": "2026-01-02T10:00:00Z",
+                        "identity": {"customer_id": 1180591620717411303424}}"#;
+        let error = parse_ingest("web", text, &IngestLimits::default()).unwrap_err();
+        assert_eq!(error.reason, RejectReason::NoIdentity);
+    }
+
+    #[test]
+    fn a_key_repeated_in_one_object_is_malformed() {
+        let limits = IngestLimits::default();
+        for text in [
+            &br#"{"v": 2, "v": 1, "event_id": "e1", "type": "view", "occurred_at": "2026-01-02T10:00:00Z", "identity": {"email": "a@b.co"}}"#[..],
+            &br#"{"v": 1, "event_id": "e1", "type": "view", "occurred_at": "2026-01-02T10:00:00Z", "identity": {"email": "a@b.co", "email": "c@d.co"}}"#[..],
+        ] {
+            let error = parse_ingest("web", text, &limits).unwrap_err();
+            assert_eq!(error.reason, RejectReason::Malformed);
+            assert!(error.message.contains("twice"), "{}", error.message);
+        }
+        // The same key in two different objects is fine.
+        let text = br#"{"v": 1, "event_id": "e1", "type": "view", "occurred_at": "2026-01-02T10:00:00Z", "identity": {"email": "a@b.co"}, "sku": "s", "category": "c"}"#;
+        parse_ingest("web", text, &limits).expect("valid");
+    }
+
+    #[test]
+    fn occurred_at_must_lie_between_1970_and_the_allowed_future() {
+        let mut v = purchase();
+        v["occurred_at"] = json!("1969-12-31T23:59:59Z");
+        let error = parse(v).unwrap_err();
+        assert_eq!(error.reason, RejectReason::Invalid);
+        assert!(error.message.contains("1970"), "{}", error.message);
+
+        let limits = IngestLimits {
+            occurred_at_max_ms: Some(
+                crate::time::parse_rfc3339_ms("2026-01-03T00:00:00Z").unwrap(),
+            ),
+            ..IngestLimits::default()
+        };
+        let ok = purchase();
+        parse_ingest("web", ok.to_string().as_bytes(), &limits).expect("before the bound");
+        let mut v = purchase();
+        v["occurred_at"] = json!("9999-12-31T23:59:59Z");
+        let error = parse_ingest("web", v.to_string().as_bytes(), &limits).unwrap_err();
+        assert_eq!(error.reason, RejectReason::Invalid);
+        assert!(
+            error.message.contains("occurred_at_future_max_days"),
+            "{}",
+            error.message
+        );
     }
 }

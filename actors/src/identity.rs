@@ -102,7 +102,8 @@ impl Identity {
         }
         let value = match kind {
             IdentityKind::Email => {
-                let lower = trimmed.to_lowercase();
+                // `a@b.co.` (a fully qualified domain) is the same mailbox as `a@b.co`.
+                let lower = trimmed.to_lowercase().trim_end_matches('.').to_string();
                 match lower.split_once('@') {
                     Some((local, domain))
                         if !local.is_empty()
@@ -116,7 +117,10 @@ impl Identity {
                 }
             }
             IdentityKind::Phone => {
+                // `+49 (0)151 ...`: the "(0)" is the national trunk prefix, written beside
+                // the country code but never dialled with it.
                 let compact: String = trimmed
+                    .replace("(0)", "")
                     .chars()
                     .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
                     .collect();
@@ -166,6 +170,18 @@ mod tests {
     fn email_is_lower_cased_and_trimmed() {
         let id = Identity::normalise(IdentityKind::Email, "  Ann.Lee@Example.COM ").unwrap();
         assert_eq!(id.value, "ann.lee@example.com");
+    }
+
+    #[test]
+    fn a_trunk_zero_and_a_final_dot_do_not_make_a_second_key() {
+        let plain = Identity::normalise(IdentityKind::Phone, "+49 151 12345678").unwrap();
+        let trunk = Identity::normalise(IdentityKind::Phone, "+49 (0)151 12345678").unwrap();
+        assert_eq!(plain, trunk);
+        let uk = Identity::normalise(IdentityKind::Phone, "+44 (0)20 7946 0958").unwrap();
+        assert_eq!(uk.value, "+442079460958");
+        let email = Identity::normalise(IdentityKind::Email, "a@b.co.").unwrap();
+        assert_eq!(email.value, "a@b.co");
+        assert!(Identity::normalise(IdentityKind::Email, "a@.").is_err());
     }
 
     #[test]

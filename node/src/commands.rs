@@ -54,10 +54,17 @@ impl Commands {
         };
         let text = |name: &str| -> Result<String, Value> {
             match request.get(name).and_then(Value::as_str) {
-                Some(s) if !s.trim().is_empty() && s.len() <= ID_MAX_BYTES => Ok(s.to_string()),
+                // Ids end up in NATS headers (Nats-Msg-Id), where a line break cannot go.
+                Some(s)
+                    if !s.trim().is_empty()
+                        && s.len() <= ID_MAX_BYTES
+                        && !s.chars().any(char::is_control) =>
+                {
+                    Ok(s.to_string())
+                }
                 _ => Err(error_reply(
                     "bad_request",
-                    format!("{name} is missing or not a non-empty string of at most {ID_MAX_BYTES} bytes"),
+                    format!("{name} is missing or not a non-empty string of printable text of at most {ID_MAX_BYTES} bytes"),
                 )),
             }
         };

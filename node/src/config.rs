@@ -159,6 +159,9 @@ pub struct LimitsSection {
     pub items_max: usize,
     /// Largest quantity on one line item.
     pub item_qty_max: u32,
+    /// How many days an event's `occurred_at` may lie ahead of the router's clock (0: no
+    /// limit).
+    pub occurred_at_future_max_days: u32,
     /// Most shard-log records a shard worker applies in one batch (one sled flush).
     pub batch_max_events: usize,
     /// Most ingest messages the router pulls at once.
@@ -275,6 +278,7 @@ impl Default for LimitsSection {
             amount_max: 1_000_000.0,
             items_max: 200,
             item_qty_max: 10_000,
+            occurred_at_future_max_days: 366,
             batch_max_events: 512,
             router_batch_max_events: 2048,
             snapshot_piece_bytes: 512 * 1024,
@@ -597,6 +601,12 @@ impl Config {
         self.range("limits.items_max", limits.items_max, 1, 10_000)?;
         self.range("limits.item_qty_max", limits.item_qty_max, 1, 1_000_000)?;
         self.range(
+            "limits.occurred_at_future_max_days",
+            limits.occurred_at_future_max_days,
+            0,
+            36_500,
+        )?;
+        self.range(
             "limits.batch_max_events",
             limits.batch_max_events,
             1,
@@ -694,6 +704,12 @@ impl Config {
     pub fn amount_max_minor(&self) -> i64 {
         // validate() bounds amount_max to (0, 1e12] with at most 2 decimals.
         (self.limits.amount_max * 100.0).round() as i64
+    }
+
+    /// `limits.occurred_at_future_max_days` in ms (`None` for 0, no limit).
+    pub fn occurred_at_future_max_ms(&self) -> Option<i64> {
+        let days = self.limits.occurred_at_future_max_days;
+        (days > 0).then(|| i64::from(days) * 86_400_000)
     }
 
     /// Stream limits for the JetStream set-up.

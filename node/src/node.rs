@@ -270,6 +270,8 @@ async fn session(
             items_max: config.limits.items_max,
             item_qty_max: config.limits.item_qty_max,
             currencies: rules.currencies(),
+            occurred_at_future_max_ms: config.occurred_at_future_max_ms(),
+            occurred_at_max_ms: None,
         },
         shards,
         batch_max_events: config.limits.router_batch_max_events,

@@ -553,7 +553,7 @@ async fn prefetch(
     mut stream: pull::Stream,
     ready: mpsc::Sender<Result<Validated, MessagesError>>,
     directory: Arc<IdentityDirectory>,
-    limits: IngestLimits,
+    mut limits: IngestLimits,
     group_max: usize,
 ) {
     let mut reading = JoinSet::new();
@@ -565,6 +565,9 @@ async fn prefetch(
                 _ => break,
             }
         }
+        limits.occurred_at_max_ms = limits
+            .occurred_at_future_max_ms
+            .map(|ahead| crate::commands::wall_clock_ms().saturating_add(ahead));
         let group: Vec<Result<Validated, MessagesError>> = items
             .into_iter()
             .map(|item| item.map(|message| validate(message, &limits)))

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::shard_log::ShardLogReader;
 use crate::shutdown::Shutdown;
 use crate::subjects;
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
@@ -506,20 +507,8 @@ impl ShardWorker {
         }
         let mut acks = Vec::with_capacity(events.len());
         for (key, event) in events {
-            let body = match serde_json::to_vec(&crate::events::event_json(&event)) {
-                Ok(body) => body,
-                Err(error) => {
-                    warn!(%error, "actor event not encodable");
-                    continue;
-                }
-            };
-            let publish = Publish::build()
-                .payload(body.into())
-                .message_id(event.id.as_str());
-            let subject = subjects::event(&event.event_type, &event.customer_id);
-            match self.jetstream.send_publish(subject, publish).await {
-                Ok(ack) => acks.push((key, ack)),
-                Err(error) => warn!(%error, "actor event not published; kept in the outbox"),
+            if let Some(ack) = send_event(&self.jetstream, &event).await {
+                acks.push((key, ack));
             }
         }
         while self.publishing.try_join_next().is_some() {}
@@ -559,6 +548,35 @@ async fn next_forwarded(
     match subscription {
         Some(subscription) => subscription.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Publishes one actor event on `crm.events.<type>.<customer_id>` with its id as
+/// `Nats-Msg-Id`; `None` (logged) when it could not be sent.
+async fn send_event(jetstream: &Context, event: &ActorEvent) -> Option<PublishAckFuture> {
+    let body = match serde_json::to_vec(&crate::events::event_json(event)) {
+        Ok(body) => body,
+        Err(error) => {
+            warn!(%error, "actor event not encodable");
+            return None;
+        }
+    };
+    let publish = Publish::build().payload(body.into());
+    // A header value cannot hold a line break (async-nats would panic); the ingest gate
+    // refuses such ids, so this only guards records written by something else.
+    let publish = if event.id.chars().any(char::is_control) {
+        warn!(id = ?event.id, "actor event id holds a control character; published without dedup id");
+        publish
+    } else {
+        publish.message_id(event.id.as_str())
+    };
+    let subject = subjects::event(&event.event_type, &event.customer_id);
+    match jetstream.send_publish(subject, publish).await {
+        Ok(ack) => Some(ack),
+        Err(error) => {
+            warn!(%error, "actor event not published; kept in the outbox");
+            None
+        }
     }
 }
 
