@@ -356,6 +356,51 @@ async fn queries_for_unknown_customers_are_not_found_and_malformed_ones_bad_requ
     assert_eq!(reply["customer_id"], known["customer_id"]);
 }
 
+/// A shard with a long backlog (one event per shard-log record, flushes 200 ms apart)
+/// still answers queries between its batches, instead of only once the backlog is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_working_through_a_backlog_still_answers_queries() {
+    let env = crm_cluster::cluster_env::TestEnv::start(crm_cluster::cluster_env::NodeOptions {
+        shards: crm_cluster::test_support::SHARDS,
+        rules: crm_cluster::cluster_env::fixture(RULES),
+        limits: "batch_max_events = 4\nrouter_batch_max_events = 1\nflush_interval_ms = 200"
+            .to_string(),
+        ..Default::default()
+    });
+    let client = env.client().await;
+    const EVENTS: u64 = 150;
+    let events: Vec<Outgoing> = (0..EVENTS)
+        .map(|i| {
+            purchase(
+                "web",
+                &format!("busy-{i}"),
+                json!({"email": "busy@example.com"}),
+                &format!("busy-o-{i}"),
+                "2026-11-01T10:00:00Z",
+                1.0,
+            )
+        })
+        .collect();
+    crm_cluster::cluster_env::publish_all(&client, events, 64, Duration::from_secs(60)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let answered = loop {
+        let reply = view(&client, json!({"email": "busy@example.com"})).await;
+        if reply.get("error").is_none() {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no view within 10 s while the shard works through its backlog: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let applied = answered["purchases"]["count"].as_u64().expect("a count");
+    assert!(
+        applied < EVENTS,
+        "answered only once the backlog was done ({applied} of {EVENTS} applied)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_commands_are_bad_request() {
     let env = start_env(RULES);
@@ -382,12 +427,30 @@ async fn malformed_commands_are_bad_request() {
             &br#"{"request_id": "r", "reward_id": "coffee", "identity": {"email": "a@b.co"}, "occurred_at": "yesterday"}"#[..],
             "redeem with a bad occurred_at",
         ),
+        (
+            subjects::CMD_REDEEM,
+            &br#"{"request_id": "r", "reward_id": "coffee", "identity": {"email": "a@b.co"}, "occurred_at": "2099-01-01T00:00:00Z"}"#[..],
+            "redeem dated 2099",
+        ),
         (subjects::CMD_TICK, &b"{}"[..], "tick without at"),
         (subjects::CMD_TICK, &br#"{"at": "soon"}"#[..], "tick with a bad at"),
+        (
+            subjects::CMD_TICK,
+            &br#"{"at": "2207-01-01T00:00:00Z"}"#[..],
+            "tick dated 2207",
+        ),
+        (
+            subjects::CMD_TICK,
+            &br#"{"at": "1969-07-20T20:17:00Z"}"#[..],
+            "tick before 1970",
+        ),
     ] {
         let reply = raw_request(&client, subject, body).await;
         assert_eq!(reply["error"]["code"], "bad_request", "{what}: {reply}");
     }
+    // Nothing of them reached a shard log: no tick was appended.
+    let stats = raw_request(&client, subjects::NODE_STATS, b"{}").await;
+    assert_eq!(stats["metrics"]["ticks_appended"], 0, "{stats}");
 }
 
 // ------------------------------------------------------------------------------------

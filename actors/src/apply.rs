@@ -106,6 +106,26 @@ fn outcome(status: ApplyStatus, events: Vec<ActorEvent>) -> ApplyOutcome {
     }
 }
 
+/// The customer as the time rules will leave them at `at_ms` (expired lots gone, pending
+/// points released, a due lapse declared), for a view only: the stored state is not
+/// touched, and the events those rules emit when a tick or an event really runs them are
+/// dropped here. Borrowed unchanged when nothing is due by then.
+pub fn settled_as_of<'a>(
+    state: &'a CustomerState,
+    at_ms: i64,
+    rules: &Rules,
+) -> std::borrow::Cow<'a, CustomerState> {
+    match state.next_due_ms() {
+        Some(due) if due <= at_ms => {
+            let mut settled = state.clone();
+            let mut dropped = Emitter::new(&state.customer_id, "view");
+            run_due(&mut settled, rules, at_ms, &mut dropped);
+            std::borrow::Cow::Owned(settled)
+        }
+        _ => std::borrow::Cow::Borrowed(state),
+    }
+}
+
 /// Fires every time rule due at or before `until_ms`, in time order.
 fn run_due(state: &mut CustomerState, rules: &Rules, until_ms: i64, emitter: &mut Emitter) {
     for _ in 0..FIRINGS_MAX {
@@ -576,6 +596,7 @@ fn apply_purchase(
     summary.first_at_ms = Some(summary.first_at_ms.map_or(at, |f| f.min(at)));
     summary.last_at_ms = Some(summary.last_at_ms.map_or(at, |l| l.max(at)));
     if in_loyalty_currency {
+        summary.count_in_currency += 1;
         summary.total_spend_minor = summary
             .total_spend_minor
             .saturating_add(purchase.amount_minor);
@@ -684,9 +705,10 @@ fn apply_return(
     let fully_returned = returned >= order.amount_minor;
 
     state.returns.count += 1;
-    state.returns.total_minor = state.returns.total_minor.saturating_add(ret.amount_minor);
     state.returns.last_at_ms = state.returns.last_at_ms.max(Some(event.occurred_at_ms));
     if counts_for_spend {
+        // A refund in another currency cannot be netted against spend in this one.
+        state.returns.total_minor = state.returns.total_minor.saturating_add(ret.amount_minor);
         loyalty::record_spend(&mut state.loyalty, order_at, -ret.amount_minor);
     }
 
@@ -2050,5 +2072,57 @@ winback_delay_days = {winback}
             state.purchases.by_category_minor
         );
         assert!(state.purchases.by_category_minor.contains_key("other"));
+    }
+
+    #[test]
+    fn a_view_shows_the_time_rules_due_by_its_time_without_storing_them() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        run(&mut state, &rules, &[purchase("e1", "o1", day(0), 1000)]);
+        let before = bytes(&state);
+        let view = customer_view(&state, day(400), &rules);
+        assert_eq!(
+            view["loyalty"]["points_balance"], 0,
+            "the lot expired on day 365"
+        );
+        assert_eq!(
+            view["retention"]["state"], "lapsed",
+            "{}",
+            view["retention"]
+        );
+        assert_eq!(bytes(&state), before, "the stored state is untouched");
+        assert_eq!(state.loyalty.balance(), 10);
+        let early = customer_view(&state, day(10), &rules);
+        assert_eq!(early["loyalty"]["points_balance"], 10);
+    }
+
+    #[test]
+    fn money_in_another_currency_stays_out_of_the_loyalty_currency_figures() {
+        let rules = rules();
+        let mut state = CustomerState::new("c1");
+        let mut dollars = purchase("e2", "o2", day(1), 10_000);
+        if let CustomerCommand::Event { event, .. } = &mut dollars {
+            if let EventKind::Purchase(purchase) = &mut event.kind {
+                purchase.currency = "USD".to_string();
+            }
+        }
+        run(
+            &mut state,
+            &rules,
+            &[
+                purchase("e1", "o1", day(0), 10_000),
+                dollars,
+                give_back("r2", "o2", day(2), 10_000),
+            ],
+        );
+        let view = customer_view(&state, day(3), &rules);
+        assert_eq!(view["purchases"]["count"], 2);
+        assert_eq!(
+            view["purchases"]["average_order_value"].as_f64(),
+            Some(100.0)
+        );
+        assert_eq!(view["returns"]["count"], 1);
+        assert_eq!(view["returns"]["total"].as_f64(), Some(0.0));
+        assert_eq!(view["retention"]["monetary"].as_f64(), Some(100.0));
     }
 }

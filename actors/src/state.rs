@@ -83,8 +83,12 @@ pub struct TimelineEntry {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurchaseSummary {
+    /// Purchases in every accepted currency.
     pub count: u64,
-    /// Gross spend, minor units (returns are in [`ReturnSummary`]).
+    /// Purchases in the loyalty currency: those `total_spend_minor` adds up.
+    pub count_in_currency: u64,
+    /// Gross spend in the loyalty currency, minor units (returns are in
+    /// [`ReturnSummary`]).
     pub total_spend_minor: i64,
     pub first_at_ms: Option<i64>,
     pub last_at_ms: Option<i64>,
@@ -94,7 +98,9 @@ pub struct PurchaseSummary {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReturnSummary {
+    /// Returns in every accepted currency.
     pub count: u64,
+    /// Refunds of orders in the loyalty currency, minor units.
     pub total_minor: i64,
     pub last_at_ms: Option<i64>,
 }

@@ -43,6 +43,7 @@ pub fn full_view(
     rules: &Rules,
     value_model: Option<&ValueModel>,
 ) -> Value {
+    let state = &*crate::apply::settled_as_of(state, as_of_ms, rules);
     let mut view = customer_view(state, as_of_ms, rules);
     let value = customer_value::value_block(state, value_model);
     let actions = customer_value::next_best_actions(state, &value, rules, as_of_ms);
@@ -54,6 +55,8 @@ pub fn full_view(
 }
 
 pub fn customer_view(state: &CustomerState, as_of_ms: i64, rules: &Rules) -> Value {
+    // Time rules due by `as_of` are shown as done (a redeem would run them first).
+    let state = &*crate::apply::settled_as_of(state, as_of_ms, rules);
     let as_of = if state.exists() {
         as_of_ms.max(state.clock_ms)
     } else {
@@ -101,8 +104,8 @@ pub fn customer_view(state: &CustomerState, as_of_ms: i64, rules: &Rules) -> Val
         .collect();
 
     let purchases = &state.purchases;
-    let average_order_value = if purchases.count > 0 {
-        to_decimal(purchases.total_spend_minor / purchases.count as i64)
+    let average_order_value = if purchases.count_in_currency > 0 {
+        to_decimal(purchases.total_spend_minor / purchases.count_in_currency as i64)
     } else {
         Value::Null
     };

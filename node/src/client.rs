@@ -375,11 +375,45 @@ pub struct ValueFitArgs {
     pub timeout_s: u64,
 }
 
-/// `crm-node stats`.
+/// Most node replies `crm-node stats` collects.
+const STATS_REPLIES_MAX: usize = 1024;
+/// `crm-node stats` stops collecting after this long without a new reply.
+const STATS_QUIET: Duration = Duration::from_millis(300);
+
+/// `crm-node stats`: every node answers `crm.node.stats`; prints one JSON line per node,
+/// by node id.
 pub async fn stats(url: &str) -> Result<()> {
     let client = connect(url).await?;
-    let reply = request(&client, subjects::NODE_STATS, &json!({})).await?;
-    println!("{reply}");
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(subjects::NODE_STATS.to_string(), inbox, "{}".into())
+        .await?;
+    let no_node = || {
+        anyhow!(
+            "no reply on {} within 10 s; is a crm-node running?",
+            subjects::NODE_STATS
+        )
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .map_err(|_| no_node())?
+        .ok_or_else(no_node)?;
+    let mut answers = vec![first];
+    while answers.len() < STATS_REPLIES_MAX {
+        match tokio::time::timeout(STATS_QUIET, replies.next()).await {
+            Ok(Some(message)) => answers.push(message),
+            _ => break,
+        }
+    }
+    let mut lines: Vec<Value> = answers
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap_or_else(|_| json!({"unreadable": true})))
+        .collect();
+    lines.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
+    for line in lines {
+        println!("{line}");
+    }
     Ok(())
 }
 

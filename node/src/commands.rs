@@ -35,6 +35,34 @@ pub struct Commands {
     pub jetstream: Context,
     pub shards: Shards,
     pub metrics: Arc<Metrics>,
+    /// How far ahead of the wall clock a command's time may be (`None`: no bound); as
+    /// `limits.occurred_at_future_max_days` bounds events.
+    pub occurred_at_future_max_ms: Option<i64>,
+}
+
+/// Refuses a command time before 1970 or further ahead of the wall clock than
+/// `future_max_ms`: one tick or redeem dated 2099 would move every rule clock it reaches
+/// to 2099 for good (every lot expired, every customer lapsed).
+fn check_command_time(field: &str, at_ms: i64, future_max_ms: Option<i64>) -> Result<(), Value> {
+    if at_ms < 0 {
+        return Err(error_reply(
+            "bad_request",
+            format!("{field} is before 1970-01-01T00:00:00Z"),
+        ));
+    }
+    if let Some(latest) = future_max_ms.map(|ahead| wall_clock_ms().saturating_add(ahead)) {
+        if at_ms > latest {
+            return Err(error_reply(
+                "bad_request",
+                format!(
+                    "{field} {} is after {}, further ahead of this node's clock than limits.occurred_at_future_max_days allows; check the year",
+                    format_rfc3339(at_ms),
+                    format_rfc3339(latest)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The wall clock in Unix ms (only for stamping commands that carry no time of their own).
@@ -79,7 +107,17 @@ impl Commands {
             },
             None => wall_clock_ms(),
         };
-        let customer_id = match resolve_customer(&self.shards.directory, &request).await {
+        if let Err(error) = check_command_time("occurred_at", at_ms, self.occurred_at_future_max_ms)
+        {
+            return error;
+        }
+        let customer_id = match resolve_customer(
+            &self.shards.directory,
+            &request,
+            self.shards.timeout,
+        )
+        .await
+        {
             Ok(Some(id)) => id,
             Ok(None) => {
                 return json!({"request_id": request_id, "reward_id": reward_id, "approved": false,
@@ -142,6 +180,9 @@ impl Commands {
             Some(Err(error)) => return error_reply("bad_request", format!("at {error}")),
             None => return error_reply("bad_request", "send {\"at\": \"2027-01-01T00:00:00Z\"}"),
         };
+        if let Err(error) = check_command_time("at", at_ms, self.occurred_at_future_max_ms) {
+            return error;
+        }
         let every_shard: Vec<u32> = (0..self.shards.count).collect();
         match self.append_ticks(at_ms, &every_shard).await {
             Ok(shards) => json!({"v": 1, "at": format_rfc3339(at_ms), "shards": shards}),

@@ -340,6 +340,7 @@ async fn session(
         jetstream: jetstream.clone(),
         shards: shard_map.clone(),
         metrics: metrics.clone(),
+        occurred_at_future_max_ms: config.occurred_at_future_max_ms(),
     };
     tasks.spawn(commands.clone().serve(
         subjects::CMD_REDEEM,

@@ -46,6 +46,7 @@ pub fn error_reply(code: &str, message: impl Into<String>) -> Value {
 pub async fn resolve_customer(
     directory: &IdentityDirectory,
     request: &Value,
+    timeout: Duration,
 ) -> Result<Option<String>, Value> {
     if let Some(id) = request.get("customer_id") {
         return match id.as_str() {
@@ -64,10 +65,24 @@ pub async fn resolve_customer(
     }
     let identities = parse_identities(request.get("identity"))
         .map_err(|rejection| error_reply("bad_request", rejection.message))?;
-    directory
-        .lookup(&identities)
-        .await
-        .map_err(|error| error_reply("unavailable", format!("identity directory: {error}")))
+    // The directory retries a failed read; the caller's deadline bounds them all.
+    match tokio::time::timeout(timeout, directory.lookup(&identities)).await {
+        Ok(Ok(found)) => Ok(found),
+        Ok(Err(error)) => {
+            warn!(%error, "identity lookup failed");
+            Err(error_reply(
+                "unavailable",
+                "the identity directory could not be read; retry in a moment",
+            ))
+        }
+        Err(_) => Err(error_reply(
+            "unavailable",
+            format!(
+                "the identity directory did not answer within {} ms; retry in a moment",
+                timeout.as_millis()
+            ),
+        )),
+    }
 }
 
 impl Shards {
@@ -116,11 +131,31 @@ impl Shards {
             customer_id: customer_id.to_string(),
             reply,
         };
-        sender.send(request).await.ok()?;
+        // The worker's queue is bounded; a worker that does not take requests (a long
+        // batch) must not hold this responder past the deadline.
+        match tokio::time::timeout_at(deadline, sender.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                return Some(error_reply(
+                    "unavailable",
+                    format!(
+                        "shard {shard} is busy (its query queue stayed full for {} ms); retry in a moment",
+                        self.timeout.as_millis()
+                    ),
+                ))
+            }
+        }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(Some(view)))) => Some(view),
             Ok(Ok(Ok(None))) => Some(not_found(customer_id)),
-            Ok(Ok(Err(error))) => Some(error_reply("unavailable", error)),
+            Ok(Ok(Err(error))) => {
+                warn!(shard, %error, "view failed");
+                Some(error_reply(
+                    "unavailable",
+                    format!("shard {shard} could not read the customer (the node's log has the cause); retry in a moment"),
+                ))
+            }
             Ok(Err(_)) => None,
             Err(_) => Some(error_reply(
                 "unavailable",
@@ -177,7 +212,7 @@ pub async fn answer(shards: &Shards, body: &[u8]) -> Value {
             )
         }
     };
-    match resolve_customer(&shards.directory, &request).await {
+    match resolve_customer(&shards.directory, &request, shards.timeout).await {
         Ok(Some(customer_id)) => shards.view(&customer_id).await,
         Ok(None) => error_reply("not_found", "no customer has these identifiers"),
         Err(error) => error,

@@ -25,7 +25,7 @@ use crm_actors::codec;
 use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
 use crm_actors::engine::{OutboxKey, ShardEngine};
 use crm_actors::event::{RejectReason, Rejection};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -136,6 +136,9 @@ enum Processed {
     Fenced,
 }
 
+/// Most waiting queries a worker with a backlog answers between two batches.
+const QUERIES_BETWEEN_BATCHES_MAX: usize = 64;
+
 /// Delay before the reader is reopened after a failure.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest wait for new records before the worker looks at its other duties.
@@ -200,6 +203,9 @@ impl ShardWorker {
                             break;
                         }
                     }
+                    // While the log has a backlog the read above is always ready first;
+                    // queries waiting meanwhile are answered between batches.
+                    self.answer_waiting(&client, &mut forwarded).await;
                 }
                 let every = self.settings.snapshot_every_records;
                 let due = (every > 0 && since_snapshot >= every)
@@ -246,6 +252,24 @@ impl ShardWorker {
         .await
     }
 
+    /// Answers the queries already waiting (local and forwarded), at most
+    /// [`QUERIES_BETWEEN_BATCHES_MAX`], without waiting for more.
+    async fn answer_waiting(
+        &mut self,
+        client: &async_nats::Client,
+        forwarded: &mut Option<async_nats::Subscriber>,
+    ) {
+        for _ in 0..QUERIES_BETWEEN_BATCHES_MAX {
+            if let Ok(request) = self.requests.try_recv() {
+                self.answer(request).await;
+            } else if let Some(Some(message)) = next_forwarded(forwarded).now_or_never() {
+                self.answer_forwarded(client, message).await;
+            } else {
+                return;
+            }
+        }
+    }
+
     /// Answers a view query another node forwarded (`crm.owner.<n>.view`).
     async fn answer_forwarded(
         &mut self,
@@ -265,7 +289,13 @@ impl ShardWorker {
                 Ok(None) => {
                     crate::query::error_reply("not_found", format!("no customer {customer_id}"))
                 }
-                Err(error) => crate::query::error_reply("unavailable", error.to_string()),
+                Err(error) => {
+                    warn!(%error, "view failed");
+                    crate::query::error_reply(
+                        "unavailable",
+                        format!("shard {} could not read the customer (the owner's log has the cause); retry in a moment", self.shard),
+                    )
+                }
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
@@ -276,6 +306,8 @@ impl ShardWorker {
 
     async fn answer(&mut self, request: ShardRequest) {
         match request {
+            // The asker gave up (its deadline passed): no view to build.
+            ShardRequest::View { reply, .. } if reply.is_closed() => {}
             ShardRequest::View { customer_id, reply } => {
                 let view = self
                     .engine
