@@ -43,7 +43,8 @@ pub fn full_view(
     rules: &Rules,
     value_model: Option<&ValueModel>,
 ) -> Value {
-    let state = &*crate::apply::settled_as_of(state, as_of_ms, rules);
+    // `customer_view` settles the time rules due by `as_of_ms`; the value block stays as
+    // the model's rescore left it (scored as of the model's day, like the offline fit).
     let mut view = customer_view(state, as_of_ms, rules);
     let value = customer_value::value_block(state, value_model);
     let actions = customer_value::next_best_actions(state, &value, rules, as_of_ms);

@@ -213,6 +213,8 @@ impl ValueService {
             loop {
                 let round_end = (tokio::time::Instant::now() + COLLECT_ROUND).min(deadline);
                 let message = match tokio::time::timeout_at(round_end, replies.next()).await {
+                    // A node still reading its store ([`with_keepalive`]): news, wait on.
+                    Ok(Some(message)) if message.payload.is_empty() => continue,
                     Ok(Some(message)) => message,
                     _ if tokio::time::Instant::now() >= deadline => {
                         let missing: Vec<usize> =
@@ -302,10 +304,21 @@ impl ValueService {
             }
             let count = self.shard_count;
             let served_set: std::collections::HashSet<u32> = served.iter().copied().collect();
-            let rows = tokio::task::spawn_blocking(move || {
+            let read = tokio::task::spawn_blocking(move || {
                 let owned = |customer_id: &str| served_set.contains(&shard_of(customer_id, count));
                 customer_value::summaries_from_store(&store, ask.as_of_day, unit, owned)
                     .map(|summaries| aggregate(&summaries))
+            });
+            // Reading a large store takes longer than the collector's quiet round: tell it
+            // this node is at work, or it would ask again and drop this answer's inbox.
+            let client = self.client.clone();
+            let inbox = reply.clone();
+            let rows = with_keepalive(read, KEEPALIVE_EVERY, || {
+                let client = client.clone();
+                let inbox = inbox.clone();
+                async move {
+                    let _ = client.publish(inbox, bytes::Bytes::new()).await;
+                }
             })
             .await;
             let rows = match rows {
@@ -480,6 +493,30 @@ async fn next_message(
 
 /// Longest a fit waits for the summaries of every shard.
 pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a node reading its summaries tells the collector it is still at work (well
+/// under [`COLLECT_ROUND`]).
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(500);
+
+/// Awaits `work`, calling `keepalive` every `every` until it is done.
+async fn with_keepalive<T, K, KF>(
+    work: impl std::future::Future<Output = T>,
+    every: Duration,
+    keepalive: K,
+) -> T
+where
+    K: Fn() -> KF,
+    KF: std::future::Future<Output = ()>,
+{
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => keepalive().await,
+        }
+    }
+}
 /// Quiet time after which the shards still missing from a gather are asked for again.
 pub const COLLECT_ROUND: Duration = Duration::from_secs(2);
 /// Most summary rows in one chunk (~48 bytes each: well under NATS's 1 MiB payload).
@@ -744,5 +781,34 @@ mod tests {
         assert_eq!(parse_day("2026-11-23"), Some(20_780));
         assert_eq!(parse_day("2026-13-01"), None);
         assert_eq!(crm_actors::customer_value::day_text(20_780), "2026-11-23");
+    }
+
+    #[tokio::test]
+    async fn a_long_read_sends_keepalives_until_it_is_done() {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = sent.clone();
+        let answer = with_keepalive(
+            async {
+                tokio::time::sleep(Duration::from_millis(330)).await;
+                7
+            },
+            Duration::from_millis(50),
+            || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+        )
+        .await;
+        assert_eq!(answer, 7);
+        let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((4..=7).contains(&sent), "{sent} keepalives");
+        // A quick read sends none.
+        let quiet = with_keepalive(async { 1 }, Duration::from_millis(50), || async {
+            panic!("no keepalive for a read that is already done")
+        })
+        .await;
+        assert_eq!(quiet, 1);
     }
 }

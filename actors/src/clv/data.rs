@@ -178,6 +178,14 @@ pub enum CsvError {
     NoRows,
     #[error("line {line}: missing column `{column}` (expected `{CSV_HEADER}`)")]
     MissingColumn { line: usize, column: &'static str },
+    #[error(
+        "line {line}: {found} fields where the header has {expected}; a field cannot hold a comma (write 1234.50, not 1,234.50)"
+    )]
+    ExtraFields {
+        line: usize,
+        found: usize,
+        expected: usize,
+    },
     #[error("line {line}: empty customer_id")]
     EmptyCustomerId { line: usize },
     #[error(
@@ -242,6 +250,14 @@ pub fn read_transactions_csv<R: BufRead>(reader: R) -> Result<Vec<Transaction>, 
             continue;
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        // `c1,2024-01-02,1,234.50` would otherwise read as an amount of 1.00.
+        if fields.len() > columns.len() {
+            return Err(CsvError::ExtraFields {
+                line: line_number,
+                found: fields.len(),
+                expected: columns.len(),
+            });
+        }
         let field = |column: usize, name: &'static str| {
             fields.get(column).copied().ok_or(CsvError::MissingColumn {
                 line: line_number,
@@ -411,6 +427,10 @@ mod tests {
             (
                 "customer_id,date,amount\nc1,2024-01-02,abc\n",
                 "line 2: amount `abc` is not a number",
+            ),
+            (
+                "customer_id,date,amount\nc1,2024-01-02,1,234.50\n",
+                "line 2: 4 fields where the header has 3",
             ),
             (
                 "customer_id,date,amount\nc1,2024-01-02,1.234\n",
