@@ -468,6 +468,15 @@ impl Manager {
                 Slot::Starting(task) => match task.await {
                     Ok(Ok(serving)) => {
                         self.table.set(shard, Some(serving.handle.clone()));
+                        // A model published while the shard was starting found it in
+                        // nobody's table (the model watch appends only to served shards):
+                        // append the current one again now that it is served here (its
+                        // message id makes a second append of one version a no-op).
+                        let (jetstream, kv, store) =
+                            (self.jetstream.clone(), self.value_kv.clone(), self.store.clone());
+                        tokio::spawn(async move {
+                            append_current_model(&jetstream, &kv, &store, shard).await;
+                        });
                         state.served_changed = true;
                         info!(
                             shard,
@@ -924,7 +933,7 @@ async fn append_current_model(jetstream: &Context, kv: &kv::Store, store: &Store
         Err(error) => Err(error.to_string()),
     };
     if let Err(error) = appended {
-        warn!(shard, version, %error, "value model not appended on start; the model watch retries");
+        warn!(shard, version, %error, "value model not appended; the next start of the shard or the next published model brings it");
     }
 }
 
