@@ -472,8 +472,11 @@ impl Manager {
                         // nobody's table (the model watch appends only to served shards):
                         // append the current one again now that it is served here (its
                         // message id makes a second append of one version a no-op).
-                        let (jetstream, kv, store) =
-                            (self.jetstream.clone(), self.value_kv.clone(), self.store.clone());
+                        let (jetstream, kv, store) = (
+                            self.jetstream.clone(),
+                            self.value_kv.clone(),
+                            self.store.clone(),
+                        );
                         tokio::spawn(async move {
                             append_current_model(&jetstream, &kv, &store, shard).await;
                         });
