@@ -22,6 +22,17 @@ NODE_PID_FILE="$DATA_DIR/node-1.pid"
 NODES_STARTED_FILE="$DATA_DIR/nodes-started"
 CRM_NODE="$REPO_ROOT/target/release/crm-node"
 
+# Prefix for a background server or node: a new session (setsid, util-linux), so a Ctrl-C
+# in the terminal that ran the script never reaches it (nats-server and crm-node install
+# SIGINT handlers, undoing the SIGINT ignore bash gives background jobs). Empty without
+# setsid: the process then shares the script's process group, as it used to.
+# `nohup "${DETACHED[@]}" cmd ... &` keeps $! the command's pid: setsid forks only when it
+# leads a process group, and a background job of a script (no job control) never does.
+DETACHED=()
+if command -v setsid >/dev/null 2>&1; then
+    DETACHED=(setsid)
+fi
+
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 

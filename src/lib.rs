@@ -2,7 +2,9 @@
 //! (below) helpers for `crm-node` processes and the client-side helpers the tests share.
 //!
 //! [`NatsServer::start`] launches `nats-server -js` on a free port of 127.0.0.1 with its own
-//! store directory in a temporary directory, and waits until it accepts clients. A test can
+//! store directory in a temporary directory, and waits until it accepts clients: until the
+//! port answers *and* the server logs that it listens, because a free port can be taken by
+//! another test's server in between (ours then exits and the start retries elsewhere). A test can
 //! stop, kill and restart it (same port, same store) to exercise NATS outages. Processes never
 //! outlive the test: they are killed on `Drop`, and every child is started with
 //! `PR_SET_PDEATHSIG = SIGKILL` from a harness thread that lives as long as the test process,
@@ -11,7 +13,7 @@
 //! one server failing while the others carry on).
 //! Nothing here knows the CRM; it is plain process plumbing.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,10 @@ const NATS_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const NATS_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts to start a server when its port was taken in between (see [`free_port`]).
 const NATS_START_ATTEMPTS_MAX: u32 = 5;
+/// What nats-server logs once it listens for clients. An answer on the port alone does not
+/// prove that: another test's server may hold the port, ours exiting with "address already
+/// in use" only after that answer (it binds the port after starting JetStream).
+const NATS_READY_LOG_LINE: &str = "Server is ready";
 
 /// A free TCP port on 127.0.0.1 (bound then released; another process could take it before
 /// it is used, which [`NatsServer::start`] handles by retrying on another port).
@@ -38,7 +44,8 @@ pub fn free_port() -> u16 {
 }
 
 /// The `nats-server` binary: `$NATS_SERVER_BIN`, then `PATH`, then `/usr/sbin`,
-/// `/usr/local/bin`. Panics naming the fix when there is none.
+/// `/usr/local/sbin`, `/usr/local/bin` (sbin directories are not on every user's `PATH`).
+/// Panics naming the fix when there is none.
 pub fn nats_server_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
         return PathBuf::from(path);
@@ -46,7 +53,7 @@ pub fn nats_server_binary() -> PathBuf {
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
-    let fallbacks = [PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")];
+    let fallbacks = ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin"].map(PathBuf::from);
     path_dirs
         .iter()
         .chain(fallbacks.iter())
@@ -54,7 +61,8 @@ pub fn nats_server_binary() -> PathBuf {
         .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "nats-server not found on PATH, in /usr/sbin or /usr/local/bin: run scripts/setup \
+                "nats-server not found on PATH, in /usr/sbin, /usr/local/sbin or /usr/local/bin: \
+                 run scripts/setup \
                  (or `apt-get install -y nats-server`), or set NATS_SERVER_BIN to its path"
             )
         })
@@ -215,7 +223,18 @@ impl NatsServer {
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
             match self.launch() {
-                Ok(()) => return,
+                Ok(()) => {
+                    // `launch` checked this already; a restart cannot move to another port,
+                    // so say plainly if the server on this port is not ours after all.
+                    assert!(
+                        self.is_running(),
+                        "nats-server restarted on port {} exited right after it became ready \
+                         (is another process using the port?); its log:\n{}",
+                        self.port,
+                        self.log_tail()
+                    );
+                    return;
+                }
                 Err(problem) if Instant::now() < deadline => {
                     eprintln!(
                         "nats-server restart on port {} failed ({problem}); retrying",
@@ -228,9 +247,12 @@ impl NatsServer {
         }
     }
 
-    /// Spawns the process on `self.port` and waits until it answers; kills it on failure.
+    /// Spawns the process on `self.port` and waits until it answers, logged that it is ready
+    /// and still runs; kills it on failure.
     fn launch(&mut self) -> Result<(), String> {
         debug_assert!(self.child.is_none());
+        // The log is appended across restarts: only what this process writes counts.
+        let log_start = log_len(&self.log_path());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -258,6 +280,9 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
+            let ready =
+                logged_ready_since(&self.log_path(), log_start) && accepts_clients(self.port);
+            // Checked after readiness: a server that lost its port to another one exits.
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
@@ -268,7 +293,7 @@ impl NatsServer {
                     ));
                 }
             }
-            if accepts_clients(self.port) {
+            if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -312,6 +337,24 @@ fn accepts_clients(port: u16) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO")
+}
+
+/// The length of the file at `path` in bytes; 0 when it does not exist yet.
+fn log_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+}
+
+/// Whether the nats-server log at `path`, from byte `offset` on, has the line it writes once
+/// it listens for clients ([`NATS_READY_LOG_LINE`]).
+fn logged_ready_since(path: &Path, offset: u64) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut written = Vec::new();
+    if file.seek(SeekFrom::Start(offset)).is_err() || file.read_to_end(&mut written).is_err() {
+        return false;
+    }
+    String::from_utf8_lossy(&written).contains(NATS_READY_LOG_LINE)
 }
 
 /// Creates `path` and its parents; a convenience for tests that write config files.

@@ -4,7 +4,9 @@
 //! [`NatsCluster::start`] writes one config file per server into one temporary directory
 //! (its own store, a unique `server_name`, one cluster name, free client and route ports on
 //! 127.0.0.1, routes to every other server), starts the servers and waits until JetStream
-//! works in cluster mode: an R`n` stream can be created. A test can kill (SIGKILL), stop
+//! works in cluster mode: an R`n` stream can be created, and every server still runs (one
+//! whose port another process took meanwhile exits; the whole start is then retried on new
+//! ports, a few times). A test can kill (SIGKILL), stop
 //! (SIGTERM) and restart (same ports, same store) any server by its index `0..n`. Like
 //! [`crate::NatsServer`], servers are killed on `Drop` and are started through
 //! [`crate::spawn_tied_to_test_process`], so they die with the test process however it dies.
@@ -12,8 +14,8 @@
 //! comma-separated string (see there). Nothing here knows the CRM.
 
 use crate::{
-    accepts_clients, free_port, nats_server_binary, spawn_tied_to_test_process, NATS_READY_TIMEOUT,
-    NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
+    accepts_clients, free_port, log_len, logged_ready_since, nats_server_binary,
+    spawn_tied_to_test_process, NATS_READY_TIMEOUT, NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,11 +66,13 @@ impl ClusterServer {
         }
     }
 
-    /// Spawns the process with its config file and waits until it accepts clients; kills it
-    /// on failure.
+    /// Spawns the process with its config file and waits until it accepts clients, logged
+    /// that it is ready and still runs; kills it on failure.
     fn launch(&mut self, binary: &Path) -> Result<(), String> {
         debug_assert!(self.child.is_none());
         let log_path = self.log_path();
+        // The log is appended across restarts: only what this process writes counts.
+        let log_start = log_len(&log_path);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,6 +97,9 @@ impl ClusterServer {
         self.child = Some(child);
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
+            let ready =
+                logged_ready_since(&log_path, log_start) && accepts_clients(self.client_port);
+            // Checked after readiness: a server that lost its port to another one exits.
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
@@ -105,7 +112,7 @@ impl ClusterServer {
                     ));
                 }
             }
-            if accepts_clients(self.client_port) {
+            if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -183,8 +190,14 @@ impl NatsCluster {
             root,
             servers: Vec::with_capacity(n),
         };
+        let replicas = n.min(5);
         for attempt in 1..=NATS_START_ATTEMPTS_MAX {
-            // New ports on every attempt: one of them may have been taken meanwhile.
+            // New ports and fresh directories on every attempt: a port may have been taken
+            // meanwhile, and the stores must not remember the peers of a failed attempt.
+            cluster.kill_all();
+            for server in &cluster.servers {
+                let _ = std::fs::remove_dir_all(&server.dir);
+            }
             let ports = distinct_free_ports(2 * n);
             cluster.servers = (0..n)
                 .map(|index| {
@@ -198,20 +211,39 @@ impl NatsCluster {
                     }
                 })
                 .collect();
-            match cluster.launch_all() {
-                Ok(()) => break,
-                Err(problem) if attempt < NATS_START_ATTEMPTS_MAX => {
-                    eprintln!("NATS cluster start failed ({problem}); retrying on other ports");
-                    cluster.kill_all();
+            let problem = match cluster.launch_all() {
+                Err(problem) => problem,
+                Ok(()) => {
+                    let jetstream = cluster.wait_for_jetstream(replicas);
+                    // Checked after readiness: a server whose route port another process
+                    // took exits after its client port answered.
+                    let exited = cluster.exited_servers();
+                    match jetstream {
+                        Ok(()) if exited.is_empty() => return cluster,
+                        Err(problem) if exited.is_empty() => {
+                            let logs = cluster.log_tails();
+                            cluster.kill_all();
+                            panic!(
+                                "the NATS cluster's JetStream did not accept an R{replicas} \
+                                 stream within {CLUSTER_JETSTREAM_READY_TIMEOUT:?} ({problem}); \
+                                 server logs:\n{logs}"
+                            );
+                        }
+                        _ => format!(
+                            "{} exited after the start; server logs:\n{}",
+                            exited.join(", "),
+                            cluster.log_tails()
+                        ),
+                    }
                 }
-                Err(problem) => {
-                    cluster.kill_all();
-                    panic!("{problem}");
-                }
+            };
+            if attempt == NATS_START_ATTEMPTS_MAX {
+                cluster.kill_all();
+                panic!("{problem}");
             }
+            eprintln!("NATS cluster start failed ({problem}); retrying on other ports");
         }
-        cluster.wait_for_jetstream(n.min(5));
-        cluster
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The number of servers.
@@ -283,7 +315,19 @@ impl NatsCluster {
         let deadline = Instant::now() + NATS_READY_TIMEOUT;
         loop {
             match server.launch(&binary) {
-                Ok(()) => return,
+                Ok(()) => {
+                    // `launch` checked this already; a restart cannot move to other ports,
+                    // so say plainly if the server on them is not ours after all.
+                    assert!(
+                        server.is_running(),
+                        "{} restarted on client port {} exited right after it became ready \
+                         (is another process using its ports?); its log:\n{}",
+                        server.name,
+                        server.client_port,
+                        server.log_tail()
+                    );
+                    return;
+                }
                 Err(problem) if Instant::now() < deadline => {
                     eprintln!("{} restart failed ({problem}); retrying", server.name);
                     std::thread::sleep(Duration::from_millis(200));
@@ -350,13 +394,22 @@ impl NatsCluster {
         }
     }
 
+    /// The names of the servers whose process is no longer running.
+    fn exited_servers(&mut self) -> Vec<String> {
+        self.servers
+            .iter_mut()
+            .filter_map(|server| (!server.is_running()).then(|| server.name.clone()))
+            .collect()
+    }
+
     /// Retries creating an R`replicas` stream until JetStream accepts it (the servers found
-    /// each other and elected a meta leader), then deletes it.
-    fn wait_for_jetstream(&mut self, replicas: usize) {
+    /// each other and elected a meta leader), then deletes it. Returns the last problem after
+    /// [`CLUSTER_JETSTREAM_READY_TIMEOUT`].
+    fn wait_for_jetstream(&self, replicas: usize) -> Result<(), String> {
         let urls = self.urls();
         // The probe runs on its own thread and runtime, so `start` can be called from a
         // synchronous test as well as from inside a tokio runtime.
-        let outcome = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -364,15 +417,7 @@ impl NatsCluster {
                 .block_on(probe_jetstream(urls, replicas))
         })
         .join()
-        .unwrap_or_else(|_| Err("the JetStream probe thread panicked".to_string()));
-        if let Err(problem) = outcome {
-            let logs = self.log_tails();
-            self.kill_all();
-            panic!(
-                "the NATS cluster's JetStream did not accept an R{replicas} stream within \
-                 {CLUSTER_JETSTREAM_READY_TIMEOUT:?} ({problem}); server logs:\n{logs}"
-            );
-        }
+        .unwrap_or_else(|_| Err("the JetStream probe thread panicked".to_string()))
     }
 }
 

@@ -4,12 +4,34 @@
 //! The binary is the workspace's `target/<profile>/crm-node` (built by
 //! `cargo test --workspace`, whose `crm-node` integration tests require it, or by
 //! `scripts/test`). A missing binary is a clear panic naming the fix; a stale one a warning.
+//! Every `crm-node` started here runs without the developer's `CRM_*` settings
+//! ([`clear_developer_env`]), so a test gets the same node on every machine.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+/// The environment variables through which `crm-node` overrides its config or its NATS
+/// URL. A developer may have them set for their own node; a test node must not see them (it
+/// would write to their data directory, take their node id or talk to their NATS).
+pub const DEVELOPER_ENV_VARS: [&str; 5] = [
+    "CRM_DATA_DIR",
+    "CRM_NODE_ID",
+    "CRM_CONFIG",
+    "CRM_IDENTITY_SECRET",
+    "CRM_NATS_URL",
+];
+
+/// Removes [`DEVELOPER_ENV_VARS`] from `command`'s environment; call it before adding the
+/// test's own variables.
+pub fn clear_developer_env(command: &mut Command) -> &mut Command {
+    for name in DEVELOPER_ENV_VARS {
+        command.env_remove(name);
+    }
+    command
+}
 
 /// Path of the `crm-node` binary next to this test binary's profile directory.
 pub fn crm_node_binary() -> PathBuf {
@@ -93,7 +115,7 @@ impl NodeProcess {
 
     fn spawn(&mut self) {
         let mut command = Command::new(crm_node_binary());
-        command
+        clear_developer_env(&mut command)
             .args(["--nats-url", &self.nats_url, "run", "--config"])
             .arg(&self.config)
             .env(
@@ -273,7 +295,7 @@ pub fn terminate_child(mut child: Child, timeout: Duration) -> bool {
 
 /// Runs `crm-node <args>` to completion and returns (exit success, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(crm_node_binary())
+    let output = clear_developer_env(&mut Command::new(crm_node_binary()))
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

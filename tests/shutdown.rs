@@ -8,7 +8,7 @@ use crm_cluster::cluster_env::{
     view, wait_drained, write_config, NodeOptions, Outgoing, TestEnv, NODE_READY_TIMEOUT,
 };
 use crm_cluster::node_process::{
-    crm_node_binary, log_lines, log_tail, terminate_child, wait_for_log_line,
+    clear_developer_env, crm_node_binary, log_lines, log_tail, terminate_child, wait_for_log_line,
 };
 use crm_cluster::{spawn_tied_to_test_process, NatsServer};
 use crm_node::subjects;
@@ -100,11 +100,10 @@ struct WaitingNode {
 impl WaitingNode {
     fn start(config: &std::path::Path, nats_url: &str) -> WaitingNode {
         let mut command = Command::new(crm_node_binary());
-        command
+        clear_developer_env(&mut command)
             .args(["--nats-url", nats_url, "run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
-            .env_remove("CRM_IDENTITY_SECRET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
