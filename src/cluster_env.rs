@@ -55,6 +55,21 @@ pub fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
+/// Stream settings for tests that set JetStream up directly: the defaults with small size
+/// caps, because nats-server reserves each cap on disk when it creates the stream and the
+/// defaults (39 GiB in all) need more free disk than a test machine may have.
+pub fn test_stream_settings() -> crm_node::jetstream::StreamSettings {
+    const MIB: u64 = 1024 * 1024;
+    let mut settings = crm_node::jetstream::StreamSettings::default();
+    settings.ingest.max_bytes = 256 * MIB;
+    settings.shards.max_bytes = 1024 * MIB;
+    settings.events.max_bytes = 256 * MIB;
+    settings.dlq.max_bytes = 64 * MIB;
+    settings.snapshots.max_bytes = 1024 * MIB;
+    settings.audit.max_bytes = 64 * MIB;
+    settings
+}
+
 /// Writes a node config into `dir` and returns its path.
 pub fn write_config(dir: &Path, node_id: &str, nats_url: &str, options: &NodeOptions) -> PathBuf {
     let data_dir = dir.join(node_id);
@@ -72,6 +87,13 @@ connect_retry_max_ms = 1000
 name = "crm-test"
 shards = {shards}
 identity_secret = "integration-test-secret-0123456789"
+# Small stream caps: nats-server reserves each cap on disk at create, and a test machine's
+# free disk need not hold the production defaults.
+ingest_max_bytes = 268435456
+events_max_bytes = 268435456
+dlq_max_bytes = 67108864
+shard_log_max_bytes = 1073741824
+snapshot_max_bytes = 1073741824
 {cluster}
 
 [limits]

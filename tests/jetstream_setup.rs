@@ -4,7 +4,7 @@
 use crm_cluster::NatsServer;
 use crm_node::jetstream::{
     ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, IngestConsumerSettings,
-    SetupError, StreamSettings,
+    SetupError,
 };
 use crm_node::shard_log::ShardLogReader;
 use crm_node::subjects;
@@ -21,7 +21,7 @@ async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
 async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    let settings = StreamSettings::default();
+    let settings = crm_cluster::cluster_env::test_stream_settings();
 
     ensure_streams(&js, &settings).await.unwrap();
     ensure_streams(&js, &settings).await.unwrap();
@@ -58,10 +58,24 @@ async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent(
 }
 
 #[tokio::test]
+async fn a_stream_cap_the_server_cannot_reserve_is_named_with_the_fix() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let mut settings = crm_cluster::cluster_env::test_stream_settings();
+    settings.shards.max_bytes = 1 << 50; // 1 PiB: more than any test machine's disk
+    let error = ensure_streams(&js, &settings).await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains(subjects::SHARDS_STREAM) && message.contains("max_bytes"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn a_changed_limit_is_applied_to_the_existing_stream() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    let mut settings = StreamSettings::default();
+    let mut settings = crm_cluster::cluster_env::test_stream_settings();
     ensure_streams(&js, &settings).await.unwrap();
 
     settings.events.max_age_s = 600;
@@ -81,7 +95,7 @@ async fn a_changed_limit_is_applied_to_the_existing_stream() {
 async fn ingest_deduplicates_a_repeated_message_id() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    ensure_streams(&js, &StreamSettings::default())
+    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
         .await
         .unwrap();
 
@@ -183,7 +197,7 @@ async fn the_first_node_records_the_shard_count_and_a_different_count_is_refused
 async fn shard_log_readers_and_the_ingest_consumer_deliver_only_their_subjects() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    ensure_streams(&js, &StreamSettings::default())
+    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
         .await
         .unwrap();
     let ingest = ingest_consumer(&js, &IngestConsumerSettings::default())
@@ -244,7 +258,7 @@ async fn the_test_server_restarts_on_its_port_with_its_streams_and_leaves_no_pro
     let port = server.port();
     {
         let js = connect(&server).await;
-        ensure_streams(&js, &StreamSettings::default())
+        ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
             .await
             .unwrap();
         js.publish(subjects::shard(1), "kept".into())

@@ -127,6 +127,8 @@ pub enum SetupError {
         action: &'static str,
         detail: String,
     },
+    #[error("nats-server cannot reserve the {max_bytes} bytes of disk configured for stream {stream}: its JetStream store limit (max_store; by default 75% of the disk that was free when the server started) is below the sum of the streams' size caps. Lower the cluster.*_max_bytes settings of the node config (docs/config.md), free disk space, or raise the server's jetstream max_store")]
+    StreamStorage { stream: String, max_bytes: i64 },
     #[error("stream {stream} exists with settings the server refuses to change to the configured ones ({detail}); restore the old setting in the node config, or remove the stream (`nats stream rm {stream}`, losing its messages) and restart")]
     StreamConflict { stream: String, detail: String },
     #[error("KV bucket {bucket}: {detail}; check that nats-server runs with JetStream enabled (-js) and is reachable")]
@@ -352,6 +354,15 @@ async fn ensure_stream(js: &Context, desired: stream::Config) -> Result<stream::
                             CreateStreamErrorKind::TimedOut
                             | CreateStreamErrorKind::Response
                             | CreateStreamErrorKind::JetStreamUnavailable => error.to_string(),
+                            CreateStreamErrorKind::JetStream(js_error)
+                                if js_error.error_code()
+                                    == ErrorCode::STORAGE_RESOURCES_EXCEEDED =>
+                            {
+                                return Err(SetupError::StreamStorage {
+                                    stream: name.clone(),
+                                    max_bytes: desired.max_bytes,
+                                })
+                            }
                             _ => return Err(stream_error("create", error.to_string())),
                         },
                     }
