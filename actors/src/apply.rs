@@ -1032,6 +1032,16 @@ winback_delay_days = {winback}
         )
     }
 
+    /// `command`, a purchase, in US dollars (an accepted currency that is not the rules').
+    fn in_dollars(mut command: CustomerCommand) -> CustomerCommand {
+        if let CustomerCommand::Event { event, .. } = &mut command {
+            if let EventKind::Purchase(purchase) = &mut event.kind {
+                purchase.currency = "USD".to_string();
+            }
+        }
+        command
+    }
+
     fn status(outcome: &ApplyOutcome) -> Option<RejectReason> {
         match &outcome.status {
             ApplyStatus::Rejected(rejection) => Some(rejection.reason),
@@ -1970,13 +1980,11 @@ winback_delay_days = {winback}
             ..Setup::default()
         });
         let mut state = CustomerState::new("c1");
-        let mut dollars = purchase("e1", "o1", day(0), 1000);
-        if let CustomerCommand::Event { event, .. } = &mut dollars {
-            if let EventKind::Purchase(purchase) = &mut event.kind {
-                purchase.currency = "USD".to_string();
-            }
-        }
-        run(&mut state, &rules, &[dollars]);
+        run(
+            &mut state,
+            &rules,
+            &[in_dollars(purchase("e1", "o1", day(0), 1000))],
+        );
         assert_eq!(state.loyalty.earned_total, 0);
         let euros = run(&mut state, &rules, &[purchase("e2", "o2", day(1), 1000)]);
         assert_eq!(find(&euros, "points.earned").data["points"], 110);
@@ -2100,12 +2108,7 @@ winback_delay_days = {winback}
     fn money_in_another_currency_stays_out_of_the_loyalty_currency_figures() {
         let rules = rules();
         let mut state = CustomerState::new("c1");
-        let mut dollars = purchase("e2", "o2", day(1), 10_000);
-        if let CustomerCommand::Event { event, .. } = &mut dollars {
-            if let EventKind::Purchase(purchase) = &mut event.kind {
-                purchase.currency = "USD".to_string();
-            }
-        }
+        let dollars = in_dollars(purchase("e2", "o2", day(1), 10_000));
         run(
             &mut state,
             &rules,

@@ -165,8 +165,41 @@ impl ValueModel {
         }
     }
 
-    /// Whether the model can score customers (parameters and settings usable).
+    /// Whether the model can score customers (parameters and settings usable). A model
+    /// only a fit wrote passes; this guards against one written by hand or by another build.
     pub fn validate(&self) -> Result<(), ClvError> {
+        if !matches!(self.time_unit.as_str(), "days" | "weeks") {
+            return Err(ClvError::BadModel {
+                field: "time_unit",
+                problem: format!("'{}' is not days or weeks", self.time_unit),
+            });
+        }
+        let parameters = [
+            ("bgnbd.r", self.bgnbd.r),
+            ("bgnbd.alpha", self.bgnbd.alpha),
+            ("bgnbd.a", self.bgnbd.a),
+            ("bgnbd.b", self.bgnbd.b),
+            ("gamma_gamma.p", self.gamma_gamma.p),
+            ("gamma_gamma.q", self.gamma_gamma.q),
+            ("gamma_gamma.gamma", self.gamma_gamma.gamma),
+        ];
+        for (field, value) in parameters {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ClvError::BadModel {
+                    field,
+                    problem: format!("{value} is not a positive number"),
+                });
+            }
+        }
+        if self.gamma_gamma.q <= 1.0 {
+            return Err(ClvError::BadModel {
+                field: "gamma_gamma.q",
+                problem: format!(
+                    "{} is not above 1 (the expected spend p gamma / (q - 1) is undefined)",
+                    self.gamma_gamma.q
+                ),
+            });
+        }
         self.scorer().map(|_| ())
     }
 
@@ -689,5 +722,49 @@ mod tests {
         let mut values: Vec<f64> = (1..=10).map(f64::from).collect();
         assert_eq!(quintiles(&mut values), [2.0, 4.0, 6.0, 8.0]);
         assert_eq!(day_text(0), "1970-01-01");
+    }
+
+    #[test]
+    fn a_published_model_with_unusable_parameters_is_refused_naming_the_field() {
+        let good = ValueModel {
+            version: 1,
+            as_of_day: 100,
+            as_of: "1970-04-11".to_string(),
+            time_unit: "days".to_string(),
+            horizon_periods: 365,
+            discount_rate: 0.0,
+            bgnbd: BgNbdJson {
+                r: 0.24,
+                alpha: 4.4,
+                a: 0.79,
+                b: 2.4,
+            },
+            gamma_gamma: GammaGammaJson {
+                p: 6.25,
+                q: 3.74,
+                gamma: 15.4,
+            },
+            log_likelihood: -1.0,
+            customers: 10,
+            repeat_buyers: 5,
+            recency_days_quintiles: [0.0; 4],
+            frequency_quintiles: [0.0; 4],
+            monetary_quintiles: [0.0; 4],
+            clv_p99: 3.0,
+            clv_p80: 2.0,
+            clv_p50: 1.0,
+        };
+        good.validate().expect("a fitted model's parameters");
+        let refused = |change: fn(&mut ValueModel), field: &str| {
+            let mut model = good.clone();
+            change(&mut model);
+            let message = model.validate().unwrap_err().to_string();
+            assert!(message.contains(field), "{message}");
+        };
+        refused(|m| m.time_unit = "months".to_string(), "time_unit");
+        refused(|m| m.bgnbd.r = 0.0, "bgnbd.r");
+        refused(|m| m.bgnbd.alpha = f64::NAN, "bgnbd.alpha");
+        refused(|m| m.gamma_gamma.q = 0.9, "gamma_gamma.q");
+        refused(|m| m.gamma_gamma.gamma = -1.0, "gamma_gamma.gamma");
     }
 }

@@ -48,6 +48,11 @@ pub enum ClvError {
         "the discount rate must be a finite number >= 0 per time unit (e.g. 0.01), got {rate}"
     )]
     BadDiscountRate { rate: f64 },
+    #[error("published model: {field} {problem}")]
+    BadModel {
+        field: &'static str,
+        problem: String,
+    },
     #[error("purchase model (BG/NBD): {0}")]
     PurchaseModel(FitError),
     #[error("spend model (Gamma-Gamma): {0}")]
