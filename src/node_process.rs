@@ -30,6 +30,12 @@ pub fn clear_developer_env(command: &mut Command) -> &mut Command {
     for name in DEVELOPER_ENV_VARS {
         command.env_remove(name);
     }
+    // `CRM_<SECTION>__<FIELD>` variables set node config fields.
+    for (name, _) in
+        std::env::vars().filter(|(name, _)| name.starts_with("CRM_") && name.contains("__"))
+    {
+        command.env_remove(name);
+    }
     command
 }
 

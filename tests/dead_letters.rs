@@ -429,3 +429,36 @@ async fn a_return_for_an_order_the_customer_never_had_is_dead_lettered_unapplica
         "the refused return was counted: {view}"
     );
 }
+
+/// An input near the server's largest message no longer fits once the dead letter's
+/// headers are added: its body is cut (the whole input stays in CRM_INGEST) and routing
+/// goes on, instead of the router retrying the same refused dead letter for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_too_big_to_dead_letter_whole_is_cut_and_routing_goes_on() {
+    let env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let huge = vec![b'x'; client.server_info().max_payload - 200];
+    publish(&js, "web", "dl-huge", huge.clone()).await;
+    let after = purchase(
+        "dl-after-huge",
+        "after.huge@example.com",
+        "o-huge",
+        json!(10.0),
+    );
+    publish(&js, "web", "dl-after-huge", bytes(&after)).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+
+    let letters = wait_for_dead_letters(&js, 1).await;
+    assert_eq!(letters.len(), 1, "{}", listing(&letters));
+    let letter = &letters[0];
+    assert_eq!(letter.reason.as_deref(), Some("oversized"));
+    assert!(
+        letter.body.len() < huge.len() && huge.starts_with(&letter.body),
+        "the body is the input's beginning: {} of {} bytes",
+        letter.body.len(),
+        huge.len()
+    );
+    let view = view(&client, json!({"email": "after.huge@example.com"})).await;
+    assert_eq!(view["purchases"]["count"], json!(1), "{view}");
+}

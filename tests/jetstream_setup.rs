@@ -71,6 +71,55 @@ async fn a_stream_cap_the_server_cannot_reserve_is_named_with_the_fix() {
     );
 }
 
+/// The router consumer is rewound to its ack floor by deleting and recreating it; the floor
+/// is recorded first, so a consumer lost in between (a crash, a failed create) does not
+/// send the next router back to the stream's first message.
+#[tokio::test]
+async fn a_lost_router_consumer_restarts_at_the_recorded_ack_floor_not_at_the_start() {
+    use futures::StreamExt;
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+        .await
+        .unwrap();
+    ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+    for n in 1..=10u32 {
+        js.publish(subjects::ingest("web"), n.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let first_delivered = |consumer: async_nats::jetstream::consumer::PullConsumer| async move {
+        let mut messages = consumer.fetch().max_messages(1).messages().await.unwrap();
+        let message = messages.next().await.expect("a message").unwrap();
+        message.info().unwrap().stream_sequence
+    };
+    let consumer = ingest_consumer(&js, &IngestConsumerSettings::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.fetch().max_messages(6).messages().await.unwrap();
+    while let Some(message) = messages.next().await {
+        message.unwrap().double_ack().await.unwrap();
+    }
+    // The rewind records the floor (7) before it recreates the consumer there.
+    let rewound = ingest_consumer(&js, &IngestConsumerSettings::default())
+        .await
+        .unwrap();
+    assert_eq!(first_delivered(rewound).await, 7);
+    // The consumer is lost between a rewind's delete and its create.
+    js.get_stream(subjects::INGEST_STREAM)
+        .await
+        .unwrap()
+        .delete_consumer(subjects::INGEST_DURABLE)
+        .await
+        .unwrap();
+    let recreated = ingest_consumer(&js, &IngestConsumerSettings::default())
+        .await
+        .unwrap();
+    assert_eq!(first_delivered(recreated).await, 7, "not back to message 1");
+}
+
 #[tokio::test]
 async fn a_changed_limit_is_applied_to_the_existing_stream() {
     let server = NatsServer::start();
@@ -200,6 +249,7 @@ async fn shard_log_readers_and_the_ingest_consumer_deliver_only_their_subjects()
     ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
         .await
         .unwrap();
+    ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
     let ingest = ingest_consumer(&js, &IngestConsumerSettings::default())
         .await
         .unwrap();

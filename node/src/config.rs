@@ -308,6 +308,8 @@ impl Default for RulesSection {
 impl Config {
     /// Reads, completes and validates the config file at `path`.
     ///
+    /// Every field can also come from the environment as `CRM_<SECTION>__<FIELD>` (e.g.
+    /// `CRM_LIMITS__BATCH_MAX_EVENTS=256`), which wins over the file; and
     /// `CRM_IDENTITY_SECRET`, when set and non-empty, replaces `cluster.identity_secret`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let read_error = |source| ConfigError::Read {
@@ -327,6 +329,13 @@ impl Config {
         let env_secret = std::env::var(IDENTITY_SECRET_ENV)
             .ok()
             .filter(|secret| !secret.is_empty());
+        let fields: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_FIELD_PREFIX) && name.contains("__"))
+            .collect();
+        let text = with_env_fields(&text, &fields).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Config::from_toml(&text, path, env_secret)
     }
 
@@ -464,6 +473,15 @@ impl Config {
             0,
             10 * 365 * 86_400,
         )?;
+        // Unrouted events expire with the same age: a router outage longer than it loses
+        // events that adapters were told are durable.
+        if (1..INGEST_MAX_AGE_MIN_S).contains(&cluster.ingest_max_age_s) {
+            return Err(self.invalid(
+                "cluster.ingest_max_age_s",
+                cluster.ingest_max_age_s,
+                format!("must be 0 (no age limit) or at least {INGEST_MAX_AGE_MIN_S}: events not yet routed expire too, so keep it well above the longest router outage"),
+            ));
+        }
         self.range(
             "cluster.ingest_max_bytes",
             cluster.ingest_max_bytes,
@@ -815,6 +833,47 @@ impl Config {
 }
 
 /// toml's messages span several lines (a source excerpt); keep them on one line for logs.
+/// Least `cluster.ingest_max_age_s` other than 0 (one day).
+const INGEST_MAX_AGE_MIN_S: u64 = 86_400;
+
+/// Environment variables that set one config field: `CRM_<SECTION>__<FIELD>`.
+pub const ENV_FIELD_PREFIX: &str = "CRM_";
+/// The sections an environment variable may name.
+const SECTIONS: [&str; 5] = ["node", "nats", "cluster", "limits", "rules"];
+
+/// The config text with the fields given by `CRM_<SECTION>__<FIELD>` variables set (the
+/// text itself when there are none). A value is read as a TOML value (`256`, `true`,
+/// `["a", "b"]`), else taken as a string (`nats://host:4222`).
+fn with_env_fields(text: &str, variables: &[(String, String)]) -> Result<String, String> {
+    if variables.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut document: toml::Table = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+    for (name, raw) in variables {
+        let Some((section, field)) = name[ENV_FIELD_PREFIX.len()..].split_once("__") else {
+            continue;
+        };
+        let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+        if !SECTIONS.contains(&section.as_str()) || field.is_empty() {
+            return Err(format!(
+                "environment variable {name} names no config field: write CRM_<SECTION>__<FIELD> with a section of {SECTIONS:?}, e.g. CRM_LIMITS__BATCH_MAX_EVENTS"
+            ));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut parsed| parsed.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let table = document
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(table) = table else {
+            return Err(format!("[{section}] is not a table"));
+        };
+        table.insert(field, value);
+    }
+    toml::to_string(&document).map_err(|e| one_line(&e.to_string()))
+}
+
 fn one_line(message: &str) -> String {
     message
         .lines()
@@ -898,6 +957,44 @@ mod tests {
             message.contains("cluster.shards = 5000: must be between 1 and 4096"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn an_ingest_age_shorter_than_a_day_is_refused() {
+        let message = error_of(&format!("{SECRET}ingest_max_age_s = 60\n"));
+        assert!(
+            message.contains("cluster.ingest_max_age_s = 60") && message.contains("at least 86400"),
+            "{message}"
+        );
+        for fine in ["0", "86400"] {
+            let text = format!("{SECRET}ingest_max_age_s = {fine}\n");
+            Config::from_toml_str(&text, Path::new("x.toml")).expect(fine);
+        }
+    }
+
+    #[test]
+    fn environment_fields_set_typed_values_and_name_a_bad_section() {
+        let vars = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let text = with_env_fields(
+            SECRET,
+            &vars(&[
+                ("CRM_LIMITS__BATCH_MAX_EVENTS", "256"),
+                ("CRM_NATS__URL", "nats://10.0.0.5:4222"),
+                ("CRM_CLUSTER__STREAM_REPLICAS", "3"),
+            ]),
+        )
+        .expect("applied");
+        let config = Config::from_toml_str(&text, Path::new("x.toml")).expect("config");
+        assert_eq!(config.limits.batch_max_events, 256);
+        assert_eq!(config.nats.url, "nats://10.0.0.5:4222");
+        assert_eq!(config.cluster.stream_replicas, 3);
+        let error = with_env_fields(SECRET, &vars(&[("CRM_LIMIT__X", "1")])).unwrap_err();
+        assert!(error.contains("CRM_LIMIT__X"), "{error}");
     }
 
     #[test]

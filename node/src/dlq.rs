@@ -19,6 +19,11 @@ pub const HEADER_MESSAGE: &str = "Crm-Message";
 pub const HEADER_SOURCE_SUBJECT: &str = "Crm-Source-Subject";
 /// Header with the input's sequence in its source stream.
 pub const HEADER_SOURCE_SEQUENCE: &str = "Crm-Source-Sequence";
+/// Header set when the body had to be cut to fit the server's largest message: the
+/// original length in bytes (the whole input stays in its source stream).
+pub const HEADER_TRUNCATED: &str = "Crm-Truncated";
+/// Room kept under the server's largest message for the headers' framing.
+const FRAMING_BYTES: usize = 256;
 
 /// Publishes one dead letter; the caller awaits the returned ack before acking the source.
 pub async fn publish(
@@ -28,13 +33,42 @@ pub async fn publish(
     source_sequence: u64,
     original: bytes::Bytes,
 ) -> Result<PublishAckFuture, PublishError> {
-    let publish = Publish::build()
-        .payload(original)
-        .message_id(format!("dlq-{source_subject}-{source_sequence}"))
+    let message_id = format!("dlq-{source_subject}-{source_sequence}");
+    let message = header_safe(&rejection.message);
+    let source = header_safe(source_subject);
+    let sequence = source_sequence.to_string();
+    let headers_len = [
+        message_id.as_str(),
+        rejection.reason.as_str(),
+        message.as_str(),
+        source.as_str(),
+        sequence.as_str(),
+    ]
+    .iter()
+    .map(|value| value.len() + 32)
+    .sum::<usize>();
+    // An input close to the largest message the server takes (an oversized event) no longer
+    // fits once the headers are added; refused, it would block the router for good.
+    let room = jetstream
+        .client()
+        .server_info()
+        .max_payload
+        .saturating_sub(headers_len + FRAMING_BYTES);
+    let (payload, truncated) = if original.len() > room {
+        (original.slice(..room), Some(original.len()))
+    } else {
+        (original, None)
+    };
+    let mut publish = Publish::build()
+        .payload(payload)
+        .message_id(message_id.as_str())
         .header(HEADER_REASON, rejection.reason.as_str())
-        .header(HEADER_MESSAGE, header_safe(&rejection.message).as_str())
-        .header(HEADER_SOURCE_SUBJECT, header_safe(source_subject).as_str())
-        .header(HEADER_SOURCE_SEQUENCE, source_sequence.to_string().as_str());
+        .header(HEADER_MESSAGE, message.as_str())
+        .header(HEADER_SOURCE_SUBJECT, source.as_str())
+        .header(HEADER_SOURCE_SEQUENCE, sequence.as_str());
+    if let Some(length) = truncated {
+        publish = publish.header(HEADER_TRUNCATED, length.to_string().as_str());
+    }
     jetstream
         .send_publish(subjects::dlq(rejection.reason.as_str()), publish)
         .await

@@ -567,17 +567,63 @@ pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), Setup
 /// from the first unacked message replays them in order; the ones already routed are
 /// dropped by the shard log's `Nats-Msg-Id` dedup (and, past its window, by the customer's
 /// event-id dedup).
+///
+/// The floor is recorded in [`subjects::KV_CLUSTER`] before the consumer is deleted, so a
+/// failure or a crash between the delete and the create does not send the next router back
+/// to the stream's first message (days of events routed again, past every dedup window);
+/// and a consumer whose floor cannot be read is not deleted at all.
 pub async fn ingest_consumer(
     js: &Context,
     settings: &IngestConsumerSettings,
 ) -> Result<PullConsumer, SetupError> {
-    let mut start_sequence = 1;
+    let floor_error = |detail: String| SetupError::Consumer {
+        stream: subjects::INGEST_STREAM,
+        consumer: subjects::INGEST_DURABLE.to_string(),
+        detail,
+    };
+    let floors = js.get_key_value(subjects::KV_CLUSTER).await.map_err(|e| {
+        floor_error(format!(
+            "the {} bucket, which records its ack floor, cannot be opened: {e}",
+            subjects::KV_CLUSTER
+        ))
+    })?;
+    let recorded = match floors.get(subjects::CLUSTER_KEY_INGEST_FLOOR).await {
+        Ok(Some(value)) => String::from_utf8_lossy(&value).trim().parse::<u64>().ok(),
+        Ok(None) => None,
+        Err(e) => {
+            return Err(floor_error(format!(
+                "its recorded ack floor cannot be read: {e}"
+            )))
+        }
+    };
+    let mut start_sequence = recorded.unwrap_or(1).max(1);
     if let Ok(stream) = js.get_stream(subjects::INGEST_STREAM).await {
+        let last = stream.cached_info().state.last_sequence;
+        if start_sequence > last.saturating_add(1) {
+            // A floor beyond the stream's end: the stream was removed and created again
+            // (its sequences restarted), so the recorded floor is not about this stream.
+            tracing::warn!(
+                recorded = start_sequence,
+                last,
+                "recorded ingest floor is beyond CRM_INGEST's last message (the stream was recreated); routing from its start"
+            );
+            start_sequence = 1;
+        }
         let existing: Result<PullConsumer, _> = stream.get_consumer(subjects::INGEST_DURABLE).await;
         if let Ok(mut consumer) = existing {
-            if let Ok(info) = consumer.info().await {
-                start_sequence = info.ack_floor.stream_sequence + 1;
-            }
+            let info = consumer.info().await.map_err(|e| {
+                floor_error(format!(
+                    "its ack floor cannot be read, so it is not rewound: {e}"
+                ))
+            })?;
+            start_sequence = start_sequence.max(info.ack_floor.stream_sequence + 1);
+            floors
+                .put(
+                    subjects::CLUSTER_KEY_INGEST_FLOOR,
+                    start_sequence.to_string().into(),
+                )
+                .await
+                .map_err(|e| floor_error(format!("its ack floor cannot be recorded: {e}")))?;
             stream
                 .delete_consumer(subjects::INGEST_DURABLE)
                 .await

@@ -101,6 +101,9 @@ pub const KV_VALUE: &str = "crm_value";
 pub const VALUE_MODEL_KEY: &str = "model";
 /// Key in [`KV_CLUSTER`] holding the cluster's shard count (decimal text).
 pub const CLUSTER_KEY_SHARD_COUNT: &str = "shard_count";
+/// Key in [`KV_CLUSTER`] holding the ingest sequence the router consumer was last rewound
+/// to (decimal text): where a router starts when the consumer is gone.
+pub const CLUSTER_KEY_INGEST_FLOOR: &str = "ingest_floor";
 /// Key in [`KV_CLUSTER`] holding the shard assignment the coordinator wrote (JSON).
 pub const CLUSTER_KEY_ASSIGNMENT: &str = "assignment";
 /// KV bucket: node id -> heartbeat (JSON).

@@ -9,7 +9,7 @@
 #[path = "support/process.rs"]
 mod process;
 
-use process::{run_crm_node, Finished};
+use process::{run_crm_node, run_crm_node_with_env, Finished};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -189,4 +189,51 @@ fn help_lists_every_subcommand() {
             finished.output()
         );
     }
+}
+
+/// Every config field can also come from the environment as `CRM_<SECTION>__<FIELD>`,
+/// winning over the file: shown with values the node must refuse, before it connects.
+#[test]
+fn config_fields_come_from_the_environment_too() {
+    let config = fixture("bad-config-zero-shards.toml");
+    let config_text = config.to_str().expect("utf-8 path");
+    let run = |env: &[(&str, &str)]| {
+        run_crm_node_with_env(&["run", "--config", config_text], PROCESS_TIMEOUT, env)
+    };
+    // The environment repairs the file's zero shards, and breaks the batch size instead.
+    let finished = run(&[
+        ("CRM_CLUSTER__SHARDS", "8"),
+        ("CRM_LIMITS__BATCH_MAX_EVENTS", "0"),
+    ]);
+    assert!(!finished.status.success(), "{}", finished.output());
+    assert!(
+        finished.stderr.contains("limits.batch_max_events")
+            && !finished.stderr.contains("cluster.shards"),
+        "{}",
+        finished.output()
+    );
+    assert!(
+        !finished.stderr.contains(CONNECT_ATTEMPT_LOG),
+        "{}",
+        finished.output()
+    );
+    // A field name that does not exist, and a section that does not exist.
+    let typo = run(&[
+        ("CRM_CLUSTER__SHARDS", "8"),
+        ("CRM_LIMITS__BATCH_MAX_EVENTZ", "5"),
+    ]);
+    assert!(
+        typo.stderr.contains("batch_max_eventz"),
+        "{}",
+        typo.output()
+    );
+    let section = run(&[
+        ("CRM_CLUSTER__SHARDS", "8"),
+        ("CRM_LIMIT__BATCH_MAX_EVENTS", "5"),
+    ]);
+    assert!(
+        section.stderr.contains("CRM_LIMIT__BATCH_MAX_EVENTS"),
+        "{}",
+        section.output()
+    );
 }

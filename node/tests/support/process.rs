@@ -41,6 +41,12 @@ impl Finished {
 /// Runs `crm-node <args>` and waits for it to exit; kills it and panics if it is still
 /// running after `timeout`.
 pub fn run_crm_node(args: &[&str], timeout: Duration) -> Finished {
+    run_crm_node_with_env(args, timeout, &[])
+}
+
+/// As [`run_crm_node`], with extra environment variables.
+#[allow(dead_code)] // not every test file sets any
+pub fn run_crm_node_with_env(args: &[&str], timeout: Duration, env: &[(&str, &str)]) -> Finished {
     let workdir = tempfile::tempdir().expect("temporary working directory");
     let mut command = Command::new(env!("CARGO_BIN_EXE_crm-node"));
     command
@@ -51,6 +57,15 @@ pub fn run_crm_node(args: &[&str], timeout: Duration) -> Finished {
         .stderr(Stdio::piped());
     for key in NODE_ENV {
         command.env_remove(key);
+    }
+    // `CRM_<SECTION>__<FIELD>` variables set config fields.
+    for (key, _) in
+        std::env::vars().filter(|(key, _)| key.starts_with("CRM_") && key.contains("__"))
+    {
+        command.env_remove(key);
+    }
+    for (key, value) in env {
+        command.env(key, value);
     }
     let mut child = command.spawn().expect("crm-node could not be started");
     let mut stdout = child.stdout.take().expect("piped stdout");
