@@ -3,8 +3,8 @@
 
 use crm_cluster::NatsServer;
 use crm_node::jetstream::{
-    ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer, IngestConsumerSettings,
-    SetupError,
+    ensure_identity_fingerprint, ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer,
+    IngestConsumerSettings, SetupError,
 };
 use crm_node::shard_log::ShardLogReader;
 use crm_node::subjects;
@@ -239,6 +239,38 @@ async fn the_first_node_records_the_shard_count_and_a_different_count_is_refused
     assert!(
         matches!(zero, SetupError::InvalidShardCount { .. }),
         "{zero}"
+    );
+}
+
+/// A node with another identity secret would hash every identifier to a new key and its
+/// router would create a second customer for every known person: it is refused at start.
+#[tokio::test]
+async fn a_node_with_another_identity_secret_is_refused() {
+    let server = NatsServer::start();
+    let js = connect(&server).await;
+    let cluster = ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+    let identities = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
+    let fingerprint = |secret: &[u8]| {
+        crm_node::identity_directory::IdentityDirectory::new(identities.clone(), secret, 0)
+            .secret_fingerprint()
+    };
+    let first = fingerprint(b"the-cluster-secret-0123456789");
+    assert_eq!(first, fingerprint(b"the-cluster-secret-0123456789"));
+    ensure_identity_fingerprint(&cluster, &first).await.unwrap();
+    ensure_identity_fingerprint(&cluster, &first).await.unwrap();
+    let other = fingerprint(b"the-cluster-secret-0123456789\n");
+    let error = ensure_identity_fingerprint(&cluster, &other)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, SetupError::IdentitySecretMismatch { .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("identity_secret"), "{message}");
+    assert!(
+        !message.contains("the-cluster-secret"),
+        "the secret leaks: {message}"
     );
 }
 

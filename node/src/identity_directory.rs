@@ -218,6 +218,14 @@ impl IdentityDirectory {
         }
     }
 
+    /// A fingerprint of the secret (16 hex characters of the HMAC of a fixed text): equal on
+    /// two nodes exactly when they hash identifiers alike; it reveals nothing of the secret.
+    pub fn secret_fingerprint(&self) -> String {
+        let mut mac = self.hmac.clone();
+        mac.update(b"crm identity secret fingerprint");
+        hex::encode(mac.finalize().into_bytes())[..16].to_string()
+    }
+
     /// The KV key of an identifier: hex HMAC-SHA256 of `"<kind>:<value>"` (64 characters).
     pub fn key_of(&self, identity: &Identity) -> String {
         let mut mac = self.hmac.clone();

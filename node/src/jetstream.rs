@@ -146,6 +146,11 @@ pub enum SetupError {
         bucket: &'static str,
         key: &'static str,
     },
+    #[error("this node's cluster.identity_secret (fingerprint {configured}) is not the one this cluster's identities were recorded with (fingerprint {recorded}); give every node the same secret (CRM_IDENTITY_SECRET or the config), or its router would create a second customer for every known person")]
+    IdentitySecretMismatch {
+        configured: String,
+        recorded: String,
+    },
     #[error("KV bucket {bucket} key {key} holds '{value}', not a shard count; fix the value (`nats kv put {bucket} {key} <shards>`) or delete the key to let the next node record its count")]
     ShardCountUnreadable {
         value: String,
@@ -497,46 +502,68 @@ pub async fn ensure_kv_replicated(
 /// otherwise checks that it equals the recorded one. `kv` is the [`subjects::KV_CLUSTER`]
 /// bucket.
 pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), SetupError> {
-    const BUCKET: &str = subjects::KV_CLUSTER;
     const KEY: &str = subjects::CLUSTER_KEY_SHARD_COUNT;
     if shards == 0 {
         return Err(SetupError::InvalidShardCount { configured: shards });
     }
+    let text = record_once(kv, KEY, &shards.to_string()).await?;
+    let recorded: u32 = match text.trim().parse() {
+        Ok(recorded) if recorded > 0 => recorded,
+        _ => {
+            return Err(SetupError::ShardCountUnreadable {
+                value: text.chars().take(64).collect(),
+                bucket: subjects::KV_CLUSTER,
+                key: KEY,
+            })
+        }
+    };
+    if recorded != shards {
+        return Err(SetupError::ShardCountMismatch {
+            configured: shards,
+            recorded,
+            bucket: subjects::KV_CLUSTER,
+            key: KEY,
+        });
+    }
+    Ok(())
+}
+
+/// Records the fingerprint of the cluster's identity secret the first time, and refuses a
+/// node whose secret gives another one: with another secret every identifier hashes to a
+/// new key, so its router would create a second customer for every known person.
+pub async fn ensure_identity_fingerprint(
+    kv: &kv::Store,
+    fingerprint: &str,
+) -> Result<(), SetupError> {
+    let recorded = record_once(kv, subjects::CLUSTER_KEY_IDENTITY_FINGERPRINT, fingerprint).await?;
+    if recorded.trim() != fingerprint {
+        return Err(SetupError::IdentitySecretMismatch {
+            configured: fingerprint.to_string(),
+            recorded: recorded.chars().take(64).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates `key` with `value` in [`subjects::KV_CLUSTER`] unless it exists; returns the
+/// value recorded (ours, or the one already there).
+async fn record_once(kv: &kv::Store, key: &'static str, value: &str) -> Result<String, SetupError> {
     let kv_error = |detail: String| SetupError::Kv {
-        bucket: BUCKET.to_string(),
-        detail: format!("key {KEY}: {detail}"),
+        bucket: subjects::KV_CLUSTER.to_string(),
+        detail: format!("key {key}: {detail}"),
     };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let transient = match kv.create(KEY, shards.to_string().into()).await {
+        let transient = match kv.create(key, value.to_string().into()).await {
             Ok(_) => {
-                tracing::info!(shards, "recorded the cluster's shard count");
-                return Ok(());
+                tracing::info!(key, value, "recorded in the cluster metadata");
+                return Ok(value.to_string());
             }
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match kv.get(KEY).await {
-                    Ok(Some(value)) => {
-                        let text = String::from_utf8_lossy(&value);
-                        let recorded: u32 = match text.trim().parse() {
-                            Ok(recorded) if recorded > 0 => recorded,
-                            _ => {
-                                return Err(SetupError::ShardCountUnreadable {
-                                    value: text.chars().take(64).collect(),
-                                    bucket: BUCKET,
-                                    key: KEY,
-                                })
-                            }
-                        };
-                        if recorded != shards {
-                            return Err(SetupError::ShardCountMismatch {
-                                configured: shards,
-                                recorded,
-                                bucket: BUCKET,
-                                key: KEY,
-                            });
-                        }
-                        return Ok(());
+                match kv.get(key).await {
+                    Ok(Some(recorded)) => {
+                        return Ok(String::from_utf8_lossy(&recorded).into_owned())
                     }
                     // Deleted between our create and get: try to record it again.
                     Ok(None) => "the key vanished while it was read".to_string(),
@@ -551,7 +578,7 @@ pub async fn ensure_shard_count(kv: &kv::Store, shards: u32) -> Result<(), Setup
         if attempt >= SETUP_ATTEMPTS_MAX {
             return Err(kv_error(format!("{transient} (after {attempt} attempts)")));
         }
-        tracing::warn!(error = %transient, attempt, "recording the shard count failed; retrying");
+        tracing::warn!(error = %transient, attempt, key, "recording cluster metadata failed; retrying");
         tokio::time::sleep(retry_delay(attempt)).await;
     }
 }

@@ -246,6 +246,7 @@ async fn session(
         config.cluster.identity_secret.as_bytes(),
         config.limits.identity_cache_max_entries,
     ));
+    setup::ensure_identity_fingerprint(&cluster_kv, &directory.secret_fingerprint()).await?;
 
     let shards = config.cluster.shards;
     let mut tasks = JoinSet::new();

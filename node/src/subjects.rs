@@ -101,6 +101,9 @@ pub const KV_VALUE: &str = "crm_value";
 pub const VALUE_MODEL_KEY: &str = "model";
 /// Key in [`KV_CLUSTER`] holding the cluster's shard count (decimal text).
 pub const CLUSTER_KEY_SHARD_COUNT: &str = "shard_count";
+/// Key in [`KV_CLUSTER`] holding a fingerprint of the identity secret (16 hex characters of
+/// an HMAC of a fixed text): every node must hash identifiers with the same secret.
+pub const CLUSTER_KEY_IDENTITY_FINGERPRINT: &str = "identity_fingerprint";
 /// Key in [`KV_CLUSTER`] holding the ingest sequence the router consumer was last rewound
 /// to (decimal text): where a router starts when the consumer is gone.
 pub const CLUSTER_KEY_INGEST_FLOOR: &str = "ingest_floor";
