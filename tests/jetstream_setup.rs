@@ -17,6 +17,17 @@ async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(client)
 }
 
+/// A connection to `server` whose streams (small caps) and cluster bucket are set up, as
+/// a node sets them up before its router starts.
+async fn set_up(server: &NatsServer) -> async_nats::jetstream::Context {
+    let js = connect(server).await;
+    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+        .await
+        .unwrap();
+    ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+    js
+}
+
 #[tokio::test]
 async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent() {
     let server = NatsServer::start();
@@ -78,11 +89,7 @@ async fn a_stream_cap_the_server_cannot_reserve_is_named_with_the_fix() {
 async fn a_lost_router_consumer_restarts_at_the_recorded_ack_floor_not_at_the_start() {
     use futures::StreamExt;
     let server = NatsServer::start();
-    let js = connect(&server).await;
-    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
-        .await
-        .unwrap();
-    ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+    let js = set_up(&server).await;
     for n in 1..=10u32 {
         js.publish(subjects::ingest("web"), n.to_string().into())
             .await
@@ -277,11 +284,7 @@ async fn a_node_with_another_identity_secret_is_refused() {
 #[tokio::test]
 async fn shard_log_readers_and_the_ingest_consumer_deliver_only_their_subjects() {
     let server = NatsServer::start();
-    let js = connect(&server).await;
-    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
-        .await
-        .unwrap();
-    ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
+    let js = set_up(&server).await;
     let ingest = ingest_consumer(&js, &IngestConsumerSettings::default())
         .await
         .unwrap();

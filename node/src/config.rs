@@ -652,7 +652,7 @@ impl Config {
                 ),
             ));
         }
-        self.range("limits.ack_wait_s", limits.ack_wait_s, 1, 3_600)?;
+        self.range("limits.ack_wait_s", limits.ack_wait_s, 5, 3_600)?;
         self.range(
             "limits.resident_max_customers",
             limits.resident_max_customers,
