@@ -295,19 +295,15 @@ pub fn parse_ingest(
             format!("channel '{channel}' is not a token of [a-z0-9_-] (publish to crm.ingest.<channel>, e.g. crm.ingest.web)"),
         ));
     }
-    let value: Value = serde_json::from_slice(payload).map_err(|error| {
-        Rejection::new(
-            RejectReason::Malformed,
-            format!("payload is not valid JSON ({error}); send one JSON object"),
-        )
-    })?;
     // serde_json keeps the last of repeated keys; a reader that keeps the first would see
-    // another event (`"amount": -5, "amount": 5`), so repeats are refused.
-    serde_json::from_slice::<NoRepeatedKeys>(payload).map_err(|error| {
-        Rejection::new(
-            RejectReason::Malformed,
-            format!("payload has {error}; send each field once"),
-        )
+    // another event (`"amount": -5, "amount": 5`), so repeats are refused in the same pass.
+    let StrictValue(value) = serde_json::from_slice(payload).map_err(|error| {
+        let message = if error.is_data() {
+            format!("payload has {error}; send each field once")
+        } else {
+            format!("payload is not valid JSON ({error}); send one JSON object")
+        };
+        Rejection::new(RejectReason::Malformed, message)
     })?;
     let Value::Object(object) = value else {
         return Err(Rejection::new(
@@ -361,20 +357,7 @@ pub fn parse_ingest(
             ))
         }
     };
-    if occurred_at_ms < 0 {
-        return Err(invalid(format!(
-            "occurred_at {} is before 1970-01-01T00:00:00Z; send the time the event happened",
-            crate::time::format_rfc3339(occurred_at_ms)
-        )));
-    }
-    if let Some(latest) = limits.occurred_at_max_ms.filter(|&l| occurred_at_ms > l) {
-        return Err(invalid(format!(
-            "occurred_at {} is after {}, further ahead of this node's clock than \
-             limits.occurred_at_future_max_days allows; fix the adapter's clock or time zone",
-            crate::time::format_rfc3339(occurred_at_ms),
-            crate::time::format_rfc3339(latest)
-        )));
-    }
+    check_rule_time("occurred_at", occurred_at_ms, limits.occurred_at_max_ms).map_err(invalid)?;
     let identities = parse_identities(object.get("identity"))?;
     let kind = parse_kind(type_name, &fields, limits)?;
     Ok(ChannelEvent {
@@ -384,6 +367,28 @@ pub fn parse_ingest(
         identities,
         kind,
     })
+}
+
+/// Checks a time the rules will run at (an event's `occurred_at`, a redeem's, a tick's):
+/// not before 1970, and not after `latest_ms` (the reader's clock plus
+/// `limits.occurred_at_future_max_days`). One time far in the future would move every rule
+/// clock it reaches there for good (every lot expired, every customer lapsed).
+pub fn check_rule_time(field: &str, at_ms: i64, latest_ms: Option<i64>) -> Result<(), String> {
+    if at_ms < 0 {
+        return Err(format!(
+            "{field} {} is before 1970-01-01T00:00:00Z; send the time it happened",
+            crate::time::format_rfc3339(at_ms)
+        ));
+    }
+    match latest_ms {
+        Some(latest) if at_ms > latest => Err(format!(
+            "{field} {} is after {}, further ahead of this node's clock than \
+             limits.occurred_at_future_max_days allows; check the sender's clock and the year",
+            crate::time::format_rfc3339(at_ms),
+            crate::time::format_rfc3339(latest)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Reads an `identity` object (`{"email": ..., "loyalty_card": ...}`) into normalised
@@ -404,12 +409,6 @@ pub fn parse_identities(value: Option<&Value>) -> Result<Vec<Identity>, Rejectio
             ));
         };
         let raw = match raw {
-            Value::String(s) if s.chars().any(char::is_control) => {
-                return Err(Rejection::new(
-                    RejectReason::NoIdentity,
-                    format!("identity.{name} contains a control character (a line break, a tab, ...); send printable text"),
-                ))
-            }
             Value::String(s) => s.clone(),
             // Whole numbers only: a float's text (1e3 -> "1000.0", 2^70 -> "1.18e21") would
             // map different identifiers to one key, or one to two.
@@ -574,61 +573,68 @@ fn parse_kind(
     })
 }
 
-/// A JSON document walked only to refuse an object that repeats a key.
-struct NoRepeatedKeys;
+/// A JSON value read like `serde_json::Value`, except that an object repeating a key is an
+/// error (serde_json's `Value` keeps the last one silently).
+struct StrictValue(Value);
 
-impl<'de> serde::Deserialize<'de> for NoRepeatedKeys {
+impl<'de> serde::Deserialize<'de> for StrictValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NoRepeatedKeysVisitor)
+        deserializer.deserialize_any(StrictValueVisitor)
     }
 }
 
-struct NoRepeatedKeysVisitor;
+struct StrictValueVisitor;
 
-impl<'de> serde::de::Visitor<'de> for NoRepeatedKeysVisitor {
-    type Value = NoRepeatedKeys;
+impl<'de> serde::de::Visitor<'de> for StrictValueVisitor {
+    type Value = StrictValue;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut seen = std::collections::HashSet::new();
+        let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            map.next_value::<NoRepeatedKeys>()?;
-            if seen.contains(&key) {
+            let StrictValue(value) = map.next_value()?;
+            if object.contains_key(&key) {
                 return Err(serde::de::Error::custom(format!(
                     "the key \"{}\" twice in one object",
                     truncate(&key)
                 )));
             }
-            seen.insert(key);
+            object.insert(key, value);
         }
-        Ok(NoRepeatedKeys)
+        Ok(StrictValue(Value::Object(object)))
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<NoRepeatedKeys>()?.is_some() {}
-        Ok(NoRepeatedKeys)
+        let mut list = Vec::new();
+        while let Some(StrictValue(value)) = seq.next_element()? {
+            list.push(value);
+        }
+        Ok(StrictValue(Value::Array(list)))
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::Bool(value)))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::from(value)))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::from(value)))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::from(value)))
     }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::String(value.to_string())))
+    }
+    fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
+        Ok(StrictValue(Value::String(value)))
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(NoRepeatedKeys)
+        Ok(StrictValue(Value::Null))
     }
 }
 

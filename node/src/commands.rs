@@ -17,7 +17,7 @@ use async_nats::jetstream::Context;
 use async_nats::Client;
 use crm_actors::codec;
 use crm_actors::command::{CustomerCommand, ShardMessage};
-use crm_actors::event::ID_MAX_BYTES;
+use crm_actors::event::{check_rule_time, ID_MAX_BYTES};
 use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -40,29 +40,10 @@ pub struct Commands {
     pub occurred_at_future_max_ms: Option<i64>,
 }
 
-/// Refuses a command time before 1970 or further ahead of the wall clock than
-/// `future_max_ms`: one tick or redeem dated 2099 would move every rule clock it reaches
-/// to 2099 for good (every lot expired, every customer lapsed).
+/// [`check_rule_time`] for a command's time, against this node's wall clock.
 fn check_command_time(field: &str, at_ms: i64, future_max_ms: Option<i64>) -> Result<(), Value> {
-    if at_ms < 0 {
-        return Err(error_reply(
-            "bad_request",
-            format!("{field} is before 1970-01-01T00:00:00Z"),
-        ));
-    }
-    if let Some(latest) = future_max_ms.map(|ahead| wall_clock_ms().saturating_add(ahead)) {
-        if at_ms > latest {
-            return Err(error_reply(
-                "bad_request",
-                format!(
-                    "{field} {} is after {}, further ahead of this node's clock than limits.occurred_at_future_max_days allows; check the year",
-                    format_rfc3339(at_ms),
-                    format_rfc3339(latest)
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let latest = future_max_ms.map(|ahead| wall_clock_ms().saturating_add(ahead));
+    check_rule_time(field, at_ms, latest).map_err(|message| error_reply("bad_request", message))
 }
 
 /// The wall clock in Unix ms (only for stamping commands that carry no time of their own).

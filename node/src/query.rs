@@ -149,13 +149,7 @@ impl Shards {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(Some(view)))) => Some(view),
             Ok(Ok(Ok(None))) => Some(not_found(customer_id)),
-            Ok(Ok(Err(error))) => {
-                warn!(shard, %error, "view failed");
-                Some(error_reply(
-                    "unavailable",
-                    format!("shard {shard} could not read the customer (the node's log has the cause); retry in a moment"),
-                ))
-            }
+            Ok(Ok(Err(error))) => Some(view_failed(shard, &error)),
             Ok(Err(_)) => None,
             Err(_) => Some(error_reply(
                 "unavailable",
@@ -196,6 +190,15 @@ impl Shards {
 
 /// Pause before a query for a moving shard is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The reply when a shard could not build a view: logged here, not handed to the client.
+pub fn view_failed(shard: u32, error: &dyn std::fmt::Display) -> Value {
+    warn!(shard, %error, "view failed");
+    error_reply(
+        "unavailable",
+        format!("shard {shard} could not read the customer (its node's log has the cause); retry in a moment"),
+    )
+}
 
 fn not_found(what: &str) -> Value {
     error_reply("not_found", format!("no customer {what}"))

@@ -289,13 +289,7 @@ impl ShardWorker {
                 Ok(None) => {
                     crate::query::error_reply("not_found", format!("no customer {customer_id}"))
                 }
-                Err(error) => {
-                    warn!(%error, "view failed");
-                    crate::query::error_reply(
-                        "unavailable",
-                        format!("shard {} could not read the customer (the owner's log has the cause); retry in a moment", self.shard),
-                    )
-                }
+                Err(error) => crate::query::view_failed(self.shard, &error),
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
