@@ -7,7 +7,7 @@ use crate::cluster_env::{
     fixture, publish_all, view, wait_drained, NodeOptions, Outgoing, TestEnv,
 };
 use async_nats::jetstream::{self, message::PublishMessage};
-use crm_node::{dlq, subjects};
+use crm_node::{dead_letters, subjects};
 use futures::StreamExt;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -257,10 +257,10 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
         letters.push(DeadLetter {
             subject: message.subject.to_string(),
             body: message.payload.to_vec(),
-            reason: header(dlq::HEADER_REASON),
-            message: header(dlq::HEADER_MESSAGE),
-            source_subject: header(dlq::HEADER_SOURCE_SUBJECT),
-            source_sequence: header(dlq::HEADER_SOURCE_SEQUENCE),
+            reason: header(dead_letters::HEADER_REASON),
+            message: header(dead_letters::HEADER_MESSAGE),
+            source_subject: header(dead_letters::HEADER_SOURCE_SUBJECT),
+            source_sequence: header(dead_letters::HEADER_SOURCE_SEQUENCE),
         });
     }
     letters

@@ -3,7 +3,7 @@
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
 use crm_cluster::NatsServer;
-use crm_node::identity_directory::{
+use crm_node::ingest::identity_directory::{
     DirectoryError, IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE,
 };
 use crm_node::jetstream::ensure_kv;
@@ -421,7 +421,7 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
     assert!(results[0].is_ok() && results[2].is_ok());
     assert!(matches!(
         results[1],
-        Err(crm_node::identity_directory::DirectoryError::NoIdentity)
+        Err(crm_node::ingest::identity_directory::DirectoryError::NoIdentity)
     ));
 }
 

@@ -6,7 +6,7 @@ use crm_node::jetstream::{
     ensure_identity_fingerprint, ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer,
     IngestConsumerSettings, SetupError,
 };
-use crm_node::shard_log::ShardLogReader;
+use crm_node::shard::log_reader::ShardLogReader;
 use crm_node::subjects;
 use std::time::Duration;
 
@@ -258,7 +258,7 @@ async fn a_node_with_another_identity_secret_is_refused() {
     let cluster = ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
     let identities = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
     let fingerprint = |secret: &[u8]| {
-        crm_node::identity_directory::IdentityDirectory::new(identities.clone(), secret, 0)
+        crm_node::ingest::identity_directory::IdentityDirectory::new(identities.clone(), secret, 0)
             .secret_fingerprint()
     };
     let first = fingerprint(b"the-cluster-secret-0123456789");

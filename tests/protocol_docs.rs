@@ -174,7 +174,7 @@ async fn every_protocol_example_is_accepted_dead_lettered_or_answered_as_documen
     types_shown.dedup();
     assert_eq!(
         types_shown.len(),
-        crm_actors::event::EVENT_TYPES.len(),
+        crm_actors::ingest::EVENT_TYPES.len(),
         "the ingest examples do not show every event type: {types_shown:?}"
     );
 

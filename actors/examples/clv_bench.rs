@@ -20,7 +20,7 @@
 #[path = "../tests/support/clv_simulation.rs"]
 mod clv_simulation;
 
-use crm_actors::clv::{
+use crm_actors::value::{
     fit_models, summarize, ClvSettings, CustomerSummary, FittedModels, Scorer, TimeUnit,
 };
 use rand::rngs::StdRng;
@@ -130,13 +130,13 @@ struct Measured {
 }
 
 fn measure(scenario: &Scenario, customers: usize, seed: u64) -> Measured {
-    let purchases_in_days = crm_actors::clv::BgNbdParams {
+    let purchases_in_days = crm_actors::value::BgNbdParams {
         r: 0.24,
         alpha: 4.41 * 7.0,
         a: 0.79,
         b: 2.43,
     };
-    let spend = crm_actors::clv::GammaGammaParams {
+    let spend = crm_actors::value::GammaGammaParams {
         p: 6.25,
         q: 3.74,
         gamma: 15.44,
@@ -157,7 +157,7 @@ fn measure(scenario: &Scenario, customers: usize, seed: u64) -> Measured {
     let clock = Instant::now();
     let summaries = summarize(&transactions, as_of, TimeUnit::Weeks);
     let prepare_s = clock.elapsed().as_secs_f64();
-    let distinct_histories = crm_actors::clv::AggregatedHistories::from_histories(
+    let distinct_histories = crm_actors::value::AggregatedHistories::from_histories(
         summaries.iter().map(CustomerSummary::history),
     )
     .map(|data| data.distinct_histories())
@@ -168,7 +168,7 @@ fn measure(scenario: &Scenario, customers: usize, seed: u64) -> Measured {
     let fit_s = clock.elapsed().as_secs_f64();
 
     let days = summarize(&transactions, as_of, TimeUnit::Days);
-    let in_days = crm_actors::clv::BgNbdParams {
+    let in_days = crm_actors::value::BgNbdParams {
         alpha: fitted.purchases.params.alpha * 7.0,
         ..fitted.purchases.params
     };

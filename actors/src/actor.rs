@@ -11,11 +11,11 @@
 
 use crate::apply;
 use crate::codec::{self, CodecError};
-use crate::command::{ApplyOutcome, CustomerCommand};
-use crate::customer_value::ValueModel;
 use crate::rules::Rules;
+use crate::shard_message::{ApplyOutcome, CustomerCommand};
 use crate::state::CustomerState;
 use crate::store::EncodedState;
+use crate::value::live::ValueModel;
 use crate::view;
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr};

@@ -10,10 +10,7 @@
 //! fire again so that a late event's consequences are never left behind. Dedup happens here:
 //! a seen event id or order id is a [`ApplyStatus::Duplicate`] and changes nothing.
 
-use crate::command::{
-    ActorEvent, ApplyOutcome, ApplyStatus, CustomerCommand, IdentityConflict, RedeemOutcome,
-};
-use crate::event::{
+use crate::ingest::{
     CartAction, ChannelEvent, EmailAction, EventKind, Purchase, RejectReason, Rejection, Return,
     SupportStatus,
 };
@@ -21,6 +18,9 @@ use crate::loyalty::{self, Grant};
 use crate::money::to_decimal;
 use crate::retention;
 use crate::rules::Rules;
+use crate::shard_message::{
+    ActorEvent, ApplyOutcome, ApplyStatus, CustomerCommand, IdentityConflict, RedeemOutcome,
+};
 use crate::state::{
     ChannelActivity, Consent, CustomerState, OrderRecord, ProfileValue, Redemption, TimelineEntry,
     ValueHistory, OPEN_TICKETS_MAX,
@@ -92,7 +92,7 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
             }
             let cause = format!("value-{}-{}", model.version, state.customer_id);
             let mut emitter = Emitter::new(&state.customer_id, &cause);
-            crate::customer_value::rescore(state, model, rules, &mut emitter);
+            crate::value::live::rescore(state, model, rules, &mut emitter);
             outcome(ApplyStatus::Applied, emitter.into_events())
         }
     }
@@ -915,8 +915,8 @@ fn apply_redeem(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::LineItem;
     use crate::identity::{Identity, IdentityKind};
+    use crate::ingest::LineItem;
     use crate::state::RetentionStatus;
     use crate::time::{parse_rfc3339_ms, DAY_MS};
     use crate::view::customer_view;

@@ -99,8 +99,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{CustomerCommand, ShardMessage};
-    use crate::event::{parse_ingest, IngestLimits};
+    use crate::ingest::{parse_ingest, IngestLimits};
+    use crate::shard_message::{CustomerCommand, ShardMessage};
 
     fn purchase_message() -> ShardMessage {
         let json = serde_json::json!({

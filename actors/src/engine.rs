@@ -18,13 +18,13 @@
 
 use crate::actor::{spawn_customer, Applied, CustomerMessage};
 use crate::codec::{self, CodecError};
-use crate::command::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
-use crate::customer_value::ValueModel;
 use crate::rules::Rules;
+use crate::shard_message::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
 use crate::state::CustomerState;
 use crate::store::{
     CommitBatch, CustomerWrite, DueTimer, EncodedState, ShardMeta, Store, StoreError,
 };
+use crate::value::live::ValueModel;
 use ractor::concurrency::{oneshot, JoinHandle, OneshotReceiver};
 use ractor::{ActorRef, ActorStatus, SpawnErr};
 use serde_json::Value;

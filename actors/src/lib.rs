@@ -2,29 +2,29 @@
 //! the customer actor and the sled store. Pure of NATS: the node crate feeds it commands
 //! read from the shard log and publishes what it returns.
 //!
-//! Map: [`event`] validates public JSON into [`event::ChannelEvent`]; [`command`] is what
-//! the shard log carries and what applying it yields; [`apply::apply`] is the one pure
-//! function from (state, command, rules) to (new state, outcome); [`rules`], [`loyalty`]
+//! Map: [`ingest`] validates public JSON into [`ingest::ChannelEvent`]; [`shard_message`] is
+//! what the shard log carries and what applying it yields; [`apply::apply`] is the one pure
+//! function from (state, message, rules) to (new state, outcome); [`rules`], [`loyalty`]
 //! and [`retention`] hold the rule engines; [`state`] the customer state; [`view`] the
-//! 360 JSON; [`codec`] the versioned bincode format; [`store`] the sled store;
-//! [`actor`] the customer actors and the per-shard engine that drives them; [`clv`] the
-//! customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv fit`, and
-//! [`customer_value`] their use in the live engine (summaries, published model, view block).
+//! 360 view; [`codec`] the versioned bincode format; [`store`] the sled store;
+//! [`actor`] the customer actors and [`engine`] the per-shard engine that drives them;
+//! [`value`] the customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv
+//! fit`, and [`value::live`] their use in the live engine (summaries, published model,
+//! view block).
 
 pub mod actor;
 pub mod apply;
-pub mod clv;
 pub mod codec;
-pub mod command;
-pub mod customer_value;
 pub mod engine;
-pub mod event;
 pub mod identity;
+pub mod ingest;
 pub mod loyalty;
 pub mod money;
 pub mod retention;
 pub mod rules;
+pub mod shard_message;
 pub mod state;
 pub mod store;
 pub mod time;
+pub mod value;
 pub mod view;

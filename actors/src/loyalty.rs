@@ -9,7 +9,7 @@
 //! (what a return cannot take back is recorded as a shortfall).
 
 use crate::apply::Emitter;
-use crate::event::Purchase;
+use crate::ingest::Purchase;
 use crate::money::{to_decimal, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{Loyalty, PendingPoints, PointsLot, TierChange};

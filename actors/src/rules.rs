@@ -43,11 +43,11 @@ pub struct Rules {
     pub next_best_action: NextBestAction,
 }
 
-/// The value segments of [`crate::customer_value`], best first.
+/// The value segments of [`crate::value::live`], best first.
 pub const VALUE_SEGMENTS: [&str; 5] =
     ["top_1_percent", "top_20_percent", "middle", "low", "lapsed"];
 
-/// Which next best actions the 360 view proposes (see [`crate::customer_value`]).
+/// Which next best actions the 360 view proposes (see [`crate::value::live`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NextBestAction {
     /// Value segments whose customers at risk get a win-back offer.

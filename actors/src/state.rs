@@ -7,8 +7,8 @@
 //! log yields byte-identical bincode. It must never hold floats, hash maps, wall-clock times
 //! or untyped JSON, and it never enforces rules itself: it only records what apply decided.
 
-use crate::command::RedeemOutcome;
 use crate::identity::Identity;
+use crate::shard_message::RedeemOutcome;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -44,7 +44,7 @@ pub struct CustomerState {
     pub loyalty: Loyalty,
     pub retention: RetentionState,
     pub dedup: Dedup,
-    /// Purchase days for the customer-value models (`crate::customer_value`).
+    /// Purchase days for the customer-value models (`crate::value::live`).
     pub value: ValueHistory,
     /// Where the last applied customer-value model put the customer.
     pub value_standing: ValueStanding,

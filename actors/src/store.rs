@@ -21,9 +21,9 @@
 //! rules; values read from disk are decoded with errors, never unwrapped.
 
 use crate::codec::{self, CodecError};
-use crate::command::ActorEvent;
-use crate::customer_value::ValueModel;
+use crate::shard_message::ActorEvent;
 use crate::state::CustomerState;
+use crate::value::live::ValueModel;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

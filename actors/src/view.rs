@@ -8,13 +8,13 @@
 //! and recency is computed from `as_of_ms` (never earlier than the customer's own clock),
 //! never from the wall clock.
 
-use crate::customer_value::{self, ValueModel};
 use crate::loyalty::{self, optional_time};
 use crate::money::to_decimal;
 use crate::retention;
 use crate::rules::Rules;
 use crate::state::{CustomerState, RetentionStatus};
 use crate::time::{format_rfc3339, DAY_MS};
+use crate::value::live::{self, ValueModel};
 use serde_json::{json, Map, Value};
 
 /// The view format version.
@@ -36,7 +36,7 @@ fn days_decimal(ms: i64) -> Value {
 
 /// Renders the 360 view of `state` as of `as_of_ms` (raised to the customer's clock).
 /// What `crm.query.customer` answers: [`customer_view`] plus the `value` block scored under
-/// `value_model` and the `next_best_actions` (see [`crate::customer_value`]).
+/// `value_model` and the `next_best_actions` (see [`crate::value::live`]).
 pub fn full_view(
     state: &CustomerState,
     as_of_ms: i64,
@@ -46,8 +46,8 @@ pub fn full_view(
     // `customer_view` settles the time rules due by `as_of_ms`; the value block stays as
     // the model's rescore left it (scored as of the model's day, like the offline fit).
     let mut view = customer_view(state, as_of_ms, rules);
-    let value = customer_value::value_block(state, value_model);
-    let actions = customer_value::next_best_actions(state, &value, rules, as_of_ms);
+    let value = live::value_block(state, value_model);
+    let actions = live::next_best_actions(state, &value, rules, as_of_ms);
     if let Some(object) = view.as_object_mut() {
         object.insert("value".to_string(), value);
         object.insert("next_best_actions".to_string(), actions.into());
@@ -265,9 +265,9 @@ pub fn customer_view(state: &CustomerState, as_of_ms: i64, rules: &Rules) -> Val
 mod tests {
     use super::*;
     use crate::apply::apply;
-    use crate::command::CustomerCommand;
-    use crate::event::{ChannelEvent, EventKind, LineItem, Purchase};
     use crate::identity::{Identity, IdentityKind};
+    use crate::ingest::{ChannelEvent, EventKind, LineItem, Purchase};
+    use crate::shard_message::CustomerCommand;
     use crate::time::parse_rfc3339_ms;
 
     #[test]

@@ -11,7 +11,7 @@
 mod clv_simulation;
 
 use clv_simulation::{simulate_customers, SimulatedCustomer};
-use crm_actors::clv::{
+use crm_actors::value::{
     bgnbd, gamma_gamma, AggregatedHistories, BgNbdParams, FitError, GammaGammaParams, SpendHistory,
 };
 use rand::rngs::StdRng;
@@ -171,7 +171,7 @@ fn conditional_expectations_predict_what_simulated_customers_buy_next() {
 
 #[test]
 fn a_single_customer_has_no_maximum_likelihood_fit() {
-    let single = AggregatedHistories::from_histories([crm_actors::clv::PurchaseHistory {
+    let single = AggregatedHistories::from_histories([crm_actors::value::PurchaseHistory {
         frequency: 3,
         recency: 20.0,
         age: 30.0,

@@ -10,7 +10,7 @@
 //! exactly zero, such as the log-likelihood of a customer with T = 0); the test prints the
 //! largest relative error of each quantity, which is the achieved accuracy (~1e-13 or better).
 
-use crm_actors::clv::{
+use crm_actors::value::{
     BgNbdParams, ClvSettings, CustomerSummary, GammaGammaParams, PurchaseHistory, Scorer,
     SpendHistory,
 };

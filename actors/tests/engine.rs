@@ -3,10 +3,10 @@
 
 use crm_actors::apply;
 use crm_actors::codec;
-use crm_actors::command::{ApplyStatus, CustomerCommand, RoutedCommand, ShardMessage};
 use crm_actors::engine::{EngineLimits, ShardEngine};
-use crm_actors::event::{parse_ingest, IngestLimits};
+use crm_actors::ingest::{parse_ingest, IngestLimits};
 use crm_actors::rules::Rules;
+use crm_actors::shard_message::{ApplyStatus, CustomerCommand, RoutedCommand, ShardMessage};
 use crm_actors::state::CustomerState;
 use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, Store};
 use std::path::Path;
@@ -642,13 +642,13 @@ async fn a_large_tick_keeps_no_extra_actors_and_later_messages_see_its_effects()
 
 /// A customer-value model whose cut points put every buyer in `top_20_percent` (or, with
 /// `everybody_middle`, in `middle`), as of 400 days after Jan 2nd.
-fn value_model(version: u64, everybody_middle: bool) -> crm_actors::customer_value::ValueModel {
-    use crm_actors::customer_value::{BgNbdJson, GammaGammaJson, ValueModel};
+fn value_model(version: u64, everybody_middle: bool) -> crm_actors::value::live::ValueModel {
+    use crm_actors::value::live::{BgNbdJson, GammaGammaJson, ValueModel};
     let as_of_day = crm_actors::time::day_number(JAN_2_MS) + 400;
     ValueModel {
         version,
         as_of_day,
-        as_of: crm_actors::customer_value::day_text(as_of_day),
+        as_of: crm_actors::value::live::day_text(as_of_day),
         time_unit: "days".to_string(),
         horizon_periods: 365,
         discount_rate: 0.0,
@@ -703,8 +703,8 @@ async fn a_value_model_record_rescores_every_customer_once_and_survives_a_reopen
         .expect("purchases");
     let ann = store.load_customer("ann").expect("load").expect("ann");
     let model = value_model(1, false);
-    let crm_actors::customer_value::Assessment::Scored(scored) =
-        crm_actors::customer_value::assess(&ann, Some(&model))
+    let crm_actors::value::live::Assessment::Scored(scored) =
+        crm_actors::value::live::assess(&ann, Some(&model))
     else {
         panic!("ann has purchases");
     };

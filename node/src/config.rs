@@ -925,7 +925,7 @@ mod tests {
     #[test]
     fn defaults_match_the_ingest_limits_of_the_domain() {
         let config = parse(SECRET).expect("minimal config");
-        let domain = crm_actors::event::IngestLimits::default();
+        let domain = crm_actors::ingest::IngestLimits::default();
         assert_eq!(config.limits.payload_max_bytes, domain.payload_max_bytes);
         assert_eq!(config.amount_max_minor(), domain.amount_max_minor);
         assert_eq!(config.limits.items_max, domain.items_max);

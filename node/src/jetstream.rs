@@ -8,7 +8,7 @@
 //! (Debian) and newer: async-nats 0.51's `create_key_value` cannot parse a 2.9 account-info
 //! reply, so [`ensure_kv`] creates a bucket's backing stream itself, exactly as the client
 //! would, and opens it with `get_key_value`. A 2.9 consumer has a single filter subject, so
-//! each shard is read by its own consumer (`crate::shard_log`), which starts at the shard's
+//! each shard is read by its own consumer (`crate::shard::log_reader`), which starts at the shard's
 //! applied sequence kept in sled. Subject and stream names
 //! come from [`crate::subjects`]; this module never publishes application data.
 

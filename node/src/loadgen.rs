@@ -2,7 +2,7 @@
 //! reference adapter's data, and the input of tests that check spend, counts and points.
 //!
 //! A [`Generator`] is an iterator of [`GeneratedEvent`]s (public ingest JSON, `"v": 1`, as
-//! [`crm_actors::event::parse_ingest`] reads it) in event-time order, deterministic for a
+//! [`crm_actors::ingest::parse_ingest`] reads it) in event-time order, deterministic for a
 //! [`GeneratorSpec`] (same spec, same bytes). Memory is bounded by the number of people,
 //! not of events: each person has one pending "next session" in a time-ordered queue, and a
 //! session's few events (plus follow-ups such as a return or a ticket resolution) are queued
@@ -18,8 +18,8 @@
 //! `event_id`. [`Truth`] records, per person, the identifiers used and the distinct
 //! purchases and returns actually emitted. Nothing here touches NATS.
 
-use crm_actors::event::LineItem;
 use crm_actors::identity::{Identity, IdentityKind};
+use crm_actors::ingest::LineItem;
 use crm_actors::money::to_decimal;
 use crm_actors::time::{format_rfc3339, DAY_MS};
 use rand::rngs::StdRng;
@@ -1338,7 +1338,7 @@ fn spec_prefix(spec: &GeneratorSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crm_actors::event::{parse_ingest, EventKind, IngestLimits};
+    use crm_actors::ingest::{parse_ingest, EventKind, IngestLimits};
     use crm_actors::time::parse_rfc3339_ms;
     use std::collections::{HashMap, HashSet};
 

@@ -47,11 +47,11 @@ enum Command {
         node_id: Option<String>,
     },
     /// Publish one channel event (JSON) to crm.ingest.<channel> and print the ack.
-    Send(crm_node::client::SendArgs),
+    Send(crm_node::cli::client::SendArgs),
     /// Print a customer's 360 view.
     Query {
         #[command(flatten)]
-        who: crm_node::client::Who,
+        who: crm_node::cli::client::Who,
         /// Print the reply exactly as received.
         #[arg(long)]
         json: bool,
@@ -59,7 +59,7 @@ enum Command {
     /// Spend points on a reward.
     Redeem {
         #[command(flatten)]
-        who: crm_node::client::Who,
+        who: crm_node::cli::client::Who,
         /// Reward id from the rules file's catalogue.
         #[arg(long)]
         reward: String,
@@ -68,7 +68,7 @@ enum Command {
         request_id: String,
     },
     /// Print actor events live (crm.events.>).
-    Watch(crm_node::client::WatchArgs),
+    Watch(crm_node::cli::client::WatchArgs),
     /// Append a clock tick at a chosen time to every shard (moves time-driven rules).
     Tick {
         /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z.
@@ -101,22 +101,22 @@ enum Command {
     },
     /// Fit the customer-value models on every customer of the cluster and publish them
     /// (crm.cmd.value.fit); later 360 views carry the value block.
-    ValueFit(crm_node::client::ValueFitArgs),
+    ValueFit(crm_node::cli::client::ValueFitArgs),
     /// Customer-value models (no NATS): `clv fit` scores customers from a transactions CSV.
-    Clv(crm_node::clv_cli::ClvCommand),
+    Clv(crm_node::value::cli::ClvCommand),
 }
 
 #[derive(Args, Debug)]
 struct LoadCommand {
     #[command(flatten)]
-    args: crm_node::client::LoadArgs,
+    args: crm_node::cli::client::LoadArgs,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Command::Clv(command) = cli.command {
         // Pure computation on a file: no runtime, no NATS.
-        let report = crm_node::clv_cli::run(command)?;
+        let report = crm_node::value::cli::run(command)?;
         return match std::io::stdout().lock().write_all(report.as_bytes()) {
             Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
             _ => Ok(()),
@@ -134,28 +134,28 @@ fn main() -> Result<()> {
                 config,
                 data_dir,
                 node_id,
-            } => crm_node::node::run_from_cli(&config, url_override(&url), data_dir, node_id).await,
-            Command::Send(args) => crm_node::client::send(&url, args).await,
-            Command::Query { who, json } => crm_node::client::query(&url, who, json).await,
+            } => crm_node::run::run_from_cli(&config, url_override(&url), data_dir, node_id).await,
+            Command::Send(args) => crm_node::cli::client::send(&url, args).await,
+            Command::Query { who, json } => crm_node::cli::client::query(&url, who, json).await,
             Command::Redeem {
                 who,
                 reward,
                 request_id,
-            } => crm_node::client::redeem(&url, who, reward, request_id).await,
-            Command::Watch(args) => crm_node::client::watch(&url, args).await,
-            Command::Tick { at } => crm_node::client::tick(&url, &at).await,
-            Command::Load(load) => crm_node::client::load(&url, load.args).await,
-            Command::Stats => crm_node::client::stats(&url).await,
+            } => crm_node::cli::client::redeem(&url, who, reward, request_id).await,
+            Command::Watch(args) => crm_node::cli::client::watch(&url, args).await,
+            Command::Tick { at } => crm_node::cli::client::tick(&url, &at).await,
+            Command::Load(load) => crm_node::cli::client::load(&url, load.args).await,
+            Command::Stats => crm_node::cli::client::stats(&url).await,
             Command::Status {
                 json,
                 node_timeout_ms,
-            } => crm_node::client::status(&url, json, node_timeout_ms).await,
+            } => crm_node::cli::client::status(&url, json, node_timeout_ms).await,
             Command::Drain {
                 node_id,
                 cancel,
                 timeout_s,
-            } => crm_node::client::drain(&url, &node_id, cancel, timeout_s).await,
-            Command::ValueFit(args) => crm_node::client::value_fit(&url, args).await,
+            } => crm_node::cli::client::drain(&url, &node_id, cancel, timeout_s).await,
+            Command::ValueFit(args) => crm_node::cli::client::value_fit(&url, args).await,
             Command::Clv(_) => unreachable!("clv runs before the runtime starts"),
         }
     })

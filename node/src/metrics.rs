@@ -78,7 +78,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity_directory::DirectoryMetrics;
+    use crate::ingest::identity_directory::DirectoryMetrics;
 
     /// Every counter of `crm.node.stats` has a row in docs/protocol.md's tables.
     #[test]

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)]
 
-use crm_actors::clv::{BgNbdParams, GammaGammaParams, PurchaseHistory, Transaction};
+use crm_actors::value::{BgNbdParams, GammaGammaParams, PurchaseHistory, Transaction};
 use rand::Rng;
 use rand_distr::{Beta, Distribution, Gamma};
 

@@ -2,7 +2,7 @@
 //! the mean negative log-likelihood over log-parameters, refuse a flat optimum, and derive
 //! standard errors. Also [`FitError`], the one error type of both model fits.
 //!
-//! [`crate::clv::bgnbd::fit`] and [`crate::clv::gamma_gamma::fit`] supply the objective
+//! [`crate::value::bgnbd::fit`] and [`crate::value::gamma_gamma::fit`] supply the objective
 //! (value and analytic gradient in log space) and their start points; this module turns
 //! "no minimum" into a [`FitError`] that names the parameter, so a fit that does not
 //! converge is an error and never a set of numbers.

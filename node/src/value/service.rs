@@ -4,7 +4,7 @@
 //! A fit request reaches one node (queue group). That node gathers the purchase-day
 //! summaries of every customer from the owners of all shards (scatter/gather on
 //! [`subjects::VALUE_COLLECT`]: each node reads the shards it serves from sled and answers
-//! with identical summaries aggregated, in chunks), has `crm_actors::customer_value` fit
+//! with identical summaries aggregated, in chunks), has `crm_actors::value::live` fit
 //! the models and cut points, and publishes the result as JSON under
 //! [`subjects::VALUE_MODEL_KEY`] in the KV bucket [`subjects::KV_VALUE`], its version one
 //! above the last (compare-and-set, so two fits never publish one version twice). Every node
@@ -13,8 +13,8 @@
 //! block and customers whose segment changed or who fell at risk raise actor events, and a
 //! replay reproduces all of it. No rule lives here.
 
-use crate::query::error_reply;
-use crate::shard_worker::ShardTable;
+use crate::api::query::error_reply;
+use crate::shard::worker::ShardTable;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
@@ -22,11 +22,11 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
 use async_nats::Client;
-use crm_actors::clv::{ClvSettings, CustomerSummary, TimeUnit};
 use crm_actors::codec;
-use crm_actors::command::ShardMessage;
-use crm_actors::customer_value::{self, FitRequest, ValueModel};
+use crm_actors::shard_message::ShardMessage;
 use crm_actors::store::Store;
+use crm_actors::value::live::{self, FitRequest, ValueModel};
+use crm_actors::value::{ClvSettings, CustomerSummary, TimeUnit};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -88,10 +88,9 @@ impl ValueService {
             Err(reply) => return reply,
         };
         // The fit does not depend on the version: fit once, number it at publication.
-        let fitted = tokio::task::spawn_blocking(move || {
-            customer_value::fit_value_model(&summaries, request, 0)
-        })
-        .await;
+        let fitted =
+            tokio::task::spawn_blocking(move || live::fit_value_model(&summaries, request, 0))
+                .await;
         let mut model = match fitted {
             Ok(Ok(model)) => model,
             Ok(Err(error)) => return error_reply("fit_failed", error.to_string()),
@@ -306,7 +305,7 @@ impl ValueService {
             let served_set: std::collections::HashSet<u32> = served.iter().copied().collect();
             let read = tokio::task::spawn_blocking(move || {
                 let owned = |customer_id: &str| served_set.contains(&shard_of(customer_id, count));
-                customer_value::summaries_from_store(&store, ask.as_of_day, unit, owned)
+                live::summaries_from_store(&store, ask.as_of_day, unit, owned)
                     .map(|summaries| aggregate(&summaries))
             });
             // Reading a large store takes longer than the collector's quiet round: tell it
@@ -780,7 +779,7 @@ mod tests {
         assert_eq!(parse_day("1970-01-01"), Some(0));
         assert_eq!(parse_day("2026-11-23"), Some(20_780));
         assert_eq!(parse_day("2026-13-01"), None);
-        assert_eq!(crm_actors::customer_value::day_text(20_780), "2026-11-23");
+        assert_eq!(crm_actors::value::live::day_text(20_780), "2026-11-23");
     }
 
     #[tokio::test]

@@ -16,9 +16,10 @@ pub mod data;
 pub mod fit;
 pub mod gamma_gamma;
 pub mod hypergeometric;
+pub mod lifetime;
+pub mod live;
 pub mod optimize;
 pub mod special;
-pub mod value;
 
 pub use bgnbd::{AggregatedHistories, BgNbdFit, BgNbdParams};
 pub use data::{
@@ -27,12 +28,12 @@ pub use data::{
 };
 pub use fit::FitError;
 pub use gamma_gamma::{GammaGammaFit, GammaGammaParams, SpendHistory};
-pub use value::{
+pub use lifetime::{
     ClvReport, ClvSettings, CustomerScore, CustomerValue, Scorer, HORIZON_MAX_PERIODS,
 };
 
+use lifetime::{PurchaseModelReport, SpendModelReport};
 use time::Date;
-use value::{PurchaseModelReport, SpendModelReport};
 
 /// Why no CLV report could be made.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

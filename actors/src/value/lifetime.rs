@@ -15,7 +15,7 @@
 //!
 //! **Speed.** `E(i) = P(alive | x, t_x, T) * J_i(x, T)`, and the discounted sum of the
 //! `J_i` depends on x and T only, so [`Scorer`] computes it once per distinct (x, T) (a
-//! walk along the horizon, see [`crate::clv::hypergeometric`]) and caches it; each customer
+//! walk along the horizon, see [`crate::value::hypergeometric`]) and caches it; each customer
 //! then costs P(alive), one cache lookup and the spend formula.
 
 use super::bgnbd::BgNbdParams;

@@ -6,7 +6,7 @@
 //! after each repeat purchase they drop out with probability p ~ Beta(a, b). A customer is
 //! seen through (x, t_x, T) ([`PurchaseHistory`]). The fit maximises the full
 //! log-likelihood over `ln r, ln alpha, ln a, ln b` with analytic gradients (BFGS, see
-//! [`crate::clv::fit`]). It works on [`AggregatedHistories`]: identical (x, t_x, T) triples
+//! [`crate::value::fit`]). It works on [`AggregatedHistories`]: identical (x, t_x, T) triples
 //! are one group with a count, every `ln Gamma`/`psi` is computed once per distinct x and
 //! every `ln(alpha + t)` once per distinct time, so a million customers cost one pass
 //! over a few hundred thousand groups per evaluation. Times are in whatever unit the

@@ -2,7 +2,7 @@
 //! game once the objective's rounding hides further decrease) and the identification check
 //! that follows every model fit.
 //!
-//! The model fits ([`crate::clv::bgnbd`], [`crate::clv::gamma_gamma`]) minimise the mean
+//! The model fits ([`crate::value::bgnbd`], [`crate::value::gamma_gamma`]) minimise the mean
 //! negative log-likelihood over the logarithms of their parameters, with analytic
 //! gradients. This module knows nothing about the models: it takes a function returning the
 //! value and filling the gradient, a start point and [`MinimizeSettings`], and returns the

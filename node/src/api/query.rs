@@ -6,14 +6,14 @@
 //! worker for the view. Errors are JSON too: `{"error": {"code", "message"}}` with codes
 //! `bad_request`, `not_found`, `unavailable`.
 
-use crate::identity_directory::IdentityDirectory;
+use crate::ingest::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
-use crate::shard_worker::{ShardRequest, ShardTable};
+use crate::shard::worker::{ShardRequest, ShardTable};
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::Client;
-use crm_actors::event::parse_identities;
+use crm_actors::ingest::parse_identities;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::sync::Arc;

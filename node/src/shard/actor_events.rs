@@ -4,7 +4,7 @@
 //! `{"v": 1, "id": ..., "type": ..., "customer_id": ..., "at": RFC 3339, ...type fields}`.
 //! `id` is deterministic (cause and index), so a dashboard can drop repeats.
 
-use crm_actors::command::ActorEvent;
+use crm_actors::shard_message::ActorEvent;
 use crm_actors::time::format_rfc3339;
 use serde_json::{Map, Value};
 

@@ -8,16 +8,16 @@
 //! `tick` command appends one to every shard this node serves, the ticker does the same
 //! every `tick_interval_s` with the wall clock.
 
+use crate::api::query::{error_reply, resolve_customer, Shards};
 use crate::metrics::Metrics;
-use crate::query::{error_reply, resolve_customer, Shards};
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::jetstream::Context;
 use async_nats::Client;
 use crm_actors::codec;
-use crm_actors::command::{CustomerCommand, ShardMessage};
-use crm_actors::event::{check_rule_time, ID_MAX_BYTES};
+use crm_actors::ingest::{check_rule_time, ID_MAX_BYTES};
+use crm_actors::shard_message::{CustomerCommand, ShardMessage};
 use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
 use futures::StreamExt;
 use serde_json::{json, Value};

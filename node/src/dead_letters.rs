@@ -9,7 +9,7 @@ use crate::subjects;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
-use crm_actors::event::Rejection;
+use crm_actors::ingest::Rejection;
 
 /// Header naming the reason token (also the subject's last token).
 pub const HEADER_REASON: &str = "Crm-Reason";

@@ -5,7 +5,7 @@
 //! nu ~ Gamma(q, gamma). A customer with x repeat purchases of mean value m is seen through
 //! (x, m) ([`SpendHistory`]); the fit maximises the full log-likelihood of the repeat buyers
 //! with a positive mean over `ln p, ln q, ln gamma` (analytic gradients, BFGS, see
-//! [`crate::clv::fit`]). The expected mean spend of a customer,
+//! [`crate::value::fit`]). The expected mean spend of a customer,
 //! `E[M | x, m] = p (gamma + x m) / (p x + q - 1)`, exists only for `q > 1`, so a fit with
 //! `q <= 1` is an error. Amounts are in major units (e.g. dollars).
 

@@ -1,5 +1,5 @@
 //! Customer value in the live engine: the bridge between the customer state and the
-//! customer-value models of [`crate::clv`].
+//! customer-value models of [`crate::value`].
 //!
 //! A cluster-wide fit reads every customer's [`ValueHistory`] as a [`CustomerSummary`] as of
 //! one day ([`summary`]), fits BG/NBD and Gamma-Gamma on them and keeps, besides the
@@ -10,16 +10,16 @@
 //! clock, no NATS.
 
 use crate::apply::{object, Emitter};
-use crate::clv::{
-    fit_models, BgNbdParams, ClvError, ClvSettings, CustomerScore, CustomerSummary,
-    GammaGammaParams, Scorer, TimeUnit,
-};
 use crate::codec;
 use crate::loyalty;
 use crate::money::{to_decimal, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{CustomerState, RetentionStatus, ValueHistory, ValueStanding};
 use crate::store::{Store, StoreError};
+use crate::value::{
+    fit_models, BgNbdParams, ClvError, ClvSettings, CustomerScore, CustomerSummary,
+    GammaGammaParams, Scorer, TimeUnit,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -571,8 +571,8 @@ pub fn day_text(day: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clv::{summarize, Transaction};
     use crate::state::FoldedDays;
+    use crate::value::{summarize, Transaction};
     use std::collections::BTreeMap;
 
     fn date(day: i32) -> time::Date {
@@ -656,7 +656,7 @@ mod tests {
     }
 
     fn shipped_rules() -> Rules {
-        Rules::from_toml_str(include_str!("../../cluster-config/rules.toml")).expect("rules")
+        Rules::from_toml_str(include_str!("../../../cluster-config/rules.toml")).expect("rules")
     }
 
     #[test]

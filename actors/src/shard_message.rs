@@ -7,9 +7,9 @@
 //! command did to one customer: the actor events to publish, whether it was a duplicate or
 //! refused, and the reply owed to a waiting client.
 
-use crate::customer_value::ValueModel;
-use crate::event::{ChannelEvent, Rejection};
 use crate::identity::IdentityKind;
+use crate::ingest::{ChannelEvent, Rejection};
+use crate::value::live::ValueModel;
 use serde::{Deserialize, Serialize};
 
 /// One record of the shard log `crm.shard.<n>` (bincode, behind the codec's version byte).

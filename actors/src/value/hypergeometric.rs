@@ -1,7 +1,7 @@
 //! The Gauss hypergeometric function 2F1 in the one form the BG/NBD model needs: how many
 //! purchases a customer who is still alive is expected to make within a horizon.
 //!
-//! [`crate::clv::bgnbd`] calls [`expected_purchases_while_alive`] (one horizon) and
+//! [`crate::value::bgnbd`] calls [`expected_purchases_while_alive`] (one horizon) and
 //! [`expected_purchases_while_alive_grid`] (every period of a CLV horizon). Both compute
 //!
 //! ```text

@@ -13,18 +13,18 @@
 
 use crate::cluster::lease::Fence;
 use crate::cluster::snapshot::Snapshots;
-use crate::dlq;
+use crate::dead_letters;
 use crate::metrics::Metrics;
-use crate::shard_log::ShardLogReader;
+use crate::shard::log_reader::ShardLogReader;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
-use crm_actors::command::{ActorEvent, ApplyStatus, ShardMessage};
 use crm_actors::engine::{OutboxKey, ShardEngine};
-use crm_actors::event::{RejectReason, Rejection};
+use crm_actors::ingest::{RejectReason, Rejection};
+use crm_actors::shard_message::{ActorEvent, ApplyStatus, ShardMessage};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,13 +283,14 @@ impl ShardWorker {
             .ok()
             .and_then(|body| body["customer_id"].as_str().map(str::to_string));
         let body = match customer_id {
-            None => crate::query::error_reply("bad_request", "send {\"customer_id\": \"c…\"}"),
+            None => crate::api::query::error_reply("bad_request", "send {\"customer_id\": \"c…\"}"),
             Some(customer_id) => match self.engine.view(&customer_id).await {
                 Ok(Some(view)) => view,
-                Ok(None) => {
-                    crate::query::error_reply("not_found", format!("no customer {customer_id}"))
-                }
-                Err(error) => crate::query::view_failed(self.shard, &error),
+                Ok(None) => crate::api::query::error_reply(
+                    "not_found",
+                    format!("no customer {customer_id}"),
+                ),
+                Err(error) => crate::api::query::view_failed(self.shard, &error),
             },
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
@@ -496,7 +497,7 @@ impl ShardWorker {
         payload: bytes::Bytes,
     ) {
         Metrics::add(&self.metrics.dead_lettered, 1);
-        match dlq::publish(&self.jetstream, rejection, subject, sequence, payload).await {
+        match dead_letters::publish(&self.jetstream, rejection, subject, sequence, payload).await {
             Ok(ack) => {
                 if let Err(error) = ack.await {
                     warn!(%error, "dead letter not acked");
@@ -580,7 +581,7 @@ async fn next_forwarded(
 /// Publishes one actor event on `crm.events.<type>.<customer_id>` with its id as
 /// `Nats-Msg-Id`; `None` (logged) when it could not be sent.
 async fn send_event(jetstream: &Context, event: &ActorEvent) -> Option<PublishAckFuture> {
-    let body = match serde_json::to_vec(&crate::events::event_json(event)) {
+    let body = match serde_json::to_vec(&crate::shard::actor_events::event_json(event)) {
         Ok(body) => body,
         Err(error) => {
             warn!(%error, "actor event not encodable");

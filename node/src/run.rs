@@ -10,23 +10,23 @@
 //! shutdown: the router stops pulling, every shard worker finishes its batch (apply, flush,
 //! ack), and the process exits 0.
 
+use crate::api::commands::Commands;
+use crate::api::query::Shards;
 use crate::cluster::lease::{Fence, Leases};
 use crate::cluster::manager::{Manager, WorkerSpec};
 use crate::cluster::observer::BucketView;
 use crate::cluster::snapshot::Snapshots;
-use crate::commands::Commands;
 use crate::config::{Config, Overrides};
-use crate::identity_directory::IdentityDirectory;
+use crate::ingest::identity_directory::IdentityDirectory;
+use crate::ingest::router::Router;
 use crate::metrics::Metrics;
-use crate::query::Shards;
-use crate::router::Router;
-use crate::shard_worker::ShardTable;
+use crate::shard::worker::ShardTable;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
-use crate::value::ValueService;
+use crate::value::service::ValueService;
 use crate::{jetstream as setup, subjects};
 use anyhow::{Context as _, Result};
 use crm_actors::engine::EngineLimits;
-use crm_actors::event::IngestLimits;
+use crm_actors::ingest::IngestLimits;
 use crm_actors::rules::Rules;
 use crm_actors::store::Store;
 use futures::StreamExt;
@@ -329,7 +329,7 @@ async fn session(
         directory,
         timeout: Duration::from_millis(config.limits.query_timeout_ms),
     };
-    tasks.spawn(crate::query::serve(
+    tasks.spawn(crate::api::query::serve(
         client.clone(),
         shard_map.clone(),
         metrics.clone(),
@@ -361,7 +361,7 @@ async fn session(
             shutdown.clone(),
         ));
     }
-    tasks.spawn(crate::value::append_models(
+    tasks.spawn(crate::value::service::append_models(
         jetstream.clone(),
         value_kv.clone(),
         table.clone(),

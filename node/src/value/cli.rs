@@ -1,5 +1,5 @@
 //! `crm-node clv fit`: the command-line front end of the customer-value models in
-//! [`crm_actors::clv`]. Reads a transactions CSV, fits BG/NBD and Gamma-Gamma, scores every
+//! [`crm_actors::value`]. Reads a transactions CSV, fits BG/NBD and Gamma-Gamma, scores every
 //! customer and renders either the JSON report (`--json`) or a readable summary (model
 //! parameters, log-likelihoods, value deciles, top customers).
 //!
@@ -8,7 +8,7 @@
 //! line) and how to fix it. Docs: `docs/clv.md`.
 
 use clap::{Args, Subcommand, ValueEnum};
-use crm_actors::clv::{self, ClvError, ClvReport, ClvSettings, CsvError, TimeUnit};
+use crm_actors::value::{self, ClvError, ClvReport, ClvSettings, CsvError, TimeUnit};
 use std::fmt::Write as _;
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -111,11 +111,11 @@ fn fit(args: &FitArgs) -> Result<String, ClvCliError> {
         error,
     })?;
     let transactions =
-        clv::read_transactions_csv(BufReader::new(file)).map_err(|error| ClvCliError::Csv {
+        value::read_transactions_csv(BufReader::new(file)).map_err(|error| ClvCliError::Csv {
             path: path.clone(),
             error,
         })?;
-    let report = clv::fit_and_score(&transactions, as_of, unit, horizon, args.discount_rate)
+    let report = value::fit_and_score(&transactions, as_of, unit, horizon, args.discount_rate)
         .map_err(|error| ClvCliError::Model {
             path: path.clone(),
             error,

@@ -3,7 +3,7 @@
 //! One node at a time runs the router (the holder of the router lease, see
 //! [`crate::cluster`]) on the durable consumer `crm-router`, so each customer's events
 //! reach the shard log in ingest order. For each chunk of ready messages it validates the payload
-//! (`crm_actors::event::parse_ingest`), resolves the identifiers to a customer id through the
+//! (`crm_actors::ingest::parse_ingest`), resolves the identifiers to a customer id through the
 //! identity directory, and publishes the chunk's events as one [`ShardMessage::Routed`]
 //! record per shard (many events per shard-log message: the server stores, indexes and
 //! delivers one message where it would handle dozens), with a `Nats-Msg-Id` derived from the
@@ -18,8 +18,8 @@
 //! rules and no customer state.
 
 use crate::cluster::lease::Fence;
-use crate::dlq;
-use crate::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
+use crate::dead_letters;
+use crate::ingest::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
 use crate::jetstream::{self as setup, IngestConsumerSettings};
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
@@ -31,9 +31,9 @@ use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
-use crm_actors::command::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
-use crm_actors::event::{parse_ingest, ChannelEvent, IngestLimits, RejectReason, Rejection};
 use crm_actors::identity::Identity;
+use crm_actors::ingest::{parse_ingest, ChannelEvent, IngestLimits, RejectReason, Rejection};
+use crm_actors::shard_message::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
 use futures::{FutureExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -367,7 +367,7 @@ impl Router {
         let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let subject = message.subject.as_str();
         debug!(%subject, sequence, reason = %rejection.reason, "dead letter");
-        dlq::publish(
+        dead_letters::publish(
             &self.jetstream,
             rejection,
             subject,
@@ -567,7 +567,7 @@ async fn prefetch(
         }
         limits.occurred_at_max_ms = limits
             .occurred_at_future_max_ms
-            .map(|ahead| crate::commands::wall_clock_ms().saturating_add(ahead));
+            .map(|ahead| crate::api::commands::wall_clock_ms().saturating_add(ahead));
         let group: Vec<Result<Validated, MessagesError>> = items
             .into_iter()
             .map(|item| item.map(|message| validate(message, &limits)))
