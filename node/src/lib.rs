@@ -10,6 +10,7 @@
 //! [`jetstream`]; dead-letter publication in [`dead_letters`].
 
 pub mod api;
+pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -12,6 +12,7 @@
 
 use crate::api::commands::Commands;
 use crate::api::query::Shards;
+use crate::backoff::Backoff;
 use crate::cluster::lease::{Fence, Leases};
 use crate::cluster::manager::{Manager, WorkerSpec};
 use crate::cluster::observer::BucketView;
@@ -83,8 +84,11 @@ async fn connect(
     shutdown: &mut Shutdown,
     restored: mpsc::Sender<()>,
 ) -> Result<async_nats::Client> {
-    let mut delay = Duration::from_millis(config.nats.connect_retry_initial_ms);
-    let delay_max = Duration::from_millis(config.nats.connect_retry_max_ms);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(config.nats.connect_retry_initial_ms),
+        2,
+        Duration::from_millis(config.nats.connect_retry_max_ms),
+    );
     let lost = Arc::new(AtomicBool::new(false));
     loop {
         let (restored, lost) = (restored.clone(), lost.clone());
@@ -111,22 +115,28 @@ async fn connect(
             })
             .connect(crate::config::nats_urls(&config.nats.url))
             .await;
-        match attempt {
+        let delay = match attempt {
             Ok(client) => return Ok(client),
             Err(error) => {
+                let delay = backoff.next_delay();
                 warn!(url = %config.nats.url, %error, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
+                delay
             }
-        }
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait() => anyhow::bail!("stopped while waiting for NATS at {}", config.nats.url),
         }
-        delay = (delay * 2).min(delay_max);
     }
 }
 
 /// How long a node keeps trying to start its tasks again after a restored connection.
 const SESSION_RETRY_MAX: Duration = Duration::from_secs(300);
+/// First pause before the tasks are started again; doubles (with jitter) up to
+/// [`SESSION_RETRY_PAUSE_MAX`].
+const SESSION_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Longest pause between two tries to start the tasks again.
+const SESSION_RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 /// How one session on one NATS connection ended.
 enum SessionEnd {
@@ -165,6 +175,7 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     );
     // Since when sessions started after a lost connection keep failing.
     let mut failing_since: Option<std::time::Instant> = None;
+    let mut session_retry = Backoff::new(SESSION_RETRY_PAUSE, 2, SESSION_RETRY_PAUSE_MAX);
     let mut restarted = false;
     loop {
         match session(&config, &trigger, &rules, &store, &metrics, &progress).await {
@@ -173,6 +184,7 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
                 warn!("restarting the node's tasks on a fresh NATS connection");
                 restarted = true;
                 failing_since = None;
+                session_retry.reset();
             }
             // A session started after a lost connection may find JetStream still electing
             // leaders (a NATS server of a cluster died) and its set-up timing out: try
@@ -186,10 +198,11 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
                         .elapsed()
                         < SESSION_RETRY_MAX =>
             {
-                warn!(error = %format!("{error:#}"), "the node's tasks could not start again; retrying in 1 s");
+                let pause = session_retry.next_delay();
+                warn!(error = %format!("{error:#}"), retry_in_ms = pause.as_millis() as u64, "the node's tasks could not start again; retrying");
                 let mut shutdown = trigger.subscribe();
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.wait() => break,
                 }
             }

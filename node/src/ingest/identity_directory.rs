@@ -16,6 +16,7 @@
 //! reported as conflicts and never remapped. Called by the router (resolve, may create) and
 //! the query responder (lookup, never creates).
 
+use crate::backoff::Backoff;
 use crate::subjects;
 use async_nats::jetstream::kv;
 use crm_actors::identity::{Identity, IdentityKind};
@@ -31,10 +32,20 @@ use std::time::Duration;
 pub const CUSTOMER_ID_HEX_CHARS: usize = 24;
 /// Attempts of one KV operation that fails transiently (timeouts, no responders).
 pub const KV_ATTEMPTS_MAX: u32 = 5;
-/// First pause between KV attempts, in milliseconds; doubles each time.
+/// First pause between KV attempts, in milliseconds; doubles each time (with jitter).
 pub const KV_RETRY_INITIAL_MS: u64 = 50;
 /// Longest pause between KV attempts, in milliseconds.
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
+
+/// The pauses between the attempts of one KV operation.
+fn kv_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(KV_RETRY_INITIAL_MS),
+        2,
+        Duration::from_millis(KV_RETRY_MAX_MS),
+    )
+}
+
 /// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
 pub const KV_IN_FLIGHT_MAX: usize = 128;
 /// Most answers [`IdentityDirectory::read_ahead`] keeps for `resolve_many` (all are dropped
@@ -776,6 +787,7 @@ impl IdentityDirectory {
 
     /// Reads one key from the bucket, retrying transient failures.
     async fn read(&self, kind: IdentityKind, key: &str) -> Result<Option<String>, DirectoryError> {
+        let mut backoff = kv_backoff();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -783,7 +795,7 @@ impl IdentityDirectory {
                 Ok(None) => return Ok(None),
                 Ok(Some(value)) => return self.customer_id_from(kind, key, &value).map(Some),
                 Err(error) => {
-                    self.retry_or_fail(attempt, "read", kind, error.to_string())
+                    self.retry_or_fail(attempt, &mut backoff, "read", kind, error.to_string())
                         .await?
                 }
             }
@@ -802,6 +814,7 @@ impl IdentityDirectory {
         may_create: MayCreate<'_>,
     ) -> Result<Created, DirectoryError> {
         debug_assert!(subjects::is_token(customer_id));
+        let mut backoff = kv_backoff();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -826,14 +839,20 @@ impl IdentityDirectory {
                         }
                         // Only a deleted key reads as absent; create it again.
                         None => {
-                            self.retry_or_fail(attempt, "create", kind, "key deleted".into())
-                                .await?;
+                            self.retry_or_fail(
+                                attempt,
+                                &mut backoff,
+                                "create",
+                                kind,
+                                "key deleted".into(),
+                            )
+                            .await?;
                             continue;
                         }
                     };
                 }
                 Err(error) => {
-                    self.retry_or_fail(attempt, "create", kind, error.to_string())
+                    self.retry_or_fail(attempt, &mut backoff, "create", kind, error.to_string())
                         .await?
                 }
             }
@@ -844,6 +863,7 @@ impl IdentityDirectory {
     async fn retry_or_fail(
         &self,
         attempt: u32,
+        backoff: &mut Backoff,
         operation: &'static str,
         kind: IdentityKind,
         detail: String,
@@ -859,8 +879,7 @@ impl IdentityDirectory {
         }
         self.counters.kv_retries.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%kind, operation, attempt, error = %detail, "identity directory: retrying");
-        let delay_ms = (KV_RETRY_INITIAL_MS << (attempt - 1).min(10)).min(KV_RETRY_MAX_MS);
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
         Ok(())
     }
 
