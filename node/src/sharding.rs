@@ -32,6 +32,24 @@ mod tests {
     }
 
     #[test]
+    fn pinned_shards_of_known_ids() {
+        // FNV-1a 64 of the id, modulo the shard count (computed independently):
+        // "" 0xcbf29ce484222325, "a" 0xaf63dc4c8601ec8c, "foobar" 0x85944171f73967e8,
+        // "c0123456789abcdef01234567" 0xb48b4b782753cbba.
+        let pinned = [
+            ("", [37, 5, 2]),
+            ("a", [12, 12, 5]),
+            ("foobar", [40, 8, 6]),
+            ("c0123456789abcdef01234567", [58, 10, 4]),
+        ];
+        for (id, [of_64, of_16, of_7]) in pinned {
+            assert_eq!(shard_of(id, 64), of_64, "{id:?} of 64");
+            assert_eq!(shard_of(id, 16), of_16, "{id:?} of 16");
+            assert_eq!(shard_of(id, 7), of_7, "{id:?} of 7");
+        }
+    }
+
+    #[test]
     fn customers_spread_over_all_shards() {
         let mut seen = [0u32; 16];
         for i in 0..16_000 {
