@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dead_letters;
+pub mod fnv;
 pub mod ingest;
 pub mod jetstream;
 pub mod loadgen;

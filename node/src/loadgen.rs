@@ -18,6 +18,7 @@
 //! `event_id`. [`Truth`] records, per person, the identifiers used and the distinct
 //! purchases and returns actually emitted. Nothing here touches NATS.
 
+use crate::fnv::Fnv1a64;
 use crm_actors::identity::{Identity, IdentityKind};
 use crm_actors::ingest::LineItem;
 use crm_actors::money::to_decimal;
@@ -1320,18 +1321,13 @@ fn splitmix64(value: u64) -> u64 {
 
 /// Eight hex digits identifying the spec (FNV-1a over its fields).
 fn spec_prefix(spec: &GeneratorSpec) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    feed(&(spec.customers as u64).to_le_bytes());
-    feed(&spec.start_ms.to_le_bytes());
-    feed(&spec.days.to_le_bytes());
-    feed(&spec.seed.to_le_bytes());
-    feed(&[spec.duplicate_rate_percent]);
+    let mut hash = Fnv1a64::new();
+    hash.write(&(spec.customers as u64).to_le_bytes());
+    hash.write(&spec.start_ms.to_le_bytes());
+    hash.write(&spec.days.to_le_bytes());
+    hash.write(&spec.seed.to_le_bytes());
+    hash.write(&[spec.duplicate_rate_percent]);
+    let hash = hash.finish();
     format!("{:08x}", (hash ^ (hash >> 32)) as u32)
 }
 
@@ -1409,6 +1405,37 @@ mod tests {
             other.iter().all(|e| !first_ids.contains(&e.event_id)),
             "ids differ between specs"
         );
+    }
+
+    /// FNV-1a 64 of every field of the first `count` events of `spec`, in order.
+    fn digest(spec: GeneratorSpec, count: usize) -> u64 {
+        let mut hash = Fnv1a64::new();
+        for event in Generator::new(spec).take(count) {
+            for text in [&event.channel, &event.event_id] {
+                hash.write(&(text.len() as u64).to_le_bytes());
+                hash.write(text.as_bytes());
+            }
+            hash.write(&(event.payload.len() as u64).to_le_bytes());
+            hash.write(&event.payload);
+            hash.write(&event.occurred_at_ms.to_le_bytes());
+            hash.write(&(event.person as u64).to_le_bytes());
+            let duplicate = match event.duplicate {
+                None => 0u8,
+                Some(Duplicate::SameEventId) => 1,
+                Some(Duplicate::SameOrderNewEventId) => 2,
+            };
+            hash.write(&[duplicate]);
+        }
+        hash.finish()
+    }
+
+    #[test]
+    fn the_stream_of_a_fixed_spec_never_changes() {
+        // Pinned: a changed generator (another RNG, another draw order, another payload
+        // spelling) changes the sample every script, doc and test was written against.
+        // Change the pinned value only on purpose, with the figures that come from it.
+        let digest = digest(spec(500, 10, 42, 5), 1_000);
+        assert_eq!(digest, 0x3800_cbbe_1d2f_9838, "digest {digest:#018x}");
     }
 
     #[test]

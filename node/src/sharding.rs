@@ -3,17 +3,12 @@
 //! The hash (FNV-1a, 64 bit) must never change: every stored shard log and sled store is laid
 //! out by it. The shard count is fixed per cluster and recorded in the cluster metadata.
 
+use crate::fnv::fnv1a64;
+
 /// Shard of `customer_id` among `shards` shards.
 pub fn shard_of(customer_id: &str, shards: u32) -> u32 {
     debug_assert!(shards > 0);
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET;
-    for byte in customer_id.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(PRIME);
-    }
-    (hash % u64::from(shards.max(1))) as u32
+    (fnv1a64(customer_id.as_bytes()) % u64::from(shards.max(1))) as u32
 }
 
 #[cfg(test)]
