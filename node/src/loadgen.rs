@@ -3,7 +3,9 @@
 //!
 //! A [`Generator`] is an iterator of [`GeneratedEvent`]s (public ingest JSON, `"v": 1`, as
 //! [`crm_actors::ingest::parse_ingest`] reads it) in event-time order, deterministic for a
-//! [`GeneratorSpec`] (same spec, same bytes). Memory is bounded by the number of people,
+//! [`GeneratorSpec`] (same spec, same bytes): its draws come from ChaCha12 seeded with the
+//! spec's seed (`rand_chacha`, whose stream is fixed across versions and platforms, unlike
+//! `rand`'s `StdRng`), and a test pins a digest of a fixed spec's stream. Memory is bounded by the number of people,
 //! not of events: each person has one pending "next session" in a time-ordered queue, and a
 //! session's few events (plus follow-ups such as a return or a ticket resolution) are queued
 //! only when the session starts.
@@ -23,8 +25,8 @@ use crm_actors::identity::{Identity, IdentityKind};
 use crm_actors::ingest::LineItem;
 use crm_actors::money::to_decimal;
 use crm_actors::time::{format_rfc3339, DAY_MS};
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use serde_json::{json, Map, Value};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -264,7 +266,7 @@ const CITIES: [&str; 10] = [
 pub struct Generator {
     spec: GeneratorSpec,
     end_ms: i64,
-    rng: StdRng,
+    rng: ChaCha12Rng,
     /// Short id of the spec, in every event, order and ticket id: different specs never
     /// collide, the same spec repeats its ids (so a re-run is deduplicated).
     prefix: String,
@@ -398,7 +400,7 @@ impl Session {
 impl Generator {
     /// A generator for `spec`; nothing is generated until it is iterated.
     pub fn new(spec: GeneratorSpec) -> Generator {
-        let mut rng = StdRng::seed_from_u64(spec.seed);
+        let mut rng = ChaCha12Rng::seed_from_u64(spec.seed);
         let window_ms = i64::from(spec.days) * DAY_MS;
         let end_ms = spec.start_ms.saturating_add(window_ms);
         let prefix = spec_prefix(&spec);
