@@ -103,11 +103,16 @@ impl DeadLetterHeaders {
                     value: value.to_string(),
                 })
         };
-        let sequence = required(HEADER_SOURCE_SEQUENCE)?;
+        let (reason, message, source_subject, sequence) = (
+            required(HEADER_REASON)?,
+            required(HEADER_MESSAGE)?,
+            required(HEADER_SOURCE_SUBJECT)?,
+            required(HEADER_SOURCE_SEQUENCE)?,
+        );
         Ok(DeadLetterHeaders {
-            reason: required(HEADER_REASON)?,
-            message: required(HEADER_MESSAGE)?,
-            source_subject: required(HEADER_SOURCE_SUBJECT)?,
+            reason,
+            message,
+            source_subject,
             source_sequence: number(HEADER_SOURCE_SEQUENCE, &sequence)?,
             truncated: text(HEADER_TRUNCATED)
                 .map(|value| number(HEADER_TRUNCATED, value))
