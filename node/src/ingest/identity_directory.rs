@@ -39,15 +39,6 @@ pub const KV_RETRY_INITIAL_MS: u64 = 50;
 /// Longest pause between KV attempts, in milliseconds.
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
 
-/// The pauses between the attempts of one KV operation.
-fn kv_backoff() -> Backoff {
-    Backoff::new(
-        Duration::from_millis(KV_RETRY_INITIAL_MS),
-        2,
-        Duration::from_millis(KV_RETRY_MAX_MS),
-    )
-}
-
 /// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
 pub const KV_IN_FLIGHT_MAX: usize = 128;
 /// Most answers [`IdentityDirectory::read_ahead`] keeps for `resolve_many` (all are dropped
@@ -596,6 +587,15 @@ impl IdentityDirectory {
             }),
         }
     }
+}
+
+/// The pauses between the attempts of one KV operation.
+fn kv_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(KV_RETRY_INITIAL_MS),
+        2,
+        Duration::from_millis(KV_RETRY_MAX_MS),
+    )
 }
 
 enum Created {
