@@ -12,6 +12,7 @@
 //! applied sequence kept in sled. Subject and stream names
 //! come from [`crate::subjects`]; this module never publishes application data.
 
+use crate::backoff::Backoff;
 use crate::subjects;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
@@ -23,8 +24,10 @@ use std::time::Duration;
 
 /// Attempts for each set-up request that fails transiently (timeouts, no responders).
 const SETUP_ATTEMPTS_MAX: u32 = 5;
-/// First pause between set-up attempts; doubles each time.
+/// First pause between set-up attempts; doubles each time (with jitter).
 const SETUP_RETRY_INITIAL_MS: u64 = 200;
+/// Longest pause between set-up attempts.
+const SETUP_RETRY_MAX_MS: u64 = 3_200;
 
 /// Size and age limits of one stream. `0` means "no limit" for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,6 +304,7 @@ async fn ensure_stream(js: &Context, desired: stream::Config) -> Result<stream::
         action,
         detail,
     };
+    let mut backoff = setup_backoff();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -383,7 +387,7 @@ async fn ensure_stream(js: &Context, desired: stream::Config) -> Result<stream::
             ));
         }
         tracing::warn!(stream = %name, error = %transient, attempt, "stream set-up failed; retrying");
-        tokio::time::sleep(retry_delay(attempt)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -407,13 +411,14 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut last = String::from("no attempt made");
+    let mut backoff = setup_backoff();
     for attempt in 1..=attempts.max(1) {
         match tokio::time::timeout(consumer_create_timeout(attempt), create()).await {
             Ok(Ok(created)) => return Ok(created),
             Ok(Err(error)) => {
                 last = error.to_string();
                 if attempt < attempts {
-                    tokio::time::sleep(retry_delay(attempt)).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
             Err(_) => {
@@ -427,8 +432,13 @@ where
     Err(last)
 }
 
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis(SETUP_RETRY_INITIAL_MS << attempt.min(5).saturating_sub(1))
+/// The pauses between set-up attempts: 200 ms doubling up to 3.2 s, with jitter.
+fn setup_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(SETUP_RETRY_INITIAL_MS),
+        2,
+        Duration::from_millis(SETUP_RETRY_MAX_MS),
+    )
 }
 
 /// Opens KV bucket `bucket` keeping `history` values per key, creating it first if needed,
@@ -552,6 +562,7 @@ async fn record_once(kv: &kv::Store, key: &'static str, value: &str) -> Result<S
         bucket: subjects::KV_CLUSTER.to_string(),
         detail: format!("key {key}: {detail}"),
     };
+    let mut backoff = setup_backoff();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -579,7 +590,7 @@ async fn record_once(kv: &kv::Store, key: &'static str, value: &str) -> Result<S
             return Err(kv_error(format!("{transient} (after {attempt} attempts)")));
         }
         tracing::warn!(error = %transient, attempt, key, "recording cluster metadata failed; retrying");
-        tokio::time::sleep(retry_delay(attempt)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -695,6 +706,7 @@ async fn ensure_consumer(
         consumer: durable.clone(),
         detail,
     };
+    let mut backoff = setup_backoff();
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -714,7 +726,7 @@ async fn ensure_consumer(
                 tracing::warn!(%stream, consumer = %durable, %error, attempt, "consumer set-up failed; retrying");
             }
         }
-        tokio::time::sleep(retry_delay(attempt)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -751,7 +763,7 @@ mod tests {
             create_with_retries(2, || async { Err("no responders") }).await;
         assert_eq!(failed, Err("no responders".to_string()));
         let hung: Result<(), String> =
-            create_with_retries(1, || std::future::pending::<Result<(), String>>()).await;
+            create_with_retries(1, std::future::pending::<Result<(), String>>).await;
         assert_eq!(hung, Err("timed out after 2000 ms".to_string()));
     }
 }

@@ -10,10 +10,12 @@
 //! [`jetstream`]; dead-letter publication in [`dead_letters`].
 
 pub mod api;
+pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dead_letters;
+pub mod fnv;
 pub mod ingest;
 pub mod jetstream;
 pub mod loadgen;

@@ -12,6 +12,7 @@
 
 use crate::api::commands::Commands;
 use crate::api::query::Shards;
+use crate::backoff::Backoff;
 use crate::cluster::lease::{Fence, Leases};
 use crate::cluster::manager::{Manager, WorkerSpec};
 use crate::cluster::observer::BucketView;
@@ -83,8 +84,11 @@ async fn connect(
     shutdown: &mut Shutdown,
     restored: mpsc::Sender<()>,
 ) -> Result<async_nats::Client> {
-    let mut delay = Duration::from_millis(config.nats.connect_retry_initial_ms);
-    let delay_max = Duration::from_millis(config.nats.connect_retry_max_ms);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(config.nats.connect_retry_initial_ms),
+        2,
+        Duration::from_millis(config.nats.connect_retry_max_ms),
+    );
     let lost = Arc::new(AtomicBool::new(false));
     loop {
         let (restored, lost) = (restored.clone(), lost.clone());
@@ -111,22 +115,28 @@ async fn connect(
             })
             .connect(crate::config::nats_urls(&config.nats.url))
             .await;
-        match attempt {
+        let delay = match attempt {
             Ok(client) => return Ok(client),
             Err(error) => {
+                let delay = backoff.next_delay();
                 warn!(url = %config.nats.url, %error, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
+                delay
             }
-        }
+        };
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait() => anyhow::bail!("stopped while waiting for NATS at {}", config.nats.url),
         }
-        delay = (delay * 2).min(delay_max);
     }
 }
 
 /// How long a node keeps trying to start its tasks again after a restored connection.
 const SESSION_RETRY_MAX: Duration = Duration::from_secs(300);
+/// First pause before the tasks are started again; doubles (with jitter) up to
+/// [`SESSION_RETRY_PAUSE_MAX`].
+const SESSION_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Longest pause between two tries to start the tasks again.
+const SESSION_RETRY_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 /// How one session on one NATS connection ended.
 enum SessionEnd {
@@ -165,14 +175,24 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     );
     // Since when sessions started after a lost connection keep failing.
     let mut failing_since: Option<std::time::Instant> = None;
+    let mut session_retry = Backoff::new(SESSION_RETRY_PAUSE, 2, SESSION_RETRY_PAUSE_MAX);
     let mut restarted = false;
+    let node = NodeParts {
+        config: &config,
+        trigger: &trigger,
+        rules: &rules,
+        store: &store,
+        metrics: &metrics,
+        progress: &progress,
+    };
     loop {
-        match session(&config, &trigger, &rules, &store, &metrics, &progress).await {
+        match session(&node).await {
             Ok(SessionEnd::Stopped) => break,
             Ok(SessionEnd::ConnectionRestored) => {
                 warn!("restarting the node's tasks on a fresh NATS connection");
                 restarted = true;
                 failing_since = None;
+                session_retry.reset();
             }
             // A session started after a lost connection may find JetStream still electing
             // leaders (a NATS server of a cluster died) and its set-up timing out: try
@@ -186,10 +206,11 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
                         .elapsed()
                         < SESSION_RETRY_MAX =>
             {
-                warn!(error = %format!("{error:#}"), "the node's tasks could not start again; retrying in 1 s");
+                let pause = session_retry.next_delay();
+                warn!(error = %format!("{error:#}"), retry_in_ms = pause.as_millis() as u64, "the node's tasks could not start again; retrying");
                 let mut shutdown = trigger.subscribe();
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.wait() => break,
                 }
             }
@@ -201,30 +222,74 @@ pub async fn run(config: Config, trigger: ShutdownTrigger) -> Result<()> {
     Ok(())
 }
 
+/// What a node keeps across its sessions: config, rules, store and counters.
+struct NodeParts<'a> {
+    config: &'a Config,
+    trigger: &'a ShutdownTrigger,
+    rules: &'a Arc<Rules>,
+    store: &'a Store,
+    metrics: &'a Arc<Metrics>,
+    /// Applied shard-log sequence per shard, for `crm.node.stats`.
+    progress: &'a Arc<Vec<AtomicU64>>,
+}
+
+/// The buckets and the identity directory a session's tasks share.
+struct Infrastructure {
+    jetstream: async_nats::jetstream::Context,
+    cluster_kv: async_nats::jetstream::kv::Store,
+    nodes_kv: async_nats::jetstream::kv::Store,
+    leases_kv: async_nats::jetstream::kv::Store,
+    snapshots_kv: async_nats::jetstream::kv::Store,
+    value_kv: async_nats::jetstream::kv::Store,
+    directory: Arc<IdentityDirectory>,
+}
+
+/// The NATS connection of a session, and what ends the session besides a task.
+struct Connection {
+    client: async_nats::Client,
+    /// Fired when the process stops or the connection is restored.
+    session_trigger: ShutdownTrigger,
+    /// Set when the session ended because the connection was lost and restored.
+    restored: Arc<AtomicBool>,
+}
+
 /// One session: connect, set up, run every task until shutdown or a restored connection.
-async fn session(
-    config: &Config,
-    trigger: &ShutdownTrigger,
-    rules: &Arc<Rules>,
-    store: &Store,
-    metrics: &Arc<Metrics>,
-    progress: &Arc<Vec<AtomicU64>>,
-) -> Result<SessionEnd> {
-    let mut process_shutdown = trigger.subscribe();
-    let (restored_sender, mut restored) = mpsc::channel(4);
-    let client = connect(config, &mut process_shutdown, restored_sender).await?;
+async fn session(node: &NodeParts<'_>) -> Result<SessionEnd> {
+    let mut process_shutdown = node.trigger.subscribe();
+    let connection = connect_session(node.config, &mut process_shutdown).await?;
+    let shutdown = connection.session_trigger.subscribe();
+    let infrastructure = set_up(&connection.client, node.config).await?;
+    let mut tasks = spawn_tasks(node, &connection.client, infrastructure, &shutdown);
+    info!(node_id = %node.config.node.node_id, shards = node.config.cluster.shards, nats = %node.config.nats.url, "crm-node ready");
+    let failure = run_until_stopped(node, &connection, &mut tasks, shutdown).await;
+    stop(node, &connection.client, tasks).await?;
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure}");
+    }
+    Ok(
+        if connection.restored.load(Ordering::Relaxed) && !process_shutdown.is_triggered() {
+            SessionEnd::ConnectionRestored
+        } else {
+            SessionEnd::Stopped
+        },
+    )
+}
+
+/// Connects (with back-off) and starts the watch that ends the session when the process
+/// stops or the lost connection comes back.
+async fn connect_session(config: &Config, process_shutdown: &mut Shutdown) -> Result<Connection> {
+    let (restored_sender, mut restorations) = mpsc::channel(4);
+    let client = connect(config, process_shutdown, restored_sender).await?;
     let session_trigger = shutdown::channel().0;
-    let mut shutdown = session_trigger.subscribe();
-    let connection_restored = Arc::new(AtomicBool::new(false));
+    let restored = Arc::new(AtomicBool::new(false));
     {
-        let (session_trigger, connection_restored) =
-            (session_trigger.clone(), connection_restored.clone());
+        let (session_trigger, restored) = (session_trigger.clone(), restored.clone());
         let mut process_shutdown = process_shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = process_shutdown.wait() => {}
-                restored_now = restored.recv() => match restored_now {
-                    Some(()) => connection_restored.store(true, Ordering::Relaxed),
+                restored_now = restorations.recv() => match restored_now {
+                    Some(()) => restored.store(true, Ordering::Relaxed),
                     // The client is gone (the session ended): so is this watch.
                     None => return,
                 },
@@ -232,8 +297,17 @@ async fn session(
             session_trigger.fire();
         });
     }
-    let jetstream = async_nats::jetstream::new(client.clone());
+    Ok(Connection {
+        client,
+        session_trigger,
+        restored,
+    })
+}
 
+/// Creates or checks the streams, the buckets, the recorded shard count and the identity
+/// secret's fingerprint (idempotent; a mismatch with the cluster is an error).
+async fn set_up(client: &async_nats::Client, config: &Config) -> Result<Infrastructure> {
+    let jetstream = async_nats::jetstream::new(client.clone());
     setup::ensure_streams(&jetstream, &config.stream_settings()).await?;
     let replicas = config.cluster.stream_replicas;
     let cluster_kv =
@@ -247,64 +321,86 @@ async fn session(
         config.limits.identity_cache_max_entries,
     ));
     setup::ensure_identity_fingerprint(&cluster_kv, &directory.secret_fingerprint()).await?;
-
-    let shards = config.cluster.shards;
-    let mut tasks = JoinSet::new();
-    let table = ShardTable::new(shards);
-    let resident: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
-    let applied: Arc<Vec<AtomicU64>> = Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect());
     let nodes_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_NODES, 1, replicas).await?;
     let leases_kv =
         setup::ensure_kv_replicated(&jetstream, subjects::KV_LEASES, 1, replicas).await?;
     let snapshots_kv =
         setup::ensure_kv_replicated(&jetstream, subjects::KV_SNAPSHOTS, 1, replicas).await?;
     let value_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_VALUE, 1, replicas).await?;
-    let settings = config.cluster_settings();
-    let consumer_settings = config.ingest_consumer_settings();
-    let router = Router {
-        consumer_settings,
-        jetstream: jetstream.clone(),
-        directory: directory.clone(),
+    Ok(Infrastructure {
+        jetstream,
+        cluster_kv,
+        nodes_kv,
+        leases_kv,
+        snapshots_kv,
+        value_kv,
+        directory,
+    })
+}
+
+/// The router, with the ingest limits of the config and the rules' currencies.
+fn router(node: &NodeParts<'_>, infrastructure: &Infrastructure) -> Router {
+    let config = node.config;
+    Router {
+        consumer_settings: config.ingest_consumer_settings(),
+        jetstream: infrastructure.jetstream.clone(),
+        directory: infrastructure.directory.clone(),
         limits: IngestLimits {
             payload_max_bytes: config.limits.payload_max_bytes,
             amount_max_minor: config.amount_max_minor(),
             items_max: config.limits.items_max,
             item_qty_max: config.limits.item_qty_max,
-            currencies: rules.currencies(),
+            currencies: node.rules.currencies(),
             occurred_at_future_max_ms: config.occurred_at_future_max_ms(),
             occurred_at_max_ms: None,
         },
-        shards,
+        shards: config.cluster.shards,
         batch_max_events: config.limits.router_batch_max_events,
-        metrics: metrics.clone(),
+        metrics: node.metrics.clone(),
         fence: Fence::unbounded(),
-    };
-    let manager = Manager {
+    }
+}
+
+/// The cluster manager: membership, leases, assignment, snapshots; it starts a shard
+/// worker for each shard lease it wins and the router while it holds the router lease.
+fn manager(
+    node: &NodeParts<'_>,
+    infrastructure: &Infrastructure,
+    table: &ShardTable,
+    shutdown: &Shutdown,
+) -> Manager {
+    let config = node.config;
+    let shards = config.cluster.shards;
+    let settings = config.cluster_settings();
+    let counters =
+        || -> Arc<Vec<AtomicU64>> { Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect()) };
+    let jetstream = &infrastructure.jetstream;
+    Manager {
         node_id: config.node.node_id.clone(),
         instance: format!("{:016x}", rand_instance()),
         shards,
         jetstream: jetstream.clone(),
-        nodes_kv: nodes_kv.clone(),
-        cluster_kv: cluster_kv.clone(),
-        value_kv: value_kv.clone(),
+        nodes_kv: infrastructure.nodes_kv.clone(),
+        cluster_kv: infrastructure.cluster_kv.clone(),
+        value_kv: infrastructure.value_kv.clone(),
         leases: Leases {
-            kv: leases_kv.clone(),
-            view: BucketView::start(leases_kv, shutdown.clone()),
+            kv: infrastructure.leases_kv.clone(),
+            view: BucketView::start(infrastructure.leases_kv.clone(), shutdown.clone()),
             node_id: config.node.node_id.clone(),
             timeout: settings.lease_timeout,
             margin: settings.lease_margin,
         },
-        nodes: BucketView::start(nodes_kv, shutdown.clone()),
-        cluster: BucketView::start(cluster_kv, shutdown.clone()),
+        nodes: BucketView::start(infrastructure.nodes_kv.clone(), shutdown.clone()),
+        cluster: BucketView::start(infrastructure.cluster_kv.clone(), shutdown.clone()),
         snapshots: Snapshots {
             jetstream: jetstream.clone(),
-            kv: snapshots_kv,
+            kv: infrastructure.snapshots_kv.clone(),
             piece_bytes: settings.snapshot_piece_bytes,
         },
-        store: store.clone(),
+        store: node.store.clone(),
         table: table.clone(),
         workers: WorkerSpec {
-            rules: rules.clone(),
+            rules: node.rules.clone(),
             engine_limits: EngineLimits {
                 resident_max: (config.limits.resident_max_customers / shards as usize).max(1),
                 passivate_after_ms: config.limits.passivate_after_s * 1000,
@@ -312,35 +408,48 @@ async fn session(
             },
             batch_max_events: config.limits.batch_max_events,
             passivate_every: Duration::from_secs(config.limits.passivate_after_s.clamp(1, 60)),
-            metrics: metrics.clone(),
-            progress: progress.clone(),
-            resident: resident.clone(),
-            applied: applied.clone(),
+            metrics: node.metrics.clone(),
+            progress: node.progress.clone(),
+            resident: counters(),
+            applied: counters(),
         },
-        router,
+        router: router(node, infrastructure),
         settings,
-    };
-    tasks.spawn(manager.run(shutdown.clone()));
+    }
+}
+
+/// Starts every task of the session: the cluster manager, the query and command
+/// responders, the ticker, the customer-value tasks and the stats responder.
+fn spawn_tasks(
+    node: &NodeParts<'_>,
+    client: &async_nats::Client,
+    infrastructure: Infrastructure,
+    shutdown: &Shutdown,
+) -> JoinSet<()> {
+    let config = node.config;
+    let mut tasks = JoinSet::new();
+    let table = ShardTable::new(config.cluster.shards);
+    tasks.spawn(manager(node, &infrastructure, &table, shutdown).run(shutdown.clone()));
 
     let shard_map = Shards {
-        count: shards,
+        count: config.cluster.shards,
         table: table.clone(),
         client: client.clone(),
-        directory,
+        directory: infrastructure.directory.clone(),
         timeout: Duration::from_millis(config.limits.query_timeout_ms),
     };
     tasks.spawn(crate::api::query::serve(
         client.clone(),
         shard_map.clone(),
-        metrics.clone(),
+        node.metrics.clone(),
         RESPONDER_CONCURRENCY_MAX,
         shutdown.clone(),
     ));
     let commands = Commands {
         client: client.clone(),
-        jetstream: jetstream.clone(),
-        shards: shard_map.clone(),
-        metrics: metrics.clone(),
+        jetstream: infrastructure.jetstream.clone(),
+        shards: shard_map,
+        metrics: node.metrics.clone(),
         occurred_at_future_max_ms: config.occurred_at_future_max_ms(),
     };
     tasks.spawn(commands.clone().serve(
@@ -356,23 +465,24 @@ async fn session(
         shutdown.clone(),
     ));
     if config.limits.tick_interval_s > 0 {
-        tasks.spawn(commands.clone().run_ticker(
+        tasks.spawn(commands.run_ticker(
             Duration::from_secs(config.limits.tick_interval_s),
             shutdown.clone(),
         ));
     }
+
     tasks.spawn(crate::value::service::append_models(
-        jetstream.clone(),
-        value_kv.clone(),
+        infrastructure.jetstream.clone(),
+        infrastructure.value_kv.clone(),
         table.clone(),
         shutdown.clone(),
     ));
     let value_service = ValueService {
         client: client.clone(),
-        kv: value_kv,
-        store: store.clone(),
-        shard_count: shards,
-        table: table.clone(),
+        kv: infrastructure.value_kv,
+        store: node.store.clone(),
+        shard_count: config.cluster.shards,
+        table,
         node_id: config.node.node_id.clone(),
     };
     if config.limits.value_fit_interval_s > 0 {
@@ -386,13 +496,22 @@ async fn session(
     tasks.spawn(serve_stats(
         client.clone(),
         config.node.node_id.clone(),
-        metrics.clone(),
-        progress.clone(),
-        shard_map.directory.clone(),
+        node.metrics.clone(),
+        node.progress.clone(),
+        infrastructure.directory,
         shutdown.clone(),
     ));
+    tasks
+}
 
-    info!(node_id = %config.node.node_id, shards, nats = %config.nats.url, "crm-node ready");
+/// Waits for shutdown (of the process or the session) or a task that ends on its own;
+/// the latter is a failure that stops the whole node. Returns the failure, if any.
+async fn run_until_stopped(
+    node: &NodeParts<'_>,
+    connection: &Connection,
+    tasks: &mut JoinSet<()>,
+    mut shutdown: Shutdown,
+) -> Option<String> {
     let failure = tokio::select! {
         _ = shutdown.wait() => None,
         Some(ended) = tasks.join_next() => Some(match ended {
@@ -404,10 +523,20 @@ async fn session(
     let failure = failure.filter(|_| !shutdown.is_triggered());
     if let Some(failure) = &failure {
         error!(%failure, "stopping the node");
-        trigger.fire();
-        session_trigger.fire();
+        node.trigger.fire();
+        connection.session_trigger.fire();
     }
-    let grace = Duration::from_secs(config.limits.shutdown_grace_s);
+    failure
+}
+
+/// Lets the tasks finish within the grace period (then aborts them), flushes the store and
+/// the connection.
+async fn stop(
+    node: &NodeParts<'_>,
+    client: &async_nats::Client,
+    mut tasks: JoinSet<()>,
+) -> Result<()> {
+    let grace = Duration::from_secs(node.config.limits.shutdown_grace_s);
     let drained =
         tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -417,19 +546,10 @@ async fn session(
         );
         tasks.abort_all();
     }
-    store.flush().await?;
+    node.store.flush().await?;
     // A client whose server is gone would wait for it: bounded.
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-    if let Some(failure) = failure {
-        anyhow::bail!("{failure}");
-    }
-    Ok(
-        if connection_restored.load(Ordering::Relaxed) && !process_shutdown.is_triggered() {
-            SessionEnd::ConnectionRestored
-        } else {
-            SessionEnd::Stopped
-        },
-    )
+    Ok(())
 }
 
 /// A per-process random id (tells a restarted node from its previous run in heartbeats).

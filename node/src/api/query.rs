@@ -6,6 +6,7 @@
 //! worker for the view. Errors are JSON too: `{"error": {"code", "message"}}` with codes
 //! `bad_request`, `not_found`, `unavailable`.
 
+use crate::backoff::Backoff;
 use crate::ingest::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
 use crate::shard::worker::{ShardRequest, ShardTable};
@@ -92,6 +93,7 @@ impl Shards {
     pub async fn view(&self, customer_id: &str) -> Value {
         let shard = shard_of(customer_id, self.count);
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut backoff = Backoff::new(RETRY_PAUSE, 2, RETRY_PAUSE_MAX);
         loop {
             let answer = match self.table.get(shard) {
                 Some(handle) => {
@@ -100,10 +102,11 @@ impl Shards {
                 }
                 None => self.forward(shard, customer_id, deadline).await,
             };
+            let pause = backoff.next_delay();
             match answer {
                 Some(view) => return view,
-                None if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                None if tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
                 }
                 None => {
                     return error_reply(
@@ -188,8 +191,11 @@ impl Shards {
     }
 }
 
-/// Pause before a query for a moving shard is tried again.
+/// First pause before a query for a moving shard is tried again; the pauses double up to
+/// [`RETRY_PAUSE_MAX`] until the query's timeout.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a query for a moving shard.
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(400);
 
 /// The reply when a shard could not build a view: logged here, not handed to the client.
 pub fn view_failed(shard: u32, error: &dyn std::fmt::Display) -> Value {

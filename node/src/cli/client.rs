@@ -421,11 +421,12 @@ pub async fn stats(url: &str) -> Result<()> {
 pub async fn status(url: &str, json_out: bool, node_timeout_ms: u64) -> Result<()> {
     let client = connect(url).await?;
     let js = async_nats::jetstream::new(client);
-    let status = crate::cluster::status::gather(&js, Duration::from_millis(node_timeout_ms))
+    let status = crate::cluster::status::read(&js, Duration::from_millis(node_timeout_ms))
         .await
         .map_err(anyhow::Error::msg)?;
     if json_out {
-        println!("{status}");
+        // Through a JSON value: its keys print in alphabetical order, as they always did.
+        println!("{}", serde_json::to_value(&status)?);
     } else {
         print!("{}", crate::cluster::status::render(&status));
     }

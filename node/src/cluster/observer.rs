@@ -7,6 +7,7 @@
 //! when the watch starts count as changed at that moment, so a node that just started
 //! waits a full timeout before it calls anything dead.
 
+use crate::backoff::Backoff;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -44,19 +45,23 @@ impl BucketView {
         let changed = changes.clone();
         let shared = keys.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), 2, Duration::from_secs(2));
             while !stop.is_triggered() {
                 let watch =
                     crate::jetstream::create_with_retries(2, || store.watch_with_history(">"));
                 let mut entries = match watch.await {
-                    Ok(entries) => entries,
+                    Ok(entries) => {
+                        // A watch that ends is started again soon; only failed starts wait
+                        // longer each time.
+                        backoff.reset();
+                        entries
+                    }
                     Err(error) => {
                         warn!(%error, bucket = %store.name, "cannot watch the bucket; retrying");
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
                             _ = stop.wait() => return,
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
                     }
                 };
@@ -111,7 +116,7 @@ impl BucketView {
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = stop.wait() => return,
                 }
             }

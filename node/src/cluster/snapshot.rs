@@ -9,6 +9,7 @@
 //! log than the node's own sled copy (a node that rejoins with its sled intact replays just
 //! what it missed), then replays the log from the snapshot's sequence.
 
+use crate::fnv::Fnv1a64;
 use crate::subjects;
 use async_nats::jetstream::{self, kv, Context};
 use crm_actors::codec;
@@ -78,15 +79,6 @@ pub struct Snapshots {
     /// Most bytes of keys and values in one piece (below the server's max payload).
     pub piece_bytes: usize,
 }
-
-fn fnv(hash: &mut u64, bytes: &[u8]) {
-    for byte in bytes {
-        *hash ^= u64::from(*byte);
-        *hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
-const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 impl Snapshots {
     /// The manifest of `shard`'s last snapshot and its KV revision.
@@ -192,7 +184,7 @@ impl Snapshots {
         let subject = subjects::snapshot(shard, id);
         let nats = |detail: String| SnapshotError::Nats { shard, detail };
         let store_error = |source| SnapshotError::Store { shard, source };
-        let mut checksum = FNV_START;
+        let mut checksum = Fnv1a64::new();
         let (mut pieces, mut entries, mut bytes) = (0u32, 0u64, 0u64);
         let mut acks = VecDeque::new();
         for piece in store.export_shard(shard, self.piece_bytes) {
@@ -203,7 +195,7 @@ impl Snapshots {
                 index: pieces,
                 entries: piece,
             });
-            fnv(&mut checksum, &encoded);
+            checksum.write(&encoded);
             bytes += encoded.len() as u64;
             pieces += 1;
             let ack = self
@@ -228,7 +220,7 @@ impl Snapshots {
             pieces,
             entries,
             bytes,
-            checksum: format!("{checksum:016x}"),
+            checksum: format!("{:016x}", checksum.finish()),
             node: node_id.to_string(),
             at_ms: super::wall_ms(),
         })
@@ -331,7 +323,7 @@ impl Snapshots {
             id: manifest.id.clone(),
             detail,
         };
-        let mut checksum = FNV_START;
+        let mut checksum = Fnv1a64::new();
         for index in 0..manifest.pieces {
             let message = match tokio::time::timeout(PIECE_WAIT, messages.next()).await {
                 Ok(Some(Ok(message))) => message,
@@ -343,10 +335,12 @@ impl Snapshots {
                     )))
                 }
             };
-            fnv(&mut checksum, &message.payload);
+            checksum.write(&message.payload);
             // Checked before the last piece, which holds the shard meta, is imported: a
             // crash can then never leave the meta over pieces that failed the check.
-            if index + 1 == manifest.pieces && format!("{checksum:016x}") != manifest.checksum {
+            if index + 1 == manifest.pieces
+                && format!("{:016x}", checksum.finish()) != manifest.checksum
+            {
                 return Err(damaged("checksum mismatch".to_string()));
             }
             let piece: Piece = codec::decode(&message.payload)
@@ -362,7 +356,7 @@ impl Snapshots {
                 .map_err(store_error)?;
         }
         // Checked in the loop for every snapshot with pieces; here for one without.
-        if format!("{checksum:016x}") != manifest.checksum {
+        if format!("{:016x}", checksum.finish()) != manifest.checksum {
             return Err(damaged("checksum mismatch".to_string()));
         }
         let restored = store.shard_meta(shard).map_err(store_error)?.applied_seq;

@@ -1,5 +1,9 @@
 //! What `crm-node status` and `crm-node drain` read and write: the cluster as the KV buckets
 //! describe it (heartbeats, leases, assignment) plus each shard's lag in its log.
+//!
+//! [`ClusterStatus`] is the contract of `crm-node status --json`: its field names are the
+//! JSON keys, so the table ([`render`]) and any reader use the same names. Only reads the
+//! buckets and the shard stream, except [`request_drain`], which writes a drain request.
 
 use super::assignment::Assignment;
 use super::lease::Lease;
@@ -7,6 +11,7 @@ use super::manager::Heartbeat;
 use crate::subjects;
 use async_nats::jetstream::{self, kv, Context};
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,9 +48,82 @@ async fn read_bucket(js: &Context, bucket: &str) -> Result<BTreeMap<String, byte
     Ok(values)
 }
 
-/// The cluster status as JSON (the `--json` output of `crm-node status`): `nodes`,
-/// `shards`, `coordinator`, `router`, `assignment_version`.
+/// The cluster status: what `crm-node status --json` prints (one JSON object) and what its
+/// table is drawn from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ClusterStatus {
+    /// Holder of the coordinator lease (`null`: nobody).
+    pub coordinator: Option<String>,
+    /// Holder of the router lease (`null`: nobody).
+    pub router: Option<String>,
+    /// Version of the coordinator's shard assignment (0: none yet).
+    pub assignment_version: u64,
+    /// Every node with a heartbeat in `crm_nodes`, alive or not.
+    pub nodes: Vec<NodeStatus>,
+    /// Every shard of the cluster, in order.
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One node as its last heartbeat describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NodeStatus {
+    pub node_id: String,
+    /// Whether its last heartbeat is younger than the node timeout.
+    pub alive: bool,
+    /// The shards it serves.
+    pub shards: Vec<u32>,
+    /// Whether it is being drained (it says so, or a drain request names it).
+    pub draining: bool,
+    /// Whether it holds the coordinator lease.
+    pub coordinator: bool,
+    /// Whether it holds the router lease.
+    pub router: bool,
+    /// Customers held in memory.
+    pub resident_customers: u64,
+    /// Customers in its sled store.
+    pub stored_customers: u64,
+    /// Age of its last heartbeat, in ms (negative: its clock is ahead).
+    pub heartbeat_age_ms: i64,
+    /// The machine it runs on.
+    pub host: String,
+    /// Shard commands applied per second, over its shards (one decimal).
+    pub load_per_s: f64,
+    /// Its `crm-node` version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// One shard: who holds it, who should, and how far behind its log it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// Holder of the shard lease (`null`: nobody serves it now).
+    pub owner: Option<String>,
+    /// The node the assignment gives it to.
+    pub assigned: Option<String>,
+    /// Epoch of the shard lease (0 when nobody holds it).
+    pub epoch: u64,
+    /// Last shard-log sequence its owner applied (`null`: no alive node reports it).
+    pub applied_seq: Option<u64>,
+    /// Last sequence in its log (0: empty).
+    pub last_seq: u64,
+    /// Records in its log after `applied_seq` (`null`: unknown).
+    pub lag: Option<u64>,
+    /// Commands applied per second on its owner (`null`: not measured).
+    pub load_per_s: Option<f64>,
+}
+
+/// The cluster status as JSON (the `--json` output of `crm-node status`): [`read`] as a
+/// JSON value, keys in alphabetical order.
 pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, String> {
+    let status = read(js, node_timeout).await?;
+    serde_json::to_value(&status)
+        .map_err(|error| format!("cluster status not serialisable: {error}"))
+}
+
+/// The cluster status as the KV buckets describe it, with each shard's lag in its log.
+pub async fn read(js: &Context, node_timeout: Duration) -> Result<ClusterStatus, String> {
     let now = super::wall_ms();
     let nodes_kv = read_bucket(js, subjects::KV_NODES).await?;
     let leases = read_bucket(js, subjects::KV_LEASES).await?;
@@ -71,7 +149,7 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
     let mut applied: BTreeMap<u32, u64> = BTreeMap::new();
     // Each alive node's measured shard loads; a shard's is its lease owner's.
     let mut loads: BTreeMap<&str, &BTreeMap<u32, f64>> = BTreeMap::new();
-    let nodes: Vec<Value> = beats
+    let nodes: Vec<NodeStatus> = beats
         .iter()
         .map(|beat| {
             let age = now - beat.at_ms;
@@ -82,22 +160,22 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
                 }
                 loads.insert(beat.node_id.as_str(), &beat.load);
             }
-            json!({
-                "node_id": beat.node_id,
-                "alive": alive,
-                "shards": beat.shards.keys().collect::<Vec<_>>(),
-                "draining": beat.draining
+            NodeStatus {
+                node_id: beat.node_id.clone(),
+                alive,
+                shards: beat.shards.keys().copied().collect(),
+                draining: beat.draining
                     || cluster.contains_key(&subjects::drain_key(&beat.node_id)),
-                "coordinator": beat.coordinator,
-                "router": beat.router,
-                "resident_customers": beat.resident_customers,
-                "stored_customers": beat.stored_customers,
-                "heartbeat_age_ms": age,
-                "host": beat.host,
-                "load_per_s": (beat.load.values().sum::<f64>() * 10.0).round() / 10.0,
-                "version": beat.version,
-                "pid": beat.pid,
-            })
+                coordinator: beat.coordinator,
+                router: beat.router,
+                resident_customers: beat.resident_customers,
+                stored_customers: beat.stored_customers,
+                heartbeat_age_ms: age,
+                host: beat.host.clone(),
+                load_per_s: (beat.load.values().sum::<f64>() * 10.0).round() / 10.0,
+                version: beat.version.clone(),
+                pid: beat.pid,
+            }
         })
         .collect();
     let stream = js.get_stream(subjects::SHARDS_STREAM).await.ok();
@@ -114,34 +192,35 @@ pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, Strin
         };
         let applied_seq = applied.get(&shard).copied();
         let lag = match (applied_seq, &stream) {
-            (Some(seq), _) if seq >= last => json!(0),
+            (Some(seq), _) if seq >= last => Some(0),
             (Some(seq), Some(stream)) => pending_after(stream, shard, seq).await,
-            _ => Value::Null,
+            _ => None,
         };
-        shards.push(json!({
-            "shard": shard,
-            "owner": held.as_ref().map(|l| l.owner.clone()),
-            "assigned": assignment.owner(shard),
-            "epoch": held.as_ref().map(|l| l.epoch).unwrap_or(0),
-            "applied_seq": applied_seq,
-            "last_seq": last,
-            "lag": lag,
-            "load_per_s": held
+        shards.push(ShardStatus {
+            shard,
+            owner: held.as_ref().map(|l| l.owner.clone()),
+            assigned: assignment.owner(shard).map(str::to_string),
+            epoch: held.as_ref().map(|l| l.epoch).unwrap_or(0),
+            applied_seq,
+            last_seq: last,
+            lag,
+            load_per_s: held
                 .as_ref()
-                .and_then(|l| loads.get(l.owner.as_str())?.get(&shard)),
-        }));
+                .and_then(|l| loads.get(l.owner.as_str())?.get(&shard))
+                .copied(),
+        });
     }
-    Ok(json!({
-        "coordinator": lease(subjects::LEASE_COORDINATOR).map(|l| l.owner),
-        "router": lease(subjects::LEASE_ROUTER).map(|l| l.owner),
-        "assignment_version": assignment.version,
-        "nodes": nodes,
-        "shards": shards,
-    }))
+    Ok(ClusterStatus {
+        coordinator: lease(subjects::LEASE_COORDINATOR).map(|l| l.owner),
+        router: lease(subjects::LEASE_ROUTER).map(|l| l.owner),
+        assignment_version: assignment.version,
+        nodes,
+        shards,
+    })
 }
 
 /// Records of `shard`'s log after sequence `seq` (an ephemeral consumer's pending count).
-async fn pending_after(stream: &jetstream::stream::Stream, shard: u32, seq: u64) -> Value {
+async fn pending_after(stream: &jetstream::stream::Stream, shard: u32, seq: u64) -> Option<u64> {
     let consumer = crate::jetstream::create_with_retries(2, || {
         stream.create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subjects::shard(shard),
@@ -152,65 +231,52 @@ async fn pending_after(stream: &jetstream::stream::Stream, shard: u32, seq: u64)
         })
     })
     .await;
-    match consumer {
-        Ok(mut consumer) => consumer
-            .info()
-            .await
-            .map(|info| json!(info.num_pending))
-            .unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
+    let mut consumer = consumer.ok()?;
+    consumer.info().await.ok().map(|info| info.num_pending)
 }
 
 /// The human table of `crm-node status`.
-pub fn render(status: &Value) -> String {
+pub fn render(status: &ClusterStatus) -> String {
     let mut out = String::new();
-    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let text = |v: &Option<String>| v.as_deref().unwrap_or("-").to_string();
+    let number = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or("-".into());
     out.push_str(&format!(
         "coordinator {}   router {}   assignment v{}\n\n",
-        text(&status["coordinator"]),
-        text(&status["router"]),
-        status["assignment_version"]
+        text(&status.coordinator),
+        text(&status.router),
+        status.assignment_version
     ));
     out.push_str("node        alive  shards  resident   stored   load/s  roles\n");
-    for node in status["nodes"].as_array().into_iter().flatten() {
-        let mut roles = Vec::new();
-        for (flag, name) in [
-            ("coordinator", "coordinator"),
-            ("router", "router"),
-            ("draining", "draining"),
-        ] {
-            if node[flag] == true {
-                roles.push(name);
-            }
-        }
+    for node in &status.nodes {
+        let roles: Vec<&str> = [
+            (node.coordinator, "coordinator"),
+            (node.router, "router"),
+            (node.draining, "draining"),
+        ]
+        .into_iter()
+        .filter_map(|(flag, name)| flag.then_some(name))
+        .collect();
         out.push_str(&format!(
             "{:<11} {:<6} {:>6} {:>9} {:>8} {:>8.1}  {}\n",
-            text(&node["node_id"]),
-            if node["alive"] == true { "yes" } else { "no" },
-            node["shards"].as_array().map(Vec::len).unwrap_or(0),
-            node["resident_customers"].as_u64().unwrap_or(0),
-            node["stored_customers"].as_u64().unwrap_or(0),
-            node["load_per_s"].as_f64().unwrap_or(0.0),
+            node.node_id,
+            if node.alive { "yes" } else { "no" },
+            node.shards.len(),
+            node.resident_customers,
+            node.stored_customers,
+            node.load_per_s,
             roles.join(",")
         ));
     }
     out.push_str("\nshard  owner       epoch   applied      lag  assigned\n");
-    for shard in status["shards"].as_array().into_iter().flatten() {
+    for shard in &status.shards {
         out.push_str(&format!(
             "{:>5}  {:<11} {:>5} {:>9} {:>8}  {}\n",
-            shard["shard"].as_u64().unwrap_or(0),
-            text(&shard["owner"]),
-            shard["epoch"].as_u64().unwrap_or(0),
-            shard["applied_seq"]
-                .as_u64()
-                .map(|s| s.to_string())
-                .unwrap_or("-".into()),
-            shard["lag"]
-                .as_u64()
-                .map(|s| s.to_string())
-                .unwrap_or("-".into()),
-            text(&shard["assigned"]),
+            shard.shard,
+            text(&shard.owner),
+            shard.epoch,
+            number(shard.applied_seq),
+            number(shard.lag),
+            text(&shard.assigned),
         ));
     }
     out
@@ -243,4 +309,97 @@ pub async fn drained(js: &Context, node_id: &str) -> Result<bool, String> {
         .values()
         .any(|v| serde_json::from_slice::<Lease>(v).is_ok_and(|l| l.owner == node_id));
     Ok(!holds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ClusterStatus {
+        ClusterStatus {
+            coordinator: Some("node-1".into()),
+            router: None,
+            assignment_version: 3,
+            nodes: vec![NodeStatus {
+                node_id: "node-1".into(),
+                alive: true,
+                shards: vec![0, 1],
+                draining: false,
+                coordinator: true,
+                router: false,
+                resident_customers: 10,
+                stored_customers: 12,
+                heartbeat_age_ms: 250,
+                host: "h1".into(),
+                load_per_s: 1.5,
+                version: "0.1.0".into(),
+                pid: 42,
+            }],
+            shards: vec![
+                ShardStatus {
+                    shard: 0,
+                    owner: Some("node-1".into()),
+                    assigned: Some("node-1".into()),
+                    epoch: 2,
+                    applied_seq: Some(7),
+                    last_seq: 9,
+                    lag: Some(2),
+                    load_per_s: Some(0.5),
+                },
+                ShardStatus {
+                    shard: 1,
+                    owner: None,
+                    assigned: None,
+                    epoch: 0,
+                    applied_seq: None,
+                    last_seq: 0,
+                    lag: None,
+                    load_per_s: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_json_keeps_its_documented_keys() {
+        let expected = json!({
+            "coordinator": "node-1",
+            "router": null,
+            "assignment_version": 3,
+            "nodes": [{
+                "node_id": "node-1", "alive": true, "shards": [0, 1], "draining": false,
+                "coordinator": true, "router": false, "resident_customers": 10,
+                "stored_customers": 12, "heartbeat_age_ms": 250, "host": "h1",
+                "load_per_s": 1.5, "version": "0.1.0", "pid": 42,
+            }],
+            "shards": [
+                {"shard": 0, "owner": "node-1", "assigned": "node-1", "epoch": 2,
+                 "applied_seq": 7, "last_seq": 9, "lag": 2, "load_per_s": 0.5},
+                {"shard": 1, "owner": null, "assigned": null, "epoch": 0,
+                 "applied_seq": null, "last_seq": 0, "lag": null, "load_per_s": null},
+            ],
+        });
+        let value = serde_json::to_value(sample()).expect("serialisable");
+        assert_eq!(value, expected);
+        let back: ClusterStatus = serde_json::from_value(value).expect("reads back");
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn the_table_shows_every_node_and_shard() {
+        let table = render(&sample());
+        assert!(table.starts_with("coordinator node-1   router -   assignment v3\n"));
+        assert!(
+            table.contains("node-1      yes         2        10       12      1.5  coordinator\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("    0  node-1          2         7        2  node-1\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("    1  -               0         -        -  -\n"),
+            "{table}"
+        );
+    }
 }

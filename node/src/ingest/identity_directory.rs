@@ -16,10 +16,11 @@
 //! reported as conflicts and never remapped. Called by the router (resolve, may create) and
 //! the query responder (lookup, never creates).
 
+use crate::backoff::Backoff;
 use crate::subjects;
 use async_nats::jetstream::kv;
 use crm_actors::identity::{Identity, IdentityKind};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::{HashMap, HashSet};
@@ -27,14 +28,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod resolve_many;
+
 /// Hex characters of the identifier key used in a minted customer id (96 bits).
 pub const CUSTOMER_ID_HEX_CHARS: usize = 24;
 /// Attempts of one KV operation that fails transiently (timeouts, no responders).
 pub const KV_ATTEMPTS_MAX: u32 = 5;
-/// First pause between KV attempts, in milliseconds; doubles each time.
+/// First pause between KV attempts, in milliseconds; doubles each time (with jitter).
 pub const KV_RETRY_INITIAL_MS: u64 = 50;
 /// Longest pause between KV attempts, in milliseconds.
 pub const KV_RETRY_MAX_MS: u64 = 1_000;
+
 /// KV requests [`IdentityDirectory::resolve_many`] keeps in flight at once.
 pub const KV_IN_FLIGHT_MAX: usize = 128;
 /// Most answers [`IdentityDirectory::read_ahead`] keeps for `resolve_many` (all are dropped
@@ -43,16 +47,6 @@ pub const READ_AHEAD_MAX: usize = 65_536;
 /// Smallest cache with which [`IdentityDirectory::read_ahead`] reads anything (with a small
 /// cache its "absent" answers expire before they are used, see `read_ahead`).
 pub const READ_AHEAD_MIN_CACHE: usize = 65_536;
-
-/// What round 1 of [`IdentityDirectory::resolve_many`] learnt about an uncached key.
-enum Probe {
-    /// Read (or found by a create that lost): the stored customer, if any.
-    Found(Option<String>),
-    /// Unmapped until this call's create mapped it (to what `create_first` said).
-    Created,
-    /// Its stored value is not a customer id.
-    Corrupt(DirectoryError),
-}
 
 /// An answer [`IdentityDirectory::read_ahead`] keeps for `resolve_many`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,30 +65,6 @@ impl Hint {
     fn usable(&self, generations: u64) -> bool {
         self.found.is_some() || generations.saturating_sub(self.generations) <= 1
     }
-}
-
-/// The customer that uncached `key` (first seen in the event whose keys are `event_keys`)
-/// maps to if it is unmapped, when that does not depend on any other unknown key: the
-/// event's other keys are all known (`known` holds their customer), or it has no other key
-/// (the customer minted from it). Such a key can be created straight away: a create that
-/// wins gives what a read of "absent" followed by the create would, one that loses reads
-/// the stored customer. `None` when another key of the event is unknown too: which customer
-/// the event belongs to depends on whether those keys exist, so they are read first.
-fn create_first(
-    event_keys: &[String],
-    key: &str,
-    known: &HashMap<String, Option<String>>,
-) -> Option<String> {
-    let mut winner = None;
-    for other in event_keys.iter().filter(|other| *other != key) {
-        match known.get(other) {
-            Some(Some(customer_id)) => {
-                winner.get_or_insert_with(|| customer_id.clone());
-            }
-            _ => return None,
-        }
-    }
-    winner.or_else(|| Some(format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS])))
 }
 
 /// The outcome of [`IdentityDirectory::resolve`].
@@ -326,277 +296,6 @@ impl IdentityDirectory {
         })
     }
 
-    /// [`resolve`](Self::resolve) for many events at once, with the same outcome as
-    /// resolving them one after the other in order, in a few concurrent rounds of KV round
-    /// trips instead of two per unknown identifier.
-    ///
-    /// The identifiers not in the cache are looked up concurrently, each distinct key once:
-    /// a key whose mapping would not depend on any other unknown key (it is its event's
-    /// only unknown identifier and first appears in that event) is created at once, which
-    /// costs one round trip when it is new, the usual case with a warm cache; every other
-    /// one is read. The events are then resolved in order against what was learnt, an event
-    /// seeing the mappings that the events before it create; those creates are then issued
-    /// concurrently. A create that another router won with a different customer makes every
-    /// event from the first one that planned it resolve again, one by one, against what is
-    /// now stored (as [`resolve`](Self::resolve) does when it loses a race). The result has
-    /// one entry per input, in order; an event without identifiers gets `NoIdentity`.
-    pub async fn resolve_many(
-        &self,
-        events: &[&[Identity]],
-    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
-        self.resolve_many_guarded(events, &|| true).await
-    }
-
-    /// [`resolve_many`](Self::resolve_many) that asks `may_create` before every key it
-    /// creates, and fails with [`DirectoryError::Fenced`] (creating nothing more) once the
-    /// answer is no. Keys already created stay: mappings never change, and the next router
-    /// reads them.
-    pub async fn resolve_many_guarded(
-        &self,
-        events: &[&[Identity]],
-        may_create: MayCreate<'_>,
-    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
-        let keys: Vec<Vec<String>> = events
-            .iter()
-            .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
-            .collect();
-
-        // Round 1: the current value of every distinct key: the cache, then concurrently a
-        // create for each uncached key whose value does not depend on any other uncached key
-        // (see `create_first`), a read for every other one.
-        let mut known: HashMap<String, Option<String>> = HashMap::new();
-        // Uncached keys: (kind, key, index of the first event that has it).
-        let mut missed: Vec<(IdentityKind, String, usize)> = Vec::new();
-        {
-            let mut cache = self.lock_cache();
-            for (event, (identities, keys)) in events.iter().zip(&keys).enumerate() {
-                for (identity, key) in identities.iter().zip(keys) {
-                    if known.contains_key(key) {
-                        continue;
-                    }
-                    match cache.get(key) {
-                        Some(customer_id) => {
-                            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-                            known.insert(key.clone(), Some(customer_id));
-                        }
-                        None => {
-                            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-                            known.insert(key.clone(), None);
-                            missed.push((identity.kind, key.clone(), event));
-                        }
-                    }
-                }
-            }
-        }
-        // Keys read ahead need no round trip now, when their answer is still true (see
-        // `read_ahead`). Every hint for a key of this chunk goes: it is used or outdated.
-        {
-            let mut answers = self.lock_read_ahead();
-            let mut cache = self.lock_cache();
-            for key in keys.iter().flatten() {
-                if known.get(key).is_some_and(Option::is_some) {
-                    answers.remove(key);
-                }
-            }
-            missed.retain(|(_, key, _)| {
-                let Some(hint) = answers.remove(key) else {
-                    return true;
-                };
-                if !hint.usable(cache.generations) {
-                    return true;
-                }
-                self.counters
-                    .read_ahead_used
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(customer_id) = &hint.found {
-                    cache.insert(key, customer_id);
-                }
-                known.insert(key.clone(), hint.found);
-                false
-            });
-        }
-        let probes = missed.into_iter().map(|(kind, key, event)| {
-            let value = create_first(&keys[event], &key, &known);
-            async move {
-                let probe = match value {
-                    Some(value) => {
-                        self.create(kind, &key, &value, may_create)
-                            .await
-                            .map(|created| match created {
-                                Created::Won => Probe::Created,
-                                Created::Lost(stored) => Probe::Found(Some(stored)),
-                            })
-                    }
-                    None => self.read(kind, &key).await.map(Probe::Found),
-                };
-                match probe {
-                    Ok(probe) => Ok((key, probe)),
-                    Err(error @ DirectoryError::CorruptValue { .. }) => {
-                        Ok((key, Probe::Corrupt(error)))
-                    }
-                    Err(error) => Err(error),
-                }
-            }
-        });
-        let probes: Vec<(String, Probe)> = futures::stream::iter(probes)
-            .buffer_unordered(KV_IN_FLIGHT_MAX)
-            .try_collect()
-            .await?;
-        // Keys this call created in round 1: the plan resolves their event as if they were
-        // unknown (linked, or the minted primary) but does not create them again.
-        let mut created_first: HashSet<String> = HashSet::new();
-        // Keys whose stored value is not a customer id: their events fail alone, as with
-        // `resolve`, so the router dead-letters them instead of retrying the whole chunk.
-        let mut corrupt: HashMap<String, DirectoryError> = HashMap::new();
-        {
-            let mut cache = self.lock_cache();
-            for (key, probe) in probes {
-                match probe {
-                    Probe::Found(found) => {
-                        self.counters.kv_reads.fetch_add(1, Ordering::Relaxed);
-                        if let Some(customer_id) = &found {
-                            cache.insert(&key, customer_id);
-                        }
-                        known.insert(key, found);
-                    }
-                    Probe::Created => {
-                        self.counters.created_first.fetch_add(1, Ordering::Relaxed);
-                        created_first.insert(key);
-                    }
-                    // The key stays unknown; only the events that hold it fail (below).
-                    Probe::Corrupt(error) => {
-                        corrupt.insert(key, error);
-                    }
-                }
-            }
-        }
-
-        // Round 2: plan, in order, as if every create wins.
-        struct Plan {
-            resolution: Resolution,
-            /// Keys this event creates: (index in the event, key, value).
-            creates: Vec<(usize, String, String)>,
-        }
-        let mut plans: Vec<Result<Plan, DirectoryError>> = Vec::with_capacity(events.len());
-        for (identities, keys) in events.iter().zip(&keys) {
-            if identities.is_empty() {
-                plans.push(Err(DirectoryError::NoIdentity));
-                continue;
-            }
-            if let Some(error) = keys.iter().find_map(|key| corrupt.get(key)) {
-                plans.push(Err(error.clone()));
-                continue;
-            }
-            let found: Vec<Option<String>> = keys.iter().map(|k| known[k].clone()).collect();
-            let (winner, created) = match found.iter().flatten().next() {
-                Some(customer_id) => (customer_id.clone(), false),
-                None => (format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]), true),
-            };
-            let mut resolution = Resolution {
-                customer_id: winner.clone(),
-                created,
-                linked: Vec::new(),
-                conflicts: Vec::new(),
-            };
-            let mut creates = Vec::new();
-            for (index, (identity, found)) in identities.iter().zip(found).enumerate() {
-                match found {
-                    Some(customer_id) if customer_id == winner => {}
-                    Some(other) => resolution.conflicts.push((identity.kind, other)),
-                    None => {
-                        resolution.linked.push(identity.kind);
-                        known.insert(keys[index].clone(), Some(winner.clone()));
-                        if !created_first.contains(&keys[index]) {
-                            creates.push((index, keys[index].clone(), winner.clone()));
-                        }
-                    }
-                }
-            }
-            plans.push(Ok(Plan {
-                resolution,
-                creates,
-            }));
-        }
-
-        // Round 3: the planned creates, concurrently.
-        let planned: Vec<(usize, usize, IdentityKind, String, String)> = plans
-            .iter()
-            .enumerate()
-            .filter_map(|(event, plan)| plan.as_ref().ok().map(|plan| (event, plan)))
-            .flat_map(|(event, plan)| {
-                plan.creates.iter().map(move |(index, key, value)| {
-                    let kind = events[event][*index].kind;
-                    (event, *index, kind, key.clone(), value.clone())
-                })
-            })
-            .collect();
-        // (event, index in the event, this create won, the key holds the planned value)
-        let outcomes: Vec<(usize, usize, bool, bool)> =
-            futures::stream::iter(planned.into_iter().map(
-                |(event, index, kind, key, value)| async move {
-                    Ok::<_, DirectoryError>(
-                        match self.create(kind, &key, &value, may_create).await {
-                            Ok(Created::Won) => (event, index, true, true),
-                            Ok(Created::Lost(stored)) => (event, index, false, stored == value),
-                            // Written meanwhile, with a value that is not a customer id: the
-                            // event is resolved again alone below, and fails there.
-                            Err(DirectoryError::CorruptValue { .. }) => {
-                                (event, index, false, false)
-                            }
-                            Err(error) => return Err(error),
-                        },
-                    )
-                },
-            ))
-            .buffer_unordered(KV_IN_FLIGHT_MAX)
-            .try_collect()
-            .await?;
-        let first_lost = outcomes
-            .iter()
-            .filter(|(_, _, _, as_planned)| !as_planned)
-            .map(|(event, ..)| *event)
-            .min();
-        // A customer minted first by another router (with the same deterministic id) was not
-        // created by this call, as with `resolve`.
-        for (event, index, won, as_planned) in &outcomes {
-            if *index == 0 && !*won && *as_planned {
-                if let Some(Ok(plan)) = plans.get_mut(*event) {
-                    plan.resolution.created = false;
-                    let primary = events[*event][0].kind;
-                    plan.resolution.linked.retain(|kind| *kind != primary);
-                }
-            }
-        }
-
-        let mut results = Vec::with_capacity(events.len());
-        for (event, plan) in plans.into_iter().enumerate() {
-            if first_lost.is_some_and(|lost| event >= lost) {
-                match self.resolve_guarded(events[event], may_create).await {
-                    Err(DirectoryError::Fenced) => return Err(DirectoryError::Fenced),
-                    result => results.push(result),
-                }
-                continue;
-            }
-            results.push(plan.map(|plan| {
-                let resolution = plan.resolution;
-                if resolution.created {
-                    self.counters.creates.fetch_add(1, Ordering::Relaxed);
-                }
-                let links = resolution.linked.len() - usize::from(resolution.created);
-                self.counters
-                    .links
-                    .fetch_add(links as u64, Ordering::Relaxed);
-                if !resolution.conflicts.is_empty() {
-                    self.counters
-                        .conflicts
-                        .fetch_add(resolution.conflicts.len() as u64, Ordering::Relaxed);
-                }
-                resolution
-            }));
-        }
-        Ok(results)
-    }
-
     /// Reads, ahead of [`resolve_many`](Self::resolve_many), the uncached identifiers it
     /// would read for these events (those of events with two or more uncached identifiers;
     /// a lone unknown identifier is created without a read), and keeps the answers for it.
@@ -776,6 +475,7 @@ impl IdentityDirectory {
 
     /// Reads one key from the bucket, retrying transient failures.
     async fn read(&self, kind: IdentityKind, key: &str) -> Result<Option<String>, DirectoryError> {
+        let mut backoff = kv_backoff();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -783,7 +483,7 @@ impl IdentityDirectory {
                 Ok(None) => return Ok(None),
                 Ok(Some(value)) => return self.customer_id_from(kind, key, &value).map(Some),
                 Err(error) => {
-                    self.retry_or_fail(attempt, "read", kind, error.to_string())
+                    self.retry_or_fail(attempt, &mut backoff, "read", kind, error.to_string())
                         .await?
                 }
             }
@@ -802,6 +502,7 @@ impl IdentityDirectory {
         may_create: MayCreate<'_>,
     ) -> Result<Created, DirectoryError> {
         debug_assert!(subjects::is_token(customer_id));
+        let mut backoff = kv_backoff();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -826,14 +527,20 @@ impl IdentityDirectory {
                         }
                         // Only a deleted key reads as absent; create it again.
                         None => {
-                            self.retry_or_fail(attempt, "create", kind, "key deleted".into())
-                                .await?;
+                            self.retry_or_fail(
+                                attempt,
+                                &mut backoff,
+                                "create",
+                                kind,
+                                "key deleted".into(),
+                            )
+                            .await?;
                             continue;
                         }
                     };
                 }
                 Err(error) => {
-                    self.retry_or_fail(attempt, "create", kind, error.to_string())
+                    self.retry_or_fail(attempt, &mut backoff, "create", kind, error.to_string())
                         .await?
                 }
             }
@@ -844,6 +551,7 @@ impl IdentityDirectory {
     async fn retry_or_fail(
         &self,
         attempt: u32,
+        backoff: &mut Backoff,
         operation: &'static str,
         kind: IdentityKind,
         detail: String,
@@ -859,8 +567,7 @@ impl IdentityDirectory {
         }
         self.counters.kv_retries.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%kind, operation, attempt, error = %detail, "identity directory: retrying");
-        let delay_ms = (KV_RETRY_INITIAL_MS << (attempt - 1).min(10)).min(KV_RETRY_MAX_MS);
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
         Ok(())
     }
 
@@ -880,6 +587,15 @@ impl IdentityDirectory {
             }),
         }
     }
+}
+
+/// The pauses between the attempts of one KV operation.
+fn kv_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(KV_RETRY_INITIAL_MS),
+        2,
+        Duration::from_millis(KV_RETRY_MAX_MS),
+    )
 }
 
 enum Created {

@@ -17,6 +17,7 @@
 //! dead-letter stream and are acked; they never block the pipeline. The router holds no
 //! rules and no customer state.
 
+use crate::backoff::Backoff;
 use crate::cluster::lease::Fence;
 use crate::dead_letters;
 use crate::ingest::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
@@ -74,7 +75,7 @@ impl Router {
     pub async fn run(self, mut shutdown: Shutdown) {
         // Another node may have routed (and mapped identifiers) since this one last did.
         self.directory.clear_read_ahead();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), 2, Duration::from_secs(5));
         let mut consumer: Option<PullConsumer> = None;
         let mut fenced = false;
         let mut setup_failures = 0;
@@ -131,7 +132,7 @@ impl Router {
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             // A task of its own keeps pulling while a chunk is routed, so the next chunk is
             // ready (up to `batch_max_events`) when the router comes back: routing waits on
             // KV and publish round trips, and pulling only between chunks left each chunk
@@ -636,14 +637,12 @@ async fn settle(chunk: Option<RoutedChunk>, metrics: &Metrics) -> bool {
     complete
 }
 
-/// Sleeps `backoff` (doubling it, up to 5 s) unless shutdown comes first (then false).
-async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration) -> bool {
-    let slept = tokio::select! {
-        _ = tokio::time::sleep(*backoff) => true,
+/// Sleeps the next `backoff` delay unless shutdown comes first (then false).
+async fn pause(shutdown: &mut Shutdown, backoff: &mut Backoff) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff.next_delay()) => true,
         _ = shutdown.wait() => false,
-    };
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
-    slept
+    }
 }
 
 #[cfg(test)]

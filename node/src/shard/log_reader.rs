@@ -10,6 +10,7 @@
 //! one returned. Each call waits at most `wait` for new records, so a reader can never hang
 //! on a silent consumer.
 
+use crate::backoff::Backoff;
 use crate::subjects;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{Context, Message};
@@ -26,6 +27,11 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// The server sends a heartbeat this often while a pull request waits; a reader that misses
 /// two of them reopens its consumer.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// First pause after the consumer could not be opened; doubles (with jitter) up to
+/// [`REOPEN_PAUSE_MAX`] while opening keeps failing.
+const REOPEN_PAUSE: Duration = Duration::from_millis(500);
+/// Longest pause between two failed openings of the consumer.
+const REOPEN_PAUSE_MAX: Duration = Duration::from_secs(4);
 
 /// An in-order reader of `crm.shard.<n>`.
 ///
@@ -41,6 +47,8 @@ pub struct ShardLogReader {
     next_sequence: u64,
     /// Consumer sequence of the last record received from the current consumer.
     consumer_sequence: u64,
+    /// Pauses between failed openings of the consumer; reset once one opens.
+    reopen: Backoff,
 }
 
 /// Most record bytes one batch collects (the first record always counts): about 2,000
@@ -62,6 +70,7 @@ impl ShardLogReader {
             consumer: None,
             next_sequence: next_sequence.max(1),
             consumer_sequence: 0,
+            reopen: Backoff::new(REOPEN_PAUSE, 2, REOPEN_PAUSE_MAX),
         }
     }
 
@@ -74,11 +83,14 @@ impl ShardLogReader {
     /// The next records in log order: the first record to arrive within `wait` plus every
     /// record already received after it (at most `batch_max_events`, and no more once they
     /// hold [`BATCH_BYTES_MAX`]). Empty when nothing arrived (or the consumer had to be
-    /// reopened).
+    /// reopened, then after a pause that grows while opening keeps failing).
     pub async fn next_batch(&mut self, wait: Duration) -> Vec<Message> {
-        if self.consumer.is_none() && !self.open().await {
-            tokio::time::sleep(wait).await;
-            return Vec::new();
+        if self.consumer.is_none() {
+            if !self.open().await {
+                tokio::time::sleep(self.reopen.next_delay()).await;
+                return Vec::new();
+            }
+            self.reopen.reset();
         }
         let mut records = Vec::new();
         let first = {

@@ -11,6 +11,7 @@
 //! from the applied sequence. Between batches it answers view requests for its customers
 //! and passivates idle actors. It holds no rules itself.
 
+use crate::backoff::Backoff;
 use crate::cluster::lease::Fence;
 use crate::cluster::snapshot::Snapshots;
 use crate::dead_letters;
@@ -139,8 +140,11 @@ enum Processed {
 /// Most waiting queries a worker with a backlog answers between two batches.
 const QUERIES_BETWEEN_BATCHES_MAX: usize = 64;
 
-/// Delay before the reader is reopened after a failure.
+/// First delay before the reader is reopened after a batch could not be applied; doubles
+/// (with jitter) up to [`RETRY_DELAY_MAX`] while batches keep failing.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Longest delay between two tries of a batch that could not be applied.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(4);
 /// Longest wait for new records before the worker looks at its other duties.
 const READ_WAIT: Duration = Duration::from_millis(500);
 
@@ -169,6 +173,7 @@ impl ShardWorker {
             let mut last_passivation = Instant::now();
             let mut last_snapshot = Instant::now();
             let mut since_snapshot: u64 = 0;
+            let mut not_applied = Backoff::new(RETRY_DELAY, 2, RETRY_DELAY_MAX);
             while !shutdown.is_triggered() {
                 let records = {
                     let next = reader.next_batch(READ_WAIT);
@@ -193,9 +198,12 @@ impl ShardWorker {
                 if !records.is_empty() {
                     let count = records.len() as u64;
                     match self.process(records).await {
-                        Processed::Published => since_snapshot += count,
+                        Processed::Published => {
+                            since_snapshot += count;
+                            not_applied.reset();
+                        }
                         Processed::NotApplied => {
-                            tokio::time::sleep(RETRY_DELAY).await;
+                            tokio::time::sleep(not_applied.next_delay()).await;
                             reader.rewind(self.engine.meta().applied_seq + 1).await;
                         }
                         Processed::Fenced => {

@@ -14,6 +14,7 @@
 //! replay reproduces all of it. No rule lives here.
 
 use crate::api::query::error_reply;
+use crate::backoff::Backoff;
 use crate::shard::worker::ShardTable;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
@@ -633,17 +634,20 @@ pub async fn append_models(
     table: ShardTable,
     mut shutdown: Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), 2, Duration::from_secs(5));
     while !shutdown.is_triggered() {
         let mut watch = match kv.watch_with_history(subjects::VALUE_MODEL_KEY).await {
-            Ok(watch) => watch,
+            Ok(watch) => {
+                // The pauses after a watch ends stay short; only failed starts grow them.
+                backoff.reset();
+                watch
+            }
             Err(error) => {
                 warn!(%error, "cannot watch the value model; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = shutdown.wait() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -655,7 +659,7 @@ pub async fn append_models(
             let Some(Ok(entry)) = entry else {
                 // The watch ended or failed: start it again after a pause.
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = shutdown.wait() => return,
                 }
                 break;
@@ -697,7 +701,7 @@ pub async fn append_models(
             if !appended_all {
                 // The watch starts over (with history) and appends the model again.
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = shutdown.wait() => return,
                 }
                 break;
