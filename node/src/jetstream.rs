@@ -677,7 +677,7 @@ pub async fn ingest_consumer(
         description: Some("ingest router shared by every node".to_string()),
         // No filter: the stream holds only `crm.ingest.>`, so the same messages arrive, and
         // nats-server 2.9 recounts a filtered consumer's pending messages on every delivery
-        // (measured: 3x slower routing with the filter; docs/benchmark.md).
+        // (measured: 3x slower routing with the filter; docs/perf-journal.md, "Where the time goes").
         filter_subject: String::new(),
         deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
         ack_policy: AckPolicy::Explicit,

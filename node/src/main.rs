@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 /// mimalloc instead of the system allocator: a node allocates and frees small buffers on
 /// every message (NATS payloads, JSON, bincode, sled pages), and glibc's malloc took about
-/// a third of the node's CPU under load (see docs/benchmark.md, "Fifth pass").
+/// a third of the node's CPU under load (see docs/perf-journal.md, "Fifth pass").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
