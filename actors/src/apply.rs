@@ -10,12 +10,13 @@
 //! fire again so that a late event's consequences are never left behind. Dedup happens here:
 //! a seen event id or order id is a [`ApplyStatus::Duplicate`] and changes nothing.
 
+use crate::emit::{object, Emitter};
 use crate::ingest::{
     CartAction, ChannelEvent, EmailAction, EventKind, Purchase, RejectReason, Rejection, Return,
     SupportStatus,
 };
 use crate::loyalty::{self, Grant};
-use crate::money::to_decimal;
+use crate::money::{to_decimal, Money};
 use crate::retention;
 use crate::rules::Rules;
 use crate::shard_message::{
@@ -23,56 +24,13 @@ use crate::shard_message::{
 };
 use crate::state::{
     ChannelActivity, Consent, CustomerState, OrderRecord, ProfileValue, Redemption, TimelineEntry,
-    ValueHistory, OPEN_TICKETS_MAX,
+    OPEN_TICKETS_MAX,
 };
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
 /// Most time-rule firings one command may run (a safety stop; a clock jump of a century
 /// with daily reviews stays far below it).
 const FIRINGS_MAX: usize = 1_000_000;
-
-/// Collects the actor events of one command, with deterministic ids
-/// `<cause>:<event_type>:<index>`.
-#[derive(Debug)]
-pub struct Emitter {
-    customer_id: String,
-    cause: String,
-    events: Vec<ActorEvent>,
-}
-
-impl Emitter {
-    pub fn new(customer_id: &str, cause: &str) -> Emitter {
-        Emitter {
-            customer_id: customer_id.to_string(),
-            cause: cause.to_string(),
-            events: Vec::new(),
-        }
-    }
-
-    /// Adds one event at event time `at_ms`.
-    pub fn emit(&mut self, event_type: &str, at_ms: i64, data: Map<String, Value>) {
-        let id = format!("{}:{}:{}", self.cause, event_type, self.events.len());
-        self.events.push(ActorEvent {
-            event_type: event_type.to_string(),
-            customer_id: self.customer_id.clone(),
-            at_ms,
-            id,
-            data,
-        });
-    }
-
-    pub fn into_events(self) -> Vec<ActorEvent> {
-        self.events
-    }
-}
-
-/// The fields of a JSON object (empty for anything else): the `data` of an actor event.
-pub(crate) fn object(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    }
-}
 
 /// Applies one command. See the module docs for the order of things.
 pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules) -> ApplyOutcome {
@@ -251,10 +209,10 @@ fn check_event(state: &CustomerState, event: &ChannelEvent, rules: &Rules) -> Op
                         format!(
                             "return {} amount {} is above what order '{}' has left to return ({} of {}); send at most the remaining amount",
                             event.event_id,
-                            money_text(ret.amount_minor),
+                            Money(ret.amount_minor),
                             ret.order_id,
-                            money_text(returnable),
-                            money_text(order.amount_minor)
+                            Money(returnable),
+                            Money(order.amount_minor)
                         ),
                     )),
                     Vec::new(),
@@ -370,7 +328,7 @@ fn apply_event(
             match action {
                 CartAction::Add => {
                     state.browsing.cart_adds += 1;
-                    format!("added {qty} x {sku} ({}) to cart", money_text(*price_minor))
+                    format!("added {qty} x {sku} ({}) to cart", Money(*price_minor))
                 }
                 CartAction::Remove => {
                     state.browsing.cart_removes += 1;
@@ -487,50 +445,6 @@ fn add_timeline(state: &mut CustomerState, rules: &Rules, entry: TimelineEntry) 
     }
 }
 
-/// `1250` -> `12.50`.
-pub fn money_text(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    format!("{sign}{}.{:02}", abs / 100, abs % 100)
-}
-
-/// Adds a purchase to its UTC calendar day (see [`ValueHistory`]); beyond `days_max` days
-/// the oldest day is folded into the running totals.
-pub(crate) fn record_purchase_day(
-    history: &mut ValueHistory,
-    at_ms: i64,
-    amount_minor: i64,
-    days_max: usize,
-) {
-    let day = crate::time::day_number(at_ms);
-    let folded = &mut history.folded;
-    if folded.count > 0 && day == folded.first_day {
-        // The first day ever is folded: a late purchase on it adds to it.
-        folded.amount_minor = folded.amount_minor.saturating_add(amount_minor);
-        folded.first_amount_minor = folded.first_amount_minor.saturating_add(amount_minor);
-        return;
-    }
-    let day_total = history.days.entry(day).or_insert(0);
-    *day_total = day_total.saturating_add(amount_minor);
-    while history.days.len() > days_max.max(1) {
-        let Some((oldest, amount)) = history.days.pop_first() else {
-            break;
-        };
-        if folded.count == 0 || oldest < folded.first_day {
-            // A late purchase before every folded day is the new first day.
-            folded.first_day = oldest;
-            folded.first_amount_minor = amount;
-        }
-        folded.last_day = if folded.count == 0 {
-            oldest
-        } else {
-            folded.last_day.max(oldest)
-        };
-        folded.count += 1;
-        folded.amount_minor = folded.amount_minor.saturating_add(amount);
-    }
-}
-
 /// The key to count `key` under in `map`, which holds at most `max` keys one by one: the
 /// key itself while there is room (or it is there already), else `other`.
 fn bounded_key<V>(map: &std::collections::BTreeMap<String, V>, key: &str, max: usize) -> String {
@@ -617,7 +531,7 @@ fn apply_purchase(
             *category_total = category_total.saturating_add(amount);
         }
         loyalty::record_spend(&mut state.loyalty, at, purchase.amount_minor);
-        record_purchase_day(
+        crate::value::live::record_purchase_day(
             &mut state.value,
             at,
             purchase.amount_minor,
@@ -662,7 +576,7 @@ fn apply_purchase(
     let mut text = format!(
         "order {}: {} {}",
         purchase.order_id,
-        money_text(purchase.amount_minor),
+        Money(purchase.amount_minor),
         purchase.currency
     );
     if items > 0 {
@@ -744,7 +658,7 @@ fn apply_return(
     let mut text = format!(
         "return for order {}: {}{}",
         ret.order_id,
-        money_text(ret.amount_minor),
+        Money(ret.amount_minor),
         if fully_returned {
             " (fully returned)"
         } else {

@@ -869,3 +869,31 @@ fn command_time_ms(command: &CustomerCommand) -> i64 {
         CustomerCommand::Rescore { .. } => i64::MIN,
     }
 }
+
+/// Every stored customer with a purchase by `as_of_day` for which `owned` is true, as
+/// (summary, mean spend per purchase day): the input of
+/// [`crate::value::live::fit_value_model`]. The store side of a fit: this reads and decodes
+/// every stored state and hands each to the pure [`crate::value::live::summary_with_spend`].
+/// A batch job, not the hot path.
+pub fn summaries_from_store(
+    store: &Store,
+    as_of_day: i32,
+    unit: crate::value::TimeUnit,
+    owned: impl Fn(&str) -> bool,
+) -> Result<Vec<(crate::value::CustomerSummary, f64)>, StoreError> {
+    let mut summaries = Vec::new();
+    for item in store.encoded_customers() {
+        let (customer_id, bytes) = item?;
+        if !owned(&customer_id) {
+            continue;
+        }
+        let state: CustomerState = codec::decode(&bytes).map_err(|source| StoreError::Codec {
+            key: format!("c/{customer_id}"),
+            source,
+        })?;
+        if let Some(row) = crate::value::live::summary_with_spend(&state, as_of_day, unit) {
+            summaries.push(row);
+        }
+    }
+    Ok(summaries)
+}

@@ -8,7 +8,7 @@
 //! this module never reads the wall clock, never fails, and never lets a balance go negative
 //! (what a return cannot take back is recorded as a shortfall).
 
-use crate::apply::Emitter;
+use crate::emit::{optional_time, Emitter};
 use crate::ingest::Purchase;
 use crate::money::{to_decimal, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
@@ -224,11 +224,6 @@ pub fn grant(
     data.insert("points_pending".into(), json!(loyalty.pending_points()));
     emitter.emit("points.earned", emit_at_ms, data);
     pending
-}
-
-/// An optional instant as RFC 3339 or JSON null.
-pub fn optional_time(at_ms: Option<i64>) -> serde_json::Value {
-    at_ms.map_or(serde_json::Value::Null, |t| json!(format_rfc3339(t)))
 }
 
 /// Spends `points` from the lots, oldest expiry first. The caller checked the balance.

@@ -9,8 +9,7 @@
 //! event time in integer ms; this module never reads the wall clock and never touches
 //! loyalty points.
 
-use crate::apply::Emitter;
-use crate::loyalty::optional_time;
+use crate::emit::{optional_time, Emitter};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{RetentionState, RetentionStatus};
 use crate::time::{format_rfc3339, DAY_MS};

@@ -8,7 +8,7 @@
 //! either fully valid or refused with a [`RulesError`] that names the field, the problem and
 //! the fix; nothing downstream re-checks it, and this module never touches customer state.
 
-use crate::money::parse_decimal_minor;
+use crate::money::{parse_decimal_minor, Money};
 use crate::time::DAY_MS;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -478,15 +478,6 @@ fn money(field: &str, value: &toml::Value) -> Check<i64> {
     }
 }
 
-/// Minor units as the file writes them: `400`, `499.99`.
-fn major_text(minor: i64) -> String {
-    if minor % 100 == 0 {
-        format!("{}", minor / 100)
-    } else {
-        format!("{}.{:02}", minor / 100, (minor % 100).abs())
-    }
-}
-
 fn multipliers(section: &str, raw: &BTreeMap<String, f64>) -> Check<BTreeMap<String, i64>> {
     let mut out = BTreeMap::new();
     for (key, value) in raw {
@@ -672,8 +663,8 @@ impl RawRules {
                 return fail(
                     format!("{field}.threshold"),
                     format!(
-                        "({}) must be 0: the first tier is the base tier every customer starts in",
-                        major_text(threshold_minor)
+                        "({:#}) must be 0: the first tier is the base tier every customer starts in",
+                        Money(threshold_minor)
                     ),
                 );
             }
@@ -682,10 +673,10 @@ impl RawRules {
                     return fail(
                         format!("{field}.threshold"),
                         format!(
-                            "({}) must be greater than tiers[{}].threshold ({}); list tiers from lowest to highest",
-                            major_text(threshold_minor),
+                            "({:#}) must be greater than tiers[{}].threshold ({:#}); list tiers from lowest to highest",
+                            Money(threshold_minor),
                             index - 1,
-                            major_text(previous.threshold_minor)
+                            Money(previous.threshold_minor)
                         ),
                     );
                 }

@@ -8,7 +8,8 @@
 //! and recency is computed from `as_of_ms` (never earlier than the customer's own clock),
 //! never from the wall clock.
 
-use crate::loyalty::{self, optional_time};
+use crate::emit::optional_time;
+use crate::loyalty;
 use crate::money::to_decimal;
 use crate::retention;
 use crate::rules::Rules;
