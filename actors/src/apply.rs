@@ -10,13 +10,17 @@
 //! fire again so that a late event's consequences are never left behind. Dedup happens here:
 //! a seen event id or order id is a [`ApplyStatus::Duplicate`] and changes nothing.
 
-use crate::emit::{object, Emitter};
+use crate::actor_event::{
+    CustomerCreated, EarnReason, IdentityConflictEvent, IdentityLinked, IdentityValue,
+    PointsRedeemed, PointsReversed,
+};
+use crate::emit::Emitter;
 use crate::ingest::{
     CartAction, ChannelEvent, EmailAction, EventKind, Purchase, RejectReason, Rejection, Return,
     SupportStatus,
 };
 use crate::loyalty::{self, Grant};
-use crate::money::{to_decimal, Money};
+use crate::money::Money;
 use crate::retention;
 use crate::rules::Rules;
 use crate::shard_message::{
@@ -26,7 +30,6 @@ use crate::state::{
     ChannelActivity, Consent, CustomerState, OrderRecord, ProfileValue, Redemption, TimelineEntry,
     OPEN_TICKETS_MAX,
 };
-use serde_json::json;
 
 /// Most time-rule firings one command may run (a safety stop; a clock jump of a century
 /// with daily reviews stays far below it).
@@ -241,15 +244,19 @@ fn apply_event(
         state.clock_ms = at;
         loyalty::start_in_base_tier(&mut state.loyalty, rules, at);
         emitter.emit(
-            "customer.created",
             at,
-            object(json!({
-                "channel": event.channel,
-                "event_type": event.kind.type_name(),
-                "identities": event.identities.iter()
-                    .map(|i| json!({"kind": i.kind.as_str(), "value": i.value}))
-                    .collect::<Vec<_>>(),
-            })),
+            CustomerCreated {
+                channel: event.channel.clone(),
+                event_type: event.kind.type_name().to_string(),
+                identities: event
+                    .identities
+                    .iter()
+                    .map(|i| IdentityValue {
+                        kind: i.kind.as_str().to_string(),
+                        value: i.value.clone(),
+                    })
+                    .collect(),
+            },
         );
     } else {
         run_due(state, rules, at, &mut emitter);
@@ -268,21 +275,23 @@ fn apply_event(
         state.identities.insert(identity.clone());
         if !is_new {
             emitter.emit(
-                "identity.linked",
                 now,
-                object(json!({"kind": identity.kind.as_str(), "value": identity.value, "event_id": event.event_id})),
+                IdentityLinked {
+                    kind: identity.kind.as_str().to_string(),
+                    value: identity.value.clone(),
+                    event_id: event.event_id.clone(),
+                },
             );
         }
     }
     if let Some(conflict) = conflict {
         emitter.emit(
-            "identity.conflict",
             now,
-            object(json!({
-                "kind": conflict.kind.as_str(),
-                "other_customer_id": conflict.other_customer_id,
-                "event_id": event.event_id,
-            })),
+            IdentityConflictEvent {
+                kind: conflict.kind.as_str().to_string(),
+                other_customer_id: conflict.other_customer_id.clone(),
+                event_id: event.event_id.clone(),
+            },
         );
     }
 
@@ -540,14 +549,13 @@ fn apply_purchase(
     }
 
     if points > 0 {
-        let data = object(json!({
-            "order_id": purchase.order_id,
-            "reason": "purchase",
-            "base_points": base_points,
-            "bonus_points": bonus_points,
-            "amount": to_decimal(purchase.amount_minor),
-            "channel": event.channel,
-        }));
+        let reason = EarnReason::Purchase {
+            order_id: purchase.order_id.clone(),
+            base_points,
+            bonus_points,
+            amount: Money(purchase.amount_minor),
+            channel: event.channel.clone(),
+        };
         loyalty::grant(
             &mut state.loyalty,
             rules,
@@ -559,7 +567,7 @@ fn apply_purchase(
             },
             now,
             emitter,
-            data,
+            reason,
         );
     }
     retention::record_purchase(
@@ -640,19 +648,18 @@ fn apply_return(
             .reversed_total
             .saturating_add(from_pending + from_balance);
         emitter.emit(
-            "points.reversed",
             now,
-            object(json!({
-                "order_id": ret.order_id,
-                "return_amount": to_decimal(ret.amount_minor),
-                "points": to_reverse,
-                "from_pending": from_pending,
-                "from_balance": from_balance,
-                "from_expired": taken.from_expired,
-                "shortfall": shortfall,
-                "points_balance": state.loyalty.balance(),
-                "points_pending": state.loyalty.pending_points(),
-            })),
+            PointsReversed {
+                order_id: ret.order_id.clone(),
+                return_amount: Money(ret.amount_minor),
+                points: to_reverse,
+                from_pending,
+                from_balance,
+                from_expired: taken.from_expired,
+                shortfall,
+                points_balance: state.loyalty.balance(),
+                points_pending: state.loyalty.pending_points(),
+            },
         );
     }
     let mut text = format!(
@@ -718,7 +725,9 @@ fn apply_identify(
             },
             now,
             emitter,
-            object(json!({"reason": "profile_completion", "event_id": event.event_id})),
+            EarnReason::ProfileCompletion {
+                event_id: event.event_id.clone(),
+            },
         );
     }
     if changed.is_empty() {
@@ -779,15 +788,14 @@ fn apply_redeem(
             state.loyalty.redeemed_total = state.loyalty.redeemed_total.saturating_add(spent);
             let balance = state.loyalty.balance();
             emitter.emit(
-                "points.redeemed",
                 now,
-                object(json!({
-                    "request_id": request_id,
-                    "reward_id": reward.id,
-                    "reward_name": reward.name,
-                    "points": spent,
-                    "points_balance": balance,
-                })),
+                PointsRedeemed {
+                    request_id: request_id.to_string(),
+                    reward_id: reward.id.clone(),
+                    reward_name: reward.name.clone(),
+                    points: spent,
+                    points_balance: balance,
+                },
             );
             add_timeline(
                 state,
@@ -1013,13 +1021,13 @@ winback_delay_days = {winback}
     }
 
     fn types(events: &[ActorEvent]) -> Vec<&str> {
-        events.iter().map(|e| e.event_type.as_str()).collect()
+        events.iter().map(|e| e.event_type()).collect()
     }
 
     fn find<'a>(events: &'a [ActorEvent], event_type: &str) -> &'a ActorEvent {
         events
             .iter()
-            .find(|e| e.event_type == event_type)
+            .find(|e| e.event_type() == event_type)
             .unwrap_or_else(|| panic!("no {event_type} in {:?}", types(events)))
     }
 
@@ -1035,7 +1043,7 @@ winback_delay_days = {winback}
         let outcome = apply(&mut state, &purchase("e1", "o1", day(0), 1000), &rules);
         assert_eq!(outcome.status, ApplyStatus::Applied);
         assert!(state.exists());
-        assert_eq!(outcome.events[0].event_type, "customer.created");
+        assert_eq!(outcome.events[0].event_type(), "customer.created");
         assert_eq!(outcome.events[0].id, "e1:customer.created:0");
         assert_eq!(outcome.events[1].id, "e1:points.earned:1");
         let later = apply(&mut state, &purchase("e2", "o2", day(1), 1000), &rules);
@@ -1063,8 +1071,8 @@ winback_delay_days = {winback}
             )],
         );
         let earned = find(&events, "points.earned");
-        assert_eq!(earned.data["base_points"], 210);
-        assert_eq!(earned.data["points"], 210);
+        assert_eq!(earned.to_json()["base_points"], 210);
+        assert_eq!(earned.to_json()["points"], 210);
         assert_eq!(state.loyalty.balance(), 210);
         assert_eq!(state.purchases.by_category_minor["shoes"], 4_000);
         assert_eq!(state.purchases.by_category_minor["uncategorised"], 6_000);
@@ -1082,7 +1090,7 @@ winback_delay_days = {winback}
         let mut state = CustomerState::new("c1");
         let events = run(&mut state, &rules, &[purchase("e1", "o1", day(0), 5_000)]);
         let earned = find(&events, "points.earned");
-        assert_eq!(earned.data["bonus_points"], 100);
+        assert_eq!(earned.to_json()["bonus_points"], 100);
         assert_eq!(state.loyalty.balance(), 150);
         run(&mut state, &rules, &[purchase("e2", "o2", day(1), 5_000)]);
         assert_eq!(state.loyalty.balance(), 200);
@@ -1112,7 +1120,7 @@ winback_delay_days = {winback}
         run(&mut state, &rules, &[purchase("e1", "o1", day(0), 10_000)]);
         let events = run(&mut state, &rules, &[give_back("r1", "o1", day(1), 3_000)]);
         let reversed = find(&events, "points.reversed");
-        assert_eq!(reversed.data["points"], 30);
+        assert_eq!(reversed.to_json()["points"], 30);
         assert_eq!(state.loyalty.balance(), 70);
         assert_eq!(state.returns.count, 1);
 
@@ -1122,9 +1130,9 @@ winback_delay_days = {winback}
         assert_eq!(state.loyalty.balance(), 20);
         let events = run(&mut state, &rules, &[give_back("r2", "o1", day(3), 7_000)]);
         let reversed = find(&events, "points.reversed");
-        assert_eq!(reversed.data["points"], 70);
-        assert_eq!(reversed.data["from_balance"], 20);
-        assert_eq!(reversed.data["shortfall"], 50);
+        assert_eq!(reversed.to_json()["points"], 70);
+        assert_eq!(reversed.to_json()["from_balance"], 20);
+        assert_eq!(reversed.to_json()["shortfall"], 50);
         assert_eq!(state.loyalty.balance(), 0);
         assert_eq!(state.loyalty.shortfall_points, 50);
         let view = customer_view(&state, day(3), &rules);
@@ -1184,7 +1192,7 @@ winback_delay_days = {winback}
         assert_eq!(state.loyalty.balance(), 100);
         let outcome = apply(&mut state, &tick(day(365)), &rules);
         let expired = find(&outcome.events, "points.expired");
-        assert_eq!(expired.data["points"], 100);
+        assert_eq!(expired.to_json()["points"], 100);
         assert_eq!(expired.at_ms, day(365));
         assert!(expired.id.starts_with(&format!(
             "tick-{}-{}:points.expired:",
@@ -1209,12 +1217,12 @@ winback_delay_days = {winback}
         });
         let mut state = CustomerState::new("c1");
         let events = run(&mut state, &rules, &[purchase("e1", "o1", day(0), 10_000)]);
-        assert_eq!(find(&events, "points.earned").data["pending"], true);
+        assert_eq!(find(&events, "points.earned").to_json()["pending"], true);
         assert_eq!(state.loyalty.balance(), 0);
         assert_eq!(state.loyalty.pending_points(), 100);
         assert_eq!(state.next_due_ms(), Some(day(14)));
         let events = run(&mut state, &rules, &[tick(day(14))]);
-        assert_eq!(find(&events, "points.released").data["points"], 100);
+        assert_eq!(find(&events, "points.released").to_json()["points"], 100);
         assert_eq!(state.loyalty.balance(), 100);
 
         // A later event past the release time releases too, before it is applied.
@@ -1253,8 +1261,8 @@ winback_delay_days = {winback}
         );
         let events = run(&mut state, &rules, &[give_back("r1", "o2", day(21), 5_000)]);
         let reversed = find(&events, "points.reversed");
-        assert_eq!(reversed.data["from_pending"], 50);
-        assert_eq!(reversed.data["from_balance"], 0);
+        assert_eq!(reversed.to_json()["from_pending"], 50);
+        assert_eq!(reversed.to_json()["from_balance"], 0);
         assert_eq!(state.loyalty.pending_points(), 50);
         assert_eq!(state.loyalty.balance(), 100);
     }
@@ -1265,8 +1273,8 @@ winback_delay_days = {winback}
         let mut state = CustomerState::new("c1");
         let events = run(&mut state, &rules, &[purchase("e1", "o1", day(0), 60_000)]);
         let changed = find(&events, "tier.changed");
-        assert_eq!(changed.data["direction"], "up");
-        assert_eq!(changed.data["to"], "silver");
+        assert_eq!(changed.to_json()["direction"], "up");
+        assert_eq!(changed.to_json()["to"], "silver");
         assert_eq!(state.loyalty.tier.as_deref(), Some("silver"));
         assert_eq!(state.loyalty.tier_review_at_ms, Some(day(365)));
     }
@@ -1289,8 +1297,8 @@ winback_delay_days = {winback}
         assert_eq!(state.loyalty.tier.as_deref(), Some("silver"));
         let events = run(&mut state, &rules, &[tick(day(365))]);
         let changed = find(&events, "tier.changed");
-        assert_eq!(changed.data["direction"], "down");
-        assert_eq!(changed.data["to"], "member");
+        assert_eq!(changed.to_json()["direction"], "down");
+        assert_eq!(changed.to_json()["to"], "member");
         assert_eq!(changed.at_ms, day(365));
         assert_eq!(state.loyalty.tier_review_at_ms, None);
         assert_eq!(state.loyalty.tier_history.len(), 2);
@@ -1314,7 +1322,7 @@ winback_delay_days = {winback}
         assert_eq!(state.loyalty.tier_review_at_ms, Some(day(730)));
         let events = run(&mut state, &rules, &[tick(day(800))]);
         let changed = find(&events, "tier.changed");
-        assert_eq!(changed.data["direction"], "down");
+        assert_eq!(changed.to_json()["direction"], "down");
         assert_eq!(changed.at_ms, day(730));
     }
 
@@ -1327,7 +1335,7 @@ winback_delay_days = {winback}
         assert!(run(&mut state, &rules, &[tick(day(180))]).is_empty());
         let events = run(&mut state, &rules, &[tick(day(181))]);
         let lapsed = find(&events, "retention.lapsed");
-        assert!(lapsed.data["reason"]
+        assert!(lapsed.to_json()["reason"]
             .as_str()
             .unwrap()
             .contains("default gap of 90 days"));
@@ -1342,7 +1350,7 @@ winback_delay_days = {winback}
 
         let events = run(&mut state, &rules, &[purchase("e2", "o2", day(310), 1_000)]);
         assert_eq!(
-            find(&events, "retention.reactivated").data["reactivated_count"],
+            find(&events, "retention.reactivated").to_json()["reactivated_count"],
             1
         );
         assert_eq!(state.retention.status, RetentionStatus::Active);
@@ -1376,7 +1384,7 @@ winback_delay_days = {winback}
         assert_eq!(state.retention.mean_gap_ms(), Some(10 * DAY_MS));
         assert_eq!(state.retention.lapse_due_ms, Some(day(40) + 1));
         let events = run(&mut state, &rules, &[tick(day(41))]);
-        let reason = find(&events, "retention.lapsed").data["reason"]
+        let reason = find(&events, "retention.lapsed").to_json()["reason"]
             .as_str()
             .unwrap()
             .to_string();
@@ -1404,7 +1412,10 @@ winback_delay_days = {winback}
         assert!(answer.approved);
         assert_eq!(answer.points_spent, 150);
         assert_eq!(answer.points_balance, 50);
-        assert_eq!(find(&first.events, "points.redeemed").data["points"], 150);
+        assert_eq!(
+            find(&first.events, "points.redeemed").to_json()["points"],
+            150
+        );
         // The oldest lot went first.
         assert_eq!(state.loyalty.lots.len(), 1);
         assert_eq!(state.loyalty.lots[0].source, "o2");
@@ -1499,9 +1510,9 @@ winback_delay_days = {winback}
             });
         }
         let events = run(&mut state, &rules, &[command]);
-        assert_eq!(find(&events, "identity.linked").data["kind"], "email");
+        assert_eq!(find(&events, "identity.linked").to_json()["kind"], "email");
         assert_eq!(
-            find(&events, "identity.conflict").data["other_customer_id"],
+            find(&events, "identity.conflict").to_json()["other_customer_id"],
             "c9"
         );
         assert_eq!(state.identities.len(), 2);
@@ -1530,15 +1541,15 @@ winback_delay_days = {winback}
         assert!(
             run(&mut state, &rules, &[identify("e1", day(0), "first_name")])
                 .iter()
-                .all(|e| e.event_type != "points.earned")
+                .all(|e| e.event_type() != "points.earned")
         );
         let events = run(&mut state, &rules, &[identify("e2", day(1), "birthday")]);
         assert_eq!(
-            find(&events, "points.earned").data["reason"],
+            find(&events, "points.earned").to_json()["reason"],
             "profile_completion"
         );
         let events = run(&mut state, &rules, &[identify("e3", day(2), "birthday")]);
-        assert!(events.iter().all(|e| e.event_type != "points.earned"));
+        assert!(events.iter().all(|e| e.event_type() != "points.earned"));
         assert_eq!(state.loyalty.balance(), 50);
     }
 
@@ -1822,10 +1833,10 @@ winback_delay_days = {winback}
             &[give_back("r1", "o1", day(367), 10_000)],
         );
         let reversed = find(&events, "points.reversed");
-        assert_eq!(reversed.data["points"], 100);
-        assert_eq!(reversed.data["from_expired"], 100);
-        assert_eq!(reversed.data["from_balance"], 0);
-        assert_eq!(reversed.data["shortfall"], 0);
+        assert_eq!(reversed.to_json()["points"], 100);
+        assert_eq!(reversed.to_json()["from_expired"], 100);
+        assert_eq!(reversed.to_json()["from_balance"], 0);
+        assert_eq!(reversed.to_json()["shortfall"], 0);
         assert_eq!(state.loyalty.balance(), 50, "o2's points stay");
         assert_eq!(state.loyalty.shortfall_points, 0);
     }
@@ -1852,8 +1863,8 @@ winback_delay_days = {winback}
             &[give_back("r1", "o1", day(367), 10_000)],
         );
         let reversed = find(&events, "points.reversed");
-        assert_eq!(reversed.data["from_expired"], 50);
-        assert_eq!(reversed.data["from_balance"], 50, "the spent half");
+        assert_eq!(reversed.to_json()["from_expired"], 50);
+        assert_eq!(reversed.to_json()["from_balance"], 50, "the spent half");
         assert_eq!(state.loyalty.balance(), 150);
     }
 
@@ -1901,9 +1912,9 @@ winback_delay_days = {winback}
         );
         assert_eq!(state.loyalty.earned_total, 0);
         let euros = run(&mut state, &rules, &[purchase("e2", "o2", day(1), 1000)]);
-        assert_eq!(find(&euros, "points.earned").data["points"], 110);
+        assert_eq!(find(&euros, "points.earned").to_json()["points"], 110);
         let more = run(&mut state, &rules, &[purchase("e3", "o3", day(2), 1000)]);
-        assert_eq!(find(&more, "points.earned").data["points"], 10);
+        assert_eq!(find(&more, "points.earned").to_json()["points"], 10);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! fails, every resident actor is stopped so that memory never runs ahead of sled.
 
 use crate::actor::{spawn_customer, Applied, CustomerMessage};
+use crate::actor_event::ActorEventData;
 use crate::codec::{self, CodecError};
 use crate::rules::Rules;
 use crate::shard_message::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
@@ -440,7 +441,7 @@ impl ShardEngine {
             if outcome
                 .events
                 .iter()
-                .any(|event| event.event_type == "customer.created")
+                .any(|event| matches!(event.data, ActorEventData::CustomerCreated(_)))
             {
                 work.created.push(item.customer_id.clone());
             }

@@ -14,6 +14,7 @@
 //! view block).
 
 pub mod actor;
+pub mod actor_event;
 pub mod apply;
 pub mod codec;
 pub mod emit;

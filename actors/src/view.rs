@@ -14,7 +14,7 @@ use crate::money::Money;
 use crate::retention;
 use crate::rules::Rules;
 use crate::state::{CustomerState, Loyalty, PurchaseSummary, RetentionStatus};
-use crate::time::{format_rfc3339, DAY_MS};
+use crate::time::{format_optional, format_rfc3339, DAY_MS};
 use crate::value::live::{self, ValueModel};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -23,11 +23,6 @@ use std::collections::BTreeMap;
 
 /// The view format version.
 pub const VIEW_VERSION: u64 = 1;
-
-/// An optional instant as RFC 3339 (`null` when absent).
-fn time_or_null(at_ms: Option<i64>) -> Option<String> {
-    at_ms.map(format_rfc3339)
-}
 
 fn money_map(map: &BTreeMap<String, i64>) -> BTreeMap<String, Money> {
     map.iter()
@@ -287,7 +282,7 @@ impl CustomerView {
             v: VIEW_VERSION,
             customer_id: state.customer_id.clone(),
             exists: state.exists(),
-            created_at: time_or_null(state.created_at_ms),
+            created_at: format_optional(state.created_at_ms),
             as_of: format_rfc3339(as_of),
             rules_version: state.rules_version,
             identities,
@@ -324,7 +319,7 @@ impl CustomerView {
             returns: ReturnsView {
                 count: state.returns.count,
                 total: Money(state.returns.total_minor),
-                last_at: time_or_null(state.returns.last_at_ms),
+                last_at: format_optional(state.returns.last_at_ms),
             },
             loyalty: LoyaltyView::of(&state.loyalty, rules, as_of),
             retention: RetentionView::of(state, rules, as_of),
@@ -345,18 +340,18 @@ impl CustomerView {
                 opened: state.email.opened,
                 clicked: state.email.clicked,
                 last_campaign: state.email.last_campaign.clone(),
-                last_engaged_at: time_or_null(state.email.last_engaged_at_ms),
+                last_engaged_at: format_optional(state.email.last_engaged_at_ms),
             },
             browsing: BrowsingView {
                 views: state.browsing.views,
                 cart_adds: state.browsing.cart_adds,
                 cart_removes: state.browsing.cart_removes,
                 last_viewed_category: state.browsing.last_viewed_category.clone(),
-                last_at: time_or_null(state.browsing.last_at_ms),
+                last_at: format_optional(state.browsing.last_at_ms),
             },
             visits: VisitsView {
                 count: state.visits.count,
-                last_at: time_or_null(state.visits.last_at_ms),
+                last_at: format_optional(state.visits.last_at_ms),
                 last_store_id: state.visits.last_store_id.clone(),
             },
         }
@@ -370,8 +365,8 @@ impl PurchasesView {
         PurchasesView {
             count: purchases.count,
             total_spend: Money(purchases.total_spend_minor),
-            first_at: time_or_null(purchases.first_at_ms),
-            last_at: time_or_null(purchases.last_at_ms),
+            first_at: format_optional(purchases.first_at_ms),
+            last_at: format_optional(purchases.last_at_ms),
             average_order_value,
             by_channel: money_map(&purchases.by_channel_minor),
             by_category: money_map(&purchases.by_category_minor),
@@ -405,8 +400,8 @@ impl LoyaltyView {
                 .tier
                 .clone()
                 .unwrap_or_else(|| rules.tiers[0].name.clone()),
-            tier_since: time_or_null(lo.tier_since_ms),
-            tier_review_at: time_or_null(lo.tier_review_at_ms),
+            tier_since: format_optional(lo.tier_since_ms),
+            tier_review_at: format_optional(lo.tier_review_at_ms),
             rolling_spend: Money(rolling_spend),
             next_tier,
             lots: lo
@@ -415,7 +410,7 @@ impl LoyaltyView {
                 .map(|lot| LotView {
                     points: lot.points,
                     earned_at: format_rfc3339(lot.earned_at_ms),
-                    expires_at: time_or_null(lot.expires_at_ms),
+                    expires_at: format_optional(lot.expires_at_ms),
                     source: lot.source.clone(),
                 })
                 .collect(),
@@ -474,8 +469,8 @@ impl RetentionView {
             mean_gap_days: ret.mean_gap_ms().map(days_decimal),
             churn_risk,
             reason: ret.lapse_reason.clone(),
-            lapsed_at: time_or_null(if lapsed { ret.lapsed_at_ms } else { None }),
-            lapse_due_at: time_or_null(ret.lapse_due_ms),
+            lapsed_at: format_optional(if lapsed { ret.lapsed_at_ms } else { None }),
+            lapse_due_at: format_optional(ret.lapse_due_ms),
             winback_offered: lapsed && ret.winback_offered,
             lapse_count: ret.lapse_count,
             reactivated_count: ret.reactivated_count,
@@ -495,7 +490,7 @@ impl SupportView {
             resolved: support.resolved,
             satisfaction_mean,
             satisfaction_count: support.satisfaction_count,
-            last_at: time_or_null(support.last_at_ms),
+            last_at: format_optional(support.last_at_ms),
         }
     }
 }

@@ -9,7 +9,8 @@
 //! day, so it equals what `crm-node clv fit` reports for the same purchases. Pure: no
 //! clock, no NATS.
 
-use crate::emit::{object, Emitter};
+use crate::actor_event::{ChurnRisk, SegmentChanged};
+use crate::emit::Emitter;
 use crate::loyalty;
 use crate::money::{to_decimal, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
@@ -475,28 +476,26 @@ pub fn rescore(
     let standing = &state.value_standing;
     if segment != standing.segment {
         emitter.emit(
-            "value.segment_changed",
             at,
-            object(json!({
-                "from": standing.segment,
-                "to": segment,
-                "clv": clv,
-                "p_alive": p_alive,
-                "model_version": model.version,
-            })),
+            SegmentChanged {
+                from: standing.segment.clone(),
+                to: segment.clone(),
+                clv,
+                p_alive,
+                model_version: model.version,
+            },
         );
     }
     if at_risk && !standing.at_risk {
         emitter.emit(
-            "churn.risk",
             at,
-            object(json!({
-                "p_alive": p_alive,
-                "threshold": threshold,
-                "segment": segment,
-                "clv": clv,
-                "model_version": model.version,
-            })),
+            ChurnRisk {
+                p_alive,
+                threshold,
+                segment: segment.clone(),
+                clv,
+                model_version: model.version,
+            },
         );
     }
     state.value_standing = ValueStanding {
