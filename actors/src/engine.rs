@@ -17,6 +17,7 @@
 //! fails, every resident actor is stopped so that memory never runs ahead of sled.
 
 use crate::actor::{spawn_customer, Applied, CustomerMessage};
+use crate::actor_event::ActorEventData;
 use crate::codec::{self, CodecError};
 use crate::rules::Rules;
 use crate::shard_message::{ActorEvent, ApplyStatus, CustomerCommand, RedeemOutcome, ShardMessage};
@@ -440,7 +441,7 @@ impl ShardEngine {
             if outcome
                 .events
                 .iter()
-                .any(|event| event.event_type == "customer.created")
+                .any(|event| matches!(event.data, ActorEventData::CustomerCreated(_)))
             {
                 work.created.push(item.customer_id.clone());
             }
@@ -868,4 +869,32 @@ fn command_time_ms(command: &CustomerCommand) -> i64 {
         // A model is not an event in time: it never moves the clock.
         CustomerCommand::Rescore { .. } => i64::MIN,
     }
+}
+
+/// Every stored customer with a purchase by `as_of_day` for which `owned` is true, as
+/// (summary, mean spend per purchase day): the input of
+/// [`crate::value::live::fit_value_model`]. The store side of a fit: this reads and decodes
+/// every stored state and hands each to the pure [`crate::value::live::summary_with_spend`].
+/// A batch job, not the hot path.
+pub fn summaries_from_store(
+    store: &Store,
+    as_of_day: i32,
+    unit: crate::value::TimeUnit,
+    owned: impl Fn(&str) -> bool,
+) -> Result<Vec<(crate::value::CustomerSummary, f64)>, StoreError> {
+    let mut summaries = Vec::new();
+    for item in store.encoded_customers() {
+        let (customer_id, bytes) = item?;
+        if !owned(&customer_id) {
+            continue;
+        }
+        let state: CustomerState = codec::decode(&bytes).map_err(|source| StoreError::Codec {
+            key: format!("c/{customer_id}"),
+            source,
+        })?;
+        if let Some(row) = crate::value::live::summary_with_spend(&state, as_of_day, unit) {
+            summaries.push(row);
+        }
+    }
+    Ok(summaries)
 }

@@ -5,7 +5,8 @@
 //! Map: [`ingest`] validates public JSON into [`ingest::ChannelEvent`]; [`shard_message`] is
 //! what the shard log carries and what applying it yields; [`apply::apply`] is the one pure
 //! function from (state, message, rules) to (new state, outcome); [`rules`], [`loyalty`]
-//! and [`retention`] hold the rule engines; [`state`] the customer state; [`view`] the
+//! and [`retention`] hold the rule engines, which add their actor events to an
+//! [`emit::Emitter`]; [`state`] the customer state; [`view`] the
 //! 360 view; [`codec`] the versioned bincode format; [`store`] the sled store;
 //! [`actor`] the customer actors and [`engine`] the per-shard engine that drives them;
 //! [`value`] the customer-value models (BG/NBD, Gamma-Gamma, CLV) behind `crm-node clv
@@ -13,8 +14,10 @@
 //! view block).
 
 pub mod actor;
+pub mod actor_event;
 pub mod apply;
 pub mod codec;
+pub mod emit;
 pub mod engine;
 pub mod identity;
 pub mod ingest;

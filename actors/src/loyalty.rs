@@ -8,13 +8,15 @@
 //! this module never reads the wall clock, never fails, and never lets a balance go negative
 //! (what a return cannot take back is recorded as a shortfall).
 
-use crate::apply::Emitter;
+use crate::actor_event::{
+    EarnReason, Landing, PointsEarned, PointsExpired, PointsReleased, TierChanged,
+};
+use crate::emit::Emitter;
 use crate::ingest::Purchase;
-use crate::money::{to_decimal, MINOR_PER_MAJOR};
+use crate::money::{Money, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{Loyalty, PendingPoints, PointsLot, TierChange};
-use crate::time::{format_rfc3339, DAY_MS};
-use serde_json::json;
+use crate::time::{format_optional, format_rfc3339, DAY_MS};
 
 /// Points an order earns before any bonus: each item line at its category multiplier, the
 /// part of the amount not covered by items at 1.0x, all times the channel multiplier and
@@ -168,15 +170,15 @@ pub struct Grant<'a> {
 }
 
 /// Grants points: pending for `pending_days`, or a spendable lot at once. Emits
-/// `points.earned` at `emit_at_ms` with `data` plus the grant's fields. Returns whether they
-/// went pending.
+/// `points.earned` at `emit_at_ms` with the `reason` and the grant's fields. Returns whether
+/// they went pending.
 pub fn grant(
     loyalty: &mut Loyalty,
     rules: &Rules,
     grant: Grant<'_>,
     emit_at_ms: i64,
     emitter: &mut Emitter,
-    mut data: serde_json::Map<String, serde_json::Value>,
+    reason: EarnReason,
 ) -> bool {
     let Grant {
         source,
@@ -189,11 +191,7 @@ pub fn grant(
     }
     loyalty.earned_total = loyalty.earned_total.saturating_add(points);
     let pending = pending_allowed && rules.earning.pending_days > 0;
-    data.insert("source".into(), json!(source));
-    data.insert("points".into(), json!(points));
-    data.insert("pending".into(), json!(pending));
-    data.insert("earned_at".into(), json!(format_rfc3339(earned_at_ms)));
-    if pending {
+    let landing = if pending {
         let release_at_ms = earned_at_ms.saturating_add(Rules::days_ms(rules.earning.pending_days));
         let entry = PendingPoints {
             earned_at_ms,
@@ -205,7 +203,9 @@ pub fn grant(
             .pending
             .partition_point(|p| (p.release_at_ms, p.source.as_str()) <= (release_at_ms, source));
         loyalty.pending.insert(position, entry);
-        data.insert("available_at".into(), json!(format_rfc3339(release_at_ms)));
+        Landing::Pending {
+            available_at: format_rfc3339(release_at_ms),
+        }
     } else {
         let expires_at_ms = expiry_for(rules, earned_at_ms);
         add_lot(
@@ -218,17 +218,24 @@ pub fn grant(
                 source: source.to_string(),
             },
         );
-        data.insert("expires_at".into(), optional_time(expires_at_ms));
-    }
-    data.insert("points_balance".into(), json!(loyalty.balance()));
-    data.insert("points_pending".into(), json!(loyalty.pending_points()));
-    emitter.emit("points.earned", emit_at_ms, data);
+        Landing::Spendable {
+            expires_at: format_optional(expires_at_ms),
+        }
+    };
+    emitter.emit(
+        emit_at_ms,
+        PointsEarned {
+            reason,
+            source: source.to_string(),
+            points,
+            pending,
+            earned_at: format_rfc3339(earned_at_ms),
+            landing,
+            points_balance: loyalty.balance(),
+            points_pending: loyalty.pending_points(),
+        },
+    );
     pending
-}
-
-/// An optional instant as RFC 3339 or JSON null.
-pub fn optional_time(at_ms: Option<i64>) -> serde_json::Value {
-    at_ms.map_or(serde_json::Value::Null, |t| json!(format_rfc3339(t)))
 }
 
 /// Spends `points` from the lots, oldest expiry first. The caller checked the balance.
@@ -310,17 +317,17 @@ pub fn release_due(loyalty: &mut Loyalty, rules: &Rules, now_ms: i64, emitter: &
                 source: entry.source.clone(),
             },
         );
-        let mut data = serde_json::Map::new();
-        data.insert("source".into(), json!(entry.source));
-        data.insert("points".into(), json!(entry.points));
-        data.insert(
-            "earned_at".into(),
-            json!(format_rfc3339(entry.earned_at_ms)),
+        emitter.emit(
+            entry.release_at_ms,
+            PointsReleased {
+                source: entry.source,
+                points: entry.points,
+                earned_at: format_rfc3339(entry.earned_at_ms),
+                expires_at: format_optional(expires_at_ms),
+                points_balance: loyalty.balance(),
+                points_pending: loyalty.pending_points(),
+            },
         );
-        data.insert("expires_at".into(), optional_time(expires_at_ms));
-        data.insert("points_balance".into(), json!(loyalty.balance()));
-        data.insert("points_pending".into(), json!(loyalty.pending_points()));
-        emitter.emit("points.released", entry.release_at_ms, data);
     }
 }
 
@@ -339,15 +346,16 @@ pub fn expire_due(loyalty: &mut Loyalty, now_ms: i64, emitter: &mut Emitter) -> 
     if gone.is_empty() {
         return gone;
     }
-    let lots = gone.len();
-    let sources: Vec<&str> = gone.iter().map(|(source, _)| source.as_str()).collect();
     loyalty.expired_total = loyalty.expired_total.saturating_add(expired);
-    let mut data = serde_json::Map::new();
-    data.insert("points".into(), json!(expired));
-    data.insert("lots".into(), json!(lots));
-    data.insert("sources".into(), json!(sources));
-    data.insert("points_balance".into(), json!(loyalty.balance()));
-    emitter.emit("points.expired", now_ms, data);
+    emitter.emit(
+        now_ms,
+        PointsExpired {
+            points: expired,
+            lots: gone.len() as u64,
+            sources: gone.iter().map(|(source, _)| source.clone()).collect(),
+            points_balance: loyalty.balance(),
+        },
+    );
     gone
 }
 
@@ -424,13 +432,16 @@ fn change_tier(
     while loyalty.tier_history.len() > rules.limits.tier_history_max {
         loyalty.tier_history.pop_front();
     }
-    let mut data = serde_json::Map::new();
-    data.insert("from".into(), json!(from));
-    data.insert("to".into(), json!(name));
-    data.insert("direction".into(), json!(direction));
-    data.insert("rolling_spend".into(), to_decimal(spend_minor));
-    data.insert("review_at".into(), optional_time(loyalty.tier_review_at_ms));
-    emitter.emit("tier.changed", at_ms, data);
+    emitter.emit(
+        at_ms,
+        TierChanged {
+            from,
+            to: name,
+            direction: direction.to_string(),
+            rolling_spend: Money(spend_minor),
+            review_at: format_optional(loyalty.tier_review_at_ms),
+        },
+    );
 }
 
 /// Upgrades at once when the rolling spend at `now_ms` qualifies for a higher tier.

@@ -9,12 +9,11 @@
 //! event time in integer ms; this module never reads the wall clock and never touches
 //! loyalty points.
 
-use crate::apply::Emitter;
-use crate::loyalty::optional_time;
+use crate::actor_event::{RetentionLapsed, RetentionReactivated, WinbackOffered};
+use crate::emit::Emitter;
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{RetentionState, RetentionStatus};
-use crate::time::{format_rfc3339, DAY_MS};
-use serde_json::json;
+use crate::time::{format_optional, format_rfc3339, DAY_MS};
 
 /// The gap used for lapse decisions, ms, and whether it is the default (single purchase).
 pub fn effective_gap_ms(retention: &RetentionState, rules: &Rules) -> (i64, bool) {
@@ -69,21 +68,16 @@ pub fn record_purchase(
             retention.status = RetentionStatus::Active;
             retention.reactivated_count += 1;
             let lapsed_at = retention.lapsed_at_ms;
-            let mut data = serde_json::Map::new();
-            data.insert("order_id".into(), json!(order_id));
-            data.insert("lapsed_at".into(), optional_time(lapsed_at));
-            data.insert(
-                "days_lapsed".into(),
-                json!(lapsed_at.map_or(0, |l| (at_ms - l).max(0) / DAY_MS)),
-            );
-            data.insert("winback_offered".into(), json!(retention.winback_offered));
-            data.insert(
-                "reactivated_count".into(),
-                json!(retention.reactivated_count),
-            );
+            let event = RetentionReactivated {
+                order_id: order_id.to_string(),
+                lapsed_at: format_optional(lapsed_at),
+                days_lapsed: lapsed_at.map_or(0, |l| (at_ms - l).max(0) / DAY_MS),
+                winback_offered: retention.winback_offered,
+                reactivated_count: retention.reactivated_count,
+            };
             retention.winback_due_ms = None;
             retention.lapse_reason = None;
-            emitter.emit("retention.reactivated", at_ms.max(now_ms), data);
+            emitter.emit(at_ms.max(now_ms), event);
         }
     }
     schedule(retention, rules);
@@ -130,13 +124,16 @@ pub fn lapse(retention: &mut RetentionState, rules: &Rules, now_ms: i64, emitter
     retention.winback_offered_at_ms = None;
     retention.winback_due_ms =
         Some(now_ms.saturating_add(Rules::days_ms(rules.retention.winback_delay_days)));
-    let mut data = serde_json::Map::new();
-    data.insert("reason".into(), json!(reason));
-    data.insert("last_purchase_at".into(), json!(format_rfc3339(last)));
-    data.insert("days_since_purchase".into(), json!(days_since));
-    data.insert("mean_gap_days".into(), json!(gap_ms / DAY_MS));
-    data.insert("lapse_count".into(), json!(retention.lapse_count));
-    emitter.emit("retention.lapsed", now_ms, data);
+    emitter.emit(
+        now_ms,
+        RetentionLapsed {
+            reason,
+            last_purchase_at: format_rfc3339(last),
+            days_since_purchase: days_since,
+            mean_gap_days: gap_ms / DAY_MS,
+            lapse_count: retention.lapse_count,
+        },
+    );
 }
 
 /// The win-back offer for the current lapse (at most once per lapse).
@@ -147,12 +144,12 @@ pub fn offer_winback(retention: &mut RetentionState, now_ms: i64, emitter: &mut 
     }
     retention.winback_offered = true;
     retention.winback_offered_at_ms = Some(now_ms);
-    let mut data = serde_json::Map::new();
-    data.insert("lapsed_at".into(), optional_time(retention.lapsed_at_ms));
-    data.insert(
-        "reason".into(),
-        json!(retention.lapse_reason.clone().unwrap_or_default()),
+    emitter.emit(
+        now_ms,
+        WinbackOffered {
+            lapsed_at: format_optional(retention.lapsed_at_ms),
+            reason: retention.lapse_reason.clone().unwrap_or_default(),
+            lapse_count: retention.lapse_count,
+        },
     );
-    data.insert("lapse_count".into(), json!(retention.lapse_count));
-    emitter.emit("retention.winback_offered", now_ms, data);
 }

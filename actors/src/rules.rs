@@ -8,7 +8,7 @@
 //! either fully valid or refused with a [`RulesError`] that names the field, the problem and
 //! the fix; nothing downstream re-checks it, and this module never touches customer state.
 
-use crate::money::parse_decimal_minor;
+use crate::money::{parse_decimal_minor, Money};
 use crate::time::DAY_MS;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -413,7 +413,9 @@ fn in_range(field: &str, value: i64, min: i64, max: i64, unit: &str) -> Check<i6
 }
 
 fn limit(field: &str, value: i64) -> Check<usize> {
-    in_range(&format!("limits.{field}"), value, 1, 1_000_000, "entries").map(|v| v as usize)
+    ENTRIES
+        .check(&format!("limits.{field}"), value)
+        .map(|v| v as usize)
 }
 
 fn currency_code(field: &str, code: &str) -> Check<String> {
@@ -478,15 +480,6 @@ fn money(field: &str, value: &toml::Value) -> Check<i64> {
     }
 }
 
-/// Minor units as the file writes them: `400`, `499.99`.
-fn major_text(minor: i64) -> String {
-    if minor % 100 == 0 {
-        format!("{}", minor / 100)
-    } else {
-        format!("{}.{:02}", minor / 100, (minor % 100).abs())
-    }
-}
-
 fn multipliers(section: &str, raw: &BTreeMap<String, f64>) -> Check<BTreeMap<String, i64>> {
     let mut out = BTreeMap::new();
     for (key, value) in raw {
@@ -502,315 +495,100 @@ fn multipliers(section: &str, raw: &BTreeMap<String, f64>) -> Check<BTreeMap<Str
     Ok(out)
 }
 
+/// The allowed range of one integer setting and its unit, for the message.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    min: i64,
+    max: i64,
+    unit: &'static str,
+}
+
+/// The integer settings' ranges: each check names the field, the value and the range.
+const VERSION: Range = Range {
+    min: 1,
+    max: u32::MAX as i64,
+    unit: "",
+};
+const ENTRIES: Range = Range {
+    min: 1,
+    max: 1_000_000,
+    unit: "entries",
+};
+const BONUS_POINTS: Range = Range {
+    min: 0,
+    max: 1_000_000,
+    unit: "points",
+};
+const POINTS_PER_UNIT: Range = Range {
+    min: 0,
+    max: 10_000,
+    unit: "points",
+};
+const COST_POINTS: Range = Range {
+    min: 1,
+    max: 100_000_000,
+    unit: "points",
+};
+const PENDING_DAYS: Range = Range {
+    min: 0,
+    max: 365,
+    unit: "days",
+};
+const DAYS_OR_NONE: Range = Range {
+    min: 0,
+    max: DAYS_MAX,
+    unit: "days",
+};
+const DAYS: Range = Range {
+    min: 1,
+    max: DAYS_MAX,
+    unit: "days",
+};
+
+impl Range {
+    fn check(self, field: &str, value: i64) -> Check<i64> {
+        in_range(field, value, self.min, self.max, self.unit)
+    }
+}
+
+/// `Limits { name: limit("name", raw.name)?, ... }`: every limit spelled once.
+macro_rules! limits {
+    ($raw:expr; $($name:ident),* $(,)?) => {
+        Limits {
+            $( $name: limit(stringify!($name), $raw.$name)?, )*
+        }
+    };
+}
+
 impl RawRules {
+    /// Checks every setting in file order and converts it (decimals to basis points and
+    /// minor units); the first problem found is the error, naming its field and the fix.
     fn validate(self) -> Check<Rules> {
-        let version = in_range("version", self.version, 1, i64::from(u32::MAX), "")? as u32;
+        let version = VERSION.check("version", self.version)? as u32;
         let currency = currency_code("currency", &self.currency)?;
-        let mut accepted_currencies = Vec::new();
-        match &self.accepted_currencies {
-            None => accepted_currencies.push(currency.clone()),
-            Some(list) => {
-                for (index, code) in list.iter().enumerate() {
-                    let code = currency_code(&format!("accepted_currencies[{index}]"), code)?;
-                    if accepted_currencies.contains(&code) {
-                        return fail(
-                            format!("accepted_currencies[{index}]"),
-                            format!("('{code}') is listed twice; list each currency once"),
-                        );
-                    }
-                    accepted_currencies.push(code);
-                }
-                if !accepted_currencies.contains(&currency) {
-                    return fail(
-                        "accepted_currencies",
-                        format!("does not contain currency ('{currency}'); add \"{currency}\" to the list"),
-                    );
-                }
-            }
-        }
-
+        let accepted_currencies = self.accepted_currencies(&currency)?;
         let l = &self.limits;
-        let limits = Limits {
-            timeline_max_entries: limit("timeline_max_entries", l.timeline_max_entries)?,
-            orders_max: limit("orders_max", l.orders_max)?,
-            redemptions_max: limit("redemptions_max", l.redemptions_max)?,
-            event_ids_max: limit("event_ids_max", l.event_ids_max)?,
-            identities_max: limit("identities_max", l.identities_max)?,
-            tier_history_max: limit("tier_history_max", l.tier_history_max)?,
-            lots_max: limit("lots_max", l.lots_max)?,
-            purchase_days_max: limit("purchase_days_max", l.purchase_days_max)?,
-            profile_fields_max: limit("profile_fields_max", l.profile_fields_max)?,
-            consent_purposes_max: limit("consent_purposes_max", l.consent_purposes_max)?,
-            channels_max: limit("channels_max", l.channels_max)?,
-            categories_max: limit("categories_max", l.categories_max)?,
-        };
-
-        let e = &self.earning;
-        let (profile_completion_bonus_points, profile_completion_fields) = match &e
-            .profile_completion
-        {
-            None => (0, Vec::new()),
-            Some(p) => {
-                let points = in_range(
-                    "earning.profile_completion.bonus_points",
-                    p.bonus_points,
-                    0,
-                    1_000_000,
-                    "points",
-                )?;
-                if p.fields.is_empty() {
-                    return fail(
-                            "earning.profile_completion.fields",
-                            "is empty; list the profile attributes that complete a profile, e.g. [\"first_name\", \"birthday\"]",
-                        );
-                }
-                let mut seen = BTreeSet::new();
-                for (index, name) in p.fields.iter().enumerate() {
-                    if name.trim().is_empty() || !seen.insert(name.clone()) {
-                        return fail(
-                            format!("earning.profile_completion.fields[{index}]"),
-                            format!(
-                                "('{name}') is empty or listed twice; list each attribute once"
-                            ),
-                        );
-                    }
-                }
-                (points, p.fields.clone())
-            }
-        };
-        let earning = Earning {
-            points_per_currency_unit: in_range(
-                "earning.points_per_currency_unit",
-                e.points_per_currency_unit,
-                0,
-                10_000,
-                "points",
-            )?,
-            channel_multiplier_basis_points: multipliers(
-                "earning.channel_multipliers",
-                &e.channel_multipliers,
-            )?,
-            category_multiplier_basis_points: multipliers(
-                "earning.category_multipliers",
-                &e.category_multipliers,
-            )?,
-            first_purchase_bonus_points: in_range(
-                "earning.first_purchase_bonus_points",
-                e.first_purchase_bonus_points,
-                0,
-                1_000_000,
-                "points",
-            )?,
-            profile_completion_bonus_points,
-            profile_completion_fields,
-            pending_days: in_range("earning.pending_days", e.pending_days, 0, 365, "days")?,
-        };
-
-        let expiry_days = in_range(
-            "expiry.expiry_days",
-            self.expiry.expiry_days,
-            0,
-            DAYS_MAX,
-            "days",
-        )?;
-        if expiry_days != 0 && expiry_days <= earning.pending_days {
-            return fail(
-                "expiry.expiry_days",
-                format!(
-                    "({expiry_days}) must be greater than earning.pending_days ({}), or points would expire before they can be spent; raise it or set 0 for no expiry",
-                    earning.pending_days
-                ),
-            );
-        }
-
+        let limits = limits!(l;
+            timeline_max_entries, orders_max, redemptions_max, event_ids_max, identities_max,
+            tier_history_max, lots_max, purchase_days_max, profile_fields_max,
+            consent_purposes_max, channels_max, categories_max,
+        );
+        let earning = self.earning.validate()?;
+        let expiry_days = self.expiry_days(earning.pending_days)?;
         let tiering = Tiering {
-            rolling_window_days: in_range(
+            rolling_window_days: DAYS.check(
                 "tiering.rolling_window_days",
                 self.tiering.rolling_window_days,
-                1,
-                DAYS_MAX,
-                "days",
             )?,
-            review_period_days: in_range(
+            review_period_days: DAYS.check(
                 "tiering.review_period_days",
                 self.tiering.review_period_days,
-                1,
-                DAYS_MAX,
-                "days",
             )?,
         };
-
-        if self.tiers.is_empty() {
-            return fail(
-                "tiers",
-                "is empty; add at least a base tier: [[tiers]] name = \"member\" threshold = 0",
-            );
-        }
-        let mut tiers: Vec<Tier> = Vec::with_capacity(self.tiers.len());
-        for (index, raw) in self.tiers.iter().enumerate() {
-            let field = format!("tiers[{index}]");
-            if !is_token(&raw.name) {
-                return fail(
-                    format!("{field}.name"),
-                    format!(
-                        "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
-                        raw.name
-                    ),
-                );
-            }
-            if let Some(previous) = tiers.iter().position(|t| t.name == raw.name) {
-                return fail(
-                    format!("{field}.name"),
-                    format!(
-                        "('{}') repeats tiers[{previous}].name; give each tier its own name",
-                        raw.name
-                    ),
-                );
-            }
-            let threshold_minor = money(&format!("{field}.threshold"), &raw.threshold)?;
-            if index == 0 && threshold_minor != 0 {
-                return fail(
-                    format!("{field}.threshold"),
-                    format!(
-                        "({}) must be 0: the first tier is the base tier every customer starts in",
-                        major_text(threshold_minor)
-                    ),
-                );
-            }
-            if let Some(previous) = tiers.last() {
-                if threshold_minor <= previous.threshold_minor {
-                    return fail(
-                        format!("{field}.threshold"),
-                        format!(
-                            "({}) must be greater than tiers[{}].threshold ({}); list tiers from lowest to highest",
-                            major_text(threshold_minor),
-                            index - 1,
-                            major_text(previous.threshold_minor)
-                        ),
-                    );
-                }
-            }
-            tiers.push(Tier {
-                name: raw.name.clone(),
-                threshold_minor,
-            });
-        }
-
-        let mut rewards = BTreeMap::new();
-        for (index, raw) in self.rewards.iter().enumerate() {
-            let field = format!("rewards[{index}]");
-            if !is_token(&raw.id) {
-                return fail(
-                    format!("{field}.id"),
-                    format!(
-                        "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
-                        raw.id
-                    ),
-                );
-            }
-            if rewards.contains_key(&raw.id) {
-                return fail(
-                    format!("{field}.id"),
-                    format!(
-                        "('{}') is used by an earlier reward; give each reward its own id",
-                        raw.id
-                    ),
-                );
-            }
-            if raw.name.trim().is_empty() {
-                return fail(
-                    format!("{field}.name"),
-                    "is empty; name the reward for the customer",
-                );
-            }
-            let points_cost = in_range(
-                &format!("{field}.points_cost"),
-                raw.points_cost,
-                1,
-                100_000_000,
-                "points",
-            )?;
-            rewards.insert(
-                raw.id.clone(),
-                Reward {
-                    id: raw.id.clone(),
-                    name: raw.name.clone(),
-                    points_cost,
-                },
-            );
-        }
-
-        let r = &self.retention;
-        let retention = Retention {
-            lapse_factor_basis_points: basis_points(
-                "retention.lapse_factor",
-                r.lapse_factor,
-                BASIS_POINTS_ONE,
-            )?,
-            default_gap_days: in_range(
-                "retention.default_gap_days",
-                r.default_gap_days,
-                1,
-                DAYS_MAX,
-                "days",
-            )?,
-            min_gap_days: in_range(
-                "retention.min_gap_days",
-                r.min_gap_days,
-                0,
-                DAYS_MAX,
-                "days",
-            )?,
-            winback_delay_days: in_range(
-                "retention.winback_delay_days",
-                r.winback_delay_days,
-                0,
-                DAYS_MAX,
-                "days",
-            )?,
-        };
-        if retention.min_gap_days > retention.default_gap_days {
-            return fail(
-                "retention.min_gap_days",
-                format!(
-                    "({}) must not exceed retention.default_gap_days ({}); lower it",
-                    retention.min_gap_days, retention.default_gap_days
-                ),
-            );
-        }
-
-        let n = &self.next_best_action;
-        for (index, segment) in n.winback_segments.iter().enumerate() {
-            if !VALUE_SEGMENTS.contains(&segment.as_str()) {
-                return fail(
-                    format!("next_best_action.winback_segments[{index}]"),
-                    format!("('{segment}') is not a value segment; use one of {VALUE_SEGMENTS:?}"),
-                );
-            }
-        }
-        if !(n.at_risk_p_alive > 0.0 && n.at_risk_p_alive < 1.0) {
-            return fail(
-                "next_best_action.at_risk_p_alive",
-                format!(
-                    "({}) must be a probability between 0 and 1 (exclusive), e.g. 0.5",
-                    n.at_risk_p_alive
-                ),
-            );
-        }
-        let next_best_action = NextBestAction {
-            winback_segments: n.winback_segments.clone(),
-            at_risk_p_alive_basis_points: basis_points(
-                "next_best_action.at_risk_p_alive",
-                n.at_risk_p_alive,
-                1,
-            )?,
-            tier_nudge_within_minor: money(
-                "next_best_action.tier_nudge_within",
-                &n.tier_nudge_within,
-            )?,
-            cross_sell: n.cross_sell,
-        };
-
+        let tiers = validate_tiers(&self.tiers)?;
+        let rewards = validate_rewards(&self.rewards)?;
+        let retention = self.retention.validate()?;
+        let next_best_action = self.next_best_action.validate()?;
         Ok(Rules {
             version,
             currency,
@@ -823,6 +601,264 @@ impl RawRules {
             rewards,
             retention,
             next_best_action,
+        })
+    }
+
+    /// `accepted_currencies` (default: just `currency`), each once, `currency` among them.
+    fn accepted_currencies(&self, currency: &str) -> Check<Vec<String>> {
+        let Some(list) = &self.accepted_currencies else {
+            return Ok(vec![currency.to_string()]);
+        };
+        let mut accepted: Vec<String> = Vec::new();
+        for (index, code) in list.iter().enumerate() {
+            let code = currency_code(&format!("accepted_currencies[{index}]"), code)?;
+            if accepted.contains(&code) {
+                return fail(
+                    format!("accepted_currencies[{index}]"),
+                    format!("('{code}') is listed twice; list each currency once"),
+                );
+            }
+            accepted.push(code);
+        }
+        if !accepted.iter().any(|code| code == currency) {
+            return fail(
+                "accepted_currencies",
+                format!("does not contain currency ('{currency}'); add \"{currency}\" to the list"),
+            );
+        }
+        Ok(accepted)
+    }
+
+    /// `expiry.expiry_days`: 0 (never) or longer than the pending period.
+    fn expiry_days(&self, pending_days: i64) -> Check<i64> {
+        let expiry_days = DAYS_OR_NONE.check("expiry.expiry_days", self.expiry.expiry_days)?;
+        if expiry_days != 0 && expiry_days <= pending_days {
+            return fail(
+                "expiry.expiry_days",
+                format!(
+                    "({expiry_days}) must be greater than earning.pending_days ({pending_days}), or points would expire before they can be spent; raise it or set 0 for no expiry"
+                ),
+            );
+        }
+        Ok(expiry_days)
+    }
+}
+
+impl RawEarning {
+    fn validate(&self) -> Check<Earning> {
+        let (profile_completion_bonus_points, profile_completion_fields) =
+            match &self.profile_completion {
+                None => (0, Vec::new()),
+                Some(profile) => profile.validate()?,
+            };
+        Ok(Earning {
+            points_per_currency_unit: POINTS_PER_UNIT.check(
+                "earning.points_per_currency_unit",
+                self.points_per_currency_unit,
+            )?,
+            channel_multiplier_basis_points: multipliers(
+                "earning.channel_multipliers",
+                &self.channel_multipliers,
+            )?,
+            category_multiplier_basis_points: multipliers(
+                "earning.category_multipliers",
+                &self.category_multipliers,
+            )?,
+            first_purchase_bonus_points: BONUS_POINTS.check(
+                "earning.first_purchase_bonus_points",
+                self.first_purchase_bonus_points,
+            )?,
+            profile_completion_bonus_points,
+            profile_completion_fields,
+            pending_days: PENDING_DAYS.check("earning.pending_days", self.pending_days)?,
+        })
+    }
+}
+
+impl RawProfileCompletion {
+    /// The bonus points and the attributes that complete a profile (each once).
+    fn validate(&self) -> Check<(i64, Vec<String>)> {
+        let points =
+            BONUS_POINTS.check("earning.profile_completion.bonus_points", self.bonus_points)?;
+        if self.fields.is_empty() {
+            return fail(
+                "earning.profile_completion.fields",
+                "is empty; list the profile attributes that complete a profile, e.g. [\"first_name\", \"birthday\"]",
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (index, name) in self.fields.iter().enumerate() {
+            if name.trim().is_empty() || !seen.insert(name.clone()) {
+                return fail(
+                    format!("earning.profile_completion.fields[{index}]"),
+                    format!("('{name}') is empty or listed twice; list each attribute once"),
+                );
+            }
+        }
+        Ok((points, self.fields.clone()))
+    }
+}
+
+/// The tiers, lowest first: names unique tokens, the first at threshold 0, thresholds
+/// strictly rising.
+fn validate_tiers(raw_tiers: &[RawTier]) -> Check<Vec<Tier>> {
+    if raw_tiers.is_empty() {
+        return fail(
+            "tiers",
+            "is empty; add at least a base tier: [[tiers]] name = \"member\" threshold = 0",
+        );
+    }
+    let mut tiers: Vec<Tier> = Vec::with_capacity(raw_tiers.len());
+    for (index, raw) in raw_tiers.iter().enumerate() {
+        let field = format!("tiers[{index}]");
+        if !is_token(&raw.name) {
+            return fail(
+                format!("{field}.name"),
+                format!(
+                    "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
+                    raw.name
+                ),
+            );
+        }
+        if let Some(previous) = tiers.iter().position(|t| t.name == raw.name) {
+            return fail(
+                format!("{field}.name"),
+                format!(
+                    "('{}') repeats tiers[{previous}].name; give each tier its own name",
+                    raw.name
+                ),
+            );
+        }
+        let threshold_minor = money(&format!("{field}.threshold"), &raw.threshold)?;
+        if index == 0 && threshold_minor != 0 {
+            return fail(
+                format!("{field}.threshold"),
+                format!(
+                    "({:#}) must be 0: the first tier is the base tier every customer starts in",
+                    Money(threshold_minor)
+                ),
+            );
+        }
+        if let Some(previous) = tiers.last() {
+            if threshold_minor <= previous.threshold_minor {
+                return fail(
+                    format!("{field}.threshold"),
+                    format!(
+                        "({:#}) must be greater than tiers[{}].threshold ({:#}); list tiers from lowest to highest",
+                        Money(threshold_minor),
+                        index - 1,
+                        Money(previous.threshold_minor)
+                    ),
+                );
+            }
+        }
+        tiers.push(Tier {
+            name: raw.name.clone(),
+            threshold_minor,
+        });
+    }
+    Ok(tiers)
+}
+
+/// The reward catalogue by id: ids unique tokens, names given, costs in range.
+fn validate_rewards(raw_rewards: &[RawReward]) -> Check<BTreeMap<String, Reward>> {
+    let mut rewards = BTreeMap::new();
+    for (index, raw) in raw_rewards.iter().enumerate() {
+        let field = format!("rewards[{index}]");
+        if !is_token(&raw.id) {
+            return fail(
+                format!("{field}.id"),
+                format!(
+                    "('{}') must be 1 to 64 of [A-Za-z0-9_.-]; rename it",
+                    raw.id
+                ),
+            );
+        }
+        if rewards.contains_key(&raw.id) {
+            return fail(
+                format!("{field}.id"),
+                format!(
+                    "('{}') is used by an earlier reward; give each reward its own id",
+                    raw.id
+                ),
+            );
+        }
+        if raw.name.trim().is_empty() {
+            return fail(
+                format!("{field}.name"),
+                "is empty; name the reward for the customer",
+            );
+        }
+        let points_cost = COST_POINTS.check(&format!("{field}.points_cost"), raw.points_cost)?;
+        rewards.insert(
+            raw.id.clone(),
+            Reward {
+                id: raw.id.clone(),
+                name: raw.name.clone(),
+                points_cost,
+            },
+        );
+    }
+    Ok(rewards)
+}
+
+impl RawRetention {
+    fn validate(&self) -> Check<Retention> {
+        let retention = Retention {
+            lapse_factor_basis_points: basis_points(
+                "retention.lapse_factor",
+                self.lapse_factor,
+                BASIS_POINTS_ONE,
+            )?,
+            default_gap_days: DAYS.check("retention.default_gap_days", self.default_gap_days)?,
+            min_gap_days: DAYS_OR_NONE.check("retention.min_gap_days", self.min_gap_days)?,
+            winback_delay_days: DAYS_OR_NONE
+                .check("retention.winback_delay_days", self.winback_delay_days)?,
+        };
+        if retention.min_gap_days > retention.default_gap_days {
+            return fail(
+                "retention.min_gap_days",
+                format!(
+                    "({}) must not exceed retention.default_gap_days ({}); lower it",
+                    retention.min_gap_days, retention.default_gap_days
+                ),
+            );
+        }
+        Ok(retention)
+    }
+}
+
+impl RawNextBestAction {
+    fn validate(&self) -> Check<NextBestAction> {
+        for (index, segment) in self.winback_segments.iter().enumerate() {
+            if !VALUE_SEGMENTS.contains(&segment.as_str()) {
+                return fail(
+                    format!("next_best_action.winback_segments[{index}]"),
+                    format!("('{segment}') is not a value segment; use one of {VALUE_SEGMENTS:?}"),
+                );
+            }
+        }
+        if !(self.at_risk_p_alive > 0.0 && self.at_risk_p_alive < 1.0) {
+            return fail(
+                "next_best_action.at_risk_p_alive",
+                format!(
+                    "({}) must be a probability between 0 and 1 (exclusive), e.g. 0.5",
+                    self.at_risk_p_alive
+                ),
+            );
+        }
+        Ok(NextBestAction {
+            winback_segments: self.winback_segments.clone(),
+            at_risk_p_alive_basis_points: basis_points(
+                "next_best_action.at_risk_p_alive",
+                self.at_risk_p_alive,
+                1,
+            )?,
+            tier_nudge_within_minor: money(
+                "next_best_action.tier_nudge_within",
+                &self.tier_nudge_within,
+            )?,
+            cross_sell: self.cross_sell,
         })
     }
 }
@@ -939,6 +975,52 @@ threshold = 1000.00
         );
         let error = error_for(&text);
         assert_eq!(error.field(), Some("earning.category_multipliers.shoes"));
+    }
+
+    #[test]
+    fn every_range_check_names_the_field_the_value_and_the_range() {
+        let cases = [
+            (
+                "[limits]\norders_max = 0",
+                "limits.orders_max",
+                "(0) must be from 1 to 1000000 entries",
+            ),
+            (
+                "[limits]\ncategories_max = 1000001",
+                "limits.categories_max",
+                "(1000001) must be from 1 to 1000000 entries",
+            ),
+            (
+                "[expiry]\nexpiry_days = -1",
+                "expiry.expiry_days",
+                "(-1) must be from 0 to 36500 days",
+            ),
+            (
+                "[tiering]\nreview_period_days = 0",
+                "tiering.review_period_days",
+                "(0) must be from 1 to 36500 days",
+            ),
+            (
+                "[retention]\nwinback_delay_days = 40000",
+                "retention.winback_delay_days",
+                "(40000) must be from 0 to 36500 days",
+            ),
+            (
+                "[[rewards]]\nid = \"r\"\nname = \"R\"\npoints_cost = 0",
+                "rewards[0].points_cost",
+                "(0) must be from 1 to 100000000 points",
+            ),
+        ];
+        for (section, field, problem) in cases {
+            let error = error_for(&format!("{MINIMAL}\n{section}\n"));
+            assert_eq!(error.field(), Some(field), "{section}");
+            assert!(
+                error
+                    .to_string()
+                    .contains(&format!("{field} {problem}; set it in that range")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! command did to one customer: the actor events to publish, whether it was a duplicate or
 //! refused, and the reply owed to a waiting client.
 
+pub use crate::actor_event::ActorEvent;
 use crate::identity::IdentityKind;
 use crate::ingest::{ChannelEvent, Rejection};
 use crate::value::live::ValueModel;
@@ -76,21 +77,6 @@ pub struct IdentityConflict {
     pub kind: IdentityKind,
     /// The customer that identifier belongs to.
     pub other_customer_id: String,
-}
-
-/// An event an actor emits for dashboards: published as JSON on
-/// `crm.events.<event_type>.<customer_id>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ActorEvent {
-    /// `customer.created`, `points.earned`, `tier.changed`, ...
-    pub event_type: String,
-    pub customer_id: String,
-    /// Event time it happened at, Unix ms.
-    pub at_ms: i64,
-    /// Deterministic unique id: `<cause>:<event_type>:<index>`; dashboards dedup on it.
-    pub id: String,
-    /// Type-specific fields.
-    pub data: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What happened to one command.

@@ -11,7 +11,7 @@
 //! | `d/<customer_id>` | the customer's timer entry: shard (u32 BE) + sortable due ms (8 bytes) |
 //! | `m/<shard u32 BE>` | [`ShardMeta`], codec bytes |
 //! | `t/<shard u32 BE>/<due ms sortable BE>/<customer_id>` | empty: the timer index |
-//! | `o/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | JSON of an [`ActorEvent`] not yet published |
+//! | `o/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | an [`ActorEvent`] not yet published, as its public JSON (the untyped form of older builds still reads) |
 //! | `s/<shard u32 BE>/<customer_id>` | empty: the shard's customers (written when one is created) |
 //! | `v/<shard u32 BE>` | the shard's current customer-value model, codec bytes |
 //!
@@ -457,7 +457,7 @@ impl Store {
             let (key, value) = item?;
             let outbox_key = OutboxKey::from_bytes(&key)?;
             let event =
-                serde_json::from_slice(&value).map_err(|source| StoreError::OutboxJson {
+                ActorEvent::from_stored_json(&value).map_err(|source| StoreError::OutboxJson {
                     key: printable(&key),
                     source,
                 })?;
@@ -797,7 +797,6 @@ fn printable(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Map;
 
     const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -813,11 +812,16 @@ mod tests {
 
     fn event(customer_id: &str, n: u32) -> ActorEvent {
         ActorEvent {
-            event_type: "points.earned".to_string(),
             customer_id: customer_id.to_string(),
             at_ms: 1_000,
-            id: format!("e{n}:points.earned:0"),
-            data: Map::new(),
+            id: format!("e{n}:points.expired:0"),
+            data: crate::actor_event::PointsExpired {
+                points: i64::from(n),
+                lots: 1,
+                sources: vec![format!("o{n}")],
+                points_balance: 0,
+            }
+            .into(),
         }
     }
 

@@ -33,6 +33,11 @@ pub fn format_rfc3339(ms: i64) -> String {
         .unwrap_or_else(|| format!("@{ms}ms"))
 }
 
+/// An optional instant as RFC 3339 (`None` stays `None`: JSON `null`).
+pub fn format_optional(ms: Option<i64>) -> Option<String> {
+    ms.map(format_rfc3339)
+}
+
 /// Whole days from `earlier` to `later` (floor; negative when `later` is before `earlier`).
 pub fn days_between(earlier_ms: i64, later_ms: i64) -> i64 {
     (later_ms - earlier_ms).div_euclid(DAY_MS)

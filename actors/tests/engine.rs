@@ -679,7 +679,7 @@ fn value_events(result: &crm_actors::engine::BatchResult) -> Vec<(String, String
     let mut events: Vec<(String, String)> = result
         .events
         .iter()
-        .map(|(_, e)| (e.customer_id.clone(), e.event_type.clone()))
+        .map(|(_, e)| (e.customer_id.clone(), e.event_type().to_string()))
         .collect();
     events.sort();
     events
@@ -738,7 +738,7 @@ async fn a_value_model_record_rescores_every_customer_once_and_survives_a_reopen
         .events
         .iter()
         .find(|(_, e)| e.customer_id == "bob")
-        .map(|(_, e)| e.data.clone())
+        .map(|(_, e)| e.to_json())
         .expect("bob's event");
     assert_eq!(changed["to"], "top_20_percent");
     assert_eq!(changed["from"], serde_json::Value::Null);

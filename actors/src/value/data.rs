@@ -13,8 +13,9 @@
 //!
 //! Times are in the chosen [`TimeUnit`] (weeks are days / 7). Amounts are read exactly as
 //! minor units ([`crate::money`]) and turned into major units only for the mean. The CSV
-//! reader ([`read_transactions_csv`]) names the line and the problem of every bad row; it
-//! reads from any `BufRead`, so the caller owns the file and its name.
+//! reader ([`read_transactions_csv`], the `csv` crate: quoted fields, columns found by name)
+//! names the line, the column and the problem of every bad row; it reads from any
+//! `BufRead`, so the caller owns the file and its name.
 
 use crate::money::{parse_decimal_minor, AmountError, MINOR_PER_MAJOR};
 use serde::Serialize;
@@ -179,7 +180,7 @@ pub enum CsvError {
     #[error("line {line}: missing column `{column}` (expected `{CSV_HEADER}`)")]
     MissingColumn { line: usize, column: &'static str },
     #[error(
-        "line {line}: {found} fields where the header has {expected}; a field cannot hold a comma (write 1234.50, not 1,234.50)"
+        "line {line}: {found} fields where the header has {expected}; quote a field that holds a comma (write 1234.50 or \"1234.50\", not 1,234.50)"
     )]
     ExtraFields {
         line: usize,
@@ -202,32 +203,47 @@ pub enum CsvError {
         "line {line}: amount `{text}` is negative (refunds are not purchases; leave them out)"
     )]
     NegativeAmount { line: usize, text: String },
+    #[error("line {line}: not a CSV row: {reason}")]
+    Malformed { line: usize, reason: String },
     #[error("line {line}: cannot read the file: {error}")]
     Read { line: usize, error: std::io::Error },
 }
 
 /// Reads `customer_id,date,amount` rows (dates `YYYY-MM-DD`, amounts decimal with at most
-/// two decimals, not negative). Blank lines are skipped; fields are trimmed; no quoting.
-pub fn read_transactions_csv<R: BufRead>(reader: R) -> Result<Vec<Transaction>, CsvError> {
-    let mut lines = reader.lines().enumerate();
-    let header = loop {
-        match lines.next() {
-            None => return Err(CsvError::Empty),
-            Some((index, line)) => {
-                let line = line.map_err(|error| CsvError::Read {
-                    line: index + 1,
-                    error,
-                })?;
-                let line = line.trim_start_matches('\u{feff}');
-                if !line.trim().is_empty() {
-                    break line.to_string();
-                }
-            }
-        }
+/// two decimals, not negative) with the `csv` crate: fields may be quoted (`"c,1"` is one
+/// field), the header names the columns in any order (extra columns are ignored), blank
+/// lines are skipped and fields are trimmed. A row with more fields than the header is
+/// refused (an unquoted `1,234.50` would otherwise read as 1.00).
+pub fn read_transactions_csv<R: BufRead>(mut reader: R) -> Result<Vec<Transaction>, CsvError> {
+    // Read whole, so that line numbers count every line (the csv reader's own count skips
+    // blank lines); the transactions are held in memory anyway.
+    let mut bytes = Vec::new();
+    if let Err(error) = reader.read_to_end(&mut bytes) {
+        let line = Lines::new(&bytes).line_at(bytes.len() as u64);
+        return Err(CsvError::Read { line, error });
+    }
+    let mut lines = Lines::new(&bytes);
+    let mut rows = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes.as_slice());
+    let mut records = rows.records().filter(|record| match record {
+        // A line of blanks is one empty field: skipped like an empty line.
+        Ok(record) => !(record.len() == 1 && record[0].is_empty()),
+        Err(_) => true,
+    });
+    let header = match records.next() {
+        None => return Err(CsvError::Empty),
+        Some(record) => record.map_err(|error| CsvError::from_csv(error, &mut lines))?,
     };
     let columns: Vec<String> = header
-        .split(',')
-        .map(|name| name.trim().to_ascii_lowercase())
+        .iter()
+        .map(|name| {
+            name.trim_start_matches('\u{feff}')
+                .trim()
+                .to_ascii_lowercase()
+        })
         .collect();
     let position = |column: &'static str| {
         columns
@@ -240,62 +256,125 @@ pub fn read_transactions_csv<R: BufRead>(reader: R) -> Result<Vec<Transaction>, 
     let amount_column = position("amount")?;
 
     let mut transactions = Vec::new();
-    for (index, line) in lines {
-        let line_number = index + 1;
-        let line = line.map_err(|error| CsvError::Read {
-            line: line_number,
-            error,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        // `c1,2024-01-02,1,234.50` would otherwise read as an amount of 1.00.
-        if fields.len() > columns.len() {
+    for record in records {
+        let record = record.map_err(|error| CsvError::from_csv(error, &mut lines))?;
+        let line = lines.line_at(record.position().map_or(0, csv::Position::byte));
+        if record.len() > columns.len() {
             return Err(CsvError::ExtraFields {
-                line: line_number,
-                found: fields.len(),
+                line,
+                found: record.len(),
                 expected: columns.len(),
             });
         }
         let field = |column: usize, name: &'static str| {
-            fields.get(column).copied().ok_or(CsvError::MissingColumn {
-                line: line_number,
-                column: name,
-            })
+            record
+                .get(column)
+                .ok_or(CsvError::MissingColumn { line, column: name })
         };
-        let customer_id = field(id_column, "customer_id")?;
-        let date_text = field(date_column, "date")?;
-        let amount_text = field(amount_column, "amount")?;
-        if customer_id.is_empty() {
-            return Err(CsvError::EmptyCustomerId { line: line_number });
-        }
-        let date = crate::time::parse_date(date_text).ok_or_else(|| CsvError::BadDate {
-            line: line_number,
-            text: date_text.to_string(),
-        })?;
-        let amount_minor =
-            parse_decimal_minor(amount_text).map_err(|reason| CsvError::BadAmount {
-                line: line_number,
-                text: amount_text.to_string(),
-                reason,
-            })?;
-        if amount_minor < 0 {
-            return Err(CsvError::NegativeAmount {
-                line: line_number,
-                text: amount_text.to_string(),
-            });
-        }
-        transactions.push(Transaction {
-            customer_id: customer_id.to_string(),
-            date,
-            amount_minor,
-        });
+        transactions.push(transaction(
+            line,
+            field(id_column, "customer_id")?,
+            field(date_column, "date")?,
+            field(amount_column, "amount")?,
+        )?);
     }
     if transactions.is_empty() {
         return Err(CsvError::NoRows);
     }
     Ok(transactions)
+}
+
+/// Line numbers (1-based) of byte offsets, asked in increasing order.
+struct Lines<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+    line: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(bytes: &'a [u8]) -> Lines<'a> {
+        Lines {
+            bytes,
+            offset: 0,
+            line: 1,
+        }
+    }
+
+    /// The line of the first byte at or after `byte` that is not a line break (a record
+    /// never starts with one; the csv reader may report a record after a blank line at
+    /// the blank line).
+    fn line_at(&mut self, byte: u64) -> usize {
+        let mut target = usize::try_from(byte)
+            .unwrap_or(usize::MAX)
+            .min(self.bytes.len());
+        while self
+            .bytes
+            .get(target)
+            .is_some_and(|b| *b == b'\n' || *b == b'\r')
+        {
+            target += 1;
+        }
+        if target < self.offset {
+            // Asked out of order: count from the start.
+            (self.offset, self.line) = (0, 1);
+        }
+        self.line += self.bytes[self.offset..target]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        self.offset = target;
+        self.line
+    }
+}
+
+/// One row's fields checked and read.
+fn transaction(
+    line: usize,
+    customer_id: &str,
+    date_text: &str,
+    amount_text: &str,
+) -> Result<Transaction, CsvError> {
+    if customer_id.is_empty() {
+        return Err(CsvError::EmptyCustomerId { line });
+    }
+    let date = crate::time::parse_date(date_text).ok_or_else(|| CsvError::BadDate {
+        line,
+        text: date_text.to_string(),
+    })?;
+    let amount_minor = parse_decimal_minor(amount_text).map_err(|reason| CsvError::BadAmount {
+        line,
+        text: amount_text.to_string(),
+        reason,
+    })?;
+    if amount_minor < 0 {
+        return Err(CsvError::NegativeAmount {
+            line,
+            text: amount_text.to_string(),
+        });
+    }
+    Ok(Transaction {
+        customer_id: customer_id.to_string(),
+        date,
+        amount_minor,
+    })
+}
+
+impl CsvError {
+    /// A read or parse failure of the `csv` reader, with the line it happened on.
+    fn from_csv(error: csv::Error, lines: &mut Lines) -> CsvError {
+        let line = lines.line_at(error.position().map_or(0, csv::Position::byte));
+        match error.into_kind() {
+            csv::ErrorKind::Io(error) => CsvError::Read { line, error },
+            csv::ErrorKind::Utf8 { err, .. } => CsvError::Malformed {
+                line,
+                reason: format!("{err}; save the file as UTF-8"),
+            },
+            other => CsvError::Malformed {
+                line,
+                reason: format!("{other:?}"),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -448,5 +527,57 @@ mod tests {
                 "{text:?}: got `{message}`, expected `{expected}`"
             );
         }
+    }
+
+    #[test]
+    fn quoted_fields_may_hold_commas_and_quotes() {
+        let transactions = read(
+            "customer_id,date,amount\n\"c,1\",\"2024-01-02\",\"12.50\"\n\"c \"\"2\"\"\",2024-01-03,7\n",
+        )
+        .expect("valid file");
+        assert_eq!(
+            transactions,
+            vec![
+                purchase("c,1", date!(2024 - 01 - 02), 1_250),
+                purchase("c \"2\"", date!(2024 - 01 - 03), 700)
+            ]
+        );
+        // A quoted `1,234.50` is one field (not four fields), and not an amount.
+        let message = read("customer_id,date,amount\nc1,2024-01-02,\"1,234.50\"\n")
+            .expect_err("thousands separator")
+            .to_string();
+        assert!(
+            message.starts_with("line 2: amount `1,234.50` is not a number"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_reordered_header_with_extra_columns_finds_its_columns_by_name() {
+        let transactions = read(
+            "store,AMOUNT,Customer_Id,channel,date\ns1,3.5,c9,web,2024-02-29\ns2,1,c8,app,2024-03-01\n",
+        )
+        .expect("valid file");
+        assert_eq!(
+            transactions,
+            vec![
+                purchase("c9", date!(2024 - 02 - 29), 350),
+                purchase("c8", date!(2024 - 03 - 01), 100)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_line_is_named_after_blank_lines_and_quoted_line_breaks() {
+        let text = "customer_id,date,amount\n\n\"c\n1\",2024-01-02,1\n   \nc2,2024-01-02,x\n";
+        let message = read(text).expect_err("bad amount").to_string();
+        assert!(message.starts_with("line 6: amount `x`"), "{message}");
+        let unclosed = read("customer_id,date,amount\nc1,2024-01-02,1\nc2,2024-01-03,5,9\n")
+            .expect_err("extra field")
+            .to_string();
+        assert!(
+            unclosed.starts_with("line 3: 4 fields where the header has 3"),
+            "{unclosed}"
+        );
     }
 }

@@ -9,13 +9,12 @@
 //! day, so it equals what `crm-node clv fit` reports for the same purchases. Pure: no
 //! clock, no NATS.
 
-use crate::apply::{object, Emitter};
-use crate::codec;
+use crate::actor_event::{ChurnRisk, SegmentChanged};
+use crate::emit::Emitter;
 use crate::loyalty;
 use crate::money::{to_decimal, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{CustomerState, RetentionStatus, ValueHistory, ValueStanding};
-use crate::store::{Store, StoreError};
 use crate::value::{
     fit_models, BgNbdParams, ClvError, ClvSettings, CustomerScore, CustomerSummary,
     GammaGammaParams, Scorer, TimeUnit,
@@ -73,30 +72,54 @@ pub fn summary(
     })
 }
 
-/// Every stored customer with a purchase by `as_of_day` for which `owned` is true, as
-/// (summary, mean spend per purchase day): the input of [`fit_value_model`]. Scans and
-/// decodes every state: a batch job, not the hot path.
-pub fn summaries_from_store(
-    store: &Store,
+/// The summary of one customer as of `as_of_day` with their mean spend per purchase day
+/// (see [`summary`]), or `None` without a purchase by then: one row of the input of
+/// [`fit_value_model`]. The engine's [`crate::engine::summaries_from_store`] reads the
+/// stored customers and calls this for each.
+pub fn summary_with_spend(
+    state: &CustomerState,
     as_of_day: i32,
     unit: TimeUnit,
-    owned: impl Fn(&str) -> bool,
-) -> Result<Vec<(CustomerSummary, f64)>, StoreError> {
-    let mut summaries = Vec::new();
-    for item in store.encoded_customers() {
-        let (customer_id, bytes) = item?;
-        if !owned(&customer_id) {
-            continue;
-        }
-        let state: CustomerState = codec::decode(&bytes).map_err(|source| StoreError::Codec {
-            key: format!("c/{customer_id}"),
-            source,
-        })?;
-        if let Some(summary) = summary(&customer_id, &state.value, as_of_day, unit) {
-            summaries.push((summary, mean_spend_per_day(&state.value, as_of_day)));
-        }
+) -> Option<(CustomerSummary, f64)> {
+    summary(&state.customer_id, &state.value, as_of_day, unit)
+        .map(|summary| (summary, mean_spend_per_day(&state.value, as_of_day)))
+}
+
+/// Adds a purchase to its UTC calendar day (see [`ValueHistory`]); beyond `days_max` days
+/// the oldest day is folded into the running totals.
+pub(crate) fn record_purchase_day(
+    history: &mut ValueHistory,
+    at_ms: i64,
+    amount_minor: i64,
+    days_max: usize,
+) {
+    let day = crate::time::day_number(at_ms);
+    let folded = &mut history.folded;
+    if folded.count > 0 && day == folded.first_day {
+        // The first day ever is folded: a late purchase on it adds to it.
+        folded.amount_minor = folded.amount_minor.saturating_add(amount_minor);
+        folded.first_amount_minor = folded.first_amount_minor.saturating_add(amount_minor);
+        return;
     }
-    Ok(summaries)
+    let day_total = history.days.entry(day).or_insert(0);
+    *day_total = day_total.saturating_add(amount_minor);
+    while history.days.len() > days_max.max(1) {
+        let Some((oldest, amount)) = history.days.pop_first() else {
+            break;
+        };
+        if folded.count == 0 || oldest < folded.first_day {
+            // A late purchase before every folded day is the new first day.
+            folded.first_day = oldest;
+            folded.first_amount_minor = amount;
+        }
+        folded.last_day = if folded.count == 0 {
+            oldest
+        } else {
+            folded.last_day.max(oldest)
+        };
+        folded.count += 1;
+        folded.amount_minor = folded.amount_minor.saturating_add(amount);
+    }
 }
 
 /// How a fit is asked for.
@@ -453,28 +476,26 @@ pub fn rescore(
     let standing = &state.value_standing;
     if segment != standing.segment {
         emitter.emit(
-            "value.segment_changed",
             at,
-            object(json!({
-                "from": standing.segment,
-                "to": segment,
-                "clv": clv,
-                "p_alive": p_alive,
-                "model_version": model.version,
-            })),
+            SegmentChanged {
+                from: standing.segment.clone(),
+                to: segment.clone(),
+                clv,
+                p_alive,
+                model_version: model.version,
+            },
         );
     }
     if at_risk && !standing.at_risk {
         emitter.emit(
-            "churn.risk",
             at,
-            object(json!({
-                "p_alive": p_alive,
-                "threshold": threshold,
-                "segment": segment,
-                "clv": clv,
-                "model_version": model.version,
-            })),
+            ChurnRisk {
+                p_alive,
+                threshold,
+                segment: segment.clone(),
+                clv,
+                model_version: model.version,
+            },
         );
     }
     state.value_standing = ValueStanding {
@@ -638,8 +659,8 @@ mod tests {
         for (i, day) in days.iter().enumerate() {
             let at_ms = i64::from(*day) * crate::time::DAY_MS + 3_600_000;
             let amount = 1_000 + 37 * i as i64;
-            crate::apply::record_purchase_day(&mut capped, at_ms, amount, 3);
-            crate::apply::record_purchase_day(&mut uncapped, at_ms, amount, 1_000);
+            record_purchase_day(&mut capped, at_ms, amount, 3);
+            record_purchase_day(&mut uncapped, at_ms, amount, 1_000);
         }
         assert_eq!(capped.days.len(), 3);
         assert!(capped.folded.count > 0);

@@ -22,6 +22,7 @@ use crate::subjects;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{Context, Message};
+use crm_actors::actor_event::ActorEventData;
 use crm_actors::codec;
 use crm_actors::engine::{OutboxKey, ShardEngine};
 use crm_actors::ingest::{RejectReason, Rejection};
@@ -395,7 +396,7 @@ impl ShardWorker {
         let created = result
             .events
             .iter()
-            .filter(|(_, event)| event.event_type == "customer.created")
+            .filter(|(_, event)| matches!(event.data, ActorEventData::CustomerCreated(_)))
             .count();
         Metrics::add(&self.metrics.stored_customers, created as u64);
         let client = self.jetstream.client();
@@ -605,7 +606,7 @@ async fn send_event(jetstream: &Context, event: &ActorEvent) -> Option<PublishAc
     } else {
         publish.message_id(event.id.as_str())
     };
-    let subject = subjects::event(&event.event_type, &event.customer_id);
+    let subject = subjects::event(event.event_type(), &event.customer_id);
     match jetstream.send_publish(subject, publish).await {
         Ok(ack) => Some(ack),
         Err(error) => {

@@ -306,7 +306,7 @@ impl ValueService {
             let served_set: std::collections::HashSet<u32> = served.iter().copied().collect();
             let read = tokio::task::spawn_blocking(move || {
                 let owned = |customer_id: &str| served_set.contains(&shard_of(customer_id, count));
-                live::summaries_from_store(&store, ask.as_of_day, unit, owned)
+                crm_actors::engine::summaries_from_store(&store, ask.as_of_day, unit, owned)
                     .map(|summaries| aggregate(&summaries))
             });
             // Reading a large store takes longer than the collector's quiet round: tell it
