@@ -15,7 +15,7 @@ use crate::retention;
 use crate::rules::Rules;
 use crate::state::{CustomerState, Loyalty, PurchaseSummary, RetentionStatus};
 use crate::time::{format_optional, format_rfc3339, DAY_MS};
-use crate::value::live::{self, ValueModel};
+use crate::value::live::{self, NextBestAction, ValueBlock, ValueModel};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -234,25 +234,50 @@ pub struct VisitsView {
     pub last_store_id: Option<String>,
 }
 
-/// Renders the 360 view of `state` as of `as_of_ms` (raised to the customer's clock).
-/// What `crm.query.customer` answers: [`customer_view`] plus the `value` block scored under
-/// `value_model` and the `next_best_actions` (see [`crate::value::live`]).
+/// What `crm.query.customer` answers for a customer: the [`CustomerView`] plus the `value`
+/// block scored under the published model and the `next_best_actions` (see
+/// [`crate::value::live`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerReply {
+    #[serde(flatten)]
+    pub view: CustomerView,
+    /// Customer value under the published model, tagged by `status`.
+    pub value: ValueBlock,
+    /// What to do next, best first, each with its reason.
+    pub next_best_actions: Vec<NextBestAction>,
+}
+
+impl CustomerReply {
+    /// The reply for `state` as of `as_of_ms` (raised to the customer's clock).
+    pub fn of(
+        state: &CustomerState,
+        as_of_ms: i64,
+        rules: &Rules,
+        value_model: Option<&ValueModel>,
+    ) -> Self {
+        // The view settles the time rules due by `as_of_ms`; the value block stays as the
+        // model's rescore left it (scored as of the model's day, like the offline fit).
+        let view = CustomerView::of(state, as_of_ms, rules);
+        let value = live::value_block(state, value_model);
+        let next_best_actions = live::next_best_actions(state, &value, rules, as_of_ms);
+        CustomerReply {
+            view,
+            value,
+            next_best_actions,
+        }
+    }
+}
+
+/// [`CustomerReply::of`] as JSON: what `crm.query.customer` answers.
 pub fn full_view(
     state: &CustomerState,
     as_of_ms: i64,
     rules: &Rules,
     value_model: Option<&ValueModel>,
 ) -> Value {
-    // `customer_view` settles the time rules due by `as_of_ms`; the value block stays as
-    // the model's rescore left it (scored as of the model's day, like the offline fit).
-    let mut view = customer_view(state, as_of_ms, rules);
-    let value = live::value_block(state, value_model);
-    let actions = live::next_best_actions(state, &value, rules, as_of_ms);
-    if let Some(object) = view.as_object_mut() {
-        object.insert("value".to_string(), value);
-        object.insert("next_best_actions".to_string(), actions.into());
-    }
-    view
+    // Every field is a string, number, bool, map with string keys or list: cannot fail.
+    serde_json::to_value(CustomerReply::of(state, as_of_ms, rules, value_model))
+        .unwrap_or(Value::Null)
 }
 
 /// [`CustomerView::of`] as JSON.

@@ -12,15 +12,15 @@
 use crate::actor_event::{ChurnRisk, SegmentChanged};
 use crate::emit::Emitter;
 use crate::loyalty;
-use crate::money::{to_decimal, MINOR_PER_MAJOR};
+use crate::money::{to_decimal, Money, MINOR_PER_MAJOR};
 use crate::rules::{Rules, BASIS_POINTS_ONE};
 use crate::state::{CustomerState, RetentionStatus, ValueHistory, ValueStanding};
 use crate::value::{
     fit_models, BgNbdParams, ClvError, ClvSettings, CustomerScore, CustomerSummary,
     GammaGammaParams, Scorer, TimeUnit,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 /// The summary of one customer's purchase days on or before `as_of_day` (days since
 /// 1970-01-01 UTC), in `unit`; `None` without a purchase by then. Folded days
@@ -406,45 +406,93 @@ pub fn assess(state: &CustomerState, model: Option<&ValueModel>) -> Assessment {
     }))
 }
 
+/// The `value` block of the 360 view, tagged by `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ValueBlock {
+    /// No customer-value model has been published yet.
+    NoModel,
+    /// The customer had no purchase by the model's day.
+    NoPurchases { model_version: u64, as_of: String },
+    /// The published model's parameters cannot score this customer.
+    ModelUnusable { model_version: u64, message: String },
+    /// The customer scored under the model, as of the model's day.
+    Scored(Box<ScoredValue>),
+}
+
+/// A customer scored under the published model (the `scored` value block).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScoredValue {
+    pub model_version: u64,
+    pub as_of: String,
+    /// `day` or `week`: the unit of `recency`, `T` and `horizon`.
+    pub time_unit: String,
+    /// Periods of `time_unit` that `expected_purchases` and `clv` cover.
+    pub horizon: u32,
+    pub frequency: u32,
+    pub recency: f64,
+    #[serde(rename = "T")]
+    pub age: f64,
+    pub monetary: f64,
+    pub p_alive: f64,
+    pub expected_purchases: f64,
+    pub expected_avg_spend: f64,
+    pub clv: f64,
+    pub rfm: RfmView,
+    /// `top_1_percent`, `top_20_percent`, `middle` or `low`.
+    pub segment: String,
+}
+
+/// RFM quintile scores, 1 (bottom fifth) to 5 (top fifth), and the three digits together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RfmView {
+    pub r: u8,
+    pub f: u8,
+    pub m: u8,
+    pub score: String,
+}
+
 /// The `value` block of the 360 view: the customer scored under `model` as of the model's
 /// day. Without a model: `{"status": "no_model"}`; without a purchase by the model's day:
 /// `{"status": "no_purchases", ...}`.
-pub fn value_block(state: &CustomerState, model: Option<&ValueModel>) -> Value {
+pub fn value_block(state: &CustomerState, model: Option<&ValueModel>) -> ValueBlock {
     let assessment = assess(state, model);
     let Some(model) = model else {
-        return json!({"status": "no_model"});
+        return ValueBlock::NoModel;
     };
     match assessment {
-        Assessment::NoModel => json!({"status": "no_model"}),
-        Assessment::NoPurchases => json!({
-            "status": "no_purchases",
-            "model_version": model.version,
-            "as_of": model.as_of,
-        }),
-        Assessment::Unusable(message) => json!({
-            "status": "model_unusable",
-            "model_version": model.version,
-            "message": message,
-        }),
+        Assessment::NoModel => ValueBlock::NoModel,
+        Assessment::NoPurchases => ValueBlock::NoPurchases {
+            model_version: model.version,
+            as_of: model.as_of.clone(),
+        },
+        Assessment::Unusable(message) => ValueBlock::ModelUnusable {
+            model_version: model.version,
+            message,
+        },
         Assessment::Scored(scored) => {
             let [r, f, m] = scored.rfm;
-            json!({
-                "status": "scored",
-                "model_version": model.version,
-                "as_of": model.as_of,
-                "time_unit": model.time_unit,
-                "horizon": model.horizon_periods,
-                "frequency": scored.summary.frequency,
-                "recency": scored.summary.recency,
-                "T": scored.summary.age,
-                "monetary": scored.summary.monetary,
-                "p_alive": scored.score.p_alive,
-                "expected_purchases": scored.score.expected_purchases,
-                "expected_avg_spend": scored.score.expected_avg_spend,
-                "clv": scored.score.clv,
-                "rfm": {"r": r, "f": f, "m": m, "score": format!("{r}{f}{m}")},
-                "segment": scored.segment,
-            })
+            ValueBlock::Scored(Box::new(ScoredValue {
+                model_version: model.version,
+                as_of: model.as_of.clone(),
+                time_unit: model.time_unit.clone(),
+                horizon: model.horizon_periods,
+                frequency: scored.summary.frequency,
+                recency: scored.summary.recency,
+                age: scored.summary.age,
+                monetary: scored.summary.monetary,
+                p_alive: scored.score.p_alive,
+                expected_purchases: scored.score.expected_purchases,
+                expected_avg_spend: scored.score.expected_avg_spend,
+                clv: scored.score.clv,
+                rfm: RfmView {
+                    r,
+                    f,
+                    m,
+                    score: format!("{r}{f}{m}"),
+                },
+                segment: scored.segment.to_string(),
+            }))
         }
     }
 }
@@ -505,6 +553,26 @@ pub fn rescore(
     };
 }
 
+/// One next best action of the 360 view, tagged by `action`; `reason` says why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum NextBestAction {
+    /// A valuable customer whose probability of being alive fell below the threshold.
+    WinbackOffer {
+        reason: String,
+        p_alive: f64,
+        segment: String,
+    },
+    /// The spend still needed for the next tier is within reach.
+    TierNudge {
+        reason: String,
+        tier: String,
+        spend_needed: Money,
+    },
+    /// The customer browsed a category they never bought in.
+    CrossSell { reason: String, category: String },
+}
+
 /// The next best actions for a customer, best first, each with its reason, from the rules'
 /// `[next_best_action]` section: a win-back offer for a customer of a valuable segment
 /// whose probability of being alive fell below the at-risk threshold; a nudge when the
@@ -513,24 +581,24 @@ pub fn rescore(
 /// ([`value_block`]); `as_of_ms` the view's time.
 pub fn next_best_actions(
     state: &CustomerState,
-    value: &Value,
+    value: &ValueBlock,
     rules: &Rules,
     as_of_ms: i64,
-) -> Vec<Value> {
+) -> Vec<NextBestAction> {
     let policy = &rules.next_best_action;
     let mut actions = Vec::new();
-    if let (Some(p_alive), Some(segment)) = (value["p_alive"].as_f64(), value["segment"].as_str()) {
+    if let ValueBlock::Scored(scored) = value {
+        let (p_alive, segment) = (scored.p_alive, &scored.segment);
         let threshold = policy.at_risk_p_alive_basis_points as f64 / BASIS_POINTS_ONE as f64;
         if p_alive < threshold && policy.winback_segments.iter().any(|s| s == segment) {
-            actions.push(json!({
-                "action": "winback_offer",
-                "reason": format!(
+            actions.push(NextBestAction::WinbackOffer {
+                reason: format!(
                     "valuable customer ({segment}, CLV {:.2}) at risk: probability alive {p_alive:.2} is below {threshold}",
-                    value["clv"].as_f64().unwrap_or(0.0)
+                    scored.clv
                 ),
-                "p_alive": p_alive,
-                "segment": segment,
-            }));
+                p_alive,
+                segment: segment.clone(),
+            });
         }
     }
     if policy.tier_nudge_within_minor > 0 && state.purchases.count > 0 {
@@ -539,26 +607,26 @@ pub fn next_best_actions(
             let needed =
                 next.threshold_minor - loyalty::rolling_spend(&state.loyalty, rules, as_of_ms);
             if needed > 0 && needed <= policy.tier_nudge_within_minor {
-                actions.push(json!({
-                    "action": "tier_nudge",
-                    "reason": format!(
+                actions.push(NextBestAction::TierNudge {
+                    reason: format!(
                         "{} {} more within the rolling window reaches tier {}",
-                        to_decimal(needed), rules.currency, next.name
+                        to_decimal(needed),
+                        rules.currency,
+                        next.name
                     ),
-                    "tier": next.name,
-                    "spend_needed": to_decimal(needed),
-                }));
+                    tier: next.name.clone(),
+                    spend_needed: Money(needed),
+                });
             }
         }
     }
     if policy.cross_sell {
         if let Some(category) = &state.browsing.last_viewed_category {
             if !state.purchases.by_category_minor.contains_key(category) {
-                actions.push(json!({
-                    "action": "cross_sell",
-                    "reason": format!("browsed {category} but never bought in it"),
-                    "category": category,
-                }));
+                actions.push(NextBestAction::CrossSell {
+                    reason: format!("browsed {category} but never bought in it"),
+                    category: category.clone(),
+                });
             }
         }
     }
@@ -686,12 +754,40 @@ mod tests {
         let mut state = CustomerState::new("c");
         state.browsing.last_viewed_category = Some("shoes".to_string());
         // No purchase, no model: only the cross-sell.
-        let none = next_best_actions(&state, &json!({"status": "no_model"}), &rules, 0);
-        let kinds = |actions: &[Value]| -> Vec<String> {
+        let none = next_best_actions(&state, &ValueBlock::NoModel, &rules, 0);
+        let kinds = |actions: &[NextBestAction]| -> Vec<String> {
             actions
                 .iter()
-                .map(|a| a["action"].as_str().unwrap().to_string())
+                .map(|a| {
+                    serde_json::to_value(a).unwrap()["action"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
                 .collect()
+        };
+        let scored = |p_alive: f64, segment: &str, clv: f64| {
+            ValueBlock::Scored(Box::new(ScoredValue {
+                model_version: 1,
+                as_of: "2026-01-01T00:00:00Z".to_string(),
+                time_unit: "day".to_string(),
+                horizon: 365,
+                frequency: 2,
+                recency: 10.0,
+                age: 20.0,
+                monetary: 50.0,
+                p_alive,
+                expected_purchases: 1.0,
+                expected_avg_spend: 50.0,
+                clv,
+                rfm: RfmView {
+                    r: 3,
+                    f: 3,
+                    m: 3,
+                    score: "333".to_string(),
+                },
+                segment: segment.to_string(),
+            }))
         };
         assert_eq!(kinds(&none), vec!["cross_sell"]);
 
@@ -703,15 +799,16 @@ mod tests {
             .by_category_minor
             .insert("bags".to_string(), 45_000);
         crate::loyalty::record_spend(&mut state.loyalty, at, 45_000);
-        let at_risk =
-            json!({"status": "scored", "p_alive": 0.2, "segment": "top_20_percent", "clv": 812.5});
+        let at_risk = scored(0.2, "top_20_percent", 812.5);
         let actions = next_best_actions(&state, &at_risk, &rules, at);
         assert_eq!(
             kinds(&actions),
             vec!["winback_offer", "tier_nudge", "cross_sell"]
         );
-        assert_eq!(actions[1]["tier"], "silver");
-        assert!(actions[0]["reason"]
+        let json = serde_json::to_value(&actions).unwrap();
+        assert_eq!(json[1]["tier"], "silver");
+        assert_eq!(json[1]["spend_needed"], 50.0);
+        assert!(json[0]["reason"]
             .as_str()
             .unwrap()
             .contains("top_20_percent"));
@@ -721,13 +818,12 @@ mod tests {
             .purchases
             .by_category_minor
             .insert("shoes".to_string(), 1);
-        let alive =
-            json!({"status": "scored", "p_alive": 0.9, "segment": "top_20_percent", "clv": 812.5});
+        let alive = scored(0.9, "top_20_percent", 812.5);
         assert_eq!(
             kinds(&next_best_actions(&state, &alive, &rules, at)),
             vec!["tier_nudge"]
         );
-        let low = json!({"status": "scored", "p_alive": 0.1, "segment": "low", "clv": 3.0});
+        let low = scored(0.1, "low", 3.0);
         assert_eq!(
             kinds(&next_best_actions(&state, &low, &rules, at)),
             vec!["tier_nudge"]
