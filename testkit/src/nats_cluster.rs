@@ -9,14 +9,16 @@
 //! ports, a few times). A test can kill (SIGKILL), stop
 //! (SIGTERM) and restart (same ports, same store) any server by its index `0..n`. Like
 //! [`crate::NatsServer`], servers are killed on `Drop` and are started through
-//! [`crate::spawn_tied_to_test_process`], so they die with the test process however it dies.
+//! [`crate::spawn::spawn_tied_to_test_process`], so they die with the test process however it dies.
 //! Clients connect with [`NatsCluster::urls`]; async-nats 0.51 does not split a
 //! comma-separated string (see there). Nothing here knows the CRM.
 
-use crate::{
-    accepts_clients, free_port, log_len, logged_ready_since, nats_server_binary,
-    spawn_tied_to_test_process, NATS_READY_TIMEOUT, NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
+use crate::nats_server::{
+    log_len, logged_ready_since, NATS_READY_TIMEOUT, NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
 };
+use crate::paths::nats_server_binary;
+use crate::ports::{accepts_clients, distinct_free_ports};
+use crate::spawn::{kill_child, spawn_tied_to_test_process, stop_child};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -60,10 +62,7 @@ impl ClusterServer {
     }
 
     fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.child.as_mut().is_some_and(crate::spawn::is_running)
     }
 
     /// Spawns the process with its config file and waits until it accepts clients, logged
@@ -130,30 +129,14 @@ impl ClusterServer {
 
     /// SIGTERM, then SIGKILL after [`NATS_STOP_TIMEOUT`]; waits for the process.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, NATS_STOP_TIMEOUT);
         }
-        let deadline = Instant::now() + NATS_STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                _ => return,
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_child(&mut child);
         }
     }
 
@@ -425,19 +408,6 @@ impl Drop for NatsCluster {
     fn drop(&mut self) {
         self.kill_all();
     }
-}
-
-/// `count` free ports, all different ([`free_port`] releases each port it finds, so two
-/// calls may return the same one).
-fn distinct_free_ports(count: usize) -> Vec<u16> {
-    let mut ports: Vec<u16> = Vec::with_capacity(count);
-    while ports.len() < count {
-        let port = free_port();
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    ports
 }
 
 /// The nats-server config file of `server`, with routes to every port of `route_ports`

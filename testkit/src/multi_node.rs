@@ -4,8 +4,8 @@
 
 use crate::cluster_env::{connect, read_stream, write_config, NodeOptions, NODE_READY_TIMEOUT};
 use crate::nats_cluster::NatsCluster;
+use crate::nats_server::NatsServer;
 use crate::node_process::{run_cli, NodeProcess};
-use crate::NatsServer;
 use async_nats::jetstream;
 use crm_node::subjects;
 use serde::Deserialize;

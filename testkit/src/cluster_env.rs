@@ -3,8 +3,8 @@
 //! (generating sample traffic, publishing like an adapter, waiting until every log is
 //! drained, querying).
 
+use crate::nats_server::NatsServer;
 use crate::node_process::NodeProcess;
-use crate::NatsServer;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -43,17 +43,7 @@ impl Default for NodeOptions {
     }
 }
 
-/// Path of a file in `tests/fixtures`.
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// Path of a file at the repository root (`cluster-config/rules.toml`, `docs/…`).
-pub fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+pub use crate::paths::{fixture, repo_file};
 
 /// Stream settings for tests that set JetStream up directly: the defaults with small size
 /// caps, because nats-server reserves each cap on disk when it creates the stream and the
