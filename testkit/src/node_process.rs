@@ -388,6 +388,20 @@ impl NodeProcess {
         }
     }
 
+    /// Whether the process was started and not yet killed, terminated or reaped by this
+    /// handle (it may have exited on its own: see [`NodeProcess::exit_status`]).
+    pub fn has_child(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGTERM without waiting: a caller stopping several nodes signals them all first,
+    /// then drops them (the drop waits for each exit).
+    pub fn begin_terminate(&self) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = signal_child(child, libc::SIGTERM);
+        }
+    }
+
     /// Is the process still running?
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(crate::spawn::is_running)
