@@ -14,14 +14,14 @@
 //! comma-separated string (see there). Nothing here knows the CRM.
 
 use crate::nats_server::{
-    log_len, logged_ready_since, NATS_READY_TIMEOUT, NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
+    launch_logged, log_tail_of, Launch, LOG_TAIL_LINES, NATS_READY_TIMEOUT,
+    NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
 };
 use crate::paths::nats_server_binary;
-use crate::ports::{accepts_clients, distinct_free_ports};
-use crate::spawn::{kill_child, spawn_tied_to_test_process, stop_child};
-use std::io::Read;
+use crate::ports::distinct_free_ports;
+use crate::spawn::{kill_child, stop_child};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// How long a started cluster may take until JetStream accepts a replicated stream.
@@ -30,8 +30,6 @@ const CLUSTER_JETSTREAM_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CLUSTER_NAME: &str = "crm-test";
 /// The stream created (then deleted) to prove that JetStream works in cluster mode.
 const READY_PROBE_STREAM: &str = "CLUSTER_READY_PROBE";
-/// Lines of a server's log shown when something fails.
-const LOG_TAIL_LINES: usize = 30;
 
 /// One server of a [`NatsCluster`].
 struct ClusterServer {
@@ -69,61 +67,27 @@ impl ClusterServer {
     /// that it is ready and still runs; kills it on failure.
     fn launch(&mut self, binary: &Path) -> Result<(), String> {
         debug_assert!(self.child.is_none());
-        let log_path = self.log_path();
-        // The log is appended across restarts: only what this process writes counts.
-        let log_start = log_len(&log_path);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let mut command = Command::new(binary);
-        command
-            .arg("-c")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = spawn_tied_to_test_process(command).map_err(|e| {
-            format!(
-                "cannot run {}: {e}; run scripts/setup (or `apt-get install -y nats-server`)",
-                binary.display()
-            )
-        })?;
-        self.child = Some(child);
-        let deadline = Instant::now() + NATS_READY_TIMEOUT;
-        loop {
-            let ready =
-                logged_ready_since(&log_path, log_start) && accepts_clients(self.client_port);
-            // Checked after readiness: a server that lost its port to another one exits.
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "{} exited with {status} (client port {}, route port {}); its log:\n{}",
-                        self.name,
-                        self.client_port,
-                        self.route_port,
-                        self.log_tail()
-                    ));
-                }
+        command.arg("-c").arg(self.config_path());
+        match launch_logged(command, binary, &self.log_path(), self.client_port) {
+            Ok(child) => {
+                self.child = Some(child);
+                Ok(())
             }
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                return Err(format!(
-                    "{} did not accept clients on port {} within {NATS_READY_TIMEOUT:?}; its log:\n{}",
-                    self.name,
-                    self.client_port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(25));
+            Err(Launch::Failed(problem)) => Err(problem),
+            Err(Launch::Exited(status)) => Err(format!(
+                "{} exited with {status} (client port {}, route port {}); its log:\n{}",
+                self.name,
+                self.client_port,
+                self.route_port,
+                self.log_tail()
+            )),
+            Err(Launch::NotReady) => Err(format!(
+                "{} did not accept clients on port {} within {NATS_READY_TIMEOUT:?}; its log:\n{}",
+                self.name,
+                self.client_port,
+                self.log_tail()
+            )),
         }
     }
 
@@ -141,12 +105,7 @@ impl ClusterServer {
     }
 
     fn log_tail(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(self.log_path()) {
-            let _ = file.read_to_string(&mut text);
-        }
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        log_tail_of(&self.log_path(), LOG_TAIL_LINES)
     }
 }
 

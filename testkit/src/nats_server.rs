@@ -176,16 +176,6 @@ impl NatsServer {
     /// and still runs; kills it on failure.
     fn launch(&mut self) -> Result<(), String> {
         debug_assert!(self.child.is_none());
-        // The log is appended across restarts: only what this process writes counts.
-        let log_start = log_len(&self.log_path());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| format!("cannot open {}: {e}", self.log_path().display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {}: {e}", self.log_path().display()))?;
         let mut command = Command::new(&self.binary);
         command
             .arg("-js")
@@ -193,56 +183,30 @@ impl NatsServer {
             .args(["-p", &self.port.to_string()])
             .arg("-sd")
             .arg(self.store_dir())
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = spawn_tied_to_test_process(command).map_err(|e| {
-            format!(
-                "cannot run {}: {e}; run scripts/setup (or `apt-get install -y nats-server`)",
-                self.binary.display()
-            )
-        })?;
-        self.child = Some(child);
-        let deadline = Instant::now() + NATS_READY_TIMEOUT;
-        loop {
-            let ready =
-                logged_ready_since(&self.log_path(), log_start) && accepts_clients(self.port);
-            // Checked after readiness: a server that lost its port to another one exits.
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "nats-server exited with {status} on port {}; its log:\n{}",
-                        self.port,
-                        self.log_tail()
-                    ));
-                }
+            .args(&self.extra_args);
+        match launch_logged(command, &self.binary, &self.log_path(), self.port) {
+            Ok(child) => {
+                self.child = Some(child);
+                Ok(())
             }
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                return Err(format!(
-                    "nats-server did not accept clients on port {} within {:?}; its log:\n{}",
-                    self.port,
-                    NATS_READY_TIMEOUT,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(25));
+            Err(Launch::Failed(problem)) => Err(problem),
+            Err(Launch::Exited(status)) => Err(format!(
+                "nats-server exited with {status} on port {}; its log:\n{}",
+                self.port,
+                self.log_tail()
+            )),
+            Err(Launch::NotReady) => Err(format!(
+                "nats-server did not accept clients on port {} within {:?}; its log:\n{}",
+                self.port,
+                NATS_READY_TIMEOUT,
+                self.log_tail()
+            )),
         }
     }
 
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(self.log_path()) {
-            let _ = file.read_to_string(&mut text);
-        }
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail_of(&self.log_path(), LOG_TAIL_LINES)
     }
 }
 
@@ -252,14 +216,80 @@ impl Drop for NatsServer {
     }
 }
 
+/// Lines of a server's log shown when something fails.
+pub(crate) const LOG_TAIL_LINES: usize = 30;
+
+/// Why [`launch_logged`] did not give a ready server.
+pub(crate) enum Launch {
+    /// The log could not be opened or the binary not run (the message says which).
+    Failed(String),
+    /// The server exited before it was ready (its port taken, say).
+    Exited(std::process::ExitStatus),
+    /// Not ready within [`NATS_READY_TIMEOUT`]; the server was killed.
+    NotReady,
+}
+
+/// Spawns the nats-server `command` with its output appended to `log_path`, and waits until
+/// it logged that it is ready (since this start) and answers on `port` while still running.
+pub(crate) fn launch_logged(
+    mut command: Command,
+    binary: &Path,
+    log_path: &Path,
+    port: u16,
+) -> Result<Child, Launch> {
+    // The log is appended across restarts: only what this process writes counts.
+    let log_start = log_len(log_path);
+    let cannot_open =
+        |e: std::io::Error| Launch::Failed(format!("cannot open {}: {e}", log_path.display()));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(cannot_open)?;
+    let log_err = log.try_clone().map_err(cannot_open)?;
+    command.stdin(Stdio::null()).stdout(log).stderr(log_err);
+    let mut child = spawn_tied_to_test_process(command).map_err(|e| {
+        Launch::Failed(format!(
+            "cannot run {}: {e}; run scripts/setup (or `apt-get install -y nats-server`)",
+            binary.display()
+        ))
+    })?;
+    let deadline = Instant::now() + NATS_READY_TIMEOUT;
+    loop {
+        let ready = logged_ready_since(log_path, log_start) && accepts_clients(port);
+        // Checked after readiness: a server that lost its port to another one exits.
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Launch::Exited(status));
+        }
+        if ready {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            kill_child(&mut child);
+            return Err(Launch::NotReady);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The last `lines` lines of the log at `path` (empty when it cannot be read).
+pub(crate) fn log_tail_of(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let _ = file.read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// The length of the file at `path` in bytes; 0 when it does not exist yet.
-pub(crate) fn log_len(path: &Path) -> u64 {
+fn log_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |metadata| metadata.len())
 }
 
 /// Whether the nats-server log at `path`, from byte `offset` on, has the line it writes once
 /// it listens for clients ([`NATS_READY_LOG_LINE`]).
-pub(crate) fn logged_ready_since(path: &Path, offset: u64) -> bool {
+fn logged_ready_since(path: &Path, offset: u64) -> bool {
     let Ok(mut file) = std::fs::File::open(path) else {
         return false;
     };
