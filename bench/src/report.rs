@@ -518,3 +518,43 @@ fn handoff_rows(r: &BenchResults) -> Vec<Row> {
     }
     rows
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every headline figure is written, `null` when its step did not run; a step's details
+    /// only when it ran; other hand-off sizes sit at the top like `handoff_10k_s`.
+    #[test]
+    fn results_keep_the_keys_of_results_json() {
+        let mut results = BenchResults::default();
+        results
+            .handoff_other_s
+            .insert("handoff_1k_s".to_string(), Some(0.5));
+        let value = serde_json::to_value(&results).expect("results serialize");
+        for key in [
+            "end_to_end_events_per_s",
+            "raw_jetstream_events_per_s",
+            "ratio_to_raw",
+            "p99_latency_ms",
+            "cluster_events_per_s",
+            "failover_s",
+            "handoff_10k_s",
+            "handoff_100k_s",
+        ] {
+            assert_eq!(value[key], Value::Null, "{key}");
+        }
+        assert_eq!(value["handoff_1k_s"], serde_json::json!(0.5));
+        assert!(value.get("raw").is_none());
+        assert!(value["errors"].as_object().is_some_and(|e| e.is_empty()));
+        let back: BenchResults = serde_json::from_value(value).expect("results read back");
+        assert_eq!(back.handoff_other_s.get("handoff_1k_s"), Some(&Some(0.5)));
+    }
+
+    #[test]
+    fn results_have_a_schema() {
+        let schema = schemars::schema_for!(BenchResults);
+        let text = serde_json::to_string(&schema).expect("schema serializes");
+        assert!(text.contains("raw_jetstream_events_per_s"));
+    }
+}
