@@ -63,28 +63,24 @@ pub async fn publish_bounded(
 ) -> Result<Published> {
     let mut in_flight: VecDeque<(Outgoing, u32, PublishAckFuture)> =
         VecDeque::with_capacity(in_flight_max);
-    let mut retry: VecDeque<(Outgoing, u32)> = VecDeque::new();
+    let mut acks = Acks {
+        retry: VecDeque::new(),
+        count: 0,
+        duplicates: 0,
+        progress,
+    };
     let mut source = messages.into_iter();
     let mut first_publish = None;
-    let (mut count, mut duplicates) = (0u64, 0u64);
     loop {
-        let next = retry
+        let next = acks
+            .retry
             .pop_front()
             .or_else(|| source.next().map(|message| (message, 0)));
         let Some((message, attempts)) = next else {
-            let Some((message, attempts, ack)) = in_flight.pop_front() else {
+            let Some(oldest) = in_flight.pop_front() else {
                 break;
             };
-            settle(
-                message,
-                attempts,
-                ack,
-                &mut retry,
-                &mut count,
-                &mut duplicates,
-                &progress,
-            )
-            .await?;
+            acks.settle(oldest).await?;
             continue;
         };
         first_publish.get_or_insert_with(Instant::now);
@@ -102,21 +98,12 @@ pub async fn publish_bounded(
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                retry.push_back((message, attempts + 1));
+                acks.retry.push_back((message, attempts + 1));
             }
         }
         if in_flight.len() >= in_flight_max {
-            if let Some((message, attempts, ack)) = in_flight.pop_front() {
-                settle(
-                    message,
-                    attempts,
-                    ack,
-                    &mut retry,
-                    &mut count,
-                    &mut duplicates,
-                    &progress,
-                )
-                .await?;
+            if let Some(oldest) = in_flight.pop_front() {
+                acks.settle(oldest).await?;
             }
         }
     }
@@ -124,41 +111,48 @@ pub async fn publish_bounded(
     Ok(Published {
         first_publish: first_publish.unwrap_or(now),
         last_ack: now,
-        count,
-        duplicates,
+        count: acks.count,
+        duplicates: acks.duplicates,
     })
 }
 
-async fn settle(
-    message: Outgoing,
-    attempts: u32,
-    ack: PublishAckFuture,
-    retry: &mut VecDeque<(Outgoing, u32)>,
-    count: &mut u64,
-    duplicates: &mut u64,
-    progress: &Option<Arc<AtomicU64>>,
-) -> Result<()> {
-    match ack.await {
-        Ok(ack) => {
-            *count += 1;
-            *duplicates += u64::from(ack.duplicate);
-            if let Some(progress) = progress {
-                progress.fetch_add(1, Ordering::Relaxed);
+/// The acks [`publish_bounded`] has settled, and the messages to send again.
+struct Acks {
+    retry: VecDeque<(Outgoing, u32)>,
+    count: u64,
+    duplicates: u64,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl Acks {
+    /// Awaits the ack of a message sent `attempts` times: counts it, or queues the message
+    /// again, or fails after [`PUBLISH_ATTEMPTS_MAX`] attempts.
+    async fn settle(
+        &mut self,
+        (message, attempts, ack): (Outgoing, u32, PublishAckFuture),
+    ) -> Result<()> {
+        match ack.await {
+            Ok(ack) => {
+                self.count += 1;
+                self.duplicates += u64::from(ack.duplicate);
+                if let Some(progress) = &self.progress {
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        Err(error) if attempts < PUBLISH_ATTEMPTS_MAX => {
-            eprintln!(
-                "    publish to {} not acked ({error}); sending it again",
+            Err(error) if attempts < PUBLISH_ATTEMPTS_MAX => {
+                eprintln!(
+                    "    publish to {} not acked ({error}); sending it again",
+                    message.subject
+                );
+                self.retry.push_back((message, attempts));
+                Ok(())
+            }
+            Err(error) => bail!(
+                "publish to {} not acked after {attempts} attempts: {error}",
                 message.subject
-            );
-            retry.push_back((message, attempts));
-            Ok(())
+            ),
         }
-        Err(error) => bail!(
-            "publish to {} not acked after {attempts} attempts: {error}",
-            message.subject
-        ),
     }
 }
 
