@@ -1,9 +1,9 @@
 //! The client subcommands as a user runs them: `send` (the reference adapter, from JSON
 //! text and from a file), `watch` (live actor events), `query --customer-id` and `stats`.
 
-use crm_cluster::cluster_env::{wait_drained, NodeOptions, TestEnv};
-use crm_cluster::node_process::{clear_developer_env, crm_node_binary, run_cli};
-use crm_cluster::spawn_tied_to_test_process;
+use crm_testkit::cluster_env::{wait_drained, NodeOptions, TestEnv};
+use crm_testkit::node_process::{clear_developer_env, crm_node_binary, run_cli};
+use crm_testkit::spawn_tied_to_test_process;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

@@ -7,18 +7,18 @@
 //! and points end exact, and the apply audit shows that no shard was ever applied by two
 //! lease holders at once.
 
-use crm_cluster::cluster_env::request;
-use crm_cluster::cluster_env::{
+use crm_node::subjects;
+use crm_testkit::cluster_env::request;
+use crm_testkit::cluster_env::{
     assert_buyers_exact, expected_points, generated_traffic, publish_all, publish_paced,
     purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
 };
-use crm_cluster::multi_node::{
+use crm_testkit::multi_node::{
     assert_single_writer, audit_records, owned_by, status, status_cli, wait_cluster_settled,
     wait_status, ClusterEnv,
 };
-use crm_cluster::node_process::run_cli;
-use crm_cluster::tcp_proxy::TcpProxy;
-use crm_node::subjects;
+use crm_testkit::node_process::run_cli;
+use crm_testkit::tcp_proxy::TcpProxy;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The JSON example tagged `tag` in docs/cluster.md.
 fn doc_example(tag: &str) -> Value {
-    let text = std::fs::read_to_string(crm_cluster::cluster_env::repo_file("docs/cluster.md"))
+    let text = std::fs::read_to_string(crm_testkit::cluster_env::repo_file("docs/cluster.md"))
         .expect("docs/cluster.md");
     let open = format!("```json {tag}\n");
     let start = text.find(&open).unwrap_or_else(|| panic!("no {open}")) + open.len();
@@ -156,7 +156,7 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
     // The documented status JSON and audit record, from the CLI and the stream.
     let status = tokio::task::block_in_place(|| status_cli(&url));
     has_keys_of(&doc_example("status"), &status, "status");
-    let audit = crm_cluster::cluster_env::read_stream(&client, subjects::AUDIT_STREAM).await;
+    let audit = crm_testkit::cluster_env::read_stream(&client, subjects::AUDIT_STREAM).await;
     let record: Value = serde_json::from_slice(&audit[0].1).expect("audit JSON");
     has_keys_of(&doc_example("audit"), &record, "audit");
     let nodes = status["nodes"].as_array().expect("nodes");

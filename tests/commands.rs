@@ -6,10 +6,10 @@
 //! Purchases are dated in autumn 2026 and lots live 10 years, so a redeem stamped with the
 //! wall clock (the CLI sends no `occurred_at`) still sees every point the test granted.
 
-use crm_cluster::cluster_env::{minor, request, view, Outgoing};
-use crm_cluster::node_process::run_cli;
-use crm_cluster::test_support::{outgoing, replay_events, send, start_env, view_of, EventLog};
 use crm_node::subjects;
+use crm_testkit::cluster_env::{minor, request, view, Outgoing};
+use crm_testkit::node_process::run_cli;
+use crm_testkit::test_support::{outgoing, replay_events, send, start_env, view_of, EventLog};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -360,9 +360,9 @@ async fn queries_for_unknown_customers_are_not_found_and_malformed_ones_bad_requ
 /// still answers queries between its batches, instead of only once the backlog is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_working_through_a_backlog_still_answers_queries() {
-    let env = crm_cluster::cluster_env::TestEnv::start(crm_cluster::cluster_env::NodeOptions {
-        shards: crm_cluster::test_support::SHARDS,
-        rules: crm_cluster::cluster_env::fixture(RULES),
+    let env = crm_testkit::cluster_env::TestEnv::start(crm_testkit::cluster_env::NodeOptions {
+        shards: crm_testkit::test_support::SHARDS,
+        rules: crm_testkit::cluster_env::fixture(RULES),
         limits: "batch_max_events = 4\nrouter_batch_max_events = 1\nflush_interval_ms = 200"
             .to_string(),
         ..Default::default()
@@ -381,7 +381,7 @@ async fn a_shard_working_through_a_backlog_still_answers_queries() {
             )
         })
         .collect();
-    crm_cluster::cluster_env::publish_all(&client, events, 64, Duration::from_secs(60)).await;
+    crm_testkit::cluster_env::publish_all(&client, events, 64, Duration::from_secs(60)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let answered = loop {
         let reply = view(&client, json!({"email": "busy@example.com"})).await;

@@ -2,12 +2,12 @@
 //! `crm.cmd.value.fit` (and `crm-node value-fit`), and the 360 views' `value` blocks,
 //! checked against the offline command `crm-node clv fit` on the same purchases.
 
-use crm_cluster::cluster_env::{fixture, request, NodeOptions, Outgoing, TestEnv};
-use crm_cluster::node_process::run_cli;
-use crm_cluster::test_support::{
+use crm_node::subjects;
+use crm_testkit::cluster_env::{fixture, request, NodeOptions, Outgoing, TestEnv};
+use crm_testkit::node_process::run_cli;
+use crm_testkit::test_support::{
     outgoing, replay_events, send, start_env, view_of, EventLog, SHARDS,
 };
-use crm_node::subjects;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -333,7 +333,7 @@ async fn bad_fit_requests_name_the_field_and_the_fix() {
 
 /// The `json value-fit` block of docs/protocol.md.
 fn doc_example() -> Value {
-    let path = crm_cluster::cluster_env::repo_file("docs/protocol.md");
+    let path = crm_testkit::cluster_env::repo_file("docs/protocol.md");
     let text = std::fs::read_to_string(&path).expect("docs/protocol.md");
     let start = text
         .find("```json value-fit\n")

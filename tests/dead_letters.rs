@@ -6,9 +6,9 @@
 //! sent after all the bad ones is applied.
 
 use async_nats::jetstream;
-use crm_cluster::cluster_env::{minor, view, wait_drained, NodeOptions, TestEnv};
-use crm_cluster::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use crm_node::subjects;
+use crm_testkit::cluster_env::{minor, view, wait_drained, NodeOptions, TestEnv};
+use crm_testkit::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use serde_json::{json, Value};
 use std::time::Duration;
 

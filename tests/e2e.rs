@@ -4,7 +4,7 @@
 //! purchase count, spend, returns and points exactly equal to an independent calculation —
 //! also when the node is killed with SIGKILL mid-stream, and when NATS restarts mid-stream.
 
-use crm_cluster::cluster_env::{
+use crm_testkit::cluster_env::{
     assert_buyers_exact, expected_points, generated_traffic, publish_all, purchase_arrivals,
     traffic_spec, wait_drained, NodeOptions, TestEnv,
 };

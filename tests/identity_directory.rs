@@ -2,12 +2,12 @@
 //! across routers, conflicts reported, no raw identifiers in NATS, a bounded cache.
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
-use crm_cluster::NatsServer;
 use crm_node::ingest::identity_directory::{
     DirectoryError, IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE,
 };
 use crm_node::jetstream::ensure_kv;
 use crm_node::subjects;
+use crm_testkit::NatsServer;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 

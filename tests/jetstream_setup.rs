@@ -1,13 +1,13 @@
 //! JetStream set-up against a real nats-server: streams, KV buckets, the recorded shard
 //! count and the durable consumers are created once and left alone by every later run.
 
-use crm_cluster::NatsServer;
 use crm_node::jetstream::{
     ensure_identity_fingerprint, ensure_kv, ensure_shard_count, ensure_streams, ingest_consumer,
     IngestConsumerSettings, SetupError,
 };
 use crm_node::shard::log_reader::ShardLogReader;
 use crm_node::subjects;
+use crm_testkit::NatsServer;
 use std::time::Duration;
 
 async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
@@ -21,7 +21,7 @@ async fn connect(server: &NatsServer) -> async_nats::jetstream::Context {
 /// a node sets them up before its router starts.
 async fn set_up(server: &NatsServer) -> async_nats::jetstream::Context {
     let js = connect(server).await;
-    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
         .await
         .unwrap();
     ensure_kv(&js, subjects::KV_CLUSTER, 1).await.unwrap();
@@ -32,7 +32,7 @@ async fn set_up(server: &NatsServer) -> async_nats::jetstream::Context {
 async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    let settings = crm_cluster::cluster_env::test_stream_settings();
+    let settings = crm_testkit::cluster_env::test_stream_settings();
 
     ensure_streams(&js, &settings).await.unwrap();
     ensure_streams(&js, &settings).await.unwrap();
@@ -72,7 +72,7 @@ async fn streams_are_created_with_the_configured_limits_and_setup_is_idempotent(
 async fn a_stream_cap_the_server_cannot_reserve_is_named_with_the_fix() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    let mut settings = crm_cluster::cluster_env::test_stream_settings();
+    let mut settings = crm_testkit::cluster_env::test_stream_settings();
     settings.shards.max_bytes = 1 << 50; // 1 PiB: more than any test machine's disk
     let error = ensure_streams(&js, &settings).await.unwrap_err();
     let message = error.to_string();
@@ -131,7 +131,7 @@ async fn a_lost_router_consumer_restarts_at_the_recorded_ack_floor_not_at_the_st
 async fn a_changed_limit_is_applied_to_the_existing_stream() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    let mut settings = crm_cluster::cluster_env::test_stream_settings();
+    let mut settings = crm_testkit::cluster_env::test_stream_settings();
     ensure_streams(&js, &settings).await.unwrap();
 
     settings.events.max_age_s = 600;
@@ -151,7 +151,7 @@ async fn a_changed_limit_is_applied_to_the_existing_stream() {
 async fn ingest_deduplicates_a_repeated_message_id() {
     let server = NatsServer::start();
     let js = connect(&server).await;
-    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
         .await
         .unwrap();
 
@@ -343,7 +343,7 @@ async fn the_test_server_restarts_on_its_port_with_its_streams_and_leaves_no_pro
     let port = server.port();
     {
         let js = connect(&server).await;
-        ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+        ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
             .await
             .unwrap();
         js.publish(subjects::shard(1), "kept".into())

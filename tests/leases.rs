@@ -3,11 +3,11 @@
 //! NATS applied without confirming it (its reply lost in a leader election) does not cost
 //! the holder its lease.
 
-use crm_cluster::NatsServer;
 use crm_node::cluster::lease::{Lease, Leases, Renewal};
 use crm_node::cluster::observer::BucketView;
 use crm_node::jetstream::ensure_kv;
 use crm_node::shutdown;
+use crm_testkit::NatsServer;
 use std::time::Duration;
 
 const KEY: &str = "shard-0";

@@ -1,9 +1,9 @@
-//! The three-server NATS cluster of the test harness (`crm_cluster::nats_cluster`) against
+//! The three-server NATS cluster of the test harness (`crm_testkit::nats_cluster`) against
 //! real nats-server processes: an R3 stream keeps accepting publishes and serving every
 //! message while one server is killed, and the restarted server catches up.
 
 use async_nats::jetstream::{self, stream};
-use crm_cluster::nats_cluster::NatsCluster;
+use crm_testkit::nats_cluster::NatsCluster;
 use std::time::Duration;
 use tokio::time::Instant;
 

@@ -11,10 +11,10 @@
 //! claims; the smallest example loads; every default in the field tables is the code's.
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use crm_cluster::cluster_env::{repo_file, request, wait_drained, NodeOptions, TestEnv};
-use crm_cluster::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use crm_node::config::Config;
 use crm_node::subjects;
+use crm_testkit::cluster_env::{repo_file, request, wait_drained, NodeOptions, TestEnv};
+use crm_testkit::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use serde_json::{json, Value};
 use std::time::Duration;
 

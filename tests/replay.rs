@@ -4,13 +4,13 @@
 //! byte-identical customer states and the same shard clocks.
 
 use crm_actors::store::Store;
-use crm_cluster::cluster_env::{
+use crm_node::loadgen::Generator;
+use crm_node::subjects;
+use crm_testkit::cluster_env::{
     outgoing_events, publish_all, request, traffic_spec, wait_drained, write_config, NodeOptions,
     TestEnv, NODE_READY_TIMEOUT,
 };
-use crm_cluster::node_process::NodeProcess;
-use crm_node::loadgen::Generator;
-use crm_node::subjects;
+use crm_testkit::node_process::NodeProcess;
 use serde_json::json;
 use std::path::Path;
 use std::time::Duration;

@@ -3,15 +3,15 @@
 //! node makes every customer exact); a node started while NATS is down waits, warns, and
 //! becomes ready (and serves) once NATS comes up.
 
-use crm_cluster::cluster_env::{
+use crm_node::subjects;
+use crm_testkit::cluster_env::{
     assert_buyers_exact, connect, generated_traffic, minor, publish_all, request, traffic_spec,
     view, wait_drained, write_config, NodeOptions, Outgoing, TestEnv, NODE_READY_TIMEOUT,
 };
-use crm_cluster::node_process::{
+use crm_testkit::node_process::{
     clear_developer_env, crm_node_binary, log_lines, log_tail, terminate_child, wait_for_log_line,
 };
-use crm_cluster::{spawn_tied_to_test_process, NatsServer};
-use crm_node::subjects;
+use crm_testkit::{spawn_tied_to_test_process, NatsServer};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -60,7 +60,7 @@ async fn sigterm_under_load_exits_cleanly_and_a_restarted_node_makes_every_custo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let publishing = !publisher.is_finished();
-    let backlog = crm_cluster::cluster_env::busy_logs(&client, env.options.shards).await;
+    let backlog = crm_testkit::cluster_env::busy_logs(&client, env.options.shards).await;
     let clean = tokio::task::block_in_place(|| env.node.terminate(TERMINATE_TIMEOUT));
     assert!(
         clean,

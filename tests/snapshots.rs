@@ -5,17 +5,17 @@
 use crm_actors::codec;
 use crm_actors::state::CustomerState;
 use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, ShardMeta, Store};
-use crm_cluster::NatsServer;
 use crm_node::cluster::snapshot::{SnapshotError, Snapshots};
 use crm_node::jetstream::{ensure_kv, ensure_streams};
 use crm_node::subjects;
+use crm_testkit::NatsServer;
 
 const SHARD: u32 = 3;
 
 async fn snapshots(server: &NatsServer) -> (Snapshots, async_nats::jetstream::Context) {
     let client = async_nats::connect(server.url()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
-    ensure_streams(&js, &crm_cluster::cluster_env::test_stream_settings())
+    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
         .await
         .expect("streams");
     let kv = ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)

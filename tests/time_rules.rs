@@ -8,12 +8,12 @@
 //! events are observed on a core NATS subscription to `crm.events.>` opened before acting,
 //! and, where a count matters, read back from the `CRM_EVENTS` stream.
 
-use crm_cluster::cluster_env::{minor, request, wait_drained, Outgoing};
-use crm_cluster::node_process::run_cli;
-use crm_cluster::test_support::{
+use crm_node::subjects;
+use crm_testkit::cluster_env::{minor, request, wait_drained, Outgoing};
+use crm_testkit::node_process::run_cli;
+use crm_testkit::test_support::{
     self, outgoing, replay_events, send, start_env, EventLog, DRAIN_TIMEOUT, SHARDS,
 };
-use crm_node::subjects;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;

@@ -9,17 +9,19 @@
 //! ports, a few times). A test can kill (SIGKILL), stop
 //! (SIGTERM) and restart (same ports, same store) any server by its index `0..n`. Like
 //! [`crate::NatsServer`], servers are killed on `Drop` and are started through
-//! [`crate::spawn_tied_to_test_process`], so they die with the test process however it dies.
+//! [`crate::spawn::spawn_tied_to_test_process`], so they die with the test process however it dies.
 //! Clients connect with [`NatsCluster::urls`]; async-nats 0.51 does not split a
 //! comma-separated string (see there). Nothing here knows the CRM.
 
-use crate::{
-    accepts_clients, free_port, log_len, logged_ready_since, nats_server_binary,
-    spawn_tied_to_test_process, NATS_READY_TIMEOUT, NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
+use crate::nats_server::{
+    launch_logged, log_tail_of, Launch, LOG_TAIL_LINES, NATS_READY_TIMEOUT,
+    NATS_START_ATTEMPTS_MAX, NATS_STOP_TIMEOUT,
 };
-use std::io::Read;
+use crate::paths::nats_server_binary;
+use crate::ports::distinct_free_ports;
+use crate::spawn::{kill_child, stop_child};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// How long a started cluster may take until JetStream accepts a replicated stream.
@@ -28,8 +30,6 @@ const CLUSTER_JETSTREAM_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CLUSTER_NAME: &str = "crm-test";
 /// The stream created (then deleted) to prove that JetStream works in cluster mode.
 const READY_PROBE_STREAM: &str = "CLUSTER_READY_PROBE";
-/// Lines of a server's log shown when something fails.
-const LOG_TAIL_LINES: usize = 30;
 
 /// One server of a [`NatsCluster`].
 struct ClusterServer {
@@ -60,110 +60,52 @@ impl ClusterServer {
     }
 
     fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.child.as_mut().is_some_and(crate::spawn::is_running)
     }
 
     /// Spawns the process with its config file and waits until it accepts clients, logged
     /// that it is ready and still runs; kills it on failure.
     fn launch(&mut self, binary: &Path) -> Result<(), String> {
         debug_assert!(self.child.is_none());
-        let log_path = self.log_path();
-        // The log is appended across restarts: only what this process writes counts.
-        let log_start = log_len(&log_path);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let mut command = Command::new(binary);
-        command
-            .arg("-c")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = spawn_tied_to_test_process(command).map_err(|e| {
-            format!(
-                "cannot run {}: {e}; run scripts/setup (or `apt-get install -y nats-server`)",
-                binary.display()
-            )
-        })?;
-        self.child = Some(child);
-        let deadline = Instant::now() + NATS_READY_TIMEOUT;
-        loop {
-            let ready =
-                logged_ready_since(&log_path, log_start) && accepts_clients(self.client_port);
-            // Checked after readiness: a server that lost its port to another one exits.
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!(
-                        "{} exited with {status} (client port {}, route port {}); its log:\n{}",
-                        self.name,
-                        self.client_port,
-                        self.route_port,
-                        self.log_tail()
-                    ));
-                }
+        command.arg("-c").arg(self.config_path());
+        match launch_logged(command, binary, &self.log_path(), self.client_port) {
+            Ok(child) => {
+                self.child = Some(child);
+                Ok(())
             }
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                self.kill();
-                return Err(format!(
-                    "{} did not accept clients on port {} within {NATS_READY_TIMEOUT:?}; its log:\n{}",
-                    self.name,
-                    self.client_port,
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(25));
+            Err(Launch::Failed(problem)) => Err(problem),
+            Err(Launch::Exited(status)) => Err(format!(
+                "{} exited with {status} (client port {}, route port {}); its log:\n{}",
+                self.name,
+                self.client_port,
+                self.route_port,
+                self.log_tail()
+            )),
+            Err(Launch::NotReady) => Err(format!(
+                "{} did not accept clients on port {} within {NATS_READY_TIMEOUT:?}; its log:\n{}",
+                self.name,
+                self.client_port,
+                self.log_tail()
+            )),
         }
     }
 
     /// SIGTERM, then SIGKILL after [`NATS_STOP_TIMEOUT`]; waits for the process.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, NATS_STOP_TIMEOUT);
         }
-        let deadline = Instant::now() + NATS_STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                _ => return,
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_child(&mut child);
         }
     }
 
     fn log_tail(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(self.log_path()) {
-            let _ = file.read_to_string(&mut text);
-        }
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        log_tail_of(&self.log_path(), LOG_TAIL_LINES)
     }
 }
 
@@ -425,19 +367,6 @@ impl Drop for NatsCluster {
     fn drop(&mut self) {
         self.kill_all();
     }
-}
-
-/// `count` free ports, all different ([`free_port`] releases each port it finds, so two
-/// calls may return the same one).
-fn distinct_free_ports(count: usize) -> Vec<u16> {
-    let mut ports: Vec<u16> = Vec::with_capacity(count);
-    while ports.len() < count {
-        let port = free_port();
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    ports
 }
 
 /// The nats-server config file of `server`, with routes to every port of `route_ports`

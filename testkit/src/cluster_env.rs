@@ -3,8 +3,8 @@
 //! (generating sample traffic, publishing like an adapter, waiting until every log is
 //! drained, querying).
 
+use crate::nats_server::NatsServer;
 use crate::node_process::NodeProcess;
-use crate::NatsServer;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -43,17 +43,7 @@ impl Default for NodeOptions {
     }
 }
 
-/// Path of a file in `tests/fixtures`.
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// Path of a file at the repository root (`cluster-config/rules.toml`, `docs/…`).
-pub fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+pub use crate::paths::{fixture, repo_file};
 
 /// Stream settings for tests that set JetStream up directly: the defaults with small size
 /// caps, because nats-server reserves each cap on disk when it creates the stream and the
@@ -327,11 +317,8 @@ pub async fn wait_drained(client: &async_nats::Client, shards: u32, timeout: Dur
     }
 }
 
-/// What is still pending: the router's consumer, and shards whose log is ahead of the
-/// node's applied sequence. Empty when everything is applied.
-pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> {
-    let js = jetstream::new(client.clone());
-    let mut busy = Vec::new();
+/// What the router's durable consumer still holds (`None`: nothing pending or unacked).
+pub async fn router_busy(js: &jetstream::Context) -> Option<String> {
     let ingest = async {
         let stream = js.get_stream(subjects::INGEST_STREAM).await.ok()?;
         let mut consumer: jetstream::consumer::PullConsumer =
@@ -340,13 +327,20 @@ pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> 
     }
     .await;
     match ingest {
-        Some(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
-        Some(info) => busy.push(format!(
+        Some(info) if info.num_pending == 0 && info.num_ack_pending == 0 => None,
+        Some(info) => Some(format!(
             "router: {} pending, {} unacked",
             info.num_pending, info.num_ack_pending
         )),
-        None => busy.push("router consumer not readable yet".to_string()),
+        None => Some("router consumer not readable yet".to_string()),
     }
+}
+
+/// What is still pending: the router's consumer, and shards whose log is ahead of the
+/// node's applied sequence. Empty when everything is applied.
+pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> {
+    let js = jetstream::new(client.clone());
+    let mut busy: Vec<String> = router_busy(&js).await.into_iter().collect();
     let stats = match tokio::time::timeout(
         Duration::from_secs(2),
         client.request(subjects::NODE_STATS, "{}".into()),

@@ -2,10 +2,12 @@
 //! wait until the cluster has applied everything, and check the apply audit (no shard ever
 //! applied by two lease epochs at once).
 
-use crate::cluster_env::{connect, read_stream, write_config, NodeOptions, NODE_READY_TIMEOUT};
+use crate::cluster_env::{
+    connect, read_stream, router_busy, write_config, NodeOptions, NODE_READY_TIMEOUT,
+};
 use crate::nats_cluster::NatsCluster;
+use crate::nats_server::NatsServer;
 use crate::node_process::{run_cli, NodeProcess};
-use crate::NatsServer;
 use async_nats::jetstream;
 use crm_node::subjects;
 use serde::Deserialize;
@@ -148,22 +150,7 @@ pub fn status_cli(nats_url: &str) -> Value {
 /// applied.
 pub async fn cluster_busy(client: &async_nats::Client) -> Vec<String> {
     let js = jetstream::new(client.clone());
-    let mut busy = Vec::new();
-    let ingest = async {
-        let stream = js.get_stream(subjects::INGEST_STREAM).await.ok()?;
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer(subjects::INGEST_DURABLE).await.ok()?;
-        consumer.info().await.ok().cloned()
-    }
-    .await;
-    match ingest {
-        Some(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
-        Some(info) => busy.push(format!(
-            "router: {} pending, {} unacked",
-            info.num_pending, info.num_ack_pending
-        )),
-        None => busy.push("router consumer not readable yet".to_string()),
-    }
+    let mut busy: Vec<String> = router_busy(&js).await.into_iter().collect();
     let status = match try_status(client).await {
         Ok(status) => status,
         Err(error) => {
