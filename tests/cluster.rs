@@ -18,6 +18,7 @@ use crm_testkit::multi_node::{
     wait_status, ClusterEnv,
 };
 use crm_testkit::node_process::run_cli;
+use crm_testkit::schemas::assert_matches_schema;
 use crm_testkit::tcp_proxy::TcpProxy;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -156,6 +157,11 @@ async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact()
     // The documented status JSON and audit record, from the CLI and the stream.
     let status = tokio::task::block_in_place(|| status_cli(&url));
     has_keys_of(&doc_example("status"), &status, "status");
+    assert_matches_schema(
+        "cluster-status.schema.json",
+        &status,
+        "crm-node status --json",
+    );
     let audit = crm_testkit::cluster_env::read_stream(&client, subjects::AUDIT_STREAM).await;
     let record: Value = serde_json::from_slice(&audit[0].1).expect("audit JSON");
     has_keys_of(&doc_example("audit"), &record, "audit");

@@ -5,6 +5,7 @@
 use crm_node::subjects;
 use crm_testkit::cluster_env::{fixture, request, NodeOptions, Outgoing, TestEnv};
 use crm_testkit::node_process::run_cli;
+use crm_testkit::schemas::assert_matches_schema;
 use crm_testkit::test_support::{
     outgoing, replay_events, send, start_env, view_of, EventLog, SHARDS,
 };
@@ -350,6 +351,7 @@ async fn scored_value(client: &async_nats::Client, identity: Value) -> Value {
     loop {
         let view = view_of(client, identity.clone()).await;
         if view["value"]["status"] == "scored" {
+            assert_matches_schema("customer-reply.schema.json", &view, "a scored view");
             return view["value"].clone();
         }
         assert!(Instant::now() < deadline, "no scored value block: {view}");

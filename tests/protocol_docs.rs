@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use crm_node::config::Config;
 use crm_node::subjects;
 use crm_testkit::cluster_env::{repo_file, request, wait_drained, NodeOptions, TestEnv};
+use crm_testkit::schemas::{assert_matches_schema, schema_violations};
 use crm_testkit::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -322,6 +323,11 @@ async fn every_protocol_example_is_accepted_dead_lettered_or_answered_as_documen
             "the query example's reply lacks {missing:?}: {view}"
         ));
     }
+    for violation in schema_violations("customer-reply.schema.json", &view) {
+        problems.push(format!(
+            "the query example's reply breaks docs/schema/customer-reply.schema.json {violation}: {view}"
+        ));
+    }
     // What the examples tell: one purchase of 59.90 linked to LC-42 through the email, and
     // one return of 10.00 of it.
     if view["purchases"]["count"] != json!(1) || view["returns"]["count"] != json!(1) {
@@ -520,7 +526,7 @@ async fn the_actor_event_example_matches_the_event_published_for_the_purchase_ex
     let blocks = fenced_blocks(&doc("docs/protocol.md"));
     let example = blocks
         .iter()
-        .find(|b| b.info == "json" && b.text.contains("points.earned"))
+        .find(|b| b.info == "json actor-event")
         .map(parse_json)
         .expect("the actor event example");
     let event_id = example["id"]
@@ -562,6 +568,11 @@ async fn the_actor_event_example_matches_the_event_published_for_the_purchase_ex
         .await
         .unwrap_or_else(|e| panic!("no actor event on {subject}: {e}"));
     let event: Value = serde_json::from_slice(&message.payload).expect("actor event JSON");
+    assert_matches_schema(
+        "actor-event.schema.json",
+        &event,
+        "the published actor event",
+    );
     let missing: Vec<&String> = example
         .as_object()
         .expect("object")

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod contracts;
 pub mod dead_letters;
 pub mod fnv;
 pub mod ingest;

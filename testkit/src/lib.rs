@@ -13,8 +13,8 @@
 //!
 //! Helpers of the integration tests, which do know the CRM: [`cluster_env`] (one node on a
 //! private server, traffic, publishing, draining, querying), [`multi_node`] (several nodes,
-//! cluster status, the apply audit) and [`test_support`] (actor events and dead letters read
-//! back). They panic with a message on failure, as a test should; the process plumbing also
+//! cluster status, the apply audit) [`test_support`] (actor events and dead letters read
+//! back) and [`schemas`] (real JSON validated against the published schemas). They panic with a message on failure, as a test should; the process plumbing also
 //! has `try_` forms returning errors for the benchmark, which must report and carry on.
 
 pub mod cluster_env;
@@ -25,6 +25,7 @@ pub mod node_process;
 pub mod paths;
 pub mod ports;
 pub mod proc;
+pub mod schemas;
 pub mod scratch;
 pub mod spawn;
 pub mod tcp_proxy;

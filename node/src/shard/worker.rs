@@ -590,7 +590,8 @@ async fn next_forwarded(
 /// Publishes one actor event on `crm.events.<type>.<customer_id>` with its id as
 /// `Nats-Msg-Id`; `None` (logged) when it could not be sent.
 async fn send_event(jetstream: &Context, event: &ActorEvent) -> Option<PublishAckFuture> {
-    let body = match serde_json::to_vec(&crate::shard::actor_events::event_json(event)) {
+    // The serde form of an actor event is its public JSON (`ActorEventJson`).
+    let body = match serde_json::to_vec(event) {
         Ok(body) => body,
         Err(error) => {
             warn!(%error, "actor event not encodable");
