@@ -4,7 +4,7 @@
 //! published ([`wait_cluster_applied`], timed by the apply audit [`AuditWatch`] when it is
 //! complete). Used by the cluster, failover and hand-off steps.
 
-use crate::cluster_status::{all_node_stats, cluster_status, metric, sum_stats, ClusterStatus};
+use crate::cluster_status::{all_node_stats, cluster_status, sum_stats, ClusterStatus, Counters};
 use crate::plan::Plan;
 use crate::processes::{start_nats, BenchNode, NodeSettings};
 use crate::say;
@@ -19,7 +19,6 @@ use crm_testkit::multi_node::AuditRecord;
 use crm_testkit::nats_server::NatsServer;
 use crm_testkit::node_process::LogMark;
 use futures::StreamExt;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -153,7 +152,7 @@ impl Deployment for BenchCluster {
         self.live().map(BenchNode::pid).collect()
     }
 
-    async fn stats(&self, client: &async_nats::Client) -> Result<Value> {
+    async fn stats(&self, client: &async_nats::Client) -> Result<Counters> {
         let replies = all_node_stats(client, self.live().count()).await?;
         Ok(sum_stats(&replies))
     }
@@ -177,9 +176,7 @@ pub fn spawn_commands_watch(
     tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
             if let Ok(replies) = all_node_stats(&client, nodes).await {
-                if replies.len() == nodes
-                    && metric(&sum_stats(&replies), "shard_commands") >= target
-                {
+                if replies.len() == nodes && sum_stats(&replies).metrics.shard_commands >= target {
                     return Some(Instant::now());
                 }
             }

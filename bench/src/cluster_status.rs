@@ -1,15 +1,18 @@
-//! Every read of the nodes' JSON replies, in one place: `crm.node.stats` (counters,
-//! applied sequences) and the cluster status (`crm_node::cluster::status::gather`, what
-//! `crm-node status --json` prints). They are read as `serde_json::Value` for now; when the
-//! status has a typed contract, only this module changes. Callers get plain Rust values
-//! ([`ClusterStatus`], [`ShardRow`], counters as `u64`), never a key to spell.
+//! Every read of the nodes' replies, in one place: `crm.node.stats` (the typed
+//! [`NodeStats`]: counters, applied sequences) and the cluster status
+//! (`crm_node::cluster::status::read`, the typed contract `crm-node status --json` prints).
+//! Callers get typed fields ([`ClusterStatus`] over the node's `ShardStatus` rows,
+//! [`Counters`]), never a key to spell.
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream;
 use bytes::Bytes;
+use crm_node::cluster::status::{self, ShardStatus};
+use crm_node::ingest::identity_directory::DirectoryMetrics;
+pub use crm_node::metrics::{MetricsSnapshot, NodeStats};
 use crm_node::subjects;
 use futures::StreamExt;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ const STATUS_NODE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `crm.node.stats` of the node, retried while nobody answers yet (the node subscribes its
 /// stats responder around the time it logs `crm-node ready`).
-pub async fn node_stats(client: &async_nats::Client) -> Result<Value> {
+pub async fn node_stats(client: &async_nats::Client) -> Result<NodeStats> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -30,7 +33,7 @@ pub async fn node_stats(client: &async_nats::Client) -> Result<Value> {
         match reply {
             Ok(Ok(reply)) => {
                 return serde_json::from_slice(&reply.payload)
-                    .context("crm.node.stats reply is not JSON")
+                    .context("crm.node.stats reply is not a NodeStats")
             }
             Ok(Err(error)) if attempt < 100 => {
                 let _ = error;
@@ -42,43 +45,103 @@ pub async fn node_stats(client: &async_nats::Client) -> Result<Value> {
     }
 }
 
-pub fn metric(stats: &Value, name: &str) -> u64 {
-    stats["metrics"][name].as_u64().unwrap_or(0)
+/// A node's counters, or several nodes' summed: what the steps compare before and after.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Counters {
+    pub metrics: MetricsSnapshot,
+    pub identity: DirectoryMetrics,
 }
 
-/// The node's counters that grew between two stats replies.
-pub fn metrics_delta(before: &Value, after: &Value) -> Value {
-    let mut delta = Map::new();
-    if let Some(fields) = after["metrics"].as_object() {
-        for (name, value) in fields {
-            let grown = value
-                .as_u64()
-                .unwrap_or(0)
-                .saturating_sub(metric(before, name));
-            delta.insert(name.clone(), json!(grown));
+impl From<NodeStats> for Counters {
+    fn from(stats: NodeStats) -> Counters {
+        Counters {
+            metrics: stats.metrics,
+            identity: stats.identity,
         }
     }
-    Value::Object(delta)
+}
+
+/// `$ty` with every field `$field` set to `$op(a.$field, b.$field)`: the field list is
+/// checked by the compiler (a counter added to the node and not here fails to build).
+macro_rules! each_counter {
+    ($ty:ident, $a:expr, $b:expr, $op:expr, [$($field:ident),* $(,)?]) => {
+        $ty { $($field: $op($a.$field, $b.$field)),* }
+    };
+}
+
+/// `a` and `b` combined counter by counter with `op`.
+fn combine_metrics(
+    a: &MetricsSnapshot,
+    b: &MetricsSnapshot,
+    op: fn(u64, u64) -> u64,
+) -> MetricsSnapshot {
+    each_counter!(
+        MetricsSnapshot,
+        a,
+        b,
+        op,
+        [
+            ingest_received,
+            ingest_routed,
+            dead_lettered,
+            shard_batches,
+            shard_messages,
+            shard_commands,
+            applied,
+            duplicates,
+            rejected,
+            replay_skipped,
+            actor_events_published,
+            queries,
+            redeems,
+            ticks_appended,
+            stored_customers,
+        ]
+    )
+}
+
+/// `a` and `b` combined counter by counter with `op`.
+fn combine_identity(
+    a: &DirectoryMetrics,
+    b: &DirectoryMetrics,
+    op: fn(u64, u64) -> u64,
+) -> DirectoryMetrics {
+    each_counter!(
+        DirectoryMetrics,
+        a,
+        b,
+        op,
+        [
+            cache_hits,
+            cache_misses,
+            creates,
+            links,
+            conflicts,
+            kv_retries,
+            kv_reads,
+            created_first,
+            read_ahead,
+            read_ahead_used,
+        ]
+    )
+}
+
+/// How much each node counter grew between two stats replies (0 where it did not).
+pub fn metrics_delta(before: &MetricsSnapshot, after: &MetricsSnapshot) -> MetricsSnapshot {
+    combine_metrics(after, before, u64::saturating_sub)
 }
 
 /// How the node's identity-directory counters (`crm.node.stats` `identity`) grew.
-pub fn identity_delta(before: &Value, after: &Value) -> Value {
-    let mut delta = Map::new();
-    if let Some(fields) = after["identity"].as_object() {
-        for (name, value) in fields {
-            let was = before["identity"][name].as_u64().unwrap_or(0);
-            delta.insert(
-                name.clone(),
-                json!(value.as_u64().unwrap_or(0).saturating_sub(was)),
-            );
-        }
-    }
-    Value::Object(delta)
+pub fn identity_delta(before: &DirectoryMetrics, after: &DirectoryMetrics) -> DirectoryMetrics {
+    combine_identity(after, before, u64::saturating_sub)
 }
 
 /// `crm.node.stats` of every node: one request, the replies of up to `expected` nodes
 /// (whoever answers within 2 s).
-pub async fn all_node_stats(client: &async_nats::Client, expected: usize) -> Result<Vec<Value>> {
+pub async fn all_node_stats(
+    client: &async_nats::Client,
+    expected: usize,
+) -> Result<Vec<NodeStats>> {
     let inbox = client.new_inbox();
     let mut replies_sub = client
         .subscribe(inbox.clone())
@@ -93,8 +156,8 @@ pub async fn all_node_stats(client: &async_nats::Client, expected: usize) -> Res
     while replies.len() < expected {
         match tokio::time::timeout_at(deadline, replies_sub.next()).await {
             Ok(Some(message)) => {
-                if let Ok(value) = serde_json::from_slice::<Value>(&message.payload) {
-                    replies.push(value);
+                if let Ok(stats) = serde_json::from_slice::<NodeStats>(&message.payload) {
+                    replies.push(stats);
                 }
             }
             _ => break,
@@ -107,111 +170,52 @@ pub async fn all_node_stats(client: &async_nats::Client, expected: usize) -> Res
     Ok(replies)
 }
 
-/// The nodes' `metrics` and `identity` counters summed (what [`metrics_delta`] reads).
-pub fn sum_stats(replies: &[Value]) -> Value {
-    let sum = |section: &str| {
-        let mut total = Map::new();
-        for reply in replies {
-            for (name, value) in reply[section].as_object().into_iter().flatten() {
-                let was = total.get(name).and_then(Value::as_u64).unwrap_or(0);
-                total.insert(name.clone(), json!(was + value.as_u64().unwrap_or(0)));
-            }
-        }
-        Value::Object(total)
-    };
-    json!({
-        "nodes": replies.iter().map(|r| r["node_id"].clone()).collect::<Vec<_>>(),
-        "metrics": sum("metrics"),
-        "identity": sum("identity"),
-    })
+/// The nodes' `metrics` and `identity` counters summed.
+pub fn sum_stats(replies: &[NodeStats]) -> Counters {
+    replies
+        .iter()
+        .fold(Counters::default(), |total, reply| Counters {
+            metrics: combine_metrics(&total.metrics, &reply.metrics, u64::saturating_add),
+            identity: combine_identity(&total.identity, &reply.identity, u64::saturating_add),
+        })
 }
 
-/// Shard `shard`'s applied sequence in a `crm.node.stats` reply (0 when absent).
-pub fn applied_seq(stats: &Value, shard: usize) -> u64 {
-    stats["applied_seq"][shard].as_u64().unwrap_or(0)
-}
-
-/// The stored-customer count of a `crm.node.stats` reply (in `metrics`, or at the top in
-/// older nodes).
-pub fn stored_customers(stats: &Value) -> Option<u64> {
-    stats["metrics"]["stored_customers"]
-        .as_u64()
-        .or_else(|| stats["stored_customers"].as_u64())
-}
-
-/// The cluster status (`crm_node::cluster::status::gather`).
+/// The cluster status (`crm_node::cluster::status::read`).
 pub async fn cluster_status(js: &jetstream::Context) -> Result<ClusterStatus> {
-    crm_node::cluster::status::gather(js, STATUS_NODE_TIMEOUT)
+    status::read(js, STATUS_NODE_TIMEOUT)
         .await
-        .map(|raw| ClusterStatus { raw })
+        .map(|status| ClusterStatus { status })
         .map_err(|e| anyhow!("cluster status: {e}"))
 }
 
 /// One cluster status as read.
 #[derive(Debug, Clone)]
 pub struct ClusterStatus {
-    raw: Value,
-}
-
-/// One shard's row of a status.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ShardRow {
-    pub shard: Option<u64>,
-    /// The lease owner.
-    pub owner: Option<String>,
-    /// The node the assignment gives the shard to.
-    pub assigned: Option<String>,
-    pub applied_seq: Option<u64>,
-    pub last_seq: Option<u64>,
-    /// `None` while the owner's applied sequence is not known.
-    pub lag: Option<u64>,
-}
-
-impl ShardRow {
-    fn read(row: &Value) -> ShardRow {
-        ShardRow {
-            shard: row["shard"].as_u64(),
-            owner: row["owner"].as_str().map(str::to_string),
-            assigned: row["assigned"].as_str().map(str::to_string),
-            applied_seq: row["applied_seq"].as_u64(),
-            last_seq: row["last_seq"].as_u64(),
-            lag: row["lag"].as_u64(),
-        }
-    }
+    status: status::ClusterStatus,
 }
 
 impl ClusterStatus {
     /// Every shard's row, in the status' order.
-    pub fn shards(&self) -> Vec<ShardRow> {
-        self.raw["shards"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(ShardRow::read)
-            .collect()
-    }
-
-    /// Whether the status lists shards at all.
-    fn has_shards(&self) -> bool {
-        self.raw["shards"].is_array()
+    pub fn shards(&self) -> &[ShardStatus] {
+        &self.status.shards
     }
 
     /// The node holding the coordinator lease.
     pub fn coordinator(&self) -> Option<&str> {
-        self.raw["coordinator"].as_str()
+        self.status.coordinator.as_deref()
     }
 
     /// The node holding the router lease.
     pub fn router(&self) -> Option<&str> {
-        self.raw["router"].as_str()
+        self.status.router.as_deref()
     }
 
     /// The shards `node` holds the lease of.
-    pub fn owned_by(&self, node: &str) -> Vec<u64> {
+    pub fn owned_by(&self, node: &str) -> Vec<u32> {
         self.shards()
-            .into_iter()
+            .iter()
             .filter(|s| s.owner.as_deref() == Some(node))
-            .filter_map(|s| s.shard)
+            .map(|s| s.shard)
             .collect()
     }
 
@@ -221,22 +225,12 @@ impl ClusterStatus {
     }
 
     /// The alive nodes and the shards each one's heartbeat says it serves.
-    pub fn serving_nodes(&self) -> BTreeMap<String, HashSet<u64>> {
-        self.raw["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|node| node["alive"] == true)
-            .filter_map(|node| {
-                let id = node["node_id"].as_str()?.to_string();
-                let shards = node["shards"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_u64)
-                    .collect();
-                Some((id, shards))
-            })
+    pub fn serving_nodes(&self) -> BTreeMap<String, HashSet<u32>> {
+        self.status
+            .nodes
+            .iter()
+            .filter(|node| node.alive)
+            .map(|node| (node.node_id.clone(), node.shards.iter().copied().collect()))
             .collect()
     }
 
@@ -244,8 +238,8 @@ impl ClusterStatus {
     pub fn shard_counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for shard in self.shards() {
-            if let Some(owner) = shard.owner {
-                *counts.entry(owner).or_insert(0) += 1;
+            if let Some(owner) = &shard.owner {
+                *counts.entry(owner.clone()).or_insert(0) += 1;
             }
         }
         counts
@@ -256,9 +250,6 @@ impl ClusterStatus {
     /// the shard) with lag 0; the shards balanced over `nodes` (counts differ by at most
     /// one); a coordinator and a router.
     pub fn unsettled(&self, nodes: &[String]) -> Option<String> {
-        if !self.has_shards() {
-            return None;
-        }
         let serving = self.serving_nodes();
         let mut problems = Vec::new();
         if self.coordinator().is_none() {
@@ -270,7 +261,6 @@ impl ClusterStatus {
         let (mut unowned, mut moving, mut unserved, mut lagging) = (0, 0, 0, 0);
         let mut counts: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
         for shard in self.shards() {
-            let number = shard.shard.unwrap_or(u64::MAX);
             let Some(owner) = shard.owner.as_deref() else {
                 unowned += 1;
                 continue;
@@ -278,7 +268,7 @@ impl ClusterStatus {
             if shard.assigned.as_deref() != Some(owner) {
                 moving += 1;
             }
-            if !serving.get(owner).is_some_and(|s| s.contains(&number)) {
+            if !serving.get(owner).is_some_and(|s| s.contains(&shard.shard)) {
                 unserved += 1;
             }
             if shard.lag != Some(0) {
@@ -307,9 +297,4 @@ impl ClusterStatus {
         }
         (!problems.is_empty()).then(|| problems.join(", "))
     }
-}
-
-/// How much counter `name` grew in a [`metrics_delta`].
-pub fn grown(delta: &Value, name: &str) -> u64 {
-    delta[name].as_u64().unwrap_or(0)
 }

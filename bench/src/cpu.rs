@@ -19,7 +19,7 @@ pub struct CpuSnapshot {
 }
 
 /// CPU used over a span: seconds and cores busy on average.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CpuUse {
     pub wall_s: f64,
     pub nats_server_cpu_s: f64,

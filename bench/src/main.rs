@@ -61,7 +61,7 @@ use report::{load_average, print_table, Report};
 use stats::round;
 use std::process::ExitCode;
 use std::time::Instant;
-use traffic::{connect, generated_traffic, TRAFFIC_START};
+use traffic::{connect, generated_traffic, GeneratorDetails, TrafficDetails, TRAFFIC_START};
 
 /// A line of progress on stderr.
 fn say(text: impl AsRef<str>) {
@@ -77,10 +77,17 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
     let (traffic, spec) = generated_traffic(plan.events, plan.seed);
     let mean_bytes =
         traffic.iter().map(|m| m.payload.len()).sum::<usize>() as f64 / traffic.len().max(1) as f64;
-    report.results.traffic = Some(serde_json::json!({
-        "generator": {"people": spec.customers, "days": spec.days, "seed": spec.seed,
-            "duplicate_rate_percent": spec.duplicate_rate_percent, "start": TRAFFIC_START},
-        "events": traffic.len(), "mean_payload_bytes": round(mean_bytes, 0)}));
+    report.results.traffic = Some(TrafficDetails {
+        generator: GeneratorDetails {
+            people: spec.customers,
+            days: spec.days,
+            seed: spec.seed,
+            duplicate_rate_percent: spec.duplicate_rate_percent,
+            start: TRAFFIC_START.to_string(),
+        },
+        events: traffic.len(),
+        mean_payload_bytes: round(mean_bytes, 0),
+    });
     let nats = start_nats(plan, "nats")?;
     let client = connect(&nats.url()).await?;
     if plan.runs("raw") {

@@ -6,10 +6,18 @@
 
 use crate::plan::Plan;
 use crate::stats::round;
+use crate::steps::cluster::ClusterSizeDetails;
+use crate::steps::cold::ColdDetails;
+use crate::steps::e2e::EndToEndDetails;
+use crate::steps::failover::FailoverRunDetails;
+use crate::steps::kv::KvDiagnostic;
+use crate::steps::latency::LatencyDetails;
+use crate::steps::raw::RawDetails;
+use crate::steps::rss::MemoryDetails;
+use crate::traffic::TrafficDetails;
 use crm_actors::time::format_rfc3339;
 use crm_testkit::paths::repo_root;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -57,28 +65,28 @@ pub struct BenchResults {
     pub load_average_at_start: Vec<f64>,
     /// Step details, absent when the step did not run or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traffic: Option<Value>,
+    pub traffic: Option<TrafficDetails>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub raw: Option<Value>,
+    pub raw: Option<RawDetails>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kv_diagnostic: Option<Value>,
+    pub kv_diagnostic: Option<KvDiagnostic>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_to_end: Option<Value>,
+    pub end_to_end: Option<EndToEndDetails>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency: Option<Value>,
+    pub latency: Option<LatencyDetails>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_warnings: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rss: Option<Value>,
+    pub rss: Option<MemoryDetails>,
     /// Per cluster size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<BTreeMap<String, Value>>,
+    pub cluster: Option<BTreeMap<String, ClusterSizeDetails>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverResults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffResults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cold_activation: Option<Value>,
+    pub cold_activation: Option<ColdDetails>,
     /// Step name -> what failed.
     pub errors: BTreeMap<String, String>,
 }
@@ -139,9 +147,9 @@ pub struct RunSettings {
 }
 
 /// The failover step: every run's details, then the worst and the median.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FailoverResults {
-    pub runs: Vec<Value>,
+    pub runs: Vec<FailoverRunDetails>,
     pub load_events_per_s: f64,
     pub nodes: u32,
     pub shards: u32,
@@ -155,14 +163,14 @@ pub struct FailoverResults {
 }
 
 /// The hand-off step: one run per `--handoff-customers` value.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HandoffResults {
     pub runs: Vec<HandoffRun>,
     pub method: String,
 }
 
 /// One hand-off run (see `steps::handoff`).
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HandoffRun {
     pub customers: u64,
     pub customers_published: u64,
@@ -173,7 +181,7 @@ pub struct HandoffRun {
     pub handoff_s: f64,
     /// From the drain request until node-2 logs 'serving shard'.
     pub handoff_log_s: Option<f64>,
-    pub assignment_written: Option<Value>,
+    pub assignment_written: Option<NodeMoment>,
     pub handing_off_s: Option<f64>,
     pub snapshot_written_s: Option<f64>,
     pub snapshot_bytes: Option<u64>,
@@ -185,8 +193,60 @@ pub struct HandoffRun {
     pub shard_start_ms: Option<u64>,
     pub status_polls: u64,
     pub status_read_ms: crate::stats::Summary,
-    pub status_trace: Value,
+    pub status_trace: StatusTrace,
     pub cpu: crate::cpu::CpuUse,
+}
+
+/// A node and when (seconds after the run's reference moment) it logged something.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NodeMoment {
+    pub node: String,
+    pub s: f64,
+}
+
+/// Shard 0 as the hand-off's status polls saw it: `owner`, `assigned`, whether node-2
+/// serves it, `applied_seq`, `last_seq`, `lag` (the names in [`StatusTrace::fields`]).
+pub type SeenShard = (
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<u64>,
+    u64,
+    Option<u64>,
+);
+
+/// The names of a [`SeenShard`]'s values, in order.
+pub const SEEN_SHARD_FIELDS: [&str; 6] = [
+    "owner",
+    "assigned",
+    "node-2 serves it",
+    "applied_seq",
+    "last_seq",
+    "lag",
+];
+
+/// Every change of shard 0 the hand-off's status polls saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct StatusTrace {
+    /// What each value of `changes[].seen` is ([`SEEN_SHARD_FIELDS`]).
+    pub fields: Vec<String>,
+    pub changes: Vec<TraceChange>,
+}
+
+impl StatusTrace {
+    pub fn new(changes: Vec<TraceChange>) -> StatusTrace {
+        StatusTrace {
+            fields: SEEN_SHARD_FIELDS.iter().map(|f| f.to_string()).collect(),
+            changes,
+        }
+    }
+}
+
+/// Shard 0 as seen from `s` seconds after the drain request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TraceChange {
+    pub s: f64,
+    pub seen: SeenShard,
 }
 
 /// Everything the run found, as it goes.
@@ -335,7 +395,7 @@ pub fn print_table(results: &BenchResults) {
         results.run.mode,
         machine.cores,
         machine.cpu_model.as_deref().unwrap_or("?"),
-        shown(machine.memory_gib),
+        crate::stats::or_null(machine.memory_gib),
         machine.nats_server.as_deref().unwrap_or("nats-server ?"),
     );
     let mut rows = single_node_rows(results);
@@ -349,11 +409,6 @@ pub fn print_table(results: &BenchResults) {
     for (step, error) in &results.errors {
         println!("step {step} FAILED: {error}");
     }
-}
-
-/// `value` as JSON prints it (`null` when absent).
-fn shown(value: Option<f64>) -> String {
-    serde_json::json!(value).to_string()
 }
 
 fn single_node_rows(r: &BenchResults) -> Vec<Row> {
@@ -542,13 +597,333 @@ mod tests {
             "handoff_10k_s",
             "handoff_100k_s",
         ] {
-            assert_eq!(value[key], Value::Null, "{key}");
+            assert_eq!(value[key], serde_json::Value::Null, "{key}");
         }
         assert_eq!(value["handoff_1k_s"], serde_json::json!(0.5));
         assert!(value.get("raw").is_none());
         assert!(value["errors"].as_object().is_some_and(|e| e.is_empty()));
         let back: BenchResults = serde_json::from_value(value).expect("results read back");
         assert_eq!(back.handoff_other_s.get("handoff_1k_s"), Some(&Some(0.5)));
+    }
+
+    /// Every step's details filled (defaults, one run or size each).
+    fn every_step() -> BenchResults {
+        BenchResults {
+            traffic: Some(Default::default()),
+            raw: Some(Default::default()),
+            kv_diagnostic: Some(crate::steps::kv::KvDiagnostic {
+                windows: vec![Default::default()],
+                ..Default::default()
+            }),
+            end_to_end: Some(EndToEndDetails {
+                timeline: vec![Default::default()],
+                ..Default::default()
+            }),
+            latency: Some(Default::default()),
+            node_warnings: Some(vec!["node-1: WARN something".to_string()]),
+            rss: Some(crate::steps::rss::MemoryDetails {
+                at_cap: Some(Default::default()),
+                samples: vec![Default::default()],
+                ..Default::default()
+            }),
+            cluster: Some(BTreeMap::from([("1".to_string(), Default::default())])),
+            failover: Some(FailoverResults {
+                runs: vec![FailoverRunDetails {
+                    killed_roles: vec!["router".to_string()],
+                    coordinator_taken_s: Some(NodeMoment {
+                        node: "node-2".to_string(),
+                        s: 1.5,
+                    }),
+                    timeline: vec![Default::default()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            handoff: Some(HandoffResults {
+                runs: vec![HandoffRun {
+                    assignment_written: Some(NodeMoment {
+                        node: "node-1".to_string(),
+                        s: 0.2,
+                    }),
+                    status_trace: StatusTrace::new(vec![TraceChange {
+                        s: 0.1,
+                        seen: (Some("node-1".into()), None, false, Some(3), 4, Some(1)),
+                    }]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            cold_activation: Some(Default::default()),
+            ..Default::default()
+        }
+    }
+
+    /// The keys of the object at `path` (`/`-separated, as a JSON pointer).
+    fn keys(value: &serde_json::Value, path: &str) -> Vec<String> {
+        let mut keys: Vec<String> = value
+            .pointer(path)
+            .and_then(serde_json::Value::as_object)
+            .unwrap_or_else(|| panic!("no object at {path}"))
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn sorted(names: &[&str]) -> Vec<String> {
+        let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// Every step's details read back as written.
+    #[test]
+    fn every_step_round_trips() {
+        let value = serde_json::to_value(every_step()).expect("results serialize");
+        let back: BenchResults = serde_json::from_value(value.clone()).expect("read back");
+        let again = serde_json::to_value(&back).expect("results serialize again");
+        assert_eq!(again, value);
+    }
+
+    /// Each step's details keep the keys bench/results.json had (and docs/benchmark.md names).
+    #[test]
+    fn every_step_keeps_its_keys() {
+        let value = serde_json::to_value(every_step()).expect("results serialize");
+        let cpu = sorted(&[
+            "wall_s",
+            "nats_server_cpu_s",
+            "crm_node_cpu_s",
+            "bench_cpu_s",
+            "nats_server_cores",
+            "crm_node_cores",
+            "bench_cores",
+            "other_cores",
+        ]);
+        assert_eq!(keys(&value, "/raw/cpu_publish"), cpu);
+        let expected: [(&str, &[&str]); 17] = [
+            ("/traffic", &["generator", "events", "mean_payload_bytes"]),
+            (
+                "/traffic/generator",
+                &["people", "days", "seed", "duplicate_rate_percent", "start"],
+            ),
+            (
+                "/raw",
+                &[
+                    "events",
+                    "seconds",
+                    "events_per_s",
+                    "publish_seconds",
+                    "publish_events_per_s",
+                    "consume_seconds",
+                    "consume_events_per_s",
+                    "in_flight",
+                    "pull_batch",
+                    "cpu_publish",
+                    "cpu_consume",
+                ],
+            ),
+            (
+                "/kv_diagnostic",
+                &[
+                    "keys",
+                    "sequential_get_then_create_per_s",
+                    "windows",
+                    "pipelined_creates",
+                    "pipelined_in_flight",
+                    "pipelined_creates_per_s",
+                    "pipelined_failures",
+                ],
+            ),
+            (
+                "/kv_diagnostic/windows/0",
+                &["keys_after", "get_miss_mean_us", "create_mean_us"],
+            ),
+            (
+                "/end_to_end",
+                &[
+                    "events",
+                    "seconds",
+                    "events_per_s",
+                    "publish_done_s",
+                    "routed_done_s",
+                    "applied_done_s",
+                    "duplicates_acked",
+                    "in_flight",
+                    "shards",
+                    "node_counters",
+                    "identity_counters",
+                    "mean_shard_batch_messages",
+                    "mean_shard_batch_commands",
+                    "cpu_while_publishing",
+                    "cpu_after_publishing",
+                    "cpu_total",
+                    "timeline",
+                ],
+            ),
+            (
+                "/end_to_end/timeline/0",
+                &["t_s", "published", "routed", "applied"],
+            ),
+            (
+                "/latency",
+                &[
+                    "target_rate_per_s",
+                    "achieved_rate_per_s",
+                    "events",
+                    "customers",
+                    "seconds",
+                    "publish_to_points_earned_ms",
+                    "publish_to_shard_log_ms",
+                    "publish_to_pub_ack_ms",
+                    "points_earned_worst_ms_by_second",
+                    "shard_log_worst_ms_by_second",
+                    "points_earned_missing",
+                    "shard_log_missing",
+                    "pub_ack_failures",
+                    "node_counters",
+                    "cpu",
+                ],
+            ),
+            (
+                "/rss",
+                &[
+                    "customers_published",
+                    "customers_applied",
+                    "stored_customers_reported",
+                    "resident_cap",
+                    "rss_mib_at_start",
+                    "rss_mib_resident_cap",
+                    "at_cap",
+                    "rss_mib_end_of_feed",
+                    "rss_mib_after_settle",
+                    "settle_seconds",
+                    "rss_mib_peak",
+                    "sled_dir_mib",
+                    "feed_seconds",
+                    "new_customers_per_s",
+                    "cpu",
+                    "samples",
+                ],
+            ),
+            ("/rss/at_cap", &["applied", "rss_mib", "t_s"]),
+            (
+                "/rss/samples/0",
+                &["t_s", "published", "applied", "rss_mib"],
+            ),
+            (
+                "/cluster/1",
+                &[
+                    "nodes",
+                    "shards",
+                    "settle_s",
+                    "coordinator",
+                    "router",
+                    "events_per_s",
+                    "throughput",
+                    "latency",
+                    "node_warnings",
+                ],
+            ),
+            (
+                "/cluster/1/throughput",
+                &[
+                    "events",
+                    "seconds",
+                    "events_per_s",
+                    "publish_done_s",
+                    "routed_done_s",
+                    "applied_done_s",
+                    "applied_timing",
+                    "status_confirmed_s",
+                    "commands_applied_s",
+                    "events_per_s_by_counters",
+                    "audit_records",
+                    "duplicates_acked",
+                    "node_counters",
+                    "identity_counters",
+                    "mean_shard_batch_messages",
+                    "cpu_while_publishing",
+                    "cpu_total",
+                    "shards_per_node",
+                ],
+            ),
+            (
+                "/failover/runs/0",
+                &[
+                    "run",
+                    "settle_s",
+                    "killed",
+                    "killed_roles",
+                    "killed_shards",
+                    "survivors",
+                    "failover_s",
+                    "failover_log_s",
+                    "first_apply_by_new_owner_worst_s",
+                    "caught_up_s",
+                    "caught_up_audit_s",
+                    "router_unacked_when_caught_up",
+                    "new_owners",
+                    "shards_restored_from_snapshot",
+                    "shard_start_ms",
+                    "coordinator_taken_s",
+                    "router_taken_s",
+                    "first_assignment_after_kill",
+                    "status_polls",
+                    "status_read_ms",
+                    "load_published",
+                    "load_failures",
+                    "shards_per_node_after",
+                    "cpu_survivors",
+                    "timeline",
+                ],
+            ),
+            ("/failover/runs/0/coordinator_taken_s", &["node", "s"]),
+            ("/handoff/runs/0/status_trace", &["fields", "changes"]),
+            (
+                "/cold_activation",
+                &[
+                    "method",
+                    "customers_stored",
+                    "events_applied",
+                    "fill_seconds",
+                    "fill_events_per_s",
+                    "mean_state_bytes",
+                    "cold_view_us",
+                    "warm_view_us",
+                    "activation_only_mean_us",
+                    "sled_load_decode_us",
+                    "resident_after_cold_views",
+                    "runtime",
+                ],
+            ),
+        ];
+        for (path, names) in expected {
+            assert_eq!(keys(&value, path), sorted(names), "{path}");
+        }
+        assert_eq!(
+            value["cluster"]["1"]["throughput"]["applied_timing"],
+            serde_json::json!("status")
+        );
+        assert_eq!(
+            value["end_to_end"]["node_counters"]["shard_commands"],
+            serde_json::json!(0)
+        );
+        assert_eq!(
+            value["end_to_end"]["identity_counters"]["read_ahead_used"],
+            serde_json::json!(0)
+        );
+        assert_eq!(
+            value["handoff"]["runs"][0]["status_trace"],
+            serde_json::json!({
+                "fields": ["owner", "assigned", "node-2 serves it", "applied_seq", "last_seq", "lag"],
+                "changes": [{"s": 0.1, "seen": ["node-1", null, false, 3, 4, 1]}],
+            })
+        );
+        assert_eq!(
+            value["handoff"]["runs"][0]["assignment_written"],
+            serde_json::json!({"node": "node-1", "s": 0.2})
+        );
     }
 
     #[test]

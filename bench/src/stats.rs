@@ -20,7 +20,7 @@ fn percentile(sorted: &[f64], percent: f64) -> f64 {
 }
 
 /// Count, mean and percentiles of some values (any unit).
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Summary {
     pub count: usize,
     /// Absent when there is no value.
@@ -29,7 +29,7 @@ pub struct Summary {
 }
 
 /// The figures of a [`Summary`] with at least one value.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Figures {
     pub mean: f64,
     pub p50: f64,
@@ -99,4 +99,9 @@ pub fn seconds_between(from: Instant, to: Instant) -> f64 {
         -from.duration_since(to).as_secs_f64()
     };
     round(seconds, 3)
+}
+
+/// `value` as text, `null` when absent (how the progress lines show a missing figure).
+pub fn or_null<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "null".to_string(), |v| v.to_string())
 }

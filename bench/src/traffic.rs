@@ -4,7 +4,7 @@
 //! sent again; the msg id dedups it), and a paced load at a fixed rate. Every publish goes to
 //! `crm.ingest.<channel>` as an adapter's would.
 
-use crate::cluster_status::{metric, node_stats};
+use crate::cluster_status::node_stats;
 use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream;
 use async_nats::jetstream::context::PublishAckFuture;
@@ -13,6 +13,7 @@ use bytes::Bytes;
 use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
 use crm_node::loadgen::{Generator, GeneratorSpec};
 use crm_node::subjects;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,6 +36,26 @@ pub struct Outgoing {
     pub subject: String,
     pub msg_id: String,
     pub payload: Bytes,
+}
+
+/// The sample traffic of steps 1 to 3 (`traffic` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TrafficDetails {
+    pub generator: GeneratorDetails,
+    pub events: usize,
+    pub mean_payload_bytes: f64,
+}
+
+/// The generator's settings (`crm_node::loadgen::GeneratorSpec`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GeneratorDetails {
+    /// People (customers and visitors).
+    pub people: usize,
+    pub days: u32,
+    pub seed: u64,
+    pub duplicate_rate_percent: u8,
+    /// The traffic window's start (RFC 3339).
+    pub start: String,
 }
 
 /// What [`publish_bounded`] did.
@@ -246,7 +267,7 @@ pub fn spawn_customer_feed(
         let mut start = 0;
         while start < customers {
             loop {
-                let applied = metric(&node_stats(&client).await?, "applied");
+                let applied = node_stats(&client).await?.metrics.applied;
                 if acked.load(Ordering::Relaxed).saturating_sub(applied) <= FEED_BACKLOG_MAX {
                     break;
                 }

@@ -4,13 +4,12 @@
 //! instead of hanging the bench. [`Deployment`] is what the latency step drives: one node
 //! ([`BenchNode`]) or a cluster ([`crate::bench_cluster::BenchCluster`]).
 
-use crate::cluster_status::{applied_seq, node_stats};
+use crate::cluster_status::{node_stats, Counters, NodeStats};
 use crate::processes::BenchNode;
 use crate::say;
 use anyhow::{anyhow, bail, Result};
 use async_nats::jetstream;
 use crm_node::subjects;
-use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// Pause between two polls of the drain condition.
@@ -124,7 +123,7 @@ pub struct Drained {
     pub routed_at: Instant,
     /// Every shard's applied sequence had reached its last record.
     pub applied_at: Instant,
-    pub stats: Value,
+    pub stats: NodeStats,
 }
 
 /// Waits until everything published so far is applied and flushed: the router's durable
@@ -173,10 +172,10 @@ pub async fn wait_applied(
         node.check_alive()?;
         let stats = node_stats(client).await?;
         let behind = (0..shards as usize)
-            .filter(|&shard| applied_seq(&stats, shard) < last[shard])
+            .filter(|&shard| stats.applied_seq(shard) < last[shard])
             .count();
         let applied_sum = (0..shards as usize)
-            .map(|shard| applied_seq(&stats, shard))
+            .map(|shard| stats.applied_seq(shard))
             .sum();
         stall.observe(
             (applied_sum, behind as u64, 0),
@@ -184,12 +183,12 @@ pub async fn wait_applied(
         )?;
         if last_report.elapsed() >= PROGRESS_EVERY && behind > 0 {
             let lagging: Vec<String> = (0..shards as usize)
-                .filter(|&shard| applied_seq(&stats, shard) < last[shard])
+                .filter(|&shard| stats.applied_seq(shard) < last[shard])
                 .take(4)
                 .map(|shard| {
                     format!(
                         "shard {shard} at {} of {}",
-                        applied_seq(&stats, shard),
+                        stats.applied_seq(shard),
                         last[shard]
                     )
                 })
@@ -221,7 +220,7 @@ pub trait Deployment {
     /// The nodes' processes (for CPU accounting).
     fn node_pids(&self) -> Vec<u32>;
     /// `crm.node.stats`; for several nodes, every node's counters summed.
-    async fn stats(&self, client: &async_nats::Client) -> Result<Value>;
+    async fn stats(&self, client: &async_nats::Client) -> Result<Counters>;
     /// Waits until everything published so far is applied.
     async fn wait_applied(&mut self, client: &async_nats::Client, timeout: Duration) -> Result<()>;
 }
@@ -235,8 +234,8 @@ impl Deployment for BenchNode {
         vec![self.pid()]
     }
 
-    async fn stats(&self, client: &async_nats::Client) -> Result<Value> {
-        node_stats(client).await
+    async fn stats(&self, client: &async_nats::Client) -> Result<Counters> {
+        node_stats(client).await.map(Counters::from)
     }
 
     async fn wait_applied(&mut self, client: &async_nats::Client, timeout: Duration) -> Result<()> {

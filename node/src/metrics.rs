@@ -1,9 +1,12 @@
 //! Node counters: what the router and shard workers did, readable by `crm-node stats`.
 //!
 //! Plain atomics, bumped on the hot path with relaxed ordering, snapshotted as JSON by the
-//! stats responder. Counts only; no rule logic here.
+//! stats responder. Counts only; no rule logic here. [`NodeStats`] is the contract of the
+//! `crm.node.stats` reply (docs/protocol.md "Node counters"): the snapshot, the identity
+//! directory's counters and each shard's applied sequence.
 
-use serde::Serialize;
+use crate::ingest::identity_directory::DirectoryMetrics;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of one node process since it started.
@@ -29,7 +32,7 @@ pub struct Metrics {
 }
 
 /// A point-in-time copy of [`Metrics`], as JSON.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 pub struct MetricsSnapshot {
     pub ingest_received: u64,
     pub ingest_routed: u64,
@@ -46,6 +49,26 @@ pub struct MetricsSnapshot {
     pub redeems: u64,
     pub ticks_appended: u64,
     pub stored_customers: u64,
+}
+
+/// The reply to `crm.node.stats`: one node's counters since its process started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+pub struct NodeStats {
+    pub node_id: String,
+    /// Per shard, the last shard-log sequence this node applied (0 where it does not serve
+    /// the shard).
+    pub applied_seq: Vec<u64>,
+    /// The node's counters.
+    pub metrics: MetricsSnapshot,
+    /// The counters of the router's identity directory on this node.
+    pub identity: DirectoryMetrics,
+}
+
+impl NodeStats {
+    /// Shard `shard`'s applied sequence (0 when the reply does not list it).
+    pub fn applied_seq(&self, shard: usize) -> u64 {
+        self.applied_seq.get(shard).copied().unwrap_or(0)
+    }
 }
 
 impl Metrics {
@@ -105,5 +128,40 @@ mod tests {
             );
         }
         assert!(count >= 25, "only {count} counters found");
+    }
+
+    /// The reply keeps the keys of docs/protocol.md (`node_id`, `applied_seq`, `metrics`,
+    /// `identity`) and reads back.
+    #[test]
+    fn the_stats_reply_keeps_its_keys() {
+        let stats = NodeStats {
+            node_id: "node-1".into(),
+            applied_seq: vec![1042, 0],
+            metrics: MetricsSnapshot {
+                applied: 7,
+                ..MetricsSnapshot::default()
+            },
+            identity: DirectoryMetrics {
+                creates: 3,
+                ..DirectoryMetrics::default()
+            },
+        };
+        let value = serde_json::to_value(&stats).expect("serialises");
+        let keys: Vec<&str> = value
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["applied_seq", "identity", "metrics", "node_id"]);
+        assert_eq!(value["applied_seq"], serde_json::json!([1042, 0]));
+        assert_eq!(value["metrics"]["applied"], 7);
+        assert_eq!(value["identity"]["creates"], 3);
+        let back: NodeStats = serde_json::from_value(value).expect("reads back");
+        assert_eq!(back, stats);
+        assert_eq!(back.applied_seq(1), 0);
+        assert_eq!(back.applied_seq(5), 0);
+        let schema = serde_json::to_string(&schemars::schema_for!(NodeStats)).expect("schema");
+        assert!(schema.contains("read_ahead_used"));
     }
 }

@@ -20,7 +20,7 @@ use crate::cluster::snapshot::Snapshots;
 use crate::config::{Config, Overrides};
 use crate::ingest::identity_directory::IdentityDirectory;
 use crate::ingest::router::Router;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NodeStats};
 use crate::shard::worker::ShardTable;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::value::service::ValueService;
@@ -31,7 +31,6 @@ use crm_actors::ingest::IngestLimits;
 use crm_actors::rules::Rules;
 use crm_actors::store::Store;
 use futures::StreamExt;
-use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -583,14 +582,18 @@ async fn serve_stats(
         tokio::select! {
             message = subscription.next() => {
                 let Some(message) = message else { return };
-                let body = json!({
-                    "node_id": node_id,
-                    "metrics": metrics.snapshot(),
-                    "identity": directory.metrics(),
-                    "applied_seq": progress.iter().map(|p| p.load(Ordering::Relaxed)).collect::<Vec<_>>(),
-                });
+                let stats = NodeStats {
+                    node_id: node_id.clone(),
+                    applied_seq: progress.iter().map(|p| p.load(Ordering::Relaxed)).collect(),
+                    metrics: metrics.snapshot(),
+                    identity: directory.metrics(),
+                };
+                let Ok(body) = serde_json::to_vec(&stats) else {
+                    warn!("stats reply not serialisable");
+                    continue;
+                };
                 if let Some(inbox) = message.reply {
-                    let _ = client.publish(inbox, body.to_string().into()).await;
+                    let _ = client.publish(inbox, body.into()).await;
                 }
             }
             _ = shutdown.wait() => return,

@@ -9,6 +9,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
 use crm_node::loadgen::{GeneratedEvent, Generator, GeneratorSpec, PersonTruth, Truth};
+use crm_node::metrics::NodeStats;
 use crm_node::subjects;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -347,7 +348,13 @@ pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> 
     )
     .await
     {
-        Ok(Ok(reply)) => serde_json::from_slice::<Value>(&reply.payload).unwrap_or(Value::Null),
+        Ok(Ok(reply)) => match serde_json::from_slice::<NodeStats>(&reply.payload) {
+            Ok(stats) => stats,
+            Err(error) => {
+                busy.push(format!("crm.node.stats reply not readable: {error}"));
+                return busy;
+            }
+        },
         _ => {
             busy.push("no node answers crm.node.stats".to_string());
             return busy;
@@ -363,7 +370,7 @@ pub async fn busy_logs(client: &async_nats::Client, shards: u32) -> Vec<String> 
             .await
             .map(|m| m.sequence)
             .unwrap_or(0);
-        let applied = stats["applied_seq"][shard as usize].as_u64().unwrap_or(0);
+        let applied = stats.applied_seq(shard as usize);
         if applied < last {
             busy.push(format!("shard {shard}: applied {applied} of {last}"));
         }

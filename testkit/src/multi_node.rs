@@ -9,6 +9,7 @@ use crate::nats_cluster::NatsCluster;
 use crate::nats_server::NatsServer;
 use crate::node_process::{run_cli, NodeProcess};
 use async_nats::jetstream;
+use crm_node::cluster::status::{self as cluster_status, ClusterStatus};
 use crm_node::subjects;
 use serde::Deserialize;
 use serde_json::Value;
@@ -125,7 +126,14 @@ impl Drop for ClusterEnv {
     }
 }
 
-/// `crm-node status --json` through the library (what the CLI prints).
+/// The cluster status (`crm_node::cluster::status::read`, what `crm-node status --json`
+/// prints), or why it could not be read (JetStream busy electing leaders, say).
+pub async fn read_status(client: &async_nats::Client) -> Result<ClusterStatus, String> {
+    let js = jetstream::new(client.clone());
+    cluster_status::read(&js, Duration::from_secs(4)).await
+}
+
+/// `crm-node status --json` through the library, as JSON (what the CLI prints).
 pub async fn status(client: &async_nats::Client) -> Value {
     try_status(client)
         .await
@@ -134,8 +142,8 @@ pub async fn status(client: &async_nats::Client) -> Value {
 
 /// [`status`], or why it could not be read (JetStream busy electing leaders, say).
 pub async fn try_status(client: &async_nats::Client) -> Result<Value, String> {
-    let js = jetstream::new(client.clone());
-    crm_node::cluster::status::gather(&js, Duration::from_secs(4)).await
+    let status = read_status(client).await?;
+    serde_json::to_value(&status).map_err(|error| format!("status not serialisable: {error}"))
 }
 
 /// `crm-node status --json` through the CLI.
@@ -151,21 +159,25 @@ pub fn status_cli(nats_url: &str) -> Value {
 pub async fn cluster_busy(client: &async_nats::Client) -> Vec<String> {
     let js = jetstream::new(client.clone());
     let mut busy: Vec<String> = router_busy(&js).await.into_iter().collect();
-    let status = match try_status(client).await {
+    let status = match read_status(client).await {
         Ok(status) => status,
         Err(error) => {
             busy.push(error);
             return busy;
         }
     };
-    for shard in status["shards"].as_array().into_iter().flatten() {
-        if shard["owner"].is_null() || shard["owner"] != shard["assigned"] {
+    let shown = |name: &Option<String>| name.as_deref().unwrap_or("null").to_string();
+    for shard in &status.shards {
+        if shard.owner.is_none() || shard.owner != shard.assigned {
             busy.push(format!(
                 "shard {}: owner {}, assigned {}",
-                shard["shard"], shard["owner"], shard["assigned"]
+                shard.shard,
+                shown(&shard.owner),
+                shown(&shard.assigned)
             ));
-        } else if shard["lag"] != 0 {
-            busy.push(format!("shard {}: lag {}", shard["shard"], shard["lag"]));
+        } else if shard.lag != Some(0) {
+            let lag = shard.lag.map_or("null".to_string(), |lag| lag.to_string());
+            busy.push(format!("shard {}: lag {lag}", shard.shard));
         }
     }
     busy

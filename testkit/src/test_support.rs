@@ -7,7 +7,8 @@ use crate::cluster_env::{
     fixture, publish_all, view, wait_drained, NodeOptions, Outgoing, TestEnv,
 };
 use async_nats::jetstream::{self, message::PublishMessage};
-use crm_node::{dead_letters, subjects};
+use crm_node::dead_letters::{DeadLetterHeaders, DeadLetterHeadersError};
+use crm_node::subjects;
 use futures::StreamExt;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -215,22 +216,54 @@ pub async fn publish(
 pub struct DeadLetter {
     pub subject: String,
     pub body: Vec<u8>,
+    /// Its headers, read with [`DeadLetterHeaders::from_headers`] (an error when one is
+    /// missing or malformed: then the four fields below are `None`).
+    pub headers: Result<DeadLetterHeaders, DeadLetterHeadersError>,
+    /// `Crm-Reason`.
     pub reason: Option<String>,
+    /// `Crm-Message`.
     pub message: Option<String>,
+    /// `Crm-Source-Subject`.
     pub source_subject: Option<String>,
+    /// `Crm-Source-Sequence`, as text.
     pub source_sequence: Option<String>,
 }
 
 impl DeadLetter {
+    /// The dead letter of `subject`, `body` and its NATS headers.
+    pub fn read(subject: String, body: Vec<u8>, headers: &async_nats::HeaderMap) -> Self {
+        let headers = DeadLetterHeaders::from_headers(headers);
+        let known = headers.as_ref().ok();
+        DeadLetter {
+            subject,
+            body,
+            reason: known.map(|h| h.reason.clone()),
+            message: known.map(|h| h.message.clone()),
+            source_subject: known.map(|h| h.source_subject.clone()),
+            source_sequence: known.map(|h| h.source_sequence.to_string()),
+            headers,
+        }
+    }
+
     /// One line with the subject, the headers and the body, for failure messages.
     pub fn describe(&self) -> String {
+        let headers = match &self.headers {
+            Ok(headers) => format!(
+                "reason={:?} message={:?} source={:?}#{}{}",
+                headers.reason,
+                headers.message,
+                headers.source_subject,
+                headers.source_sequence,
+                headers
+                    .truncated
+                    .map(|length| format!(" truncated={length}"))
+                    .unwrap_or_default()
+            ),
+            Err(error) => format!("headers not readable: {error}"),
+        };
         format!(
-            "{} reason={:?} message={:?} source={:?}#{:?} body={}",
+            "{} {headers} body={}",
             self.subject,
-            self.reason,
-            self.message,
-            self.source_subject,
-            self.source_sequence,
             String::from_utf8_lossy(&self.body)
         )
     }
@@ -248,20 +281,11 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<DeadLetter> {
         let Ok(message) = stream.get_raw_message(sequence).await else {
             continue;
         };
-        let header = |name: &str| {
-            message
-                .headers
-                .get(name)
-                .map(|value| value.as_str().to_string())
-        };
-        letters.push(DeadLetter {
-            subject: message.subject.to_string(),
-            body: message.payload.to_vec(),
-            reason: header(dead_letters::HEADER_REASON),
-            message: header(dead_letters::HEADER_MESSAGE),
-            source_subject: header(dead_letters::HEADER_SOURCE_SUBJECT),
-            source_sequence: header(dead_letters::HEADER_SOURCE_SEQUENCE),
-        });
+        letters.push(DeadLetter::read(
+            message.subject.to_string(),
+            message.payload.to_vec(),
+            &message.headers,
+        ));
     }
     letters
 }

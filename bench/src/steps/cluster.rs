@@ -8,18 +8,19 @@ use crate::bench_cluster::{
     spawn_commands_watch, wait_cluster_applied, wait_settled, AuditWatch, BenchCluster,
     SETTLE_TIMEOUT,
 };
-use crate::cluster_status::{grown, identity_delta, metric, metrics_delta};
-use crate::cpu::CpuSnapshot;
+use crate::cluster_status::{identity_delta, metrics_delta, MetricsSnapshot};
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
 use crate::processes::nats_pid;
 use crate::report::{BySize, Report};
 use crate::say;
 use crate::stats::{round, seconds_between};
-use crate::steps::latency::latency;
+use crate::steps::latency::{latency, LatencyDetails};
 use crate::traffic::{generated_traffic, publish_bounded, AbortOnDrop, Outgoing};
 use crate::waits::{shard_log_ends, Deployment};
 use anyhow::{bail, Context as _, Result};
-use serde_json::{json, Value};
+use crm_node::ingest::identity_directory::DirectoryMetrics;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,7 +34,63 @@ struct ClusterSize {
     /// Publish -> `points.earned`, ms.
     latency_p50_ms: Option<f64>,
     latency_p99_ms: Option<f64>,
-    details: Value,
+    details: ClusterSizeDetails,
+}
+
+/// One cluster size's details (`cluster.<size>` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ClusterSizeDetails {
+    pub nodes: usize,
+    pub shards: u32,
+    pub settle_s: f64,
+    pub coordinator: Option<String>,
+    pub router: Option<String>,
+    pub events_per_s: f64,
+    pub throughput: ClusterThroughput,
+    pub latency: LatencyDetails,
+    /// Warnings and errors the nodes logged (`node: line`).
+    pub node_warnings: Vec<String>,
+}
+
+/// The throughput half of a cluster size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ClusterThroughput {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    pub publish_done_s: f64,
+    pub routed_done_s: f64,
+    pub applied_done_s: f64,
+    /// Where `applied_done_s` comes from.
+    pub applied_timing: AppliedTiming,
+    pub status_confirmed_s: f64,
+    /// When every event had been applied once, by the nodes' counters.
+    pub commands_applied_s: Option<f64>,
+    pub events_per_s_by_counters: Option<f64>,
+    pub audit_records: u64,
+    pub duplicates_acked: u64,
+    /// How much each node counter grew, summed over the nodes.
+    pub node_counters: MetricsSnapshot,
+    pub identity_counters: DirectoryMetrics,
+    pub mean_shard_batch_messages: f64,
+    pub cpu_while_publishing: CpuUse,
+    pub cpu_total: CpuUse,
+    /// Shards per node (lease owners) once applied.
+    pub shards_per_node: BTreeMap<String, usize>,
+}
+
+/// How the cluster's apply moment was timed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum AppliedTiming {
+    /// Every shard's last record seen in the apply audit.
+    #[serde(rename = "apply audit")]
+    ApplyAudit,
+    /// The audit was incomplete: the status confirmed it.
+    #[serde(rename = "status")]
+    #[default]
+    Status,
 }
 
 pub async fn cluster_scaling(plan: &Plan, report: &mut Report) {
@@ -103,7 +160,7 @@ async fn cluster_size(
     let commands_watch = spawn_commands_watch(
         client.clone(),
         pids.len(),
-        metric(&stats_before, "shard_commands") + events,
+        stats_before.metrics.shard_commands + events,
         stop_watch.clone(),
     );
     let _watch_guard = AbortOnDrop::new(&commands_watch);
@@ -118,9 +175,7 @@ async fn cluster_size(
     let stats_after = cluster.stats(&client).await?;
     let first = published.first_publish;
     let seconds = applied.applied_at.duration_since(first).as_secs_f64();
-    let delta = metrics_delta(&stats_before, &stats_after);
-    let batches = grown(&delta, "shard_batches");
-    let shard_messages = grown(&delta, "shard_messages");
+    let delta = metrics_delta(&stats_before.metrics, &stats_after.metrics);
     let events_per_s = events as f64 / seconds.max(1e-9);
     let events_per_s_by_counters = commands_at.map(|at| {
         round(
@@ -128,26 +183,33 @@ async fn cluster_size(
             0,
         )
     });
-    let throughput = json!({
-        "events": events,
-        "seconds": round(seconds, 3),
-        "events_per_s": round(events_per_s, 0),
-        "publish_done_s": round(published.last_ack.duration_since(first).as_secs_f64(), 3),
-        "routed_done_s": round(applied.routed_at.duration_since(first).as_secs_f64(), 3),
-        "applied_done_s": round(seconds, 3),
-        "applied_timing": if applied.audit_complete { "apply audit" } else { "status" },
-        "status_confirmed_s": round(applied.confirmed_at.duration_since(first).as_secs_f64(), 3),
-        "commands_applied_s": commands_at.map(|at| seconds_between(first, at)),
-        "events_per_s_by_counters": events_per_s_by_counters,
-        "audit_records": audit.records(),
-        "duplicates_acked": published.duplicates,
-        "node_counters": delta,
-        "identity_counters": identity_delta(&stats_before, &stats_after),
-        "mean_shard_batch_messages": round(shard_messages as f64 / batches.max(1) as f64, 2),
-        "cpu_while_publishing": cpu_before.since(&cpu_published),
-        "cpu_total": cpu_before.since(&cpu_after),
-        "shards_per_node": applied.status.shard_counts(),
-    });
+    let throughput = ClusterThroughput {
+        events,
+        seconds: round(seconds, 3),
+        events_per_s: round(events_per_s, 0),
+        publish_done_s: round(published.last_ack.duration_since(first).as_secs_f64(), 3),
+        routed_done_s: round(applied.routed_at.duration_since(first).as_secs_f64(), 3),
+        applied_done_s: round(seconds, 3),
+        applied_timing: if applied.audit_complete {
+            AppliedTiming::ApplyAudit
+        } else {
+            AppliedTiming::Status
+        },
+        status_confirmed_s: round(applied.confirmed_at.duration_since(first).as_secs_f64(), 3),
+        commands_applied_s: commands_at.map(|at| seconds_between(first, at)),
+        events_per_s_by_counters,
+        audit_records: audit.records(),
+        duplicates_acked: published.duplicates,
+        identity_counters: identity_delta(&stats_before.identity, &stats_after.identity),
+        mean_shard_batch_messages: round(
+            delta.shard_messages as f64 / delta.shard_batches.max(1) as f64,
+            2,
+        ),
+        node_counters: delta,
+        cpu_while_publishing: cpu_before.since(&cpu_published),
+        cpu_total: cpu_before.since(&cpu_after),
+        shards_per_node: applied.status.shard_counts(),
+    };
     drop(audit);
     say(format!(
         "    {nodes} node(s): {events} events in {seconds:.2} s = {events_per_s:.0} events/s"
@@ -179,17 +241,17 @@ async fn cluster_size(
     let Some(latency) = latency else {
         bail!("latency: {}", latency_error.unwrap_or_default());
     };
-    let details = json!({
-        "nodes": nodes,
-        "shards": plan.shards,
-        "settle_s": round(settle_s, 2),
-        "coordinator": settled.coordinator(),
-        "router": settled.router(),
-        "events_per_s": round(events_per_s, 0),
-        "throughput": throughput,
-        "latency": latency.details,
-        "node_warnings": warnings,
-    });
+    let details = ClusterSizeDetails {
+        nodes,
+        shards: plan.shards,
+        settle_s: round(settle_s, 2),
+        coordinator: settled.coordinator().map(str::to_string),
+        router: settled.router().map(str::to_string),
+        events_per_s: round(events_per_s, 0),
+        throughput,
+        latency: latency.details,
+        node_warnings: warnings,
+    };
     Ok(ClusterSize {
         events_per_s: round(events_per_s, 0),
         events_per_s_by_counters,

@@ -3,7 +3,7 @@
 //! the same views warm, and the sled read and decode alone.
 
 use crate::plan::Plan;
-use crate::stats::{round, summary};
+use crate::stats::{round, summary, Summary};
 use crate::traffic::spec;
 use anyhow::{anyhow, bail, Result};
 use crm_actors::engine::{EngineLimits, ShardEngine};
@@ -15,7 +15,7 @@ use crm_node::loadgen::Generator;
 use crm_testkit::scratch::try_scratch_dir;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +25,28 @@ pub struct ColdActivation {
     /// Cold views, µs.
     pub mean_us: Option<f64>,
     pub p99_us: Option<f64>,
-    pub details: Value,
+    pub details: ColdDetails,
+}
+
+/// What the cold views time (`method` in bench/results.json).
+const COLD_METHOD: &str = "in-process ShardEngine::view() of a customer not resident, after the sled store was closed and reopened (sled page cache cold, OS page cache warm): sled read + decode + ractor actor spawn + 360 view JSON; no NATS";
+
+/// The cold-activation run's details (`cold_activation` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ColdDetails {
+    pub method: String,
+    pub customers_stored: usize,
+    pub events_applied: u64,
+    pub fill_seconds: f64,
+    pub fill_events_per_s: f64,
+    pub mean_state_bytes: f64,
+    pub cold_view_us: Summary,
+    pub warm_view_us: Summary,
+    /// Mean cold view minus mean warm view.
+    pub activation_only_mean_us: f64,
+    pub sled_load_decode_us: Summary,
+    pub resident_after_cold_views: usize,
+    pub runtime: String,
 }
 
 pub async fn cold_activation(plan: &Plan) -> Result<ColdActivation> {
@@ -139,20 +160,23 @@ pub async fn cold_activation(plan: &Plan) -> Result<ColdActivation> {
     let warm_mean = warm_us.iter().sum::<f64>() / warm_us.len().max(1) as f64;
     let cold_view_us = summary(cold_us, 1);
     let (mean_us, p99_us) = (cold_view_us.mean(), cold_view_us.p99());
-    let details = json!({
-        "method": "in-process ShardEngine::view() of a customer not resident, after the sled store was closed and reopened (sled page cache cold, OS page cache warm): sled read + decode + ractor actor spawn + 360 view JSON; no NATS",
-        "customers_stored": people,
-        "events_applied": events,
-        "fill_seconds": round(fill_seconds, 2),
-        "fill_events_per_s": round(events as f64 / fill_seconds.max(1e-9), 0),
-        "mean_state_bytes": round(state_bytes.iter().sum::<f64>() / state_bytes.len().max(1) as f64, 0),
-        "cold_view_us": cold_view_us,
-        "warm_view_us": summary(warm_us, 1),
-        "activation_only_mean_us": round(cold_mean - warm_mean, 1),
-        "sled_load_decode_us": summary(load_us, 1),
-        "resident_after_cold_views": resident_after,
-        "runtime": "tokio multi-thread, 2 workers",
-    });
+    let details = ColdDetails {
+        method: COLD_METHOD.to_string(),
+        customers_stored: people,
+        events_applied: events,
+        fill_seconds: round(fill_seconds, 2),
+        fill_events_per_s: round(events as f64 / fill_seconds.max(1e-9), 0),
+        mean_state_bytes: round(
+            state_bytes.iter().sum::<f64>() / state_bytes.len().max(1) as f64,
+            0,
+        ),
+        cold_view_us,
+        warm_view_us: summary(warm_us, 1),
+        activation_only_mean_us: round(cold_mean - warm_mean, 1),
+        sled_load_decode_us: summary(load_us, 1),
+        resident_after_cold_views: resident_after,
+        runtime: "tokio multi-thread, 2 workers".to_string(),
+    };
     Ok(ColdActivation {
         mean_us,
         p99_us,

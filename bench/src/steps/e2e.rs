@@ -2,8 +2,8 @@
 //! one is applied and flushed by the one node (router drained, every shard's applied
 //! sequence at its last record), with a timeline sampled every second.
 
-use crate::cluster_status::{grown, identity_delta, metric, metrics_delta, node_stats};
-use crate::cpu::CpuSnapshot;
+use crate::cluster_status::{identity_delta, metrics_delta, node_stats, MetricsSnapshot};
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
 use crate::processes::BenchNode;
 use crate::stats::round;
@@ -11,7 +11,8 @@ use crate::traffic::{publish_bounded, Outgoing};
 use crate::waits::{router_consumer, router_progress, wait_applied};
 use anyhow::Result;
 use async_nats::jetstream;
-use serde_json::{json, Value};
+use crm_node::ingest::identity_directory::DirectoryMetrics;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,43 @@ use std::time::{Duration, Instant};
 pub struct EndToEnd {
     /// Events published and applied per second.
     pub events_per_s: f64,
-    pub details: Value,
+    pub details: EndToEndDetails,
+}
+
+/// The end-to-end step's details (`end_to_end` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct EndToEndDetails {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    pub publish_done_s: f64,
+    pub routed_done_s: f64,
+    pub applied_done_s: f64,
+    pub duplicates_acked: u64,
+    pub in_flight: usize,
+    pub shards: u32,
+    /// How much each node counter grew.
+    pub node_counters: MetricsSnapshot,
+    /// How much each identity-directory counter grew.
+    pub identity_counters: DirectoryMetrics,
+    pub mean_shard_batch_messages: f64,
+    pub mean_shard_batch_commands: f64,
+    pub cpu_while_publishing: CpuUse,
+    pub cpu_after_publishing: CpuUse,
+    pub cpu_total: CpuUse,
+    pub timeline: Vec<TimelineSample>,
+}
+
+/// One second of the end-to-end run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TimelineSample {
+    pub t_s: f64,
+    /// Events acked by JetStream.
+    pub published: u64,
+    /// Events the router acked (its ack floor); `null` when unreadable.
+    pub routed: Option<u64>,
+    /// Commands the node applied; `null` when its stats did not answer.
+    pub applied: Option<u64>,
 }
 
 pub async fn end_to_end(
@@ -53,30 +90,28 @@ pub async fn end_to_end(
     let cpu_after = CpuSnapshot::take(nats_pid, Some(node.pid()));
     let first = published.first_publish;
     let seconds = drained.applied_at.duration_since(first).as_secs_f64();
-    let delta = metrics_delta(&stats_before, &drained.stats);
-    let batches = grown(&delta, "shard_batches");
-    let shard_messages = grown(&delta, "shard_messages");
-    let shard_commands = grown(&delta, "shard_commands");
+    let delta = metrics_delta(&stats_before.metrics, &drained.stats.metrics);
+    let batches = delta.shard_batches;
     let events_per_s = round(events as f64 / seconds.max(1e-9), 0);
-    let details = json!({
-        "events": events,
-        "seconds": round(seconds, 3),
-        "events_per_s": events_per_s,
-        "publish_done_s": round(published.last_ack.duration_since(first).as_secs_f64(), 3),
-        "routed_done_s": round(drained.routed_at.duration_since(first).as_secs_f64(), 3),
-        "applied_done_s": round(seconds, 3),
-        "duplicates_acked": published.duplicates,
-        "in_flight": plan.in_flight,
-        "shards": plan.shards,
-        "node_counters": delta,
-        "identity_counters": identity_delta(&stats_before, &drained.stats),
-        "mean_shard_batch_messages": round(shard_messages as f64 / (batches.max(1)) as f64, 2),
-        "mean_shard_batch_commands": round(shard_commands as f64 / (batches.max(1)) as f64, 2),
-        "cpu_while_publishing": cpu_before.since(&cpu_published),
-        "cpu_after_publishing": cpu_published.since(&cpu_after),
-        "cpu_total": cpu_before.since(&cpu_after),
-        "timeline": timeline,
-    });
+    let details = EndToEndDetails {
+        events,
+        seconds: round(seconds, 3),
+        events_per_s,
+        publish_done_s: round(published.last_ack.duration_since(first).as_secs_f64(), 3),
+        routed_done_s: round(drained.routed_at.duration_since(first).as_secs_f64(), 3),
+        applied_done_s: round(seconds, 3),
+        duplicates_acked: published.duplicates,
+        in_flight: plan.in_flight,
+        shards: plan.shards,
+        identity_counters: identity_delta(&stats_before.identity, &drained.stats.identity),
+        mean_shard_batch_messages: round(delta.shard_messages as f64 / batches.max(1) as f64, 2),
+        mean_shard_batch_commands: round(delta.shard_commands as f64 / batches.max(1) as f64, 2),
+        node_counters: delta,
+        cpu_while_publishing: cpu_before.since(&cpu_published),
+        cpu_after_publishing: cpu_published.since(&cpu_after),
+        cpu_total: cpu_before.since(&cpu_after),
+        timeline,
+    };
     Ok(EndToEnd {
         events_per_s,
         details,
@@ -90,11 +125,11 @@ async fn progress_timeline(
     acked: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     started: Instant,
-) -> Vec<Value> {
+) -> Vec<TimelineSample> {
     let js = jetstream::new(client.clone());
     let mut consumer = router_consumer(&js).await.ok();
     let base = match node_stats(&client).await {
-        Ok(stats) => metric(&stats, "shard_commands"),
+        Ok(stats) => stats.metrics.shard_commands,
         Err(_) => 0,
     };
     let mut routed_base = None;
@@ -112,13 +147,13 @@ async fn progress_timeline(
         let applied = node_stats(&client)
             .await
             .ok()
-            .map(|s| metric(&s, "shard_commands").saturating_sub(base));
-        samples.push(json!({
-            "t_s": round(started.elapsed().as_secs_f64(), 2),
-            "published": acked.load(Ordering::Relaxed),
-            "routed": routed.map(|r| r.saturating_sub(routed_base)),
-            "applied": applied,
-        }));
+            .map(|s| s.metrics.shard_commands.saturating_sub(base));
+        samples.push(TimelineSample {
+            t_s: round(started.elapsed().as_secs_f64(), 2),
+            published: acked.load(Ordering::Relaxed),
+            routed: routed.map(|r| r.saturating_sub(routed_base)),
+            applied,
+        });
     }
     samples
 }

@@ -9,17 +9,17 @@ use crate::bench_cluster::{
     wait_settled, AuditWatch, BenchCluster, MOVE_TIMEOUT, SETTLE_TIMEOUT, STATUS_POLL,
 };
 use crate::cluster_status::ClusterStatus;
-use crate::cpu::CpuSnapshot;
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
 use crate::processes::{log_field, nats_pid, BenchNode};
-use crate::report::{FailoverResults, Report};
+use crate::report::{FailoverResults, NodeMoment, Report};
 use crate::say;
-use crate::stats::{median_and_worst, round, seconds_between, summary};
+use crate::stats::{median_and_worst, or_null, round, seconds_between, summary, Summary};
 use crate::traffic::{generated_traffic, spawn_paced_load, AbortOnDrop, Outgoing};
 use crate::waits::{router_backlog, Deployment, PROGRESS_EVERY};
 use anyhow::{anyhow, bail, Context as _, Result};
 use crm_testkit::node_process::LogMark;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,7 +40,51 @@ struct FailoverRun {
     failover_log_s: Option<f64>,
     caught_up_s: f64,
     caught_up_audit_s: Option<f64>,
-    details: Value,
+    details: FailoverRunDetails,
+}
+
+/// One failover run's details (`failover.runs[]` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct FailoverRunDetails {
+    /// 1, 2, ...
+    pub run: u32,
+    pub settle_s: f64,
+    pub killed: String,
+    /// The cluster-wide roles the killed node held (`coordinator`, `router`).
+    pub killed_roles: Vec<String>,
+    pub killed_shards: usize,
+    pub survivors: Vec<String>,
+    pub failover_s: f64,
+    pub failover_log_s: Option<f64>,
+    pub first_apply_by_new_owner_worst_s: Option<f64>,
+    pub caught_up_s: f64,
+    pub caught_up_audit_s: Option<f64>,
+    pub router_unacked_when_caught_up: Option<u64>,
+    /// Shards of the killed node each survivor took (by its log).
+    pub new_owners: BTreeMap<String, usize>,
+    pub shards_restored_from_snapshot: u64,
+    pub shard_start_ms: Summary,
+    pub coordinator_taken_s: Option<NodeMoment>,
+    pub router_taken_s: Option<NodeMoment>,
+    pub first_assignment_after_kill: Option<NodeMoment>,
+    pub status_polls: u64,
+    pub status_read_ms: Summary,
+    pub load_published: u64,
+    pub load_failures: u64,
+    pub shards_per_node_after: BTreeMap<String, usize>,
+    pub cpu_survivors: CpuUse,
+    /// The cluster events after the kill, from the survivors' logs (at most 40).
+    pub timeline: Vec<TimelineLine>,
+}
+
+/// One marked log line of a survivor after the kill.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct TimelineLine {
+    /// Seconds after the kill.
+    pub s: f64,
+    pub node: String,
+    /// The log line without its timestamp.
+    pub line: String,
 }
 
 /// Every failover run, then the worst and the median.
@@ -67,13 +111,13 @@ pub async fn failover(plan: &Plan, report: &mut Report) {
                     "    killed {} ({} shards, {roles}): served again after {} s (node logs: {} s)",
                     result.killed,
                     result.killed_shards,
-                    json!(result.failover_s),
-                    json!(result.failover_log_s),
+                    result.failover_s,
+                    or_null(result.failover_log_s),
                 ));
                 say(format!(
                     "    caught up after {} s (apply audit: {} s)",
-                    json!(result.caught_up_s),
-                    json!(result.caught_up_audit_s)
+                    result.caught_up_s,
+                    or_null(result.caught_up_audit_s)
                 ));
                 runs.push(result);
             }
@@ -144,11 +188,7 @@ async fn prepare(plan: &Plan, traffic: &[Outgoing]) -> Result<Prepared> {
     let (settled, settle_s) = wait_settled(&mut cluster, &node_ids, SETTLE_TIMEOUT)
         .await
         .with_context(|| cluster.log_tails())?;
-    let base: Vec<u64> = settled
-        .shards()
-        .iter()
-        .map(|s| s.last_seq.unwrap_or(0))
-        .collect();
+    let base: Vec<u64> = settled.shards().iter().map(|s| s.last_seq).collect();
     let audit = AuditWatch::start(&cluster.client, plan.shards).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let load = spawn_paced_load(
@@ -175,7 +215,7 @@ async fn prepare(plan: &Plan, traffic: &[Outgoing]) -> Result<Prepared> {
 /// The node killed, what it held, and when.
 struct Killed {
     victim: String,
-    victim_shards: Vec<u64>,
+    victim_shards: Vec<u32>,
     roles: Vec<&'static str>,
     survivors: Vec<String>,
     survivor_pids: Vec<u32>,
@@ -269,11 +309,10 @@ async fn watch_recovery(prepared: &mut Prepared, killed: &Killed) -> Result<Reco
         let shards = status.shards();
         let not_served = shards
             .iter()
-            .filter(|s| s.shard.is_some_and(|n| victim_shards.contains(&n)))
+            .filter(|s| victim_shards.contains(&s.shard))
             .filter(|s| {
-                let number = s.shard.unwrap_or(u64::MAX);
                 let served = s.owner.as_deref().is_some_and(|owner| {
-                    owner != victim && serving.get(owner).is_some_and(|set| set.contains(&number))
+                    owner != victim && serving.get(owner).is_some_and(|set| set.contains(&s.shard))
                 });
                 !served || s.lag.is_none()
             })
@@ -336,8 +375,8 @@ fn precise_moments(prepared: &Prepared, killed: &Killed, recovery: &Recovery) ->
     let victim_shards = &killed.victim_shards;
     let marks = prepared.cluster.marks_since(killed_at);
     let shard_of =
-        |mark: &LogMark| log_field(&mark.line, "shard").and_then(|s| s.parse::<u64>().ok());
-    let mut served_by_log: BTreeMap<u64, (String, Instant)> = BTreeMap::new();
+        |mark: &LogMark| log_field(&mark.line, "shard").and_then(|s| s.parse::<u32>().ok());
+    let mut served_by_log: BTreeMap<u32, (String, Instant)> = BTreeMap::new();
     let mut start_ms = Vec::new();
     let mut restored = 0u64;
     for (node, mark) in &marks {
@@ -371,7 +410,7 @@ fn precise_moments(prepared: &Prepared, killed: &Killed, recovery: &Recovery) ->
             killed
                 .survivors
                 .iter()
-                .filter_map(|node| audit.first_batch(shard as u32, node))
+                .filter_map(|node| audit.first_batch(shard, node))
                 .filter(|at| *at >= killed_at)
                 .min()
         })
@@ -381,13 +420,11 @@ fn precise_moments(prepared: &Prepared, killed: &Killed, recovery: &Recovery) ->
     let mut audit_complete = true;
     let mut audit_caught_up = killed_at;
     for shard in recovery.final_status.shards() {
-        let (Some(number), Some(last)) = (shard.shard, shard.last_seq) else {
-            continue;
-        };
+        let (number, last) = (shard.shard, shard.last_seq);
         if last <= prepared.base.get(number as usize).copied().unwrap_or(0) {
             continue;
         }
-        match audit.reached(number as u32, last) {
+        match audit.reached(number, last) {
             Some(at) => audit_caught_up = audit_caught_up.max(at),
             None => audit_complete = false,
         }
@@ -404,7 +441,7 @@ fn precise_moments(prepared: &Prepared, killed: &Killed, recovery: &Recovery) ->
 }
 
 /// The cluster events after the kill, from the survivors' logs (at most 40 lines).
-fn timeline(marks: &[(String, LogMark)], killed_at: Instant) -> Vec<Value> {
+fn timeline(marks: &[(String, LogMark)], killed_at: Instant) -> Vec<TimelineLine> {
     marks
         .iter()
         .filter(|(_, m)| {
@@ -424,7 +461,11 @@ fn timeline(marks: &[(String, LogMark)], killed_at: Instant) -> Vec<Value> {
                 .split_once("  ")
                 .map(|(_, rest)| rest)
                 .unwrap_or(&m.line);
-            json!({"s": seconds_between(killed_at, m.at), "node": node, "line": text.trim()})
+            TimelineLine {
+                s: seconds_between(killed_at, m.at),
+                node: node.clone(),
+                line: text.trim().to_string(),
+            }
         })
         .collect()
 }
@@ -443,37 +484,40 @@ async fn failover_run(plan: &Plan, run: u32, traffic: &[Outgoing]) -> Result<Fai
             .marks
             .iter()
             .find(|(_, m)| m.line.contains(needle))
-            .map(|(node, m)| json!({"node": node, "s": seconds_between(killed_at, m.at)}))
+            .map(|(node, m)| NodeMoment {
+                node: node.clone(),
+                s: seconds_between(killed_at, m.at),
+            })
     };
     let failover_s = seconds_between(killed_at, recovery.served_at);
     let caught_up_s = seconds_between(killed_at, recovery.caught_up_at);
-    let details = json!({
-        "run": run + 1,
-        "settle_s": round(prepared.settle_s, 2),
-        "killed": killed.victim,
-        "killed_roles": killed.roles,
-        "killed_shards": killed.victim_shards.len(),
-        "survivors": killed.survivors,
-        "failover_s": failover_s,
-        "failover_log_s": moments.failover_log_s,
-        "first_apply_by_new_owner_worst_s": moments.first_apply_s,
-        "caught_up_s": caught_up_s,
-        "caught_up_audit_s": moments.caught_up_audit_s,
-        "router_unacked_when_caught_up": recovery.router_unacked,
-        "new_owners": moments.new_owners,
-        "shards_restored_from_snapshot": moments.restored,
-        "shard_start_ms": summary(moments.start_ms.clone(), 1),
-        "coordinator_taken_s": first_mark("this node is the coordinator"),
-        "router_taken_s": first_mark("this node routes ingest"),
-        "first_assignment_after_kill": first_mark("shard assignment written"),
-        "status_polls": recovery.polls,
-        "status_read_ms": summary(recovery.poll_ms.clone(), 1),
-        "load_published": published,
-        "load_failures": publish_failures,
-        "shards_per_node_after": recovery.final_status.shard_counts(),
-        "cpu_survivors": killed.cpu_before.since(&cpu_after),
-        "timeline": timeline(&moments.marks, killed_at),
-    });
+    let details = FailoverRunDetails {
+        run: run + 1,
+        settle_s: round(prepared.settle_s, 2),
+        killed: killed.victim.clone(),
+        killed_roles: killed.roles.iter().map(|r| r.to_string()).collect(),
+        killed_shards: killed.victim_shards.len(),
+        survivors: killed.survivors.clone(),
+        failover_s,
+        failover_log_s: moments.failover_log_s,
+        first_apply_by_new_owner_worst_s: moments.first_apply_s,
+        caught_up_s,
+        caught_up_audit_s: moments.caught_up_audit_s,
+        router_unacked_when_caught_up: recovery.router_unacked,
+        new_owners: moments.new_owners.clone(),
+        shards_restored_from_snapshot: moments.restored,
+        shard_start_ms: summary(moments.start_ms.clone(), 1),
+        coordinator_taken_s: first_mark("this node is the coordinator"),
+        router_taken_s: first_mark("this node routes ingest"),
+        first_assignment_after_kill: first_mark("shard assignment written"),
+        status_polls: recovery.polls,
+        status_read_ms: summary(recovery.poll_ms.clone(), 1),
+        load_published: published,
+        load_failures: publish_failures,
+        shards_per_node_after: recovery.final_status.shard_counts(),
+        cpu_survivors: killed.cpu_before.since(&cpu_after),
+        timeline: timeline(&moments.marks, killed_at),
+    };
     Ok(FailoverRun {
         killed_shards: killed.victim_shards.len(),
         killed: killed.victim,

@@ -3,19 +3,18 @@
 //! shard with nothing left to apply (and the moments of the hand-off from both nodes' logs).
 
 use crate::bench_cluster::{wait_settled, BenchCluster, MOVE_TIMEOUT, SETTLE_TIMEOUT, STATUS_POLL};
-use crate::cluster_status::{metric, node_stats};
+use crate::cluster_status::node_stats;
 use crate::cpu::CpuSnapshot;
 use crate::plan::Plan;
 use crate::processes::{log_field, nats_pid};
-use crate::report::{HandoffResults, HandoffRun, Report};
+use crate::report::{HandoffResults, HandoffRun, NodeMoment, Report, StatusTrace, TraceChange};
 use crate::say;
-use crate::stats::{round, seconds_between, summary};
+use crate::stats::{or_null, round, seconds_between, summary};
 use crate::steps::rss::dir_bytes;
 use crate::traffic::{spawn_customer_feed, AbortOnDrop};
 use crate::waits::Deployment;
 use anyhow::{anyhow, bail, Context as _, Result};
 use crm_testkit::node_process::LogMark;
-use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,9 +40,9 @@ pub async fn handoff(plan: &Plan, report: &mut Report) {
             Ok(result) => {
                 say(format!(
                     "    served by node-2 after {} s (node log: {} s), snapshot {} bytes",
-                    json!(result.handoff_s),
-                    json!(result.handoff_log_s),
-                    json!(result.snapshot_bytes)
+                    result.handoff_s,
+                    or_null(result.handoff_log_s),
+                    or_null(result.snapshot_bytes)
                 ));
                 let results = &mut report.results;
                 match customers_label(customers).as_str() {
@@ -95,7 +94,7 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
         .await?;
     let feed_seconds = started.elapsed().as_secs_f64();
     let stats = node_stats(&client).await?;
-    let stored = metric(&stats, "stored_customers");
+    let stored = stats.metrics.stored_customers;
     let sled_mib = cluster
         .node("node-1")
         .map(|n| dir_bytes(&n.data_dir()) as f64 / 1048576.0)
@@ -108,7 +107,7 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
         .with_context(|| cluster.log_tails())?;
     let owner = settled.shards().first().and_then(|s| s.owner.clone());
     if owner.as_deref() != Some("node-1") {
-        bail!("shard 0 moved to {} before the drain", json!(owner));
+        bail!("shard 0 moved to {} before the drain", or_null(owner));
     }
     let pids = cluster.node_pids();
     let cpu_before = CpuSnapshot::take_many(nats_pid(&cluster.nats), &pids);
@@ -118,7 +117,7 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
         .map_err(|e| anyhow!("drain request: {e}"))?;
     let mut polls = 0u64;
     let mut poll_ms = Vec::new();
-    let mut trace: Vec<Value> = Vec::new();
+    let mut trace: Vec<TraceChange> = Vec::new();
     let mut last_problem = String::from("no status yet");
     let done_at = loop {
         cluster.check_alive()?;
@@ -134,31 +133,36 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
         match status {
             Ok(status) => {
                 polls += 1;
-                let shard = status.shards().into_iter().next().unwrap_or_default();
+                let Some(shard) = status.shards().first().cloned() else {
+                    last_problem = "the status lists no shard".to_string();
+                    tokio::time::sleep(STATUS_POLL).await;
+                    continue;
+                };
                 let serving = status.serving_nodes();
                 let served = shard.owner.as_deref() == Some("node-2")
                     && serving.get("node-2").is_some_and(|s| s.contains(&0));
-                let seen = json!([
-                    shard.owner,
-                    shard.assigned,
+                let seen = (
+                    shard.owner.clone(),
+                    shard.assigned.clone(),
                     served,
                     shard.applied_seq,
                     shard.last_seq,
-                    shard.lag
-                ]);
-                if trace.last().map(|t: &Value| &t["seen"]) != Some(&seen) {
-                    trace.push(
-                        json!({"s": seconds_between(drain_at, Instant::now()), "seen": seen}),
-                    );
+                    shard.lag,
+                );
+                if trace.last().map(|t| &t.seen) != Some(&seen) {
+                    trace.push(TraceChange {
+                        s: seconds_between(drain_at, Instant::now()),
+                        seen,
+                    });
                 }
                 if served && shard.lag == Some(0) {
                     break Instant::now();
                 }
                 last_problem = format!(
                     "owner {}, assigned {}, lag {}",
-                    json!(shard.owner),
-                    json!(shard.assigned),
-                    json!(shard.lag)
+                    or_null(shard.owner),
+                    or_null(shard.assigned),
+                    or_null(shard.lag)
                 );
             }
             Err(error) => last_problem = format!("{error:#}"),
@@ -187,7 +191,10 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
     let assignment = marks
         .iter()
         .find(|(_, m)| m.line.contains("shard assignment written"))
-        .map(|(node, m)| json!({"node": node, "s": seconds_between(drain_at, m.at)}));
+        .map(|(node, m)| NodeMoment {
+            node: node.clone(),
+            s: seconds_between(drain_at, m.at),
+        });
     Ok(HandoffRun {
         customers,
         customers_published: published.count,
@@ -208,7 +215,7 @@ async fn handoff_run(plan: &Plan, customers: u64) -> Result<HandoffRun> {
         shard_start_ms: number(&started_mark, "ms"),
         status_polls: polls,
         status_read_ms: summary(poll_ms, 1),
-        status_trace: json!({"fields": ["owner", "assigned", "node-2 serves it", "applied_seq", "last_seq", "lag"], "changes": trace}),
+        status_trace: StatusTrace::new(trace),
         cpu: cpu_before.since(&cpu_after),
     })
 }

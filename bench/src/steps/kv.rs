@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use crm_node::subjects;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// A 64-hex key like the identity directory's HMAC keys (distinct for every `index`).
@@ -19,11 +19,33 @@ fn kv_key(index: u64) -> String {
     format!("{:016x}{:048x}", z ^ (z >> 31), index)
 }
 
+/// The KV diagnostic's findings (`kv_diagnostic` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct KvDiagnostic {
+    pub keys: u64,
+    pub sequential_get_then_create_per_s: f64,
+    /// One per tenth of the keys, in order.
+    pub windows: Vec<KvWindow>,
+    pub pipelined_creates: u64,
+    pub pipelined_in_flight: usize,
+    pub pipelined_creates_per_s: f64,
+    pub pipelined_failures: usize,
+}
+
+/// The sequential round trips of one tenth of the keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct KvWindow {
+    /// Keys in the bucket at the end of the window.
+    pub keys_after: u64,
+    pub get_miss_mean_us: f64,
+    pub create_mean_us: f64,
+}
+
 /// What the router pays per new identifier, without the node: a KV `get` that misses then a
 /// KV `create`, one after the other, on a bucket configured like `crm_identity`, as it
 /// grows to `keys` keys (mean microseconds per tenth); then the same creates with 64 in
 /// flight, to show what pipelining the router's look-ups would buy.
-pub async fn kv_diagnostic(client: &async_nats::Client, keys: u64) -> Result<Value> {
+pub async fn kv_diagnostic(client: &async_nats::Client, keys: u64) -> Result<KvDiagnostic> {
     const BUCKET: &str = "bench_identity";
     const PIPELINE: usize = 64;
     let js = jetstream::new(client.clone());
@@ -49,9 +71,11 @@ pub async fn kv_diagnostic(client: &async_nats::Client, keys: u64) -> Result<Val
         get_us += between.duration_since(before).as_secs_f64() * 1e6;
         create_us += between.elapsed().as_secs_f64() * 1e6;
         if (index + 1) % window == 0 {
-            windows.push(json!({"keys_after": index + 1,
-                "get_miss_mean_us": round(get_us / window as f64, 1),
-                "create_mean_us": round(create_us / window as f64, 1)}));
+            windows.push(KvWindow {
+                keys_after: index + 1,
+                get_miss_mean_us: round(get_us / window as f64, 1),
+                create_mean_us: round(create_us / window as f64, 1),
+            });
             get_us = 0.0;
             create_us = 0.0;
         }
@@ -70,13 +94,13 @@ pub async fn kv_diagnostic(client: &async_nats::Client, keys: u64) -> Result<Val
     let pipelined_seconds = started.elapsed().as_secs_f64();
     let failed = creates.iter().filter(|r| r.is_err()).count();
     let _ = js.delete_stream(subjects::kv_stream(BUCKET)).await;
-    Ok(json!({
-        "keys": keys,
-        "sequential_get_then_create_per_s": round(keys as f64 / sequential_seconds.max(1e-9), 0),
-        "windows": windows,
-        "pipelined_creates": pipelined_keys,
-        "pipelined_in_flight": PIPELINE,
-        "pipelined_creates_per_s": round(pipelined_keys as f64 / pipelined_seconds.max(1e-9), 0),
-        "pipelined_failures": failed,
-    }))
+    Ok(KvDiagnostic {
+        keys,
+        sequential_get_then_create_per_s: round(keys as f64 / sequential_seconds.max(1e-9), 0),
+        windows,
+        pipelined_creates: pipelined_keys,
+        pipelined_in_flight: PIPELINE,
+        pipelined_creates_per_s: round(pipelined_keys as f64 / pipelined_seconds.max(1e-9), 0),
+        pipelined_failures: failed,
+    })
 }

@@ -2,10 +2,10 @@
 //! resident customers published at a fixed rate; for each, the time from its publish to
 //! its `points.earned` actor event, to its record in the shard log and to its PubAck.
 
-use crate::cluster_status::metrics_delta;
-use crate::cpu::CpuSnapshot;
+use crate::cluster_status::{metrics_delta, MetricsSnapshot};
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
-use crate::stats::{round, summary};
+use crate::stats::{round, summary, Summary};
 use crate::traffic::{publish_bounded, traffic_start_ms, Outgoing};
 use crate::waits::Deployment;
 use anyhow::{anyhow, Context as _, Result};
@@ -18,7 +18,7 @@ use crm_actors::shard_message::{CustomerCommand, ShardMessage};
 use crm_actors::time::format_rfc3339;
 use crm_node::subjects;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,89 @@ pub struct Latency {
     /// Publish -> `points.earned`, ms.
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
-    pub details: Value,
+    pub details: LatencyDetails,
+}
+
+/// A latency run's details (`latency` in bench/results.json, and in each cluster size's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct LatencyDetails {
+    pub target_rate_per_s: f64,
+    pub achieved_rate_per_s: f64,
+    pub events: usize,
+    pub customers: u64,
+    pub seconds: f64,
+    pub publish_to_points_earned_ms: Summary,
+    pub publish_to_shard_log_ms: Summary,
+    pub publish_to_pub_ack_ms: Summary,
+    /// The worst latency of the events sent in each second of the run.
+    pub points_earned_worst_ms_by_second: Vec<f64>,
+    pub shard_log_worst_ms_by_second: Vec<f64>,
+    pub points_earned_missing: u64,
+    pub shard_log_missing: u64,
+    pub pub_ack_failures: u64,
+    /// How much each node counter grew (summed over the nodes of a cluster).
+    pub node_counters: MetricsSnapshot,
+    pub cpu: CpuUse,
+}
+
+/// The one field the latency run reads of an actor event: its id (`lat-<i>:...`).
+#[derive(Deserialize)]
+struct ActorEventId {
+    id: String,
+}
+
+/// What the latency run publishes to `crm.ingest.web`, as an adapter would (the ingest
+/// JSON of docs/protocol.md; only the fields the run sends).
+#[derive(Serialize)]
+struct IngestBody<'a> {
+    v: u32,
+    event_id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    occurred_at: String,
+    identity: EmailIdentity,
+    #[serde(flatten)]
+    body: IngestKind,
+}
+
+#[derive(Serialize)]
+struct EmailIdentity {
+    email: String,
+}
+
+/// The type-specific fields of an [`IngestBody`].
+#[derive(Serialize)]
+#[serde(untagged)]
+enum IngestKind {
+    Identify {
+        profile: Profile,
+    },
+    Purchase {
+        order_id: String,
+        amount: f64,
+        currency: &'static str,
+        items: [Item; 2],
+    },
+}
+
+#[derive(Serialize)]
+struct Profile {
+    first_name: &'static str,
+}
+
+#[derive(Serialize)]
+struct Item {
+    sku: &'static str,
+    category: &'static str,
+    qty: u32,
+    price: f64,
+}
+
+impl IngestBody<'_> {
+    fn payload(&self) -> Bytes {
+        // A struct of strings and numbers always serialises.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
 }
 
 fn latency_email(customer: u64) -> String {
@@ -60,13 +142,26 @@ pub async fn latency(
     // Identify every customer of the run first, so purchases hit known, resident customers.
     let base_ms = traffic_start_ms() + 30 * 86_400_000;
     let identifies = (0..plan.latency_customers).map(|c| {
-        let body = json!({"v": 1, "event_id": format!("lat-id-{c}"), "type": "identify",
-            "occurred_at": format_rfc3339(base_ms), "identity": {"email": latency_email(c)},
-            "profile": {"first_name": "Bench"}});
+        let event_id = format!("lat-id-{c}");
+        let payload = IngestBody {
+            v: 1,
+            event_id: &event_id,
+            kind: "identify",
+            occurred_at: format_rfc3339(base_ms),
+            identity: EmailIdentity {
+                email: latency_email(c),
+            },
+            body: IngestKind::Identify {
+                profile: Profile {
+                    first_name: "Bench",
+                },
+            },
+        }
+        .payload();
         Outgoing {
             subject: subjects::ingest("web"),
-            msg_id: format!("lat-id-{c}"),
-            payload: Bytes::from(body.to_string()),
+            msg_id: event_id,
+            payload,
         }
     });
     publish_bounded(&js, identifies, plan.in_flight, None).await?;
@@ -97,9 +192,9 @@ pub async fn latency(
         t0,
         stop.clone(),
         |payload: &[u8]| {
-            let event: Option<Value> = serde_json::from_slice(payload).ok();
+            let event: Option<ActorEventId> = serde_json::from_slice(payload).ok();
             event
-                .and_then(|event| latency_index(event["id"].as_str()?))
+                .and_then(|event| latency_index(&event.id))
                 .into_iter()
                 .collect()
         },
@@ -152,13 +247,35 @@ pub async fn latency(
         }
         let customer = index as u64 % plan.latency_customers;
         let event_id = latency_event_id(index as u64);
-        let body = json!({"v": 1, "event_id": event_id, "type": "purchase",
-            "occurred_at": format_rfc3339(base_ms + 1000 + index as i64 * 1000),
-            "identity": {"email": latency_email(customer)},
-            "order_id": format!("lat-o-{index}"), "amount": 59.90, "currency": "EUR",
-            "items": [{"sku": "sku-1", "category": "shoes", "qty": 1, "price": 49.90},
-                      {"sku": "sku-2", "category": "socks", "qty": 2, "price": 5.00}]});
-        let payload = Bytes::from(body.to_string());
+        let payload = IngestBody {
+            v: 1,
+            event_id: &event_id,
+            kind: "purchase",
+            occurred_at: format_rfc3339(base_ms + 1000 + index as i64 * 1000),
+            identity: EmailIdentity {
+                email: latency_email(customer),
+            },
+            body: IngestKind::Purchase {
+                order_id: format!("lat-o-{index}"),
+                amount: 59.90,
+                currency: "EUR",
+                items: [
+                    Item {
+                        sku: "sku-1",
+                        category: "shoes",
+                        qty: 1,
+                        price: 49.90,
+                    },
+                    Item {
+                        sku: "sku-2",
+                        category: "socks",
+                        qty: 2,
+                        price: 5.00,
+                    },
+                ],
+            },
+        }
+        .payload();
         let sent = Instant::now();
         sent_ns[index].store(
             sent.duration_since(t0).as_nanos() as u64 + 1,
@@ -192,23 +309,23 @@ pub async fn latency(
     let e2e = summary(earned_ms, 2);
     let (p50_ms, p99_ms) = (e2e.p50(), e2e.p99());
     let target_rate_per_s = round(rate, 1);
-    let details = json!({
-        "target_rate_per_s": target_rate_per_s,
-        "achieved_rate_per_s": round(count as f64 / publish_seconds.max(1e-9), 1),
-        "events": count,
-        "customers": plan.latency_customers,
-        "seconds": round(publish_seconds, 2),
-        "publish_to_points_earned_ms": e2e,
-        "publish_to_shard_log_ms": summary(routed_ms, 2),
-        "publish_to_pub_ack_ms": summary(ack_ms, 2),
-        "points_earned_worst_ms_by_second": earned_worst,
-        "shard_log_worst_ms_by_second": routed_worst,
-        "points_earned_missing": earned_missing,
-        "shard_log_missing": routed_missing,
-        "pub_ack_failures": ack_failures,
-        "node_counters": metrics_delta(&stats_before, &stats_after),
-        "cpu": cpu_before.since(&cpu_published),
-    });
+    let details = LatencyDetails {
+        target_rate_per_s,
+        achieved_rate_per_s: round(count as f64 / publish_seconds.max(1e-9), 1),
+        events: count,
+        customers: plan.latency_customers,
+        seconds: round(publish_seconds, 2),
+        publish_to_points_earned_ms: e2e,
+        publish_to_shard_log_ms: summary(routed_ms, 2),
+        publish_to_pub_ack_ms: summary(ack_ms, 2),
+        points_earned_worst_ms_by_second: earned_worst,
+        shard_log_worst_ms_by_second: routed_worst,
+        points_earned_missing: earned_missing,
+        shard_log_missing: routed_missing,
+        pub_ack_failures: ack_failures,
+        node_counters: metrics_delta(&stats_before.metrics, &stats_after.metrics),
+        cpu: cpu_before.since(&cpu_published),
+    };
     Ok(Latency {
         target_rate_per_s,
         p50_ms,

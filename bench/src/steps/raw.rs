@@ -2,7 +2,7 @@
 //! throughput's generator payloads published to a scratch stream (bounded in-flight acks),
 //! then pulled and acked one by one, as the router would. What end-to-end is compared with.
 
-use crate::cpu::CpuSnapshot;
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
 use crate::stats::round;
 use crate::traffic::{publish_bounded, Outgoing};
@@ -10,7 +10,7 @@ use anyhow::{anyhow, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// Scratch stream of the raw JetStream baseline.
@@ -24,7 +24,23 @@ const RAW_MAX_ACK_PENDING: i64 = 8192;
 pub struct Raw {
     /// Events published and consumed per second.
     pub events_per_s: f64,
-    pub details: Value,
+    pub details: RawDetails,
+}
+
+/// The raw baseline's details (`raw` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RawDetails {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    pub publish_seconds: f64,
+    pub publish_events_per_s: f64,
+    pub consume_seconds: f64,
+    pub consume_events_per_s: f64,
+    pub in_flight: usize,
+    pub pull_batch: usize,
+    pub cpu_publish: CpuUse,
+    pub cpu_consume: CpuUse,
 }
 
 pub async fn raw_jetstream(
@@ -101,19 +117,19 @@ pub async fn raw_jetstream(
     let consume_seconds = last_ack.duration_since(publish_done).as_secs_f64();
     let _ = js.delete_stream(RAW_STREAM).await;
     let events_per_s = round(consumed as f64 / seconds.max(1e-9), 0);
-    let details = json!({
-        "events": consumed,
-        "seconds": round(seconds, 3),
-        "events_per_s": events_per_s,
-        "publish_seconds": round(publish_seconds, 3),
-        "publish_events_per_s": round(published.count as f64 / publish_seconds.max(1e-9), 0),
-        "consume_seconds": round(consume_seconds, 3),
-        "consume_events_per_s": round(consumed as f64 / consume_seconds.max(1e-9), 0),
-        "in_flight": plan.in_flight,
-        "pull_batch": PULL_BATCH_MAX,
-        "cpu_publish": cpu_before.since(&cpu_published),
-        "cpu_consume": cpu_published.since(&cpu_after),
-    });
+    let details = RawDetails {
+        events: consumed,
+        seconds: round(seconds, 3),
+        events_per_s,
+        publish_seconds: round(publish_seconds, 3),
+        publish_events_per_s: round(published.count as f64 / publish_seconds.max(1e-9), 0),
+        consume_seconds: round(consume_seconds, 3),
+        consume_events_per_s: round(consumed as f64 / consume_seconds.max(1e-9), 0),
+        in_flight: plan.in_flight,
+        pull_batch: PULL_BATCH_MAX,
+        cpu_publish: cpu_before.since(&cpu_published),
+        cpu_consume: cpu_published.since(&cpu_after),
+    };
     Ok(Raw {
         events_per_s,
         details,

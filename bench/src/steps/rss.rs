@@ -2,8 +2,8 @@
 //! cap) fed one `visit` per new customer; the node's RSS, sampled every second, when the
 //! resident cap is reached, when every customer is stored, and after the passivation pass.
 
-use crate::cluster_status::{metric, node_stats, stored_customers};
-use crate::cpu::CpuSnapshot;
+use crate::cluster_status::node_stats;
+use crate::cpu::{CpuSnapshot, CpuUse};
 use crate::plan::Plan;
 use crate::processes::{nats_pid, start_nats, BenchNode, NodeSettings};
 use crate::say;
@@ -11,7 +11,7 @@ use crate::stats::round;
 use crate::traffic::{connect, spawn_customer_feed, AbortOnDrop};
 use crate::waits::{wait_applied, StallWatch};
 use anyhow::{bail, Context as _, Result};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,7 +24,48 @@ pub struct Memory {
     /// RSS when the resident cap was reached, MiB (`None` if it never was).
     pub rss_mib_resident_cap: Option<f64>,
     pub customers_applied: u64,
-    pub details: Value,
+    pub details: MemoryDetails,
+}
+
+/// The memory run's details (`rss` in bench/results.json).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MemoryDetails {
+    pub customers_published: u64,
+    pub customers_applied: u64,
+    /// `stored_customers` of the node's counters at the end.
+    pub stored_customers_reported: u64,
+    pub resident_cap: u64,
+    pub rss_mib_at_start: f64,
+    /// `null` when the resident cap was never reached.
+    pub rss_mib_resident_cap: Option<f64>,
+    pub at_cap: Option<AtCap>,
+    pub rss_mib_end_of_feed: f64,
+    pub rss_mib_after_settle: f64,
+    pub settle_seconds: u64,
+    pub rss_mib_peak: f64,
+    pub sled_dir_mib: f64,
+    pub feed_seconds: f64,
+    pub new_customers_per_s: f64,
+    pub cpu: CpuUse,
+    /// One a second while feeding.
+    pub samples: Vec<RssSample>,
+}
+
+/// The moment the resident cap was reached.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AtCap {
+    pub applied: u64,
+    pub rss_mib: f64,
+    pub t_s: f64,
+}
+
+/// One second of the memory run's feed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RssSample {
+    pub t_s: f64,
+    pub published: u64,
+    pub applied: u64,
+    pub rss_mib: f64,
 }
 
 pub async fn memory(plan: &Plan) -> Result<Memory> {
@@ -43,7 +84,7 @@ pub async fn memory(plan: &Plan) -> Result<Memory> {
     let publisher = spawn_customer_feed(&client, customers, plan.in_flight, acked.clone());
     let _publisher_guard = AbortOnDrop::new(&publisher);
     let mut samples = Vec::new();
-    let mut at_cap: Option<Value> = None;
+    let mut at_cap: Option<AtCap> = None;
     let mut last_print = Instant::now();
     let deadline = started + Duration::from_secs(600 + customers / 100);
     // Sample once a second until every customer is applied.
@@ -52,20 +93,25 @@ pub async fn memory(plan: &Plan) -> Result<Memory> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         node.check_alive()?;
         let stats = node_stats(&client).await?;
-        let applied = metric(&stats, "applied");
+        let applied = stats.metrics.applied;
         stall.observe(
             (applied, acked.load(Ordering::Relaxed), 0),
             &format!("{applied} of {customers} customers stored"),
         )?;
         let rss = node.process.rss_mib().unwrap_or(0.0);
         let t_s = started.elapsed().as_secs_f64();
-        samples.push(
-            json!({"t_s": round(t_s, 1), "published": acked.load(Ordering::Relaxed),
-            "applied": applied, "rss_mib": round(rss, 1)}),
-        );
+        samples.push(RssSample {
+            t_s: round(t_s, 1),
+            published: acked.load(Ordering::Relaxed),
+            applied,
+            rss_mib: round(rss, 1),
+        });
         if at_cap.is_none() && applied >= plan.resident_cap {
-            at_cap =
-                Some(json!({"applied": applied, "rss_mib": round(rss, 1), "t_s": round(t_s, 1)}));
+            at_cap = Some(AtCap {
+                applied,
+                rss_mib: round(rss, 1),
+                t_s: round(t_s, 1),
+            });
         }
         if last_print.elapsed() >= Duration::from_secs(15) {
             say(format!(
@@ -83,10 +129,10 @@ pub async fn memory(plan: &Plan) -> Result<Memory> {
                 started.elapsed()
             );
         }
-        if publisher.is_finished() && metric(&stats, "dead_lettered") > 0 {
+        if publisher.is_finished() && stats.metrics.dead_lettered > 0 {
             bail!(
                 "the node dead-lettered {} visits",
-                metric(&stats, "dead_lettered")
+                stats.metrics.dead_lettered
             );
         }
     };
@@ -108,37 +154,36 @@ pub async fn memory(plan: &Plan) -> Result<Memory> {
     let rss_settled = node.process.rss_mib().unwrap_or(0.0);
     let hwm = node.process.peak_rss_mib().unwrap_or(0.0);
     let stats = node_stats(&client).await?;
-    let stored = stored_customers(&stats);
+    let stored = stats.metrics.stored_customers;
     let sled_bytes = dir_bytes(&node.data_dir());
-    let rss_at_cap = at_cap
+    let rss_mib_resident_cap = at_cap
         .as_ref()
-        .and_then(|c| c["rss_mib"].as_f64())
-        .unwrap_or(f64::NAN);
+        .map(|c| round(c.rss_mib, 1))
+        .filter(|mib| mib.is_finite());
     drop(node);
     drop(nats);
     let rss_mib_after_settle = round(rss_settled, 1);
-    let rss_mib_resident_cap = round(rss_at_cap, 1);
-    let details = json!({
-        "customers_published": published.count,
-        "customers_applied": applied,
-        "stored_customers_reported": stored,
-        "resident_cap": plan.resident_cap,
-        "rss_mib_at_start": round(rss_start, 1),
-        "rss_mib_resident_cap": rss_mib_resident_cap,
-        "at_cap": at_cap,
-        "rss_mib_end_of_feed": round(rss_fed, 1),
-        "rss_mib_after_settle": rss_mib_after_settle,
-        "settle_seconds": plan.settle_seconds,
-        "rss_mib_peak": round(hwm, 1),
-        "sled_dir_mib": round(sled_bytes as f64 / 1048576.0, 1),
-        "feed_seconds": round(feed_seconds, 1),
-        "new_customers_per_s": round(published.count as f64 / feed_seconds.max(1e-9), 0),
-        "cpu": cpu_before.since(&cpu_after),
-        "samples": samples,
-    });
+    let details = MemoryDetails {
+        customers_published: published.count,
+        customers_applied: applied,
+        stored_customers_reported: stored,
+        resident_cap: plan.resident_cap,
+        rss_mib_at_start: round(rss_start, 1),
+        rss_mib_resident_cap,
+        at_cap,
+        rss_mib_end_of_feed: round(rss_fed, 1),
+        rss_mib_after_settle,
+        settle_seconds: plan.settle_seconds,
+        rss_mib_peak: round(hwm, 1),
+        sled_dir_mib: round(sled_bytes as f64 / 1048576.0, 1),
+        feed_seconds: round(feed_seconds, 1),
+        new_customers_per_s: round(published.count as f64 / feed_seconds.max(1e-9), 0),
+        cpu: cpu_before.since(&cpu_after),
+        samples,
+    };
     Ok(Memory {
         rss_mib_after_settle,
-        rss_mib_resident_cap: Some(rss_mib_resident_cap).filter(|mib| mib.is_finite()),
+        rss_mib_resident_cap,
         customers_applied: applied,
         details,
     })

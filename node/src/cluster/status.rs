@@ -12,7 +12,7 @@ use crate::subjects;
 use async_nats::jetstream::{self, kv, Context};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -112,14 +112,6 @@ pub struct ShardStatus {
     pub lag: Option<u64>,
     /// Commands applied per second on its owner (`null`: not measured).
     pub load_per_s: Option<f64>,
-}
-
-/// The cluster status as JSON (the `--json` output of `crm-node status`): [`read`] as a
-/// JSON value, keys in alphabetical order.
-pub async fn gather(js: &Context, node_timeout: Duration) -> Result<Value, String> {
-    let status = read(js, node_timeout).await?;
-    serde_json::to_value(&status)
-        .map_err(|error| format!("cluster status not serialisable: {error}"))
 }
 
 /// The cluster status as the KV buckets describe it, with each shard's lag in its log.

@@ -84,7 +84,17 @@ pub struct Resolution {
 }
 
 /// Counters of a directory, read with [`IdentityDirectory::metrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct DirectoryMetrics {
     /// Identifier look-ups answered from the cache.
     pub cache_hits: u64,
