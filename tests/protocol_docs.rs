@@ -336,6 +336,14 @@ async fn every_protocol_example_is_accepted_dead_lettered_or_answered_as_documen
         ));
     }
 
+    // A node's counters, as `crm.node.stats` answers.
+    let stats = request(&client, subjects::NODE_STATS, &json!({})).await;
+    for violation in schema_violations("node-stats.schema.json", &stats) {
+        problems.push(format!(
+            "the crm.node.stats reply breaks docs/schema/node-stats.schema.json {violation}: {stats}"
+        ));
+    }
+
     // The redeem example.
     let (redeem_block, _) = &redeems[0];
     let redeem = request(&client, subjects::CMD_REDEEM, &parse_json(redeem_block)).await;

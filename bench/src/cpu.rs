@@ -3,7 +3,7 @@
 //! test kit), and what each used in between. A busy neighbour on the machine skews every
 //! figure of the bench; `other_cores` shows how much.
 
-use crate::stats::round;
+use crate::figures::round;
 use crm_testkit::proc::{cpu_seconds, machine_busy_seconds};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;

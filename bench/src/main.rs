@@ -45,20 +45,20 @@
 mod bench_cluster;
 mod cluster_status;
 mod cpu;
+mod figures;
 mod plan;
 mod processes;
 mod report;
-mod stats;
 mod steps;
 mod traffic;
 mod waits;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Parser;
+use figures::round;
 use plan::{Args, Plan};
 use processes::{nats_pid, start_nats, BenchNode, NodeSettings};
 use report::{load_average, print_table, Report};
-use stats::round;
 use std::process::ExitCode;
 use std::time::Instant;
 use traffic::{connect, generated_traffic, GeneratorDetails, TrafficDetails, TRAFFIC_START};

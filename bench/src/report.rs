@@ -4,8 +4,8 @@
 //! printed at the end. The table reads typed fields only, so a misspelt figure is a compile
 //! error rather than a "-" in the table.
 
+use crate::figures::round;
 use crate::plan::Plan;
-use crate::stats::round;
 use crate::steps::cluster::ClusterSizeDetails;
 use crate::steps::cold::ColdDetails;
 use crate::steps::e2e::EndToEndDetails;
@@ -192,7 +192,7 @@ pub struct HandoffRun {
     pub shard_started_s: Option<f64>,
     pub shard_start_ms: Option<u64>,
     pub status_polls: u64,
-    pub status_read_ms: crate::stats::Summary,
+    pub status_read_ms: crate::figures::Summary,
     pub status_trace: StatusTrace,
     pub cpu: crate::cpu::CpuUse,
 }
@@ -395,7 +395,7 @@ pub fn print_table(results: &BenchResults) {
         results.run.mode,
         machine.cores,
         machine.cpu_model.as_deref().unwrap_or("?"),
-        crate::stats::or_null(machine.memory_gib),
+        crate::figures::or_null(machine.memory_gib),
         machine.nats_server.as_deref().unwrap_or("nats-server ?"),
     );
     let mut rows = single_node_rows(results);

@@ -9,6 +9,7 @@
 
 use crate::cluster::status::ClusterStatus;
 use crate::dead_letters::DeadLetterHeaders;
+use crate::metrics::NodeStats;
 use crm_actors::actor_event::ActorEventJson;
 use crm_actors::view::CustomerReply;
 use schemars::{schema_for, Schema};
@@ -39,6 +40,11 @@ pub const CONTRACTS: &[Contract] = &[
         file: "dead-letter-headers.schema.json",
         carried_by: "the headers of crm.dlq.<reason> messages (stream CRM_DLQ)",
         schema: || schema_for!(DeadLetterHeaders),
+    },
+    Contract {
+        file: "node-stats.schema.json",
+        carried_by: "reply of crm.node.stats (a node's counters)",
+        schema: || schema_for!(NodeStats),
     },
     Contract {
         file: "cluster-status.schema.json",

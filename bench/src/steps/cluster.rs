@@ -10,11 +10,11 @@ use crate::bench_cluster::{
 };
 use crate::cluster_status::{identity_delta, metrics_delta, MetricsSnapshot};
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::{round, seconds_between};
 use crate::plan::Plan;
 use crate::processes::nats_pid;
 use crate::report::{BySize, Report};
 use crate::say;
-use crate::stats::{round, seconds_between};
 use crate::steps::latency::{latency, LatencyDetails};
 use crate::traffic::{generated_traffic, publish_bounded, AbortOnDrop, Outgoing};
 use crate::waits::{shard_log_ends, Deployment};

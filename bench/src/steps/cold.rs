@@ -2,8 +2,8 @@
 //! resident, after the sled store was closed and reopened (sled's page cache cold); then
 //! the same views warm, and the sled read and decode alone.
 
+use crate::figures::{round, summary, Summary};
 use crate::plan::Plan;
-use crate::stats::{round, summary, Summary};
 use crate::traffic::spec;
 use anyhow::{anyhow, bail, Result};
 use crm_actors::engine::{EngineLimits, ShardEngine};

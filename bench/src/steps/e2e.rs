@@ -4,9 +4,9 @@
 
 use crate::cluster_status::{identity_delta, metrics_delta, node_stats, MetricsSnapshot};
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::round;
 use crate::plan::Plan;
 use crate::processes::BenchNode;
-use crate::stats::round;
 use crate::traffic::{publish_bounded, Outgoing};
 use crate::waits::{router_consumer, router_progress, wait_applied};
 use anyhow::Result;

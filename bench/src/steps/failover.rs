@@ -10,11 +10,11 @@ use crate::bench_cluster::{
 };
 use crate::cluster_status::ClusterStatus;
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::{median_and_worst, or_null, round, seconds_between, summary, Summary};
 use crate::plan::Plan;
 use crate::processes::{log_field, nats_pid, BenchNode};
 use crate::report::{FailoverResults, NodeMoment, Report};
 use crate::say;
-use crate::stats::{median_and_worst, or_null, round, seconds_between, summary, Summary};
 use crate::traffic::{generated_traffic, spawn_paced_load, AbortOnDrop, Outgoing};
 use crate::waits::{router_backlog, Deployment, PROGRESS_EVERY};
 use anyhow::{anyhow, bail, Context as _, Result};

@@ -5,11 +5,11 @@
 use crate::bench_cluster::{wait_settled, BenchCluster, MOVE_TIMEOUT, SETTLE_TIMEOUT, STATUS_POLL};
 use crate::cluster_status::node_stats;
 use crate::cpu::CpuSnapshot;
+use crate::figures::{or_null, round, seconds_between, summary};
 use crate::plan::Plan;
 use crate::processes::{log_field, nats_pid};
 use crate::report::{HandoffResults, HandoffRun, NodeMoment, Report, StatusTrace, TraceChange};
 use crate::say;
-use crate::stats::{or_null, round, seconds_between, summary};
 use crate::steps::rss::dir_bytes;
 use crate::traffic::{spawn_customer_feed, AbortOnDrop};
 use crate::waits::Deployment;

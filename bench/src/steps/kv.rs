@@ -2,7 +2,7 @@
 //! on a scratch bucket configured like `crm_identity`, to tell the router's per-identifier
 //! cost from the rest of the pipeline.
 
-use crate::stats::round;
+use crate::figures::round;
 use anyhow::{anyhow, bail, Result};
 use async_nats::jetstream;
 use bytes::Bytes;

@@ -4,8 +4,8 @@
 
 use crate::cluster_status::{metrics_delta, MetricsSnapshot};
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::{round, summary, Summary};
 use crate::plan::Plan;
-use crate::stats::{round, summary, Summary};
 use crate::traffic::{publish_bounded, traffic_start_ms, Outgoing};
 use crate::waits::Deployment;
 use anyhow::{anyhow, Context as _, Result};
@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The actor event the step times (a type of `crm_actors::actor_event::ActorEventData`;
+/// a unit test checks it is one).
+const POINTS_EARNED: &str = "points.earned";
 
 /// How long the latency run waits for the last actor events after its last publish.
 const LATENCY_TAIL_WAIT: Duration = Duration::from_secs(20);
@@ -177,7 +181,7 @@ pub async fn latency(
     let sent_ns: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
     let t0 = Instant::now();
     let earned = client
-        .subscribe(subjects::events_of_type("points.earned"))
+        .subscribe(subjects::events_of_type(POINTS_EARNED))
         .await
         .map_err(|e| anyhow!("subscribe: {e}"))?;
     let routed = client
@@ -376,4 +380,12 @@ async fn match_arrivals(
     }
     let missing = (total - latencies.len()) as u64;
     (latencies, missing, worst_by_second)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_timed_event_is_an_actor_event_type() {
+        assert!(crm_actors::actor_event::ActorEventData::TYPES.contains(&super::POINTS_EARNED));
+    }
 }

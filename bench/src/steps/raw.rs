@@ -3,8 +3,8 @@
 //! then pulled and acked one by one, as the router would. What end-to-end is compared with.
 
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::round;
 use crate::plan::Plan;
-use crate::stats::round;
 use crate::traffic::{publish_bounded, Outgoing};
 use anyhow::{anyhow, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};

@@ -4,10 +4,10 @@
 
 use crate::cluster_status::node_stats;
 use crate::cpu::{CpuSnapshot, CpuUse};
+use crate::figures::round;
 use crate::plan::Plan;
 use crate::processes::{nats_pid, start_nats, BenchNode, NodeSettings};
 use crate::say;
-use crate::stats::round;
 use crate::traffic::{connect, spawn_customer_feed, AbortOnDrop};
 use crate::waits::{wait_applied, StallWatch};
 use anyhow::{bail, Context as _, Result};

@@ -406,12 +406,21 @@ pub async fn stats(url: &str) -> Result<()> {
             _ => break,
         }
     }
-    let mut lines: Vec<Value> = answers
+    // By node id; a reply that is not a `NodeStats` (another version) first, as unreadable.
+    let mut lines: Vec<(String, Value)> = answers
         .iter()
-        .map(|m| serde_json::from_slice(&m.payload).unwrap_or_else(|_| json!({"unreadable": true})))
+        .map(
+            |m| match serde_json::from_slice::<crate::metrics::NodeStats>(&m.payload) {
+                Ok(stats) => (
+                    stats.node_id.clone(),
+                    serde_json::to_value(&stats).unwrap_or(Value::Null),
+                ),
+                Err(_) => (String::new(), json!({"unreadable": true})),
+            },
+        )
         .collect();
-    lines.sort_by(|a, b| a["node_id"].as_str().cmp(&b["node_id"].as_str()));
-    for line in lines {
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, line) in lines {
         println!("{line}");
     }
     Ok(())
