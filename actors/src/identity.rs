@@ -166,6 +166,45 @@ pub fn by_priority(identities: &mut [Identity]) {
 mod tests {
     use super::*;
 
+    /// The node's identity keys are HMACs of these values: an ASCII identifier must
+    /// normalise exactly as it always has, or its customer stops resolving.
+    #[test]
+    fn ascii_identifiers_normalise_as_they_always_have() {
+        let pinned = [
+            (
+                IdentityKind::Email,
+                " Ann.Lee@Example.COM ",
+                "ann.lee@example.com",
+            ),
+            (IdentityKind::Email, "a@b.co.", "a@b.co"),
+            (
+                IdentityKind::Email,
+                "O'Brien+crm@Mail.Example.ORG",
+                "o'brien+crm@mail.example.org",
+            ),
+            (
+                IdentityKind::Email,
+                "customer000042@example.com",
+                "customer000042@example.com",
+            ),
+            (IdentityKind::Phone, "+49 151 12345678", "+4915112345678"),
+            (
+                IdentityKind::Phone,
+                "0049 (0)151 1234-5678",
+                "+4915112345678",
+            ),
+            (IdentityKind::Phone, "+1 (555) 010.0199", "+15550100199"),
+            (IdentityKind::Phone, "+33 6 12 34 56 78", "+33612345678"),
+            (IdentityKind::LoyaltyCard, " LC-42 ", "LC-42"),
+            (IdentityKind::CustomerId, "CRM/00017", "CRM/00017"),
+            (IdentityKind::DeviceId, "dev-9 Ab", "dev-9 Ab"),
+        ];
+        for (kind, raw, value) in pinned {
+            let id = Identity::normalise(kind, raw).unwrap();
+            assert_eq!(id.value, value, "{kind} {raw:?}");
+        }
+    }
+
     #[test]
     fn email_is_lower_cased_and_trimmed() {
         let id = Identity::normalise(IdentityKind::Email, "  Ann.Lee@Example.COM ").unwrap();
