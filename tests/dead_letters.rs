@@ -348,6 +348,83 @@ async fn every_ingest_rejection_is_dead_lettered_unchanged_with_its_reason_and_l
     );
 }
 
+/// docs/protocol.md (ingest, identifiers): an email typed decomposed (`e` + combining acute,
+/// as macOS types it) and composed (`é`, as Windows does) is one customer, found by either;
+/// the same email with a zero-width space is dead-lettered `no_identity` naming the
+/// character and the fix, not minted as a look-alike second customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_typed_decomposed_or_composed_is_one_customer_and_one_with_a_zero_width_space_is_dead_lettered(
+) {
+    let env = TestEnv::start(NodeOptions::default());
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let composed = "am\u{e9}lie@example.fr";
+    let decomposed = "Ame\u{301}lie@Example.fr";
+    let hidden = "am\u{e9}lie\u{200B}@example.fr";
+
+    publish(
+        &js,
+        "web",
+        "nfc-1",
+        bytes(&purchase("nfc-1", composed, "o-nfc-1", json!(10))),
+    )
+    .await;
+    publish(
+        &js,
+        "store",
+        "nfd-2",
+        bytes(&purchase("nfd-2", decomposed, "o-nfd-2", json!(20))),
+    )
+    .await;
+    let zero_width = bad(
+        "email with a zero-width space",
+        "zw-3",
+        bytes(&purchase("zw-3", hidden, "o-zw-3", json!(40))),
+        "no_identity",
+        "U+200B",
+    );
+    let sequence = publish(&js, "web", &zero_width.msg_id, zero_width.body.clone()).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+
+    let by_composed = view(&client, json!({"email": composed})).await;
+    let by_decomposed = view(&client, json!({"email": decomposed})).await;
+    assert_eq!(by_composed["purchases"]["count"], json!(2), "{by_composed}");
+    assert_eq!(
+        minor(&by_composed["purchases"]["total_spend"]),
+        3000,
+        "{by_composed}"
+    );
+    assert!(by_composed["customer_id"].is_string(), "{by_composed}");
+    assert_eq!(by_composed["customer_id"], by_decomposed["customer_id"]);
+
+    let letters = wait_for_dead_letters(&js, 1).await;
+    let letter = letters.iter().find(|l| l.body == zero_width.body);
+    let problems = check(&zero_width, letter, Some(sequence));
+    assert!(problems.is_empty(), "{problems:?}\n{}", listing(&letters));
+    let message = letter.and_then(|l| l.message.clone()).unwrap_or_default();
+    for part in [
+        "identity.email",
+        "invisible character",
+        "zero width space",
+        "send the value without it",
+    ] {
+        assert!(
+            message.contains(part),
+            "Crm-Message {message:?} lacks {part:?}"
+        );
+    }
+    assert_eq!(letters.len(), 1, "{}", listing(&letters));
+    // Asked for, the look-alike is refused too, never answered as another customer.
+    let asked = view(&client, json!({"email": hidden})).await;
+    assert_eq!(asked["error"]["code"], json!("bad_request"), "{asked}");
+    assert!(
+        asked["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("U+200B")),
+        "{asked}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_return_for_an_order_the_customer_never_had_is_dead_lettered_unapplicable_with_its_original_bytes(
 ) {

@@ -890,6 +890,17 @@ mod tests {
         let mut v = purchase();
         v["identity"] = json!({"customer_id": "c\n1"});
         assert_eq!(parse(v).unwrap_err().reason, RejectReason::NoIdentity);
+        // An invisible character refuses the whole event like a control character does,
+        // even beside a usable identifier: dropping only that identifier would hide it.
+        let mut v = purchase();
+        v["identity"] = json!({"email": "ann\u{200B}@example.com", "loyalty_card": "LC-1"});
+        let rejection = parse(v).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::NoIdentity);
+        assert!(
+            rejection.message.contains("U+200B"),
+            "{}",
+            rejection.message
+        );
     }
 
     #[test]

@@ -119,6 +119,17 @@ pub struct DirectoryMetrics {
     pub read_ahead_used: u64,
 }
 
+/// The KV key of `identity` under the secret `hmac` was made from: hex HMAC-SHA256 of
+/// `"<kind>:<normalised value>"`. Stored mappings are found by this key, so its derivation
+/// (and the normalisation before it) must never change for an identifier already stored.
+fn key_with(hmac: &Hmac<Sha256>, identity: &Identity) -> String {
+    let mut mac = hmac.clone();
+    mac.update(identity.kind.as_str().as_bytes());
+    mac.update(b":");
+    mac.update(identity.value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// Why the directory could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DirectoryError {
@@ -208,11 +219,7 @@ impl IdentityDirectory {
 
     /// The KV key of an identifier: hex HMAC-SHA256 of `"<kind>:<value>"` (64 characters).
     pub fn key_of(&self, identity: &Identity) -> String {
-        let mut mac = self.hmac.clone();
-        mac.update(identity.kind.as_str().as_bytes());
-        mac.update(b":");
-        mac.update(identity.value.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        key_with(&self.hmac, identity)
     }
 
     /// The id a new customer whose primary identifier is `identity` gets: `c` + 24 hex.
@@ -684,6 +691,34 @@ impl BoundedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Existing customers are found by these keys: a change to the normalisation or to the
+    /// key derivation that moves any of them orphans every stored mapping.
+    #[test]
+    fn the_key_of_a_stored_identifier_never_changes() {
+        let hmac = <Hmac<Sha256> as Mac>::new_from_slice(b"test-cluster-secret").unwrap();
+        let pinned = [
+            (
+                IdentityKind::Email,
+                " Ann.Lee@Example.COM ",
+                "2359566e89120eb419f75f7cf2b39d533c31613d869b7130b9ddf0bd0e81303e",
+            ),
+            (
+                IdentityKind::Phone,
+                "0049 (0)151 1234-5678",
+                "6cd80a1bf434d4dfae133766d9fa11829ce078759df1d7ed191eee704aa58738",
+            ),
+            (
+                IdentityKind::LoyaltyCard,
+                "LC-42",
+                "ac204fbeecb855c93db64c5a3cb9c1b811eea641e66e3f993cb282e1e3607cf9",
+            ),
+        ];
+        for (kind, raw, key) in pinned {
+            let identity = Identity::normalise(kind, raw).unwrap();
+            assert_eq!(key_with(&hmac, &identity), key, "{kind} {raw:?}");
+        }
+    }
 
     #[test]
     fn an_entry_stays_cached_while_at_most_one_generation_fills_after_it() {
