@@ -164,7 +164,7 @@ pub async fn read(js: &Context, node_timeout: Duration) -> Result<ClusterStatus,
                 stored_customers: beat.stored_customers,
                 heartbeat_age_ms: age,
                 host: beat.host.clone(),
-                load_per_s: (beat.load.values().sum::<f64>() * 10.0).round() / 10.0,
+                load_per_s: node_load(&beat.load),
                 version: beat.version.clone(),
                 pid: beat.pid,
             }
@@ -303,9 +303,24 @@ pub async fn drained(js: &Context, node_id: &str) -> Result<bool, String> {
     Ok(!holds)
 }
 
+/// A node's load: the sum of its measured shards' loads, to one decimal.
+fn node_load(loads: &BTreeMap<u32, f64>) -> f64 {
+    // A fold from +0.0: `sum` of no f64 is -0.0, which printed "-0.0" for an idle node.
+    let total = loads.values().fold(0.0, |total, load| total + load);
+    (total * 10.0).round() / 10.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_node_has_a_load_of_plus_zero() {
+        let idle = node_load(&BTreeMap::new());
+        assert!(idle == 0.0 && idle.is_sign_positive(), "{idle}");
+        let busy = node_load(&BTreeMap::from([(0, 1.25), (3, 2.0)]));
+        assert_eq!(busy, 3.3);
+    }
 
     fn sample() -> ClusterStatus {
         ClusterStatus {
