@@ -456,12 +456,17 @@ impl Store {
         for item in self.tree.scan_prefix(&prefix) {
             let (key, value) = item?;
             let outbox_key = OutboxKey::from_bytes(&key)?;
-            let event =
-                ActorEvent::from_stored_json(&value).map_err(|source| StoreError::OutboxJson {
-                    key: printable(&key),
-                    source,
-                })?;
-            entries.push((outbox_key, event));
+            match ActorEvent::from_stored_json(&value) {
+                Ok(event) => entries.push((outbox_key, event)),
+                // One entry this build cannot read (written by another version) must not
+                // hold back the shard's other events: it is kept, for a build that can.
+                Err(error) => tracing::warn!(
+                    shard,
+                    key = %printable(&key),
+                    %error,
+                    "outbox entry unreadable by this version: kept, not published"
+                ),
+            }
         }
         Ok(entries)
     }
@@ -1000,7 +1005,24 @@ mod tests {
             store.outbox(3).expect("outbox"),
             vec![(outbox_key, event("ann", 1))]
         );
-        store.remove_outbox(&[outbox_key]).expect("remove");
+        // An entry this version cannot read is kept and does not hide the others.
+        let foreign = OutboxKey {
+            shard: 3,
+            seq: 43,
+            index: 0,
+        };
+        store
+            .tree
+            .insert(
+                foreign.to_bytes(),
+                &br#"{"v": 9, "type": "points.invented"}"#[..],
+            )
+            .expect("insert");
+        assert_eq!(
+            store.outbox(3).expect("outbox"),
+            vec![(outbox_key, event("ann", 1))]
+        );
+        store.remove_outbox(&[outbox_key, foreign]).expect("remove");
         assert!(store.outbox(3).expect("outbox").is_empty());
         // The member index lists the shard's customers in id order, paged.
         assert_eq!(

@@ -20,6 +20,10 @@ pub enum Jitter {
     Full,
     /// Uniform in `[step / 2, step]`: spread, but never much shorter than the step.
     Equal,
+    /// Uniform in `[step, 3 * step / 2]` (at most the cap): spread, and never shorter than
+    /// the step, so a loop bounded by an attempt count keeps at least the window its steps
+    /// add up to (the default).
+    Longer,
 }
 
 /// Exponential backoff: the `n`th delay (0-based) is drawn around
@@ -38,7 +42,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff starting at `initial`, multiplied by `factor` after each delay up to `cap`,
-    /// with [`Jitter::Equal`] and a randomly seeded generator.
+    /// with [`Jitter::Longer`] and a randomly seeded generator.
     pub fn new(initial: Duration, factor: u32, cap: Duration) -> Backoff {
         Backoff::seeded(initial, factor, cap, rand::thread_rng().gen())
     }
@@ -49,7 +53,7 @@ impl Backoff {
             initial,
             factor: factor.max(1),
             cap: cap.max(initial),
-            jitter: Jitter::Equal,
+            jitter: Jitter::Longer,
             attempts: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
@@ -79,7 +83,10 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let step = self.step(self.attempts);
         self.attempts = self.attempts.saturating_add(1);
-        self.jittered(step)
+        // Never past the cap: it is documented as the longest wait (e.g.
+        // `connect_retry_max_ms`). The ramp below it is jittered, which already spreads nodes
+        // that failed together.
+        self.jittered(step).min(self.cap)
     }
 
     /// Starts again from `initial` (after a success).
@@ -98,6 +105,7 @@ impl Backoff {
             Jitter::None => nanos,
             Jitter::Full => self.rng.gen_range(0..=nanos),
             Jitter::Equal => nanos / 2 + self.rng.gen_range(0..=nanos - nanos / 2),
+            Jitter::Longer => nanos.saturating_add(self.rng.gen_range(0..=nanos / 2)),
         };
         Duration::from_nanos(drawn)
     }
@@ -138,9 +146,28 @@ mod tests {
     }
 
     #[test]
+    fn the_default_jitter_never_shortens_a_step_so_bounded_loops_keep_their_window() {
+        // A loop that stops after 5 attempts of 200 ms doubling waited 3.0 s unjittered; with
+        // jitter it must wait at least that long (a 2 s leader election is still survived).
+        for seed in 0..100 {
+            let mut backoff = Backoff::seeded(200 * MS, 2, 5000 * MS, seed);
+            let window: Duration = (0..4).map(|_| backoff.next_delay()).sum();
+            assert!(
+                window >= 3000 * MS && window <= 4500 * MS,
+                "{seed}: {window:?}"
+            );
+        }
+        // The cap stays the longest wait.
+        let mut capped = Backoff::seeded(200 * MS, 2, 500 * MS, 3);
+        for _ in 0..20 {
+            assert!(capped.next_delay() <= 500 * MS);
+        }
+    }
+
+    #[test]
     fn jitter_spreads_the_delays_and_a_seed_repeats_them() {
         let draw = |seed| {
-            let mut backoff = Backoff::seeded(100 * MS, 2, 100 * MS, seed);
+            let mut backoff = Backoff::seeded(100 * MS, 1, 1000 * MS, seed);
             (0..20).map(|_| backoff.next_delay()).collect::<Vec<_>>()
         };
         let first = draw(1);

@@ -6,7 +6,7 @@
 //! worker for the view. Errors are JSON too: `{"error": {"code", "message"}}` with codes
 //! `bad_request`, `not_found`, `unavailable`.
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Jitter};
 use crate::ingest::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
 use crate::shard::worker::{ShardRequest, ShardTable};
@@ -93,7 +93,7 @@ impl Shards {
     pub async fn view(&self, customer_id: &str) -> Value {
         let shard = shard_of(customer_id, self.count);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut backoff = Backoff::new(RETRY_PAUSE, 2, RETRY_PAUSE_MAX);
+        let mut backoff = Backoff::new(RETRY_PAUSE, 1, RETRY_PAUSE).with_jitter(Jitter::None);
         loop {
             let answer = match self.table.get(shard) {
                 Some(handle) => {
@@ -191,11 +191,10 @@ impl Shards {
     }
 }
 
-/// First pause before a query for a moving shard is tried again; the pauses double up to
-/// [`RETRY_PAUSE_MAX`] until the query's timeout.
+/// Pause before a query for a moving shard is tried again, every time until the query's
+/// timeout: short and fixed, so the answer follows soon after the shard is served again and
+/// the last try comes close to the timeout.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// Longest pause between two tries of a query for a moving shard.
-const RETRY_PAUSE_MAX: Duration = Duration::from_millis(400);
 
 /// The reply when a shard could not build a view: logged here, not handed to the client.
 pub fn view_failed(shard: u32, error: &dyn std::fmt::Display) -> Value {

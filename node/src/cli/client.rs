@@ -406,18 +406,17 @@ pub async fn stats(url: &str) -> Result<()> {
             _ => break,
         }
     }
-    // By node id; a reply that is not a `NodeStats` (another version) first, as unreadable.
+    // Each reply as the node sent it (a node of another version may have other counters),
+    // by node id; a reply that is not a JSON object with a node id first, as unreadable.
     let mut lines: Vec<(String, Value)> = answers
         .iter()
-        .map(
-            |m| match serde_json::from_slice::<crate::metrics::NodeStats>(&m.payload) {
-                Ok(stats) => (
-                    stats.node_id.clone(),
-                    serde_json::to_value(&stats).unwrap_or(Value::Null),
-                ),
-                Err(_) => (String::new(), json!({"unreadable": true})),
+        .map(|m| match serde_json::from_slice::<Value>(&m.payload) {
+            Ok(reply) => match reply.get("node_id").and_then(Value::as_str) {
+                Some(node_id) => (node_id.to_string(), reply.clone()),
+                None => (String::new(), json!({"unreadable": true})),
             },
-        )
+            Err(_) => (String::new(), json!({"unreadable": true})),
+        })
         .collect();
     lines.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, line) in lines {

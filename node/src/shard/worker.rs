@@ -11,7 +11,7 @@
 //! from the applied sequence. Between batches it answers view requests for its customers
 //! and passivates idle actors. It holds no rules itself.
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Jitter};
 use crate::cluster::lease::Fence;
 use crate::cluster::snapshot::Snapshots;
 use crate::dead_letters;
@@ -141,11 +141,10 @@ enum Processed {
 /// Most waiting queries a worker with a backlog answers between two batches.
 const QUERIES_BETWEEN_BATCHES_MAX: usize = 64;
 
-/// First delay before the reader is reopened after a batch could not be applied; doubles
-/// (with jitter) up to [`RETRY_DELAY_MAX`] while batches keep failing.
+/// Delay before the reader is reopened after a batch could not be applied, every time: the
+/// worker answers no query while it waits, so it stays well under the default
+/// `query_timeout_ms` (2 s) rather than growing.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// Longest delay between two tries of a batch that could not be applied.
-const RETRY_DELAY_MAX: Duration = Duration::from_secs(4);
 /// Longest wait for new records before the worker looks at its other duties.
 const READ_WAIT: Duration = Duration::from_millis(500);
 
@@ -174,7 +173,8 @@ impl ShardWorker {
             let mut last_passivation = Instant::now();
             let mut last_snapshot = Instant::now();
             let mut since_snapshot: u64 = 0;
-            let mut not_applied = Backoff::new(RETRY_DELAY, 2, RETRY_DELAY_MAX);
+            let mut not_applied =
+                Backoff::new(RETRY_DELAY, 1, RETRY_DELAY).with_jitter(Jitter::None);
             while !shutdown.is_triggered() {
                 let records = {
                     let next = reader.next_batch(READ_WAIT);
