@@ -82,6 +82,12 @@ pub struct BenchNode {
     dir: tempfile::TempDir,
 }
 
+/// The stream size caps of `cluster-config/` (3 GiB in all), far above what a run writes:
+/// nats-server reserves every cap on its disk when the stream is created, and with the
+/// defaults (39 GiB) a node did not start on a machine with less than about 52 GB free.
+const STREAM_CAPS: &str = "ingest_max_bytes = 536870912\nshard_log_max_bytes = 1073741824\n\
+     snapshot_max_bytes = 1073741824\nevents_max_bytes = 268435456\ndlq_max_bytes = 134217728\n";
+
 impl BenchNode {
     pub fn start(plan: &Plan, nats_url: &str, settings: &NodeSettings) -> Result<BenchNode> {
         let mut node = BenchNode::spawn(plan, nats_url, settings)?;
@@ -103,9 +109,10 @@ impl BenchNode {
         }
         let config = format!(
             "[node]\nnode_id = \"{node_id}\"\ndata_dir = \"{data}\"\n\n[nats]\nurl = \"{nats_url}\"\n\n\
-             [cluster]\nname = \"crm-bench\"\nshards = {shards}\nidentity_secret = \"crm-bench-secret-0123456789\"\n\n\
+             [cluster]\nname = \"crm-bench\"\nshards = {shards}\nidentity_secret = \"crm-bench-secret-0123456789\"\n{caps}\n\
              [limits]\ntick_interval_s = 0\n{resident}\n[rules]\npath = \"{rules}\"\n",
             node_id = settings.node_id,
+            caps = STREAM_CAPS,
             data = dir.path().join("data").display(),
             shards = settings.shards,
             rules = plan.rules.display(),
