@@ -1,5 +1,6 @@
 //! The rules file (`cluster-config/rules.toml`): earning, pending and expiring points, tiers,
-//! rewards, retention thresholds and the per-customer limits, validated once at load.
+//! rewards, retention thresholds, the per-customer limits and the identity rules (blocked
+//! identifier values), validated once at load.
 //!
 //! The node calls [`Rules::load`] at start (and on a hot reload); [`crate::apply::apply`],
 //! [`crate::loyalty`], [`crate::retention`] and [`crate::view`] read the validated [`Rules`].
@@ -911,7 +912,7 @@ fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules
             (
                 field.clone(),
                 format!(
-                    "is not a table of blocked = [\"value\", \"prefix*\", ...] ({}); write it as [identity.{kind}] blocked = [...]",
+                    "must be a table holding only blocked, a list of strings ({}); write [identity.{kind}] blocked = [\"value\", \"prefix*\"]",
                     error.to_string().trim_end().replace('\n', " | ")
                 ),
             )
@@ -1283,7 +1284,7 @@ threshold = 1000.00
             (
                 "[identity.email]\nblocked = \"a@b.co\"".to_string(),
                 "identity.email",
-                "write it as [identity.email] blocked = [...]",
+                "must be a table holding only blocked, a list of strings (invalid type: string",
             ),
         ];
         for (section, field, problem) in cases {
