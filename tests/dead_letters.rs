@@ -1,13 +1,14 @@
 //! Dead letters end to end, against a real `nats-server` and a real `crm-node`: every reason
 //! of docs/protocol.md ("Dead letters") is provoked by publishing to `crm.ingest.<channel>`
-//! with JetStream like an adapter. Each bad input must appear in `CRM_DLQ` on
+//! with JetStream like an adapter (the node runs with the shipped rules file, whose blocked
+//! identifiers give `blocked_identity`). Each bad input must appear in `CRM_DLQ` on
 //! `crm.dlq.<reason>` with the original bytes as its body, `Crm-Reason` = the reason and a
 //! `Crm-Message` that names the field; and the pipeline must keep flowing: a valid purchase
 //! sent after all the bad ones is applied.
 
 use async_nats::jetstream;
 use crm_node::subjects;
-use crm_testkit::cluster_env::{minor, view, wait_drained, NodeOptions, TestEnv};
+use crm_testkit::cluster_env::{minor, repo_file, view, wait_drained, NodeOptions, TestEnv};
 use crm_testkit::test_support::{publish, wait_for_dead_letters, DeadLetter};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -146,6 +147,17 @@ fn router_rejections() -> Vec<BadInput> {
             )),
             "no_identity",
             "phone",
+        ),
+        bad(
+            "only an email the rules block",
+            "dl-blocked",
+            bytes(&with(
+                ok("dl-blocked"),
+                "identity",
+                json!({"email": "NoReply@Shop.example"}),
+            )),
+            "blocked_identity",
+            "identity.email.blocked",
         ),
         bad(
             "negative amount",
@@ -296,6 +308,7 @@ async fn every_ingest_rejection_is_dead_lettered_unchanged_with_its_reason_and_l
 ) {
     let env = TestEnv::start(NodeOptions {
         limits: format!("payload_max_bytes = {PAYLOAD_MAX_BYTES}"),
+        rules: repo_file("cluster-config/rules.toml"),
         ..NodeOptions::default()
     });
     let client = env.client().await;
@@ -423,6 +436,104 @@ async fn an_email_typed_decomposed_or_composed_is_one_customer_and_one_with_a_ze
             .is_some_and(|m| m.contains("U+200B")),
         "{asked}"
     );
+}
+
+/// docs/rules.md (`[identity]`), under the shipped rules (which block `test@test.com`): a
+/// purchase with that email and a loyalty card applies to the card's customer and the email
+/// is never linked: the view does not list it, a second card sent with it stays another
+/// customer (no merge, no conflict), a query by it alone is refused as blocked, and a
+/// purchase with only that email is dead-lettered `blocked_identity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_email_is_never_linked_and_alone_is_dead_lettered_blocked_identity() {
+    let env = TestEnv::start(NodeOptions {
+        rules: repo_file("cluster-config/rules.toml"),
+        ..NodeOptions::default()
+    });
+    let client = env.client().await;
+    let js = jetstream::new(client.clone());
+    let with_identity = |event_id: &str, identity: Value, amount: Value| {
+        with(
+            purchase(
+                event_id,
+                "unused@example.com",
+                &format!("o-{event_id}"),
+                amount,
+            ),
+            "identity",
+            identity,
+        )
+    };
+
+    let events = [
+        ("bl-1", json!({"loyalty_card": "LC-BL-1"}), json!(10)),
+        (
+            "bl-2",
+            json!({"email": "Test@Test.com", "loyalty_card": "LC-BL-1"}),
+            json!(20),
+        ),
+        (
+            "bl-3",
+            json!({"email": "test@test.com", "loyalty_card": "LC-BL-2"}),
+            json!(5),
+        ),
+    ];
+    for (event_id, identity, amount) in events {
+        let body = bytes(&with_identity(event_id, identity, amount));
+        publish(&js, "store", event_id, body).await;
+    }
+    let alone = BadInput {
+        channel: "store",
+        ..bad(
+            "only an email the rules block",
+            "bl-4",
+            bytes(&purchase("bl-4", "test@test.com", "o-bl-4", json!(40))),
+            "blocked_identity",
+            "identity.email 'test@test.com' (identity.email.blocked \"test@test.com\") is blocked by the rules file",
+        )
+    };
+    let sequence = publish(&js, alone.channel, &alone.msg_id, alone.body.clone()).await;
+    wait_drained(&client, env.options.shards, DRAIN_TIMEOUT).await;
+
+    let card = view(&client, json!({"loyalty_card": "LC-BL-1"})).await;
+    assert_eq!(card["purchases"]["count"], json!(2), "{card}");
+    assert_eq!(minor(&card["purchases"]["total_spend"]), 3000, "{card}");
+    assert!(
+        !card["identities"].to_string().contains("test@test.com"),
+        "the blocked email was linked: {card}"
+    );
+    let other = view(&client, json!({"loyalty_card": "LC-BL-2"})).await;
+    assert_eq!(other["purchases"]["count"], json!(1), "{other}");
+    assert!(other["customer_id"].is_string(), "{other}");
+    assert_ne!(
+        other["customer_id"], card["customer_id"],
+        "one blocked email merged two customers"
+    );
+    assert!(
+        !other["identities"].to_string().contains("test@test.com"),
+        "{other}"
+    );
+
+    let letters = wait_for_dead_letters(&js, 1).await;
+    let letter = letters.iter().find(|l| l.body == alone.body);
+    let problems = check(&alone, letter, Some(sequence));
+    assert!(problems.is_empty(), "{problems:?}\n{}", listing(&letters));
+    assert_eq!(letters.len(), 1, "{}", listing(&letters));
+
+    // Asked for alone, the blocked email is refused as blocked; beside the card, ignored.
+    let asked = view(&client, json!({"email": "TEST@test.com"})).await;
+    assert_eq!(asked["error"]["code"], json!("bad_request"), "{asked}");
+    assert!(
+        asked["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("blocked by the rules file")),
+        "{asked}"
+    );
+    let beside = view(
+        &client,
+        json!({"email": "test@test.com", "loyalty_card": "LC-BL-1"}),
+    )
+    .await;
+    assert_eq!(beside["customer_id"], card["customer_id"], "{beside}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use unicode_normalization::{is_nfc, UnicodeNormalization};
 
+pub mod blocked;
 mod characters;
 
 /// Longest identifier value accepted, in bytes.

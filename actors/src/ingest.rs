@@ -6,6 +6,7 @@
 //! or a [`Rejection`] whose reason becomes the dead-letter subject and whose message names the
 //! field and the fix. The router calls it; nothing past it sees raw JSON.
 
+use crate::identity::blocked::BlockedIdentities;
 use crate::identity::{by_priority, Identity, IdentityKind};
 use crate::money::{minor_from_json, AmountError};
 use crate::time::parse_rfc3339_ms;
@@ -43,6 +44,9 @@ pub struct IngestLimits {
     /// its wall clock for each group of events it reads; the rules themselves never read
     /// the wall clock (the shard log holds only events that passed).
     pub occurred_at_max_ms: Option<i64>,
+    /// Identifier values never linked to a customer; from the rules file
+    /// (`[identity.<kind>] blocked`). Default: none.
+    pub blocked_identities: BlockedIdentities,
 }
 
 impl Default for IngestLimits {
@@ -55,6 +59,7 @@ impl Default for IngestLimits {
             currencies: vec!["EUR".to_string()],
             occurred_at_future_max_ms: None,
             occurred_at_max_ms: None,
+            blocked_identities: BlockedIdentities::default(),
         }
     }
 }
@@ -73,6 +78,9 @@ pub enum RejectReason {
     UnknownType,
     /// No identity object, no known identifier in it, or an identifier that is unusable.
     NoIdentity,
+    /// Every identifier of the event is blocked by the rules file (`[identity.<kind>]
+    /// blocked`): none may be linked, so the event names no customer.
+    BlockedIdentity,
     /// Amount negative, zero where it must be positive, too precise or above the limit.
     BadAmount,
     /// Any other missing or ill-formed field (event_id, occurred_at, currency, ...).
@@ -83,12 +91,13 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for tests and docs.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::Oversized,
         RejectReason::Malformed,
         RejectReason::UnsupportedVersion,
         RejectReason::UnknownType,
         RejectReason::NoIdentity,
+        RejectReason::BlockedIdentity,
         RejectReason::BadAmount,
         RejectReason::Invalid,
         RejectReason::Unapplicable,
@@ -102,6 +111,7 @@ impl RejectReason {
             RejectReason::UnsupportedVersion => "unsupported_version",
             RejectReason::UnknownType => "unknown_type",
             RejectReason::NoIdentity => "no_identity",
+            RejectReason::BlockedIdentity => "blocked_identity",
             RejectReason::BadAmount => "bad_amount",
             RejectReason::Invalid => "invalid",
             RejectReason::Unapplicable => "unapplicable",
@@ -359,6 +369,7 @@ pub fn parse_ingest(
     };
     check_rule_time("occurred_at", occurred_at_ms, limits.occurred_at_max_ms).map_err(invalid)?;
     let identities = parse_identities(object.get("identity"))?;
+    let identities = without_blocked(identities, &limits.blocked_identities)?;
     let kind = parse_kind(type_name, &fields, limits)?;
     Ok(ChannelEvent {
         event_id,
@@ -433,6 +444,45 @@ pub fn parse_identities(value: Option<&Value>) -> Result<Vec<Identity>, Rejectio
     }
     by_priority(&mut identities);
     Ok(identities)
+}
+
+/// Takes the identifiers the rules block out of `identities` (normalised, highest priority
+/// first): they are never linked to a customer, and what is left keeps its order. With
+/// nothing left the input names no customer: refused `blocked_identity`, naming each
+/// blocked identifier, the entry of the rules file it matched and the fix. Used by ingest
+/// and by query requests.
+pub fn without_blocked(
+    identities: Vec<Identity>,
+    blocked: &BlockedIdentities,
+) -> Result<Vec<Identity>, Rejection> {
+    if blocked.is_empty() {
+        return Ok(identities);
+    }
+    let mut matched = Vec::new();
+    let mut kept = Vec::with_capacity(identities.len());
+    for identity in identities {
+        match blocked.matching(&identity) {
+            Some(pattern) => matched.push(format!(
+                "identity.{} '{}' (identity.{}.blocked \"{}\")",
+                identity.kind,
+                truncate(&identity.value),
+                identity.kind,
+                truncate(pattern)
+            )),
+            None => kept.push(identity),
+        }
+    }
+    if kept.is_empty() && !matched.is_empty() {
+        return Err(Rejection::new(
+            RejectReason::BlockedIdentity,
+            format!(
+                "{} {} blocked by the rules file, and nothing else names the customer: a blocked value is never linked to one; send an identifier of the customer (loyalty_card, customer_id, ...), or take the value out of [identity.<kind>] blocked in the rules file if it is a real customer's",
+                matched.join(", "),
+                if matched.len() == 1 { "is" } else { "are" }
+            ),
+        ));
+    }
+    Ok(kept)
 }
 
 fn parse_kind(
@@ -901,6 +951,118 @@ mod tests {
             "{}",
             rejection.message
         );
+    }
+
+    fn blocking(kind: IdentityKind, patterns: &[&str]) -> IngestLimits {
+        let mut blocked = BlockedIdentities::default();
+        for raw in patterns {
+            let pattern = crate::identity::blocked::Pattern::parse(kind, raw).unwrap();
+            blocked.insert(kind, pattern);
+        }
+        IngestLimits {
+            blocked_identities: blocked,
+            ..IngestLimits::default()
+        }
+    }
+
+    fn parse_with(value: Value, limits: &IngestLimits) -> Result<ChannelEvent, Rejection> {
+        parse_ingest("web", value.to_string().as_bytes(), limits)
+    }
+
+    #[test]
+    fn a_blocked_identifier_is_taken_out_and_the_others_kept() {
+        let limits = blocking(IdentityKind::Email, &["ann@*"]);
+        // purchase(): email Ann@Example.com and loyalty card LC-1.
+        let event = parse_with(purchase(), &limits).unwrap();
+        assert_eq!(
+            event.identities,
+            vec![Identity::normalise(IdentityKind::LoyaltyCard, "LC-1").unwrap()]
+        );
+        // Not blocked: both kept, in priority order.
+        let event = parse_with(purchase(), &blocking(IdentityKind::Email, &["bob@*"])).unwrap();
+        assert_eq!(event.identities.len(), 2);
+    }
+
+    #[test]
+    fn an_event_with_only_blocked_identifiers_is_refused_blocked_identity() {
+        let mut limits = blocking(IdentityKind::Email, &["test@test.com", "noreply@*"]);
+        let phone =
+            crate::identity::blocked::Pattern::parse(IdentityKind::Phone, "+1 000 000 0000");
+        limits
+            .blocked_identities
+            .insert(IdentityKind::Phone, phone.unwrap());
+        let mut v = purchase();
+        v["identity"] = json!({"email": "NoReply@Shop.example"});
+        let rejection = parse_with(v, &limits).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::BlockedIdentity);
+        for part in [
+            "identity.email 'noreply@shop.example' (identity.email.blocked \"noreply@*\") is blocked by the rules file",
+            "never linked",
+            "send an identifier of the customer",
+            "[identity.<kind>] blocked",
+        ] {
+            assert!(rejection.message.contains(part), "{}", rejection.message);
+        }
+        let mut v = purchase();
+        v["identity"] = json!({"email": "test@test.com", "phone": "+1 (000) 000-0000"});
+        let rejection = parse_with(v, &limits).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::BlockedIdentity);
+        assert!(
+            rejection.message.contains(
+                "identity.email 'test@test.com' (identity.email.blocked \"test@test.com\"), identity.phone '+10000000000' (identity.phone.blocked \"+10000000000\") are blocked"
+            ),
+            "{}",
+            rejection.message
+        );
+        // An unusable identifier is still no_identity, blocked or not: it is checked first.
+        let mut v = purchase();
+        v["identity"] = json!({"email": "test@test.com", "phone": "555"});
+        assert_eq!(
+            parse_with(v, &limits).unwrap_err().reason,
+            RejectReason::NoIdentity
+        );
+    }
+
+    /// docs/protocol.md's `blocked_identity` example, under the shipped rules, gets the
+    /// message the docs quote.
+    #[test]
+    fn the_blocked_identity_example_reads_as_documented() {
+        let rules = crate::rules::Rules::from_toml_str(crate::rules::tests::SHIPPED).unwrap();
+        let limits = IngestLimits {
+            blocked_identities: rules.identity.blocked,
+            ..IngestLimits::default()
+        };
+        let docs = include_str!("../../docs/protocol.md");
+        let block = docs
+            .split("```json dead-letter blocked_identity\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("the example");
+        let rejection = parse_ingest("web", block.as_bytes(), &limits).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::BlockedIdentity);
+        let flat = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            flat(docs).contains(&format!("`{}`", flat(&rejection.message))),
+            "{}",
+            rejection.message
+        );
+    }
+
+    #[test]
+    fn every_reason_has_its_own_token() {
+        let tokens: std::collections::BTreeSet<&str> =
+            RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(tokens.len(), RejectReason::ALL.len());
+        assert!(tokens.contains("blocked_identity"));
+        // docs/protocol.md's dead-letter table has a row for each.
+        let docs = include_str!("../../docs/protocol.md");
+        for token in &tokens {
+            assert!(docs.contains(&format!("\n| `{token}` | ")), "{token}");
+        }
+        for reason in RejectReason::ALL {
+            let json = serde_json::to_value(reason).unwrap();
+            assert_eq!(json, json!(reason.as_str()));
+        }
     }
 
     #[test]

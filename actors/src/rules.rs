@@ -1,5 +1,6 @@
 //! The rules file (`cluster-config/rules.toml`): earning, pending and expiring points, tiers,
-//! rewards, retention thresholds and the per-customer limits, validated once at load.
+//! rewards, retention thresholds, the per-customer limits and the identity rules (blocked
+//! identifier values), validated once at load.
 //!
 //! The node calls [`Rules::load`] at start (and on a hot reload); [`crate::apply::apply`],
 //! [`crate::loyalty`], [`crate::retention`] and [`crate::view`] read the validated [`Rules`].
@@ -8,6 +9,8 @@
 //! either fully valid or refused with a [`RulesError`] that names the field, the problem and
 //! the fix; nothing downstream re-checks it, and this module never touches customer state.
 
+use crate::identity::blocked::{BlockedIdentities, Pattern};
+use crate::identity::{Identity, IdentityKind};
 use crate::money::{parse_decimal_minor, Money};
 use crate::time::DAY_MS;
 use serde::Deserialize;
@@ -41,6 +44,27 @@ pub struct Rules {
     pub rewards: BTreeMap<String, Reward>,
     pub retention: Retention,
     pub next_best_action: NextBestAction,
+    /// Identity rules: the identifier values never linked to a customer.
+    pub identity: IdentityRules,
+}
+
+/// Identity rules (`[identity]`, `[identity.<kind>]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityRules {
+    /// Most `blocked` patterns one kind may list, patterns.
+    pub blocked_max_per_kind: usize,
+    /// Values and `*` patterns per kind that are never linked and never merge: ingest drops
+    /// them from an event (which then applies to the customer its other identifiers
+    /// resolve to, or is dead-lettered `blocked_identity` when none is left), and a query
+    /// by one alone is refused.
+    pub blocked: BlockedIdentities,
+}
+
+impl IdentityRules {
+    /// Is `identity` (normalised) blocked by these rules?
+    pub fn is_blocked(&self, identity: &Identity) -> bool {
+        self.blocked.is_blocked(identity)
+    }
 }
 
 /// The value segments of [`crate::value::live`], best first.
@@ -245,6 +269,18 @@ struct RawRules {
     retention: RawRetention,
     #[serde(default)]
     next_best_action: RawNextBestAction,
+    /// `blocked_max_per_kind` and one `[identity.<kind>]` table per kind, read by hand so
+    /// that an unknown kind is named with the kinds there are.
+    #[serde(default)]
+    identity: BTreeMap<String, toml::Value>,
+}
+
+/// One `[identity.<kind>]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityKind {
+    #[serde(default)]
+    blocked: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -544,6 +580,14 @@ const DAYS: Range = Range {
     max: DAYS_MAX,
     unit: "days",
 };
+const BLOCKED_PATTERNS: Range = Range {
+    min: 1,
+    max: 100_000,
+    unit: "patterns",
+};
+
+/// `identity.blocked_max_per_kind` when the file leaves it out, patterns.
+pub const BLOCKED_MAX_PER_KIND_DEFAULT: usize = 1000;
 
 impl Range {
     fn check(self, field: &str, value: i64) -> Check<i64> {
@@ -589,6 +633,7 @@ impl RawRules {
         let rewards = validate_rewards(&self.rewards)?;
         let retention = self.retention.validate()?;
         let next_best_action = self.next_best_action.validate()?;
+        let identity = validate_identity(&self.identity)?;
         Ok(Rules {
             version,
             currency,
@@ -601,6 +646,7 @@ impl RawRules {
             rewards,
             retention,
             next_best_action,
+            identity,
         })
     }
 
@@ -826,6 +872,76 @@ impl RawRetention {
         }
         Ok(retention)
     }
+}
+
+/// The `[identity]` table: `blocked_max_per_kind` and `[identity.<kind>] blocked`, each
+/// pattern normalised like its kind's values and listed once, at most the limit per kind.
+fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules> {
+    const MAX_FIELD: &str = "blocked_max_per_kind";
+    let blocked_max_per_kind = match raw.get(MAX_FIELD) {
+        None => BLOCKED_MAX_PER_KIND_DEFAULT,
+        Some(toml::Value::Integer(max)) => {
+            BLOCKED_PATTERNS.check("identity.blocked_max_per_kind", *max)? as usize
+        }
+        Some(other) => {
+            return fail(
+                "identity.blocked_max_per_kind",
+                format!(
+                    "is a {}; write a whole number of patterns, e.g. 1000",
+                    other.type_str()
+                ),
+            )
+        }
+    };
+    let mut blocked = BlockedIdentities::default();
+    for (name, value) in raw {
+        if name == MAX_FIELD {
+            continue;
+        }
+        let field = format!("identity.{name}");
+        let Some(kind) = IdentityKind::parse(name) else {
+            return fail(
+                field,
+                format!(
+                    "is not an identifier kind; write [identity.<kind>] with one of {}, or {MAX_FIELD} = <patterns>",
+                    IdentityKind::ALL.map(IdentityKind::as_str).join(", ")
+                ),
+            );
+        };
+        let table: RawIdentityKind = value.clone().try_into().map_err(|error| {
+            (
+                field.clone(),
+                format!(
+                    "must be a table holding only blocked, a list of strings ({}); write [identity.{kind}] blocked = [\"value\", \"prefix*\"]",
+                    error.to_string().trim_end().replace('\n', " | ")
+                ),
+            )
+        })?;
+        if table.blocked.len() > blocked_max_per_kind {
+            return fail(
+                format!("{field}.blocked"),
+                format!(
+                    "lists {} patterns, above identity.{MAX_FIELD} = {blocked_max_per_kind} patterns; use * patterns for families of values, or raise the limit",
+                    table.blocked.len()
+                ),
+            );
+        }
+        for (index, raw) in table.blocked.iter().enumerate() {
+            let field = format!("{field}.blocked[{index}]");
+            let pattern = Pattern::parse(kind, raw).map_err(|problem| (field.clone(), problem))?;
+            let normalised = pattern.as_str().to_string();
+            if !blocked.insert(kind, pattern) {
+                return fail(
+                    field,
+                    format!("('{normalised}') is listed twice (once normalised); list each value or pattern once"),
+                );
+            }
+        }
+    }
+    Ok(IdentityRules {
+        blocked_max_per_kind,
+        blocked,
+    })
 }
 
 impl RawNextBestAction {
@@ -1069,6 +1185,126 @@ threshold = 1000.00
         let text = format!("{MINIMAL}\n[limits]\ntimeline_max_entries = 0\n");
         let error = error_for(&text);
         assert_eq!(error.field(), Some("limits.timeline_max_entries"));
+    }
+
+    #[test]
+    fn the_shipped_rules_block_placeholder_addresses_and_numbers() {
+        let rules = Rules::from_toml_str(SHIPPED).unwrap();
+        assert_eq!(rules.identity.blocked_max_per_kind, 1000);
+        let blocked = |kind, raw| {
+            rules
+                .identity
+                .is_blocked(&Identity::normalise(kind, raw).unwrap())
+        };
+        assert!(blocked(IdentityKind::Email, "Test@Test.com"));
+        assert!(blocked(IdentityKind::Email, "noreply@shop.example"));
+        assert!(blocked(IdentityKind::Email, "No-Reply@shop.example"));
+        assert!(blocked(IdentityKind::Phone, "+1 (000) 000-0000"));
+        assert!(!blocked(IdentityKind::Email, "ann.lee@example.com"));
+        assert!(!blocked(IdentityKind::Phone, "+4915112345678"));
+        assert!(!blocked(IdentityKind::LoyaltyCard, "LC-42"));
+    }
+
+    #[test]
+    fn without_an_identity_table_nothing_is_blocked() {
+        let rules = Rules::from_toml_str(MINIMAL).unwrap();
+        assert!(rules.identity.blocked.is_empty());
+        assert_eq!(
+            rules.identity.blocked_max_per_kind,
+            BLOCKED_MAX_PER_KIND_DEFAULT
+        );
+    }
+
+    #[test]
+    fn blocked_patterns_are_normalised_like_their_kind() {
+        let text = format!(
+            "{MINIMAL}\n[identity.email]\nblocked = [\"NoReply@*\"]\n[identity.phone]\nblocked = [\"+49 (0)151 0000*\"]\n[identity.loyalty_card]\nblocked = [\"STORE-0000\"]\n"
+        );
+        let rules = Rules::from_toml_str(&text).unwrap();
+        let blocked = |kind, raw| {
+            rules
+                .identity
+                .is_blocked(&Identity::normalise(kind, raw).unwrap())
+        };
+        assert!(blocked(IdentityKind::Email, "NOREPLY@shop.example"));
+        assert!(blocked(IdentityKind::Phone, "+49 151 0000 1234"));
+        assert!(blocked(IdentityKind::LoyaltyCard, "STORE-0000"));
+        assert!(!blocked(IdentityKind::LoyaltyCard, "store-0000"));
+    }
+
+    #[test]
+    fn unusable_identity_rules_name_the_field_and_the_fix() {
+        let many: Vec<String> = (0..3).map(|i| format!("\"c{i}\"")).collect();
+        let cases = [
+            (
+                "[identity.emial]\nblocked = [\"a@b.co\"]".to_string(),
+                "identity.emial",
+                "is not an identifier kind; write [identity.<kind>] with one of loyalty_card, customer_id, email, phone, device_id",
+            ),
+            (
+                "[identity.email]\nblocked = [\"a@b.co\", \" \"]".to_string(),
+                "identity.email.blocked[1]",
+                "is empty",
+            ),
+            (
+                "[identity.email]\nblocked = [\"*\"]".to_string(),
+                "identity.email.blocked[0]",
+                "would block every email",
+            ),
+            (
+                "[identity.phone]\nblocked = [\"555-0100\"]".to_string(),
+                "identity.phone.blocked[0]",
+                "is not an E.164 phone number",
+            ),
+            (
+                "[identity.email]\nblocked = [\"A@B.co\", \"a@b.CO\"]".to_string(),
+                "identity.email.blocked[1]",
+                "('a@b.co') is listed twice",
+            ),
+            (
+                format!("[identity]\nblocked_max_per_kind = 2\n[identity.customer_id]\nblocked = [{}]", many.join(", ")),
+                "identity.customer_id.blocked",
+                "lists 3 patterns, above identity.blocked_max_per_kind = 2 patterns",
+            ),
+            (
+                "[identity]\nblocked_max_per_kind = 0".to_string(),
+                "identity.blocked_max_per_kind",
+                "(0) must be from 1 to 100000 patterns",
+            ),
+            (
+                "[identity]\nblocked_max_per_kind = \"many\"".to_string(),
+                "identity.blocked_max_per_kind",
+                "is a string; write a whole number of patterns",
+            ),
+            (
+                "[identity.email]\nblock = [\"a@b.co\"]".to_string(),
+                "identity.email",
+                "unknown field `block`",
+            ),
+            (
+                "[identity.email]\nblocked = \"a@b.co\"".to_string(),
+                "identity.email",
+                "must be a table holding only blocked, a list of strings (invalid type: string",
+            ),
+        ];
+        for (section, field, problem) in cases {
+            let error = error_for(&format!("{MINIMAL}\n{section}\n"));
+            assert_eq!(error.field(), Some(field), "{section}: {error}");
+            assert!(error.to_string().contains(problem), "{section}: {error}");
+        }
+    }
+
+    /// docs/rules.md quotes these two messages.
+    #[test]
+    fn the_identity_errors_read_as_documented() {
+        let docs = include_str!("../../docs/rules.md");
+        for section in [
+            "[identity.emial]\nblocked = [\"a@b.co\"]",
+            "[identity.email]\nblocked = [\"*\"]",
+        ] {
+            let message = error_for(&format!("{MINIMAL}\n{section}\n")).to_string();
+            assert!(docs.contains(&format!("\n{message}\n")), "{message}");
+        }
     }
 
     #[test]

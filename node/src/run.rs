@@ -337,7 +337,8 @@ async fn set_up(client: &async_nats::Client, config: &Config) -> Result<Infrastr
     })
 }
 
-/// The router, with the ingest limits of the config and the rules' currencies.
+/// The router, with the ingest limits of the config and the rules' currencies and blocked
+/// identifiers.
 fn router(node: &NodeParts<'_>, infrastructure: &Infrastructure) -> Router {
     let config = node.config;
     Router {
@@ -352,6 +353,7 @@ fn router(node: &NodeParts<'_>, infrastructure: &Infrastructure) -> Router {
             currencies: node.rules.currencies(),
             occurred_at_future_max_ms: config.occurred_at_future_max_ms(),
             occurred_at_max_ms: None,
+            blocked_identities: node.rules.identity.blocked.clone(),
         },
         shards: config.cluster.shards,
         batch_max_events: config.limits.router_batch_max_events,
@@ -435,6 +437,7 @@ fn spawn_tasks(
         table: table.clone(),
         client: client.clone(),
         directory: infrastructure.directory.clone(),
+        blocked: Arc::new(node.rules.identity.blocked.clone()),
         timeout: Duration::from_millis(config.limits.query_timeout_ms),
     };
     tasks.spawn(crate::api::query::serve(

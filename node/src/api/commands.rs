@@ -94,6 +94,7 @@ impl Commands {
         }
         let customer_id = match resolve_customer(
             &self.shards.directory,
+            &self.shards.blocked,
             &request,
             self.shards.timeout,
         )

@@ -14,7 +14,8 @@ use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
 use crate::subjects;
 use async_nats::Client;
-use crm_actors::ingest::parse_identities;
+use crm_actors::identity::blocked::BlockedIdentities;
+use crm_actors::ingest::{parse_identities, without_blocked};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct Shards {
     /// A client to forward queries to the owners of the other shards.
     pub client: Client,
     pub directory: Arc<IdentityDirectory>,
+    /// Identifier values the rules block: never linked, so never looked up.
+    pub blocked: Arc<BlockedIdentities>,
     pub timeout: Duration,
 }
 
@@ -43,9 +46,11 @@ pub fn error_reply(code: &str, message: impl Into<String>) -> Value {
 }
 
 /// Reads `customer_id` or `identity` from a request and resolves it without creating.
-/// `Ok(None)`: no such customer.
+/// `Ok(None)`: no such customer. Identifiers the rules block are left out, as ingest leaves
+/// them out; a request naming only blocked ones is a `bad_request` that says so.
 pub async fn resolve_customer(
     directory: &IdentityDirectory,
+    blocked: &BlockedIdentities,
     request: &Value,
     timeout: Duration,
 ) -> Result<Option<String>, Value> {
@@ -65,6 +70,7 @@ pub async fn resolve_customer(
         ));
     }
     let identities = parse_identities(request.get("identity"))
+        .and_then(|identities| without_blocked(identities, blocked))
         .map_err(|rejection| error_reply("bad_request", rejection.message))?;
     // The directory retries a failed read; the caller's deadline bounds them all.
     match tokio::time::timeout(timeout, directory.lookup(&identities)).await {
@@ -220,7 +226,7 @@ pub async fn answer(shards: &Shards, body: &[u8]) -> Value {
             )
         }
     };
-    match resolve_customer(&shards.directory, &request, shards.timeout).await {
+    match resolve_customer(&shards.directory, &shards.blocked, &request, shards.timeout).await {
         Ok(Some(customer_id)) => shards.view(&customer_id).await,
         Ok(None) => error_reply("not_found", "no customer has these identifiers"),
         Err(error) => error,

@@ -15,7 +15,9 @@
 //! An ingest message is acked only after its shard (or dead-letter) publish is acked: an
 //! event the adapter saw acked is never lost. Inputs that fail validation go to the
 //! dead-letter stream and are acked; they never block the pipeline. The router holds no
-//! rules and no customer state.
+//! customer state and applies no rules itself: its [`IngestLimits`] carry what the rules
+//! file says about ingest (accepted currencies, blocked identifiers), and `parse_ingest`
+//! applies it (a blocked identifier is taken out before the directory ever sees it).
 
 use crate::backoff::Backoff;
 use crate::cluster::lease::Fence;
