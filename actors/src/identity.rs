@@ -122,12 +122,7 @@ impl Identity {
         }
         let value = match kind {
             IdentityKind::Email => {
-                // NFC before lower-casing, and again after it (lower-casing a composed
-                // letter can leave a sequence NFC would compose), so that normalising a
-                // normalised value changes nothing. ASCII is NFC: it takes the fast path.
-                let lower = nfc(&nfc(trimmed).to_lowercase());
-                // `a@b.co.` (a fully qualified domain) is the same mailbox as `a@b.co`.
-                let lower = lower.trim_end_matches('.').to_string();
+                let lower = fold_email(trimmed);
                 match lower.split_once('@') {
                     Some((local, domain))
                         if !local.is_empty()
@@ -141,14 +136,7 @@ impl Identity {
                 }
             }
             IdentityKind::Phone => {
-                // `+49 (0)151 ...`: the "(0)" is the national trunk prefix, written beside
-                // the country code but never dialled with it.
-                let ascii: String = trimmed.chars().map(phone_ascii).collect();
-                let compact: String = ascii
-                    .replace("(0)", "")
-                    .chars()
-                    .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
-                    .collect();
+                let compact = compact_phone(trimmed);
                 let digits = if let Some(rest) = compact.strip_prefix('+') {
                     rest
                 } else if let Some(rest) = compact.strip_prefix("00") {
@@ -197,6 +185,28 @@ fn phone_ascii(c: char) -> char {
         '\u{3000}' => ' ',
         _ => characters::ascii_digit(c).unwrap_or(c),
     }
+}
+
+/// An email as one mailbox: NFC before lower-casing and again after it (lower-casing a
+/// composed letter can leave a sequence NFC would compose), so that folding a folded value
+/// changes nothing (ASCII is NFC: the fast path); a final dot dropped (`a@b.co.`, a fully
+/// qualified domain, is the mailbox `a@b.co`). Shared by ingest and the blocked patterns.
+pub(crate) fn fold_email(trimmed: &str) -> String {
+    nfc(&nfc(trimmed).to_lowercase())
+        .trim_end_matches('.')
+        .to_string()
+}
+
+/// A phone as its digits: every digit form read as ASCII, `(0)` dropped (the national trunk
+/// prefix, written beside the country code but never dialled with it), and spaces, dashes,
+/// dots and brackets removed. Shared by ingest and the blocked patterns.
+pub(crate) fn compact_phone(trimmed: &str) -> String {
+    let ascii: String = trimmed.chars().map(phone_ascii).collect();
+    ascii
+        .replace("(0)", "")
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
+        .collect()
 }
 
 impl fmt::Display for Identity {

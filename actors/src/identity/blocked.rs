@@ -9,7 +9,9 @@
 //! value. [`BlockedIdentities`] holds the patterns of every kind; the rules file fills it
 //! (`[identity.<kind>] blocked`) and ingest and queries consult it. Pure: no I/O.
 
-use super::{characters, nfc, phone_ascii, Identity, IdentityKind, IDENTITY_VALUE_MAX_BYTES};
+use super::{
+    characters, compact_phone, fold_email, Identity, IdentityKind, IDENTITY_VALUE_MAX_BYTES,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One blocked value or `*` pattern of one kind, normalised.
@@ -66,16 +68,9 @@ impl Pattern {
             });
         }
         let text = match kind {
-            IdentityKind::Email => nfc(&nfc(trimmed).to_lowercase())
-                .trim_end_matches('.')
-                .to_string(),
+            IdentityKind::Email => fold_email(trimmed),
             IdentityKind::Phone => {
-                let ascii: String = trimmed.chars().map(phone_ascii).collect();
-                let compact: String = ascii
-                    .replace("(0)", "")
-                    .chars()
-                    .filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')'))
-                    .collect();
+                let compact = compact_phone(trimmed);
                 let compact = match compact.strip_prefix("00") {
                     Some(rest) => format!("+{rest}"),
                     None => compact,
