@@ -12,7 +12,7 @@
 use super::{
     characters, compact_phone, fold_email, Identity, IdentityKind, IDENTITY_VALUE_MAX_BYTES,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// One blocked value or `*` pattern of one kind, normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,12 +75,16 @@ impl Pattern {
                     Some(rest) => format!("+{rest}"),
                     None => compact,
                 };
+                // Normalised phones are `+` and digits: a pattern that does not start with `+`
+                // or `*` (a national number, `555*`) or has a `+` further on matches nothing.
                 if !compact
                     .chars()
                     .all(|c| c.is_ascii_digit() || c == '+' || c == '*')
+                    || !(compact.starts_with('+') || compact.starts_with('*'))
+                    || compact.chars().skip(1).any(|c| c == '+')
                 {
                     return Err(format!(
-                        "('{trimmed}') is not a phone pattern; write digits, + and *, e.g. \"+1555*\""
+                        "('{trimmed}') is not a phone pattern; write + and the country code, digits and *, e.g. \"+1555*\""
                     ));
                 }
                 compact
@@ -94,6 +98,17 @@ impl Pattern {
             if !(c == '*' && collapsed.ends_with('*')) {
                 collapsed.push(c);
             }
+        }
+        // Judged once normalised: `*.` (an email's final dot dropped), `(*)`, `00*` or `+*`
+        // (every phone starts with `+`) and `*@*` block every value of their kind too.
+        let fixed: String = collapsed.chars().filter(|&c| c != '*').collect();
+        let every_value = fixed.is_empty()
+            || (kind == IdentityKind::Email && fixed == "@")
+            || (kind == IdentityKind::Phone && fixed == "+");
+        if every_value {
+            return Err(format!(
+                "('{trimmed}') would block every {kind} once normalised (as '{collapsed}'); block values or patterns with text, e.g. \"noreply@*\""
+            ));
         }
         Ok(Pattern { text: collapsed })
     }
@@ -133,7 +148,10 @@ impl Pattern {
     }
 }
 
-/// The blocked patterns of every kind: exact values looked up, `*` patterns scanned.
+/// The blocked patterns of every kind, indexed so that a check costs a few look-ups however
+/// many patterns there are (the router checks every identifier of every event): exact
+/// values, `prefix*` and `*suffix` patterns are looked up (one look-up per distinct prefix
+/// or suffix length), and only patterns with a `*` inside (`a*b`, `*x*`) are scanned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockedIdentities {
     kinds: BTreeMap<IdentityKind, KindPatterns>,
@@ -142,49 +160,85 @@ pub struct BlockedIdentities {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct KindPatterns {
     exact: BTreeSet<String>,
-    wildcard: Vec<Pattern>,
+    /// `prefix*` patterns by prefix length (bytes): prefix -> pattern text.
+    prefixes: BTreeMap<usize, HashMap<String, String>>,
+    /// `*suffix` patterns by suffix length (bytes): suffix -> pattern text.
+    suffixes: BTreeMap<usize, HashMap<String, String>>,
+    /// Every other `*` pattern, scanned; with `scanned_texts` for duplicates.
+    scanned: Vec<Pattern>,
+    scanned_texts: HashSet<String>,
+    count: usize,
+}
+
+impl KindPatterns {
+    fn insert(&mut self, pattern: Pattern) -> bool {
+        let text = pattern.text.clone();
+        let stars = text.matches('*').count();
+        let added = if stars == 0 {
+            self.exact.insert(text)
+        } else if stars == 1 && text.ends_with('*') {
+            let prefix = text[..text.len() - 1].to_string();
+            let by_length = self.prefixes.entry(prefix.len()).or_default();
+            by_length.insert(prefix, text).is_none()
+        } else if stars == 1 && text.starts_with('*') {
+            let suffix = text[1..].to_string();
+            let by_length = self.suffixes.entry(suffix.len()).or_default();
+            by_length.insert(suffix, text).is_none()
+        } else if self.scanned_texts.insert(text) {
+            self.scanned.push(pattern);
+            true
+        } else {
+            false
+        };
+        self.count += usize::from(added);
+        added
+    }
+
+    fn matching(&self, value: &str) -> Option<&str> {
+        if let Some(exact) = self.exact.get(value) {
+            return Some(exact);
+        }
+        for (&length, patterns) in &self.prefixes {
+            if let Some(prefix) = value.get(..length) {
+                if let Some(text) = patterns.get(prefix) {
+                    return Some(text);
+                }
+            }
+        }
+        for (&length, patterns) in &self.suffixes {
+            let start = value.len().checked_sub(length);
+            if let Some(suffix) = start.and_then(|start| value.get(start..)) {
+                if let Some(text) = patterns.get(suffix) {
+                    return Some(text);
+                }
+            }
+        }
+        self.scanned
+            .iter()
+            .find(|p| p.matches(value))
+            .map(Pattern::as_str)
+    }
 }
 
 impl BlockedIdentities {
     /// Adds a pattern of `kind`; false when that kind already holds it.
     pub fn insert(&mut self, kind: IdentityKind, pattern: Pattern) -> bool {
-        let patterns = self.kinds.entry(kind).or_default();
-        if pattern.is_wildcard() {
-            if patterns.wildcard.contains(&pattern) {
-                return false;
-            }
-            patterns.wildcard.push(pattern);
-            true
-        } else {
-            patterns.exact.insert(pattern.text)
-        }
+        self.kinds.entry(kind).or_default().insert(pattern)
     }
 
     /// How many patterns `kind` holds.
     pub fn count(&self, kind: IdentityKind) -> usize {
-        self.kinds
-            .get(&kind)
-            .map_or(0, |p| p.exact.len() + p.wildcard.len())
+        self.kinds.get(&kind).map_or(0, |p| p.count)
     }
 
     /// No pattern of any kind.
     pub fn is_empty(&self) -> bool {
-        self.kinds
-            .values()
-            .all(|p| p.exact.is_empty() && p.wildcard.is_empty())
+        self.kinds.values().all(|p| p.count == 0)
     }
 
     /// The pattern that blocks `identity` (its normalised value), if any.
     pub fn matching(&self, identity: &Identity) -> Option<&str> {
-        let patterns = self.kinds.get(&identity.kind)?;
-        if let Some(exact) = patterns.exact.get(&identity.value) {
-            return Some(exact);
-        }
-        patterns
-            .wildcard
-            .iter()
-            .find(|p| p.matches(&identity.value))
-            .map(Pattern::as_str)
+        self.kinds.get(&identity.kind)?.matching(&identity.value)
     }
 
     /// Is `identity` blocked: never linked to a customer?
@@ -332,7 +386,20 @@ mod tests {
             (IdentityKind::Email, "*", "would block every email"),
             (IdentityKind::Phone, "***", "would block every phone"),
             (IdentityKind::Phone, "+1 555", "E.164"),
-            (IdentityKind::Phone, "+1555-abc*", "digits, + and *"),
+            (IdentityKind::Phone, "+1555-abc*", "not a phone pattern"),
+            // National numbers and a `+` further on match no normalised phone.
+            (IdentityKind::Phone, "555*", "+ and the country code"),
+            (IdentityKind::Phone, "+1*+2", "not a phone pattern"),
+            // Patterns that block every value once normalised.
+            (
+                IdentityKind::Email,
+                "*.",
+                "would block every email once normalised",
+            ),
+            (IdentityKind::Email, "*@*", "would block every email"),
+            (IdentityKind::Phone, "(*)", "would block every phone"),
+            (IdentityKind::Phone, "00*", "would block every phone"),
+            (IdentityKind::Phone, "+*", "would block every phone"),
             (IdentityKind::Email, "nobody", "not an email address"),
             (IdentityKind::Email, "no\u{200B}reply@*", "U+200B"),
             (IdentityKind::DeviceId, "dev\n*", "control or invisible"),
@@ -344,6 +411,39 @@ mod tests {
         let long = format!("{}*", "a".repeat(IDENTITY_VALUE_MAX_BYTES));
         let error = Pattern::parse(IdentityKind::DeviceId, &long).unwrap_err();
         assert!(error.contains("256 bytes"), "{error}");
+    }
+
+    #[test]
+    fn prefix_suffix_and_inner_patterns_are_found_among_many() {
+        // 3,000 patterns of each shape: each check is a few look-ups, and finds the right one.
+        let mut blocked = BlockedIdentities::default();
+        let kind = IdentityKind::Email;
+        for n in 0..3000 {
+            for raw in [
+                format!("bounce{n}@*"),
+                format!("*@spam{n}.example"),
+                format!("*+tag{n}@*"),
+            ] {
+                assert!(blocked.insert(kind, Pattern::parse(kind, &raw).unwrap()));
+            }
+        }
+        let matched = |value: &str| {
+            blocked
+                .matching(&Identity {
+                    kind,
+                    value: value.to_string(),
+                })
+                .map(str::to_string)
+        };
+        assert_eq!(matched("bounce17@x.com").as_deref(), Some("bounce17@*"));
+        assert_eq!(
+            matched("ann@spam2999.example").as_deref(),
+            Some("*@spam2999.example")
+        );
+        assert_eq!(matched("ann+tag5@shop.com").as_deref(), Some("*+tag5@*"));
+        assert_eq!(matched("ann@spam3000.example"), None);
+        assert_eq!(matched("bounce@x.com"), None);
+        assert_eq!(blocked.count(kind), 9000);
     }
 
     #[test]
