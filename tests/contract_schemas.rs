@@ -24,7 +24,11 @@ fn every_published_schema_is_what_its_type_generates() {
         }
         match std::fs::read_to_string(&path) {
             Ok(published) if published == generated => {}
-            Ok(_) => stale.push(format!("{} differs from its type", path.display())),
+            Ok(_) => stale.push(format!(
+                "{} ({}) differs from its type",
+                path.display(),
+                contract.carried_by
+            )),
             Err(e) => stale.push(format!("{}: {e}", path.display())),
         }
     }

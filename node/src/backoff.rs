@@ -1,11 +1,14 @@
 //! The one retry pause of the node: exponential backoff with jitter.
 //!
 //! Every loop in the node that retries a failed NATS request (stream and KV set-up, the
-//! identity directory's KV operations, watches started again, the connection at start, a
-//! batch that could not be applied) asks a [`Backoff`] how long to wait before the next
-//! attempt, so the pauses grow the same way everywhere and nodes that failed together (a
+//! identity directory's KV operations, watches started again, the connection at start, the
+//! session and the shard-log reader reopened) asks a [`Backoff`] how long to wait before the
+//! next attempt, so the pauses grow the same way everywhere and nodes that failed together (a
 //! NATS server restart) do not retry in lockstep. It only computes delays: the caller keeps
-//! its own attempt bound and its own shutdown `select!`, and this module never sleeps.
+//! its own attempt bound and its own shutdown `select!`, and this module never sleeps. Two
+//! pauses stay fixed on purpose, because something waits on them: a shard worker whose batch
+//! failed answers no query while it pauses (1 s), and a query for a moving shard polls
+//! every 100 ms until its timeout.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -61,11 +61,6 @@ impl Contract {
         text.push('\n');
         text
     }
-
-    /// The contract published as `file`, if any.
-    pub fn named(file: &str) -> Option<&'static Contract> {
-        CONTRACTS.iter().find(|contract| contract.file == file)
-    }
 }
 
 #[cfg(test)]
@@ -83,6 +78,5 @@ mod tests {
                 contract.file
             );
         }
-        assert!(Contract::named("actor-event.schema.json").is_some());
     }
 }

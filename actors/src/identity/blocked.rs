@@ -167,14 +167,13 @@ struct KindPatterns {
     /// Every other `*` pattern, scanned; with `scanned_texts` for duplicates.
     scanned: Vec<Pattern>,
     scanned_texts: HashSet<String>,
-    count: usize,
 }
 
 impl KindPatterns {
     fn insert(&mut self, pattern: Pattern) -> bool {
         let text = pattern.text.clone();
         let stars = text.matches('*').count();
-        let added = if stars == 0 {
+        if stars == 0 {
             self.exact.insert(text)
         } else if stars == 1 && text.ends_with('*') {
             let prefix = text[..text.len() - 1].to_string();
@@ -189,9 +188,17 @@ impl KindPatterns {
             true
         } else {
             false
+        }
+    }
+
+    fn count(&self) -> usize {
+        let looked_up = |by_length: &BTreeMap<usize, HashMap<String, String>>| {
+            by_length.values().map(HashMap::len).sum::<usize>()
         };
-        self.count += usize::from(added);
-        added
+        self.exact.len()
+            + looked_up(&self.prefixes)
+            + looked_up(&self.suffixes)
+            + self.scanned.len()
     }
 
     fn matching(&self, value: &str) -> Option<&str> {
@@ -228,12 +235,12 @@ impl BlockedIdentities {
 
     /// How many patterns `kind` holds.
     pub fn count(&self, kind: IdentityKind) -> usize {
-        self.kinds.get(&kind).map_or(0, |p| p.count)
+        self.kinds.get(&kind).map_or(0, KindPatterns::count)
     }
 
     /// No pattern of any kind.
     pub fn is_empty(&self) -> bool {
-        self.kinds.values().all(|p| p.count == 0)
+        self.kinds.values().all(|p| p.count() == 0)
     }
 
     /// The pattern that blocks `identity` (its normalised value), if any.

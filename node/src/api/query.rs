@@ -6,7 +6,6 @@
 //! worker for the view. Errors are JSON too: `{"error": {"code", "message"}}` with codes
 //! `bad_request`, `not_found`, `unavailable`.
 
-use crate::backoff::{Backoff, Jitter};
 use crate::ingest::identity_directory::IdentityDirectory;
 use crate::metrics::Metrics;
 use crate::shard::worker::{ShardRequest, ShardTable};
@@ -99,7 +98,6 @@ impl Shards {
     pub async fn view(&self, customer_id: &str) -> Value {
         let shard = shard_of(customer_id, self.count);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut backoff = Backoff::new(RETRY_PAUSE, 1, RETRY_PAUSE).with_jitter(Jitter::None);
         loop {
             let answer = match self.table.get(shard) {
                 Some(handle) => {
@@ -108,11 +106,10 @@ impl Shards {
                 }
                 None => self.forward(shard, customer_id, deadline).await,
             };
-            let pause = backoff.next_delay();
             match answer {
                 Some(view) => return view,
-                None if tokio::time::Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
+                None if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 None => {
                     return error_reply(

@@ -11,7 +11,6 @@
 //! from the applied sequence. Between batches it answers view requests for its customers
 //! and passivates idle actors. It holds no rules itself.
 
-use crate::backoff::{Backoff, Jitter};
 use crate::cluster::lease::Fence;
 use crate::cluster::snapshot::Snapshots;
 use crate::dead_letters;
@@ -173,8 +172,6 @@ impl ShardWorker {
             let mut last_passivation = Instant::now();
             let mut last_snapshot = Instant::now();
             let mut since_snapshot: u64 = 0;
-            let mut not_applied =
-                Backoff::new(RETRY_DELAY, 1, RETRY_DELAY).with_jitter(Jitter::None);
             while !shutdown.is_triggered() {
                 let records = {
                     let next = reader.next_batch(READ_WAIT);
@@ -201,10 +198,9 @@ impl ShardWorker {
                     match self.process(records).await {
                         Processed::Published => {
                             since_snapshot += count;
-                            not_applied.reset();
                         }
                         Processed::NotApplied => {
-                            tokio::time::sleep(not_applied.next_delay()).await;
+                            tokio::time::sleep(RETRY_DELAY).await;
                             reader.rewind(self.engine.meta().applied_seq + 1).await;
                         }
                         Processed::Fenced => {
