@@ -18,8 +18,15 @@ use serde::Serialize;
 /// 2, customer state gained its purchase days (`ValueHistory`) and the shard log the
 /// `Routed` record; 3, orders record their expired points and application order, and
 /// loyalty whether the first-purchase bonus was granted. No deployment ever held version 1
-/// or 2 data, so version 3 reads neither.
-pub const FORMAT_VERSION: u8 = 3;
+/// or 2 data, so version 3 reads neither. 4: the customer state gained its merges
+/// (`MergeState`, its last field) and the shard log the merge commands (variants appended
+/// at the end of `CustomerCommand`, so every version-3 record reads as it was written).
+/// Version 3 is still read: records and values as they are, a customer state through
+/// [`decode_state`], which appends an empty `MergeState`.
+pub const FORMAT_VERSION: u8 = 4;
+
+/// The oldest format version this build reads (see [`FORMAT_VERSION`]).
+pub const FORMAT_VERSION_OLDEST: u8 = 3;
 
 /// Why bytes could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -77,15 +84,40 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 /// Decodes bytes written by [`encode`]: checks the version byte, decodes the body, and
 /// refuses trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (version, body) = split_version(bytes)?;
+    decode_body(version, body)
+}
+
+/// A customer state written by this build or by a format-3 build (whose state ends before
+/// the `merge` field: an empty one is appended before decoding).
+pub fn decode_state(bytes: &[u8]) -> Result<crate::state::CustomerState, CodecError> {
+    let (version, body) = split_version(bytes)?;
+    if version == FORMAT_VERSION {
+        return decode_body(version, body);
+    }
+    let mut migrated = body.to_vec();
+    bincode::serde::encode_into_std_write(
+        crate::state::MergeState::default(),
+        &mut migrated,
+        config(),
+    )?;
+    decode_body(version, &migrated)
+}
+
+fn split_version(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty {
         expected: FORMAT_VERSION,
     })?;
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&version) {
         return Err(CodecError::WrongVersion {
             found: version,
             expected: FORMAT_VERSION,
         });
     }
+    Ok((version, body))
+}
+
+fn decode_body<T: DeserializeOwned>(version: u8, body: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, config())
         .map_err(|source| CodecError::Decode { version, source })?;
     if used != body.len() {
@@ -138,6 +170,20 @@ mod tests {
         let bytes = encode(&state);
         let back: crate::state::CustomerState = decode(&bytes).expect("round trip");
         assert_eq!(encode(&back), bytes);
+    }
+
+    #[test]
+    fn a_format_3_customer_state_reads_with_no_merges() {
+        // A version-3 state is this build's state without its last field.
+        let mut state = crate::state::CustomerState::new("c-1");
+        state.created_at_ms = Some(5);
+        let current = encode(&state);
+        let empty_merge = encode(&crate::state::MergeState::default());
+        let mut old = current[..current.len() - (empty_merge.len() - 1)].to_vec();
+        old[0] = 3;
+        assert_eq!(decode_state(&old).expect("format 3"), state);
+        assert_eq!(decode_state(&current).expect("format 4"), state);
+        assert!(decode::<crate::state::CustomerState>(&old).is_err());
     }
 
     #[test]

@@ -144,8 +144,13 @@ impl PendingMessage {
         ingest_seq: Option<u64>,
     ) -> PendingMessage {
         let event_id = match command {
-            CustomerCommand::Event { event, .. } => Some(event.event_id.clone()),
+            CustomerCommand::Event { event, .. } | CustomerCommand::ResolvedEvent { event, .. } => {
+                Some(event.event_id.clone())
+            }
             CustomerCommand::Redeem { request_id, .. } => Some(request_id.clone()),
+            CustomerCommand::MergeOut { merge } | CustomerCommand::MergeIn { merge, .. } => {
+                Some(merge.cause_event_id.clone())
+            }
             CustomerCommand::Tick { .. } | CustomerCommand::Rescore { .. } => None,
         };
         PendingMessage {
@@ -619,11 +624,12 @@ impl ShardEngine {
         self.forget(customer_id);
         let loaded = match changed.and_then(|changed| changed.get(customer_id)) {
             Some(encoded) => {
-                let state = codec::decode(&encoded.bytes).map_err(|source| EngineError::Codec {
-                    shard: self.shard,
-                    customer_id: customer_id.to_string(),
-                    source,
-                })?;
+                let state =
+                    codec::decode_state(&encoded.bytes).map_err(|source| EngineError::Codec {
+                        shard: self.shard,
+                        customer_id: customer_id.to_string(),
+                        source,
+                    })?;
                 Some((state, encoded.bytes.clone()))
             }
             None => self
@@ -864,8 +870,11 @@ fn is_alive(actor: &ActorRef<CustomerMessage>) -> bool {
 /// The rule time a command carries.
 fn command_time_ms(command: &CustomerCommand) -> i64 {
     match command {
-        CustomerCommand::Event { event, .. } => event.occurred_at_ms,
+        CustomerCommand::Event { event, .. } | CustomerCommand::ResolvedEvent { event, .. } => {
+            event.occurred_at_ms
+        }
         CustomerCommand::Redeem { at_ms, .. } | CustomerCommand::Tick { at_ms } => *at_ms,
+        CustomerCommand::MergeOut { merge } | CustomerCommand::MergeIn { merge, .. } => merge.at_ms,
         // A model is not an event in time: it never moves the clock.
         CustomerCommand::Rescore { .. } => i64::MIN,
     }
@@ -888,10 +897,11 @@ pub fn summaries_from_store(
         if !owned(&customer_id) {
             continue;
         }
-        let state: CustomerState = codec::decode(&bytes).map_err(|source| StoreError::Codec {
-            key: format!("c/{customer_id}"),
-            source,
-        })?;
+        let state: CustomerState =
+            codec::decode_state(&bytes).map_err(|source| StoreError::Codec {
+                key: format!("c/{customer_id}"),
+                source,
+            })?;
         if let Some(row) = crate::value::live::summary_with_spend(&state, as_of_day, unit) {
             summaries.push(row);
         }

@@ -49,10 +49,17 @@ pub struct Rules {
 }
 
 /// Identity rules (`[identity]`, `[identity.<kind>]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityRules {
     /// Most `blocked` patterns one kind may list, patterns.
     pub blocked_max_per_kind: usize,
+    /// Per kind, in [`IdentityKind::ALL`] order: how many one customer may hold and
+    /// whether the kind may join two known customers (see [`KindRules`]).
+    pub kinds: [KindRules; 5],
+    /// Most merges one customer may absorb per UTC day of the linking events' time; a
+    /// merge beyond it is refused (`identity.merge_refused`), so that a shared identifier
+    /// (a store's own email typed at the till) cannot collapse many customers into one.
+    pub merges_max_per_day: u32,
     /// Values and `*` patterns per kind that are never linked and never merge: ingest drops
     /// them from an event (which then applies to the customer its other identifiers
     /// resolve to, or is dead-lettered `blocked_identity` when none is left), and a query
@@ -60,7 +67,58 @@ pub struct IdentityRules {
     pub blocked: BlockedIdentities,
 }
 
+/// The rules of one identifier kind (`[identity.<kind>]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindRules {
+    /// Most identifiers of this kind one customer may hold (`max_per_customer`): an event
+    /// that would link one more (by itself or by a merge) has it dropped and
+    /// `identity.conflict` says why.
+    pub max_per_customer: u32,
+    /// May an identifier of this kind join two known customers into one (`merge`)?
+    pub merge: bool,
+}
+
+impl KindRules {
+    /// The defaults: one loyalty card and one customer id, five emails and five phones,
+    /// 1,000 devices; devices never merge (they are shared), the others do.
+    pub const fn default_for(kind: IdentityKind) -> KindRules {
+        match kind {
+            IdentityKind::LoyaltyCard | IdentityKind::CustomerId => KindRules {
+                max_per_customer: 1,
+                merge: true,
+            },
+            IdentityKind::Email | IdentityKind::Phone => KindRules {
+                max_per_customer: 5,
+                merge: true,
+            },
+            IdentityKind::DeviceId => KindRules {
+                max_per_customer: 1000,
+                merge: false,
+            },
+        }
+    }
+}
+
+/// `identity.merges_max_per_day` when the file leaves it out, merges.
+pub const MERGES_MAX_PER_DAY_DEFAULT: u32 = 10;
+
+impl Default for IdentityRules {
+    fn default() -> Self {
+        IdentityRules {
+            blocked_max_per_kind: BLOCKED_MAX_PER_KIND_DEFAULT,
+            kinds: IdentityKind::ALL.map(KindRules::default_for),
+            merges_max_per_day: MERGES_MAX_PER_DAY_DEFAULT,
+            blocked: BlockedIdentities::default(),
+        }
+    }
+}
+
 impl IdentityRules {
+    /// The rules of `kind`.
+    pub fn kind(&self, kind: IdentityKind) -> KindRules {
+        self.kinds[kind as usize]
+    }
+
     /// Is `identity` (normalised) blocked by these rules?
     pub fn is_blocked(&self, identity: &Identity) -> bool {
         self.blocked.is_blocked(identity)
@@ -107,6 +165,11 @@ pub struct Limits {
     pub channels_max: usize,
     /// Categories counted one by one in a customer's spend; later ones count as `other`.
     pub categories_max: usize,
+    /// Channel events a merge's survivor holds back while it waits for the merged
+    /// customers' states (beyond it, it applies them without waiting).
+    pub merge_buffer_max: usize,
+    /// Customers a survivor remembers having merged (the oldest forgotten beyond it).
+    pub merged_from_max: usize,
 }
 
 /// How points are earned.
@@ -281,6 +344,8 @@ struct RawRules {
 struct RawIdentityKind {
     #[serde(default)]
     blocked: Vec<String>,
+    max_per_customer: Option<i64>,
+    merge: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +383,8 @@ struct RawLimits {
     consent_purposes_max: i64,
     channels_max: i64,
     categories_max: i64,
+    merge_buffer_max: i64,
+    merged_from_max: i64,
 }
 
 impl Default for RawLimits {
@@ -335,6 +402,8 @@ impl Default for RawLimits {
             consent_purposes_max: 32,
             channels_max: 16,
             categories_max: 100,
+            merge_buffer_max: 1000,
+            merged_from_max: 1000,
         }
     }
 }
@@ -588,6 +657,16 @@ const BLOCKED_PATTERNS: Range = Range {
 
 /// `identity.blocked_max_per_kind` when the file leaves it out, patterns.
 pub const BLOCKED_MAX_PER_KIND_DEFAULT: usize = 1000;
+const IDENTIFIERS_PER_CUSTOMER: Range = Range {
+    min: 1,
+    max: 100_000,
+    unit: "identifiers",
+};
+const MERGES_PER_DAY: Range = Range {
+    min: 0,
+    max: 1_000_000,
+    unit: "merges",
+};
 
 impl Range {
     fn check(self, field: &str, value: i64) -> Check<i64> {
@@ -615,7 +694,8 @@ impl RawRules {
         let limits = limits!(l;
             timeline_max_entries, orders_max, redemptions_max, event_ids_max, identities_max,
             tier_history_max, lots_max, purchase_days_max, profile_fields_max,
-            consent_purposes_max, channels_max, categories_max,
+            consent_purposes_max, channels_max, categories_max, merge_buffer_max,
+            merged_from_max,
         );
         let earning = self.earning.validate()?;
         let expiry_days = self.expiry_days(earning.pending_days)?;
@@ -878,6 +958,23 @@ impl RawRetention {
 /// pattern normalised like its kind's values and listed once, at most the limit per kind.
 fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules> {
     const MAX_FIELD: &str = "blocked_max_per_kind";
+    const MERGES_FIELD: &str = "merges_max_per_day";
+    let merges_max_per_day = match raw.get(MERGES_FIELD) {
+        None => MERGES_MAX_PER_DAY_DEFAULT,
+        Some(toml::Value::Integer(max)) => {
+            MERGES_PER_DAY.check("identity.merges_max_per_day", *max)? as u32
+        }
+        Some(other) => {
+            return fail(
+                "identity.merges_max_per_day",
+                format!(
+                    "is a {}; write a whole number of merges per customer per day, e.g. 10 (0: no merges)",
+                    other.type_str()
+                ),
+            )
+        }
+    };
+    let mut kinds = IdentityKind::ALL.map(KindRules::default_for);
     let blocked_max_per_kind = match raw.get(MAX_FIELD) {
         None => BLOCKED_MAX_PER_KIND_DEFAULT,
         Some(toml::Value::Integer(max)) => {
@@ -895,7 +992,7 @@ fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules
     };
     let mut blocked = BlockedIdentities::default();
     for (name, value) in raw {
-        if name == MAX_FIELD {
+        if name == MAX_FIELD || name == MERGES_FIELD {
             continue;
         }
         let field = format!("identity.{name}");
@@ -903,7 +1000,7 @@ fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules
             return fail(
                 field,
                 format!(
-                    "is not an identifier kind; write [identity.<kind>] with one of {}, or {MAX_FIELD} = <patterns>",
+                    "is not an identifier kind; write [identity.<kind>] with one of {}, or {MAX_FIELD} = <patterns>, or {MERGES_FIELD} = <merges>",
                     IdentityKind::ALL.map(IdentityKind::as_str).join(", ")
                 ),
             );
@@ -912,11 +1009,19 @@ fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules
             (
                 field.clone(),
                 format!(
-                    "must be a table holding only blocked, a list of strings ({}); write [identity.{kind}] blocked = [\"value\", \"prefix*\"]",
+                    "must be a table holding only blocked (a list of strings), max_per_customer (a whole number) and merge (true or false) ({}); write e.g. [identity.{kind}] blocked = [\"value\", \"prefix*\"]",
                     error.to_string().trim_end().replace('\n', " | ")
                 ),
             )
         })?;
+        let rules = &mut kinds[kind as usize];
+        if let Some(max) = table.max_per_customer {
+            rules.max_per_customer =
+                IDENTIFIERS_PER_CUSTOMER.check(&format!("{field}.max_per_customer"), max)? as u32;
+        }
+        if let Some(merge) = table.merge {
+            rules.merge = merge;
+        }
         if table.blocked.len() > blocked_max_per_kind {
             return fail(
                 format!("{field}.blocked"),
@@ -940,6 +1045,8 @@ fn validate_identity(raw: &BTreeMap<String, toml::Value>) -> Check<IdentityRules
     }
     Ok(IdentityRules {
         blocked_max_per_kind,
+        kinds,
+        merges_max_per_day,
         blocked,
     })
 }
@@ -1284,7 +1391,22 @@ threshold = 1000.00
             (
                 "[identity.email]\nblocked = \"a@b.co\"".to_string(),
                 "identity.email",
-                "must be a table holding only blocked, a list of strings (invalid type: string",
+                "must be a table holding only blocked (a list of strings), max_per_customer (a whole number) and merge (true or false) (invalid type: string",
+            ),
+            (
+                "[identity.loyalty_card]\nmax_per_customer = 0".to_string(),
+                "identity.loyalty_card.max_per_customer",
+                "(0) must be from 1 to 100000 identifiers",
+            ),
+            (
+                "[identity]\nmerges_max_per_day = -1".to_string(),
+                "identity.merges_max_per_day",
+                "(-1) must be from 0 to 1000000 merges",
+            ),
+            (
+                "[identity.email]\nmerge = \"yes\"".to_string(),
+                "identity.email",
+                "invalid type: string",
             ),
         ];
         for (section, field, problem) in cases {
@@ -1292,6 +1414,27 @@ threshold = 1000.00
             assert_eq!(error.field(), Some(field), "{section}: {error}");
             assert!(error.to_string().contains(problem), "{section}: {error}");
         }
+    }
+
+    #[test]
+    fn identity_kind_rules_default_per_kind_and_read_from_the_file() {
+        let rules = Rules::from_toml_str(MINIMAL).expect("minimal rules");
+        let kind = |k| rules.identity.kind(k);
+        assert_eq!(kind(IdentityKind::LoyaltyCard).max_per_customer, 1);
+        assert_eq!(kind(IdentityKind::CustomerId).max_per_customer, 1);
+        assert_eq!(kind(IdentityKind::Email).max_per_customer, 5);
+        assert_eq!(kind(IdentityKind::Phone).max_per_customer, 5);
+        assert_eq!(kind(IdentityKind::DeviceId).max_per_customer, 1000);
+        assert!(!kind(IdentityKind::DeviceId).merge && kind(IdentityKind::Email).merge);
+        assert_eq!(rules.identity.merges_max_per_day, 10);
+        let rules = Rules::from_toml_str(&format!(
+            "{MINIMAL}\n[identity]\nmerges_max_per_day = 0\n[identity.email]\nmax_per_customer = 2\nmerge = false\n"
+        ))
+        .expect("identity rules");
+        assert_eq!(rules.identity.kind(IdentityKind::Email).max_per_customer, 2);
+        assert!(!rules.identity.kind(IdentityKind::Email).merge);
+        assert!(rules.identity.kind(IdentityKind::Phone).merge);
+        assert_eq!(rules.identity.merges_max_per_day, 0);
     }
 
     /// docs/rules.md quotes these two messages.

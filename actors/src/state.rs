@@ -48,6 +48,48 @@ pub struct CustomerState {
     pub value: ValueHistory,
     /// Where the last applied customer-value model put the customer.
     pub value_standing: ValueStanding,
+    /// Merges: where this customer went, who was merged into it, and what it holds back
+    /// while a merge is under way. Last, so that a format-3 state decodes with it appended.
+    pub merge: MergeState,
+}
+
+/// A customer's part in merges (`docs/rules.md`, Merges).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeState {
+    /// Set once this customer was merged away: it is a tombstone, and every query,
+    /// command and event for it belongs to this customer (follow the chain).
+    pub merged_into: Option<String>,
+    pub merged_at_ms: Option<i64>,
+    /// Every customer merged into this one (directly or through chains), by customer id;
+    /// at most `limits.merged_from_max` (the earliest merge forgotten beyond it).
+    pub merged_from: Vec<MergedFrom>,
+    /// Merged customers whose state has not arrived yet.
+    pub awaiting: BTreeSet<String>,
+    /// Commands held back until `awaiting` is empty, in log order, at most
+    /// `limits.merge_buffer_max`.
+    pub held: VecDeque<HeldCommand>,
+}
+
+/// A command a survivor holds back while a merge is under way: channel events and
+/// merge-outs (redeems, ticks and rescores apply at once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeldCommand {
+    Event {
+        event: crate::ingest::ChannelEvent,
+        notes: Vec<crate::shard_message::IdentityNote>,
+        merges: Vec<crate::shard_message::MergeRef>,
+    },
+    MergeOut {
+        merge: crate::shard_message::MergeRef,
+    },
+}
+
+/// A customer merged into this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedFrom {
+    pub customer_id: String,
+    pub at_ms: i64,
+    pub cause_event_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +389,7 @@ impl CustomerState {
             dedup: Dedup::default(),
             value: ValueHistory::default(),
             value_standing: ValueStanding::default(),
+            merge: MergeState::default(),
         }
     }
 

@@ -257,7 +257,7 @@ impl Store {
         let Some(bytes) = self.tree.get(&key)? else {
             return Ok(None);
         };
-        let state = codec::decode(&bytes).map_err(|source| StoreError::Codec {
+        let state = codec::decode_state(&bytes).map_err(|source| StoreError::Codec {
             key: printable(&key),
             source,
         })?;

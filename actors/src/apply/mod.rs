@@ -41,6 +41,13 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
         CustomerCommand::Event { event, conflict } => {
             event::apply_event(state, event, conflict.as_ref(), rules)
         }
+        // MERGE-INTERFACE: the merge helper replaces these three arms.
+        CustomerCommand::ResolvedEvent { event, .. } => {
+            event::apply_event(state, event, None, rules)
+        }
+        CustomerCommand::MergeOut { .. } | CustomerCommand::MergeIn { .. } => {
+            unapplicable("merges are not applied by this build".to_string())
+        }
         CustomerCommand::Redeem {
             request_id,
             reward_id,
@@ -63,7 +70,7 @@ fn outcome(status: ApplyStatus, events: Vec<ActorEvent>) -> ApplyOutcome {
     ApplyOutcome {
         status,
         events,
-        redeem: None,
+        ..ApplyOutcome::default()
     }
 }
 

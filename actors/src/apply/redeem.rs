@@ -32,6 +32,7 @@ pub(super) fn apply_redeem(
             status: ApplyStatus::Applied,
             events: Vec::new(),
             redeem: Some(deny(state, "unknown_customer")),
+            ..ApplyOutcome::default()
         };
     }
     if let Some(previous) = state
@@ -44,6 +45,7 @@ pub(super) fn apply_redeem(
             status: ApplyStatus::Duplicate,
             events: Vec::new(),
             redeem: Some(previous.outcome.clone()),
+            ..ApplyOutcome::default()
         };
     }
     let mut emitter = Emitter::new(&state.customer_id, request_id);
@@ -105,5 +107,6 @@ pub(super) fn apply_redeem(
         status: ApplyStatus::Applied,
         events: emitter.into_events(),
         redeem: Some(result),
+        ..ApplyOutcome::default()
     }
 }
