@@ -259,8 +259,10 @@ async fn merges_and_links_beyond_the_identity_limits_are_refused() {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let kv = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
-    let mut rules = IdentityRules::default();
-    rules.merges_max_per_day = 2;
+    let rules = IdentityRules {
+        merges_max_per_day: 2,
+        ..IdentityRules::default()
+    };
     let directory = IdentityDirectory::new(kv, SECRET, 100).with_rules(rules);
     let day = 1_700_000_000_000;
     let resolve = |pairs: Vec<(IdentityKind, String)>, at_ms: i64, id: String| {
