@@ -67,6 +67,26 @@ pub struct CustomerView {
     pub email: EmailView,
     pub browsing: BrowsingView,
     pub visits: VisitsView,
+    /// Set when this customer was merged into another (a tombstone): every block is empty
+    /// and the survivor, at the end of this chain, holds everything (a query by this
+    /// customer answers with the survivor's view).
+    pub merged_into: Option<String>,
+    /// When it was merged away; `null` unless `merged_into` is set.
+    pub merged_at: Option<String>,
+    /// The customers merged into this one (directly or through chains), oldest first.
+    pub merged_from: Vec<MergedFromView>,
+    /// Merged customers whose state has not arrived yet: a merge under way.
+    pub awaiting_merges: Vec<String>,
+    /// Channel events (and merge-outs) held back until the awaited states arrive.
+    pub held_commands: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MergedFromView {
+    pub customer_id: String,
+    /// The time of the event that linked the two customers.
+    pub merged_at: String,
+    pub cause_event_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -236,9 +256,16 @@ pub struct VisitsView {
 
 /// What `crm.query.customer` answers for a customer: the [`CustomerView`] plus the `value`
 /// block scored under the published model and the `next_best_actions` (see
-/// [`crate::value::live`]).
+/// [`crate::value::live`]). A tombstone's reply is small (its blocks are empty); the query
+/// responder follows its `merged_into` and answers with the survivor's reply, naming the
+/// customer asked for in `requested_customer_id` (and `merged_into` then says where that
+/// customer went: the survivor).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CustomerReply {
+    /// Present only on a survivor's reply to a query that named a merged customer: that
+    /// customer's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_customer_id: Option<String>,
     #[serde(flatten)]
     pub view: CustomerView,
     /// Customer value under the published model, tagged by `status`.
@@ -261,6 +288,7 @@ impl CustomerReply {
         let value = live::value_block(state, value_model);
         let next_best_actions = live::next_best_actions(state, &value, rules, as_of_ms);
         CustomerReply {
+            requested_customer_id: None,
             view,
             value,
             next_best_actions,
@@ -379,6 +407,20 @@ impl CustomerView {
                 last_at: format_optional(state.visits.last_at_ms),
                 last_store_id: state.visits.last_store_id.clone(),
             },
+            merged_into: state.merge.merged_into.clone(),
+            merged_at: format_optional(state.merge.merged_at_ms),
+            merged_from: state
+                .merge
+                .merged_from
+                .iter()
+                .map(|merged| MergedFromView {
+                    customer_id: merged.customer_id.clone(),
+                    merged_at: format_rfc3339(merged.at_ms),
+                    cause_event_id: merged.cause_event_id.clone(),
+                })
+                .collect(),
+            awaiting_merges: state.merge.awaiting.iter().cloned().collect(),
+            held_commands: state.merge.held.len() as u64,
         }
     }
 }
