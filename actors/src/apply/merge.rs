@@ -321,7 +321,8 @@ pub fn merge_into(
     let orders_moved = (merged.orders.len() - shared.len()) as u64;
     for order_id in &shared {
         if let Some(order) = merged.orders.remove(order_id) {
-            uncount_shared_order(&mut merged, &order, rules);
+            let categories = &survivor.purchases.by_category_minor;
+            uncount_shared_order(&mut merged, &order, categories, rules);
         }
     }
 
@@ -388,8 +389,13 @@ pub fn merge_into(
 
 /// Takes an order the survivor also has out of the merged side's figures, so that it
 /// counts once (the survivor's record is kept): purchase count and spend, spend by
-/// channel and (pro rata) by category, its refunds, its tier spend and its purchase day.
-fn uncount_shared_order(merged: &mut CustomerState, order: &OrderRecord, rules: &Rules) {
+/// channel and by category ([`subtract_shared_categories`]), its refunds, its tier spend and its purchase day.
+fn uncount_shared_order(
+    merged: &mut CustomerState,
+    order: &OrderRecord,
+    survivor_categories: &BTreeMap<String, i64>,
+    rules: &Rules,
+) {
     let purchases = &mut merged.purchases;
     purchases.count = purchases.count.saturating_sub(1);
     if order.currency != rules.currency {
@@ -404,7 +410,11 @@ fn uncount_shared_order(merged: &mut CustomerState, order: &OrderRecord, rules: 
         "other".to_string()
     };
     subtract_from(&mut purchases.by_channel_minor, &channel_key, amount);
-    subtract_pro_rata(&mut purchases.by_category_minor, amount);
+    subtract_shared_categories(
+        &mut purchases.by_category_minor,
+        survivor_categories,
+        amount,
+    );
     merged.returns.total_minor = (merged.returns.total_minor - order.returned_minor).max(0);
     let day = loyalty::day_of(order.at_ms);
     if merged.loyalty.spend_by_day_minor.contains_key(&day) {
@@ -432,38 +442,76 @@ fn subtract_from(map: &mut BTreeMap<String, i64>, key: &str, amount: i64) {
     }
 }
 
-/// Subtracts `amount` from the values of `map` in proportion to them (floored, the rest
-/// one unit at a time from the largest), so their sum falls by `amount` (or to 0).
-fn subtract_pro_rata(map: &mut BTreeMap<String, i64>, amount: i64) {
-    let total: i64 = map.values().copied().fold(0, i64::saturating_add);
+/// Subtracts a shared order's `amount` from the merged side's spend by category: first
+/// in proportion to what each category could hold of an order both sides have (the
+/// smaller of the two sides' figures), the rest in proportion to what is left, so the sum
+/// falls by `amount` (or to 0). Exact when the order's categories are the only ones both
+/// customers bought in.
+fn subtract_shared_categories(
+    merged: &mut BTreeMap<String, i64>,
+    survivor: &BTreeMap<String, i64>,
+    amount: i64,
+) {
+    let common: BTreeMap<String, i64> = merged
+        .iter()
+        .map(|(key, value)| {
+            (
+                key.clone(),
+                (*value).min(survivor.get(key).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, value)| *value > 0)
+        .collect();
+    let left = subtract_pro_rata(merged, &common, amount);
+    let rest = merged.clone();
+    subtract_pro_rata(merged, &rest, left);
+}
+
+/// Subtracts up to `amount` from the values of `map` in proportion to `weights` (each at
+/// most its weight and its value; floored, the rest one unit at a time from the largest
+/// weight); returns what it could not subtract.
+fn subtract_pro_rata(
+    map: &mut BTreeMap<String, i64>,
+    weights: &BTreeMap<String, i64>,
+    amount: i64,
+) -> i64 {
+    let capacity = |key: &String, weight: i64, map: &BTreeMap<String, i64>| {
+        weight.min(map.get(key).copied().unwrap_or(0)).max(0)
+    };
+    let total: i64 = weights
+        .iter()
+        .map(|(key, weight)| capacity(key, *weight, map))
+        .fold(0, i64::saturating_add);
     if total <= 0 || amount <= 0 {
-        return;
+        return amount.max(0);
     }
-    if amount >= total {
-        map.clear();
-        return;
+    let target = amount.min(total);
+    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    for (key, weight) in weights {
+        let cap = capacity(key, *weight, map);
+        let share = (i128::from(cap) * i128::from(target) / i128::from(total)) as i64;
+        taken.insert(key.clone(), share);
     }
-    let mut taken = 0;
-    for value in map.values_mut() {
-        let share = (i128::from(*value) * i128::from(amount) / i128::from(total)) as i64;
-        *value -= share;
-        taken += share;
-    }
-    let mut by_size: Vec<(i64, String)> = map.iter().map(|(k, v)| (*v, k.clone())).collect();
-    by_size.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    let mut left = amount - taken;
-    for (_, key) in by_size.iter().cycle().take(by_size.len() * 2) {
-        if left == 0 {
-            break;
-        }
-        if let Some(value) = map.get_mut(key) {
-            if *value > 0 {
-                *value -= 1;
+    let mut left = target - taken.values().sum::<i64>();
+    let mut by_weight: Vec<(i64, &String)> = weights.iter().map(|(k, w)| (*w, k)).collect();
+    by_weight.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    while left > 0 {
+        let before = left;
+        for (weight, key) in &by_weight {
+            let share = taken.entry((*key).clone()).or_insert(0);
+            if left > 0 && *share < capacity(key, *weight, map) {
+                *share += 1;
                 left -= 1;
             }
         }
+        if left == before {
+            break;
+        }
     }
-    map.retain(|_, value| *value > 0);
+    for (key, share) in taken {
+        subtract_from(map, &key, share);
+    }
+    amount - target + left
 }
 
 /// Profile attributes and consents: per field (purpose) the later time wins, ties the
