@@ -535,6 +535,23 @@ mod tests {
         assert!(matches!(back.data, ActorEventData::SegmentChanged(ref s) if s.clv.is_nan()));
     }
 
+    /// docs/protocol.md shows a `customer.merged` event: it reads as one.
+    #[test]
+    fn the_documented_merge_event_reads_back() {
+        let docs = include_str!("../../docs/protocol.md");
+        let start = docs.find("```json merged-event\n").expect("the example") + 21;
+        let end = start + docs[start..].find("```").expect("its end");
+        let event: ActorEvent = serde_json::from_str(&docs[start..end]).expect("an event");
+        let ActorEventData::CustomerMerged(merged) = &event.data else {
+            panic!("{event:?}");
+        };
+        assert_eq!(merged.identifier_kinds, vec!["email".to_string()]);
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            serde_json::from_str::<Value>(&docs[start..end]).unwrap()
+        );
+    }
+
     #[test]
     fn every_type_is_a_subject_token_and_there_is_a_schema() {
         for name in ActorEventData::TYPES {
