@@ -348,6 +348,64 @@ proptest! {
     }
 
     #[test]
+    fn events_held_for_a_merge_apply_as_if_the_merged_state_had_come_first(
+        a_steps in history(),
+        b_steps in history(),
+        after in prop::collection::vec(step(), 0..10),
+    ) {
+        let rules = rules();
+        let a = build("a", &a_steps, &rules);
+        let b = build("b", &b_steps, &rules);
+        let merge = MergeRef {
+            merged_id: "b".to_string(),
+            survivor_id: "a".to_string(),
+            cause_event_id: "a-link".to_string(),
+            at_ms: at(310),
+        };
+        // The linking event and the survivor's later channel events (redeems and ticks
+        // are never held, so they are left out of the comparison).
+        let mut channel: Vec<CustomerCommand> = vec![CustomerCommand::ResolvedEvent {
+            event: match channel_event("a", 900, 310, EventKind::Visit { store_id: None }) {
+                CustomerCommand::Event { mut event, .. } => {
+                    event.event_id = "a-link".to_string();
+                    event
+                }
+                _ => unreachable!("channel_event makes events"),
+            },
+            notes: Vec::new(),
+            merges: vec![merge.clone()],
+        }];
+        channel.extend(
+            after
+                .iter()
+                .enumerate()
+                .filter(|(_, step)| !matches!(step, Step::Redeem { .. } | Step::Tick { .. }))
+                .map(|(index, step)| command("a", 1000 + index, step)),
+        );
+        let merge_in = CustomerCommand::MergeIn { merge, state: Box::new(b.clone()) };
+
+        let mut held = a.clone();
+        for command in &channel {
+            prop_assert_eq!(apply(&mut held, command, &rules).status, ApplyStatus::Applied);
+        }
+        prop_assert_eq!(held.merge.held.len(), channel.len());
+        let released = apply(&mut held, &merge_in, &rules);
+        prop_assert_eq!(released.released.len(), channel.len());
+        prop_assert!(held.merge.held.is_empty() && held.merge.awaiting.is_empty());
+
+        let mut first = a.clone();
+        apply(&mut first, &merge_in, &rules);
+        let mut statuses = Vec::new();
+        for command in &channel {
+            statuses.push(apply(&mut first, command, &rules).status);
+        }
+        let released_statuses: Vec<ApplyStatus> =
+            released.released.into_iter().map(|r| r.status).collect();
+        prop_assert_eq!(released_statuses, statuses);
+        prop_assert_eq!(codec::encode(&held), codec::encode(&first));
+    }
+
+    #[test]
     fn merging_three_customers_in_a_chain_conserves_everything(
         a_steps in history(),
         b_steps in history(),

@@ -323,6 +323,13 @@ pub fn merge_into(
         if let Some(order) = merged.orders.remove(order_id) {
             let categories = &survivor.purchases.by_category_minor;
             uncount_shared_order(&mut merged, &order, categories, rules);
+            if !merged
+                .orders
+                .values()
+                .any(|other| other.at_ms == order.at_ms)
+            {
+                merged.retention.purchase_times_ms.remove(&order.at_ms);
+            }
         }
     }
 
@@ -348,7 +355,12 @@ pub fn merge_into(
         &merged.dedup,
         rules.limits.event_ids_max,
     );
-    let merged_tier = merged.loyalty.clone();
+    let merged_tier = crate::state::Loyalty {
+        tier: merged.loyalty.tier.clone(),
+        tier_since_ms: merged.loyalty.tier_since_ms,
+        tier_review_at_ms: merged.loyalty.tier_review_at_ms,
+        ..crate::state::Loyalty::default()
+    };
     loyalty::absorb(
         &mut survivor.loyalty,
         std::mem::take(&mut merged.loyalty),
@@ -388,7 +400,8 @@ pub fn merge_into(
 }
 
 /// Takes an order the survivor also has out of the merged side's figures, so that it
-/// counts once (the survivor's record is kept): purchase count and spend, spend by
+/// counts once (the survivor's record is kept; the caller takes its purchase time out of
+/// the merged side's retention history): purchase count and spend, spend by
 /// channel and by category ([`subtract_shared_categories`]), its refunds, its tier spend and its purchase day.
 fn uncount_shared_order(
     merged: &mut CustomerState,
