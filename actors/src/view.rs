@@ -612,6 +612,43 @@ mod tests {
     }
 
     #[test]
+    fn a_tombstones_reply_is_small_and_says_where_the_customer_went() {
+        let rules = Rules::from_toml_str(crate::rules::tests::SHIPPED).unwrap();
+        let mut state = CustomerState::new("b");
+        state.created_at_ms = Some(5);
+        state.merge.merged_into = Some("a".to_string());
+        state.merge.merged_at_ms = Some(7);
+        let reply = serde_json::to_value(CustomerReply::of(&state, 10, &rules, None)).unwrap();
+        assert_eq!(reply["merged_into"], "a");
+        assert_eq!(reply["merged_at"], "1970-01-01T00:00:00.007Z");
+        assert_eq!(reply["exists"], true);
+        assert_eq!(reply["purchases"]["count"], 0);
+        assert!(reply.get("requested_customer_id").is_none());
+        assert!(reply.to_string().len() < 2_000, "{reply}");
+
+        let mut survivor = CustomerState::new("a");
+        survivor.created_at_ms = Some(1);
+        survivor.merge.merged_from.push(crate::state::MergedFrom {
+            customer_id: "b".to_string(),
+            at_ms: 7,
+            cause_event_id: "e9".to_string(),
+        });
+        survivor.merge.awaiting.insert("c".to_string());
+        let view = customer_view(&survivor, 10, &rules);
+        assert_eq!(view["merged_into"], Value::Null);
+        assert_eq!(view["merged_from"][0]["customer_id"], "b");
+        assert_eq!(view["merged_from"][0]["cause_event_id"], "e9");
+        assert_eq!(view["awaiting_merges"], serde_json::json!(["c"]));
+        assert_eq!(view["held_commands"], 0);
+        let schema = serde_json::to_value(schemars::schema_for!(CustomerReply)).unwrap();
+        assert!(
+            schema.to_string().contains("requested_customer_id"),
+            "{schema}"
+        );
+        assert!(schema.to_string().contains("awaiting_merges"), "{schema}");
+    }
+
+    #[test]
     fn the_view_json_reads_back_into_the_typed_view_and_has_a_schema() {
         let rules = Rules::from_toml_str(crate::rules::tests::SHIPPED).unwrap();
         let mut state = CustomerState::new("c1");

@@ -431,6 +431,9 @@ fn a_chain_a_into_b_then_b_into_c_leaves_everything_with_c() {
         ApplyStatus::Applied
     );
     assert_eq!(b.merge.held.len(), 2, "the merge-out waits for A's state");
+    let repeated = apply(&mut b, &merge_out(&bc), &rules);
+    assert_eq!(repeated.status, ApplyStatus::Duplicate);
+    assert_eq!(b.merge.held.len(), 2);
     apply(
         &mut c,
         &resolved(purchase("bc", "oc2", day(4), 1_000), vec![], vec![bc]),
@@ -965,4 +968,48 @@ fn tombstones_are_not_scored() {
         b.merge.held.front(),
         None | Some(HeldCommand::Event { .. })
     ));
+}
+
+#[test]
+fn a_shared_order_filed_under_other_categories_on_each_side_still_leaves_spend_consistent() {
+    let rules = rules();
+    let mut a = customer(
+        "a",
+        &rules,
+        &[purchase_with(
+            "a1",
+            "shared",
+            "web",
+            day(0),
+            10_000,
+            vec![item("shoes", 1, 10_000)],
+        )],
+    );
+    let mut b = customer(
+        "b",
+        &rules,
+        &[
+            purchase_with(
+                "b1",
+                "shared",
+                "web",
+                day(0),
+                10_000,
+                vec![item("hats", 1, 10_000)],
+            ),
+            purchase_with(
+                "b2",
+                "ob2",
+                "web",
+                day(1),
+                3_000,
+                vec![item("hats", 1, 1_000)],
+            ),
+        ],
+    );
+    merge_by_log(&mut a, &mut b, "link", day(2), &rules);
+    assert_eq!(a.purchases.total_spend_minor, 13_000);
+    assert_eq!(a.purchases.by_category_minor.values().sum::<i64>(), 13_000);
+    assert_eq!(a.purchases.by_category_minor["shoes"], 10_000);
+    assert_eq!(a.purchases.by_channel_minor["web"], 13_000);
 }
