@@ -24,7 +24,8 @@ use crate::shard_message::{
     ApplyOutcome, ApplyStatus, IdentityConflict, IdentityNote, MergeRef, MergeTransfer, Released,
 };
 use crate::state::{
-    ChannelActivity, CustomerState, Dedup, HeldCommand, MergedFrom, OrderRecord, OPEN_TICKETS_MAX,
+    ChannelActivity, CustomerState, Dedup, HeldCommand, MergedFrom, OrderRecord, TimelineEntry,
+    OPEN_TICKETS_MAX,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -350,6 +351,21 @@ pub fn merge_into(
     for entry in std::mem::take(&mut merged.timeline) {
         event::add_timeline(survivor, rules, entry);
     }
+    event::add_timeline(
+        survivor,
+        rules,
+        TimelineEntry {
+            at_ms: merge.at_ms,
+            channel: "identity".to_string(),
+            entry_type: "merge".to_string(),
+            summary: format!(
+                "customer {} merged in: {orders_moved} order{}, {points_moved} points",
+                merge.merged_id,
+                if orders_moved == 1 { "" } else { "s" }
+            ),
+            cause_id: merge.cause_event_id.clone(),
+        },
+    );
     merge_dedup(
         &mut survivor.dedup,
         &merged.dedup,

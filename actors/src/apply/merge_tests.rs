@@ -853,9 +853,13 @@ fn activity_counts_add_up_and_last_values_come_from_the_later_side() {
     assert_eq!(a.channels["store"].events, 2);
     assert_eq!(a.created_at_ms, Some(day(1)));
     assert_eq!(a.clock_ms, day(4));
-    // The timeline is merged by time and keeps the most recent timeline_max_entries (5).
+    // The timeline is merged by time, records the merge, and keeps the most recent
+    // timeline_max_entries (5).
     let timeline: Vec<&str> = a.timeline.iter().map(|e| e.cause_id.as_str()).collect();
-    assert_eq!(timeline, vec!["a1", "a3", "b2", "b1", "a2"]);
+    assert_eq!(timeline, vec!["a3", "b2", "b1", "a2", "link"]);
+    let merge_entry = a.timeline.back().expect("the merge entry");
+    assert_eq!(merge_entry.entry_type, "merge");
+    assert_eq!(merge_entry.summary, "customer b merged in: 0 orders, 0 points");
 }
 
 #[test]
