@@ -43,7 +43,8 @@ pub struct CustomerView {
     /// The view format version, [`VIEW_VERSION`].
     pub v: u64,
     pub customer_id: String,
-    /// `false`: no event of this customer was ever applied (every block is empty).
+    /// `false`: nothing is known of this customer: no event of it was ever applied and it
+    /// takes part in no merge (every block is empty). A tombstone exists.
     pub exists: bool,
     pub created_at: Option<String>,
     /// The time the view is rendered at (the shard's rule clock, at least the customer's).
