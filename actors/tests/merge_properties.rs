@@ -22,13 +22,18 @@ const DAY_MS: i64 = 86_400_000;
 const START_MS: i64 = 1_767_225_600_000;
 
 fn rules() -> Rules {
-    Rules::from_toml_str(
+    rules_with_limits("")
+}
+
+fn rules_with_limits(limits: &str) -> Rules {
+    Rules::from_toml_str(&format!(
         r#"
 version = 3
 currency = "EUR"
 accepted_currencies = ["EUR", "USD"]
 [limits]
 timeline_max_entries = 8
+{limits}
 [earning]
 points_per_currency_unit = 1
 pending_days = 14
@@ -56,8 +61,8 @@ lapse_factor = 2.0
 default_gap_days = 60
 min_gap_days = 7
 winback_delay_days = 3
-"#,
-    )
+"#
+    ))
     .expect("the test rules load")
 }
 
@@ -311,6 +316,22 @@ proptest! {
             (Some(x), Some(y)) => Some(x.min(y)),
             (x, y) => x.or(y),
         });
+    }
+
+    #[test]
+    fn a_small_lots_max_folds_lots_without_losing_a_point(
+        a_steps in history(),
+        b_steps in history(),
+    ) {
+        let rules = rules_with_limits("lots_max = 2");
+        let a = build("a", &a_steps, &rules);
+        let b = build("b", &b_steps, &rules);
+        // The time rules only move points from the balance to the expired total.
+        let held = |s: &CustomerState| points(s) + s.loyalty.expired_total;
+        let merged = merged(&a, &b, &rules);
+        prop_assert_eq!(held(&merged), held(&a) + held(&b));
+        prop_assert!(merged.loyalty.lots.len() <= 2);
+        prop_assert!(merged.loyalty.lots.iter().all(|lot| lot.points > 0));
     }
 
     #[test]

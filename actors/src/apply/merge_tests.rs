@@ -859,7 +859,10 @@ fn activity_counts_add_up_and_last_values_come_from_the_later_side() {
     assert_eq!(timeline, vec!["a3", "b2", "b1", "a2", "link"]);
     let merge_entry = a.timeline.back().expect("the merge entry");
     assert_eq!(merge_entry.entry_type, "merge");
-    assert_eq!(merge_entry.summary, "customer b merged in: 0 orders, 0 points");
+    assert_eq!(
+        merge_entry.summary,
+        "customer b merged in: 0 orders, 0 points"
+    );
 }
 
 #[test]
