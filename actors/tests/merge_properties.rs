@@ -4,7 +4,9 @@
 //! points, merging conserves points (spendable plus pending), counts every order once
 //! (purchase count, spend, the union of order ids, spend by channel and by category adding
 //! up to the spend), and is deterministic (the same inputs give byte-identical encoded
-//! states). The case count is kept modest so the suite stays fast.
+//! states); events a survivor held back for a merge apply exactly as if the merged state
+//! had come first, and a small `lots_max` folds lots without losing a point. The case
+//! count is kept modest so the suite stays fast.
 
 use crm_actors::apply::{apply, merge_into};
 use crm_actors::codec;
