@@ -10,7 +10,7 @@ use crate::actor_event::ActorEvent;
 use crate::identity::{Identity, IdentityKind};
 use crate::ingest::EventKind;
 use crate::shard_message::{IdentityNote, MergeRef, MergeTransfer, NoteReason, Released};
-use crate::state::{HeldCommand, PointsLot, RetentionStatus};
+use crate::state::{PointsLot, RetentionStatus};
 use crate::time::DAY_MS;
 use crate::view::CustomerView;
 use std::collections::BTreeMap;
@@ -950,7 +950,7 @@ fn merge_into_is_a_pure_function_of_its_inputs() {
 }
 
 #[test]
-fn tombstones_are_not_scored() {
+fn tombstones_are_left_out_of_the_value_fit_and_have_no_timers() {
     let rules = rules();
     let mut b = customer("b", &rules, &[purchase("b1", "ob1", day(0), 10_000)]);
     apply(
@@ -971,10 +971,6 @@ fn tombstones_are_not_scored() {
     let mut odd = b.clone();
     odd.loyalty.lots = lots;
     assert_eq!(odd.next_due_ms(), None);
-    assert!(matches!(
-        b.merge.held.front(),
-        None | Some(HeldCommand::Event { .. })
-    ));
 }
 
 #[test]
