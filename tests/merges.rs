@@ -328,3 +328,61 @@ async fn three_nodes_merge_many_split_people_through_a_sigkill_and_a_join_and_st
     );
     assert_single_writer(&audit_records(&client).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_beyond_merges_max_per_day_is_refused_with_an_event() {
+    let env = start_env("rules-merges.toml");
+    let client = env.client().await;
+    let events = EventLog::start(&client).await;
+    send(
+        &client,
+        vec![
+            purchase(
+                "s-1",
+                json!({"loyalty_card": "STORE-1"}),
+                "o-s",
+                "2026-06-01T09:00:00Z",
+                10.0,
+            ),
+            purchase(
+                "a-1",
+                json!({"email": "a@example.com"}),
+                "o-a",
+                "2026-06-01T09:10:00Z",
+                10.0,
+            ),
+            purchase(
+                "b-1",
+                json!({"email": "b@example.com"}),
+                "o-b",
+                "2026-06-01T09:20:00Z",
+                10.0,
+            ),
+            identify(
+                "l-a",
+                json!({"loyalty_card": "STORE-1", "email": "a@example.com"}),
+                "2026-06-01T10:00:00Z",
+            ),
+            identify(
+                "l-b",
+                json!({"loyalty_card": "STORE-1", "email": "b@example.com"}),
+                "2026-06-01T11:00:00Z",
+            ),
+        ],
+    )
+    .await;
+    let store = query(&client, json!({"identity": {"loyalty_card": "STORE-1"}})).await;
+    let b = query(&client, json!({"identity": {"email": "b@example.com"}})).await;
+    let store_id = store["customer_id"].as_str().unwrap();
+    assert_eq!(store["purchases"]["count"], json!(2), "one merge: {store}");
+    assert_ne!(
+        b["customer_id"], store["customer_id"],
+        "the second merge was refused"
+    );
+    let refused = events.wait_for(store_id, "identity.merge_refused", 1).await;
+    assert_eq!(
+        refused[0]["other_customer_id"], b["customer_id"],
+        "{refused:?}"
+    );
+    assert_eq!(refused[0]["limit"], json!(1), "{refused:?}");
+}
