@@ -117,7 +117,8 @@ impl OutboxKey {
     }
 
     fn from_bytes(key: &[u8]) -> Result<OutboxKey, StoreError> {
-        let (shard, seq, index) = parse_sequenced_key(OUTBOX_PREFIX, key, "outbox key is not o/<u32>/<u64>/<u32>")?;
+        let (shard, seq, index) =
+            parse_sequenced_key(OUTBOX_PREFIX, key, "outbox key is not o/<u32>/<u64>/<u32>")?;
         Ok(OutboxKey { shard, seq, index })
     }
 }
@@ -140,7 +141,11 @@ impl TransferKey {
     }
 
     fn from_bytes(key: &[u8]) -> Result<TransferKey, StoreError> {
-        let (shard, seq, index) = parse_sequenced_key(TRANSFER_PREFIX, key, "transfer key is not x/<u32>/<u64>/<u32>")?;
+        let (shard, seq, index) = parse_sequenced_key(
+            TRANSFER_PREFIX,
+            key,
+            "transfer key is not x/<u32>/<u64>/<u32>",
+        )?;
         Ok(TransferKey { shard, seq, index })
     }
 }
@@ -1428,7 +1433,10 @@ mod tests {
         // A malformed key is an error that names it, not a panic.
         store
             .tree
-            .insert([TRANSFER_PREFIX, &2u32.to_be_bytes()[..], b"/x"].concat(), &[][..])
+            .insert(
+                [TRANSFER_PREFIX, &2u32.to_be_bytes()[..], b"/x"].concat(),
+                &[][..],
+            )
             .expect("insert");
         let error = store.transfers(2).unwrap_err();
         assert!(error.to_string().contains("transfer key"), "{error}");
