@@ -7,8 +7,20 @@
 //! remembers the outcome of each request id. Ticks are appended by the shard's owner: the
 //! `tick` command appends one to every shard this node serves, the ticker does the same
 //! every `tick_interval_s` with the wall clock.
+//!
+//! Merges: a redeem for a customer merged into another must spend the survivor's points.
+//! Before the redeem is written, its customer id is resolved to the end of its merge chain
+//! through the views, as a query does ([`Shards::follow_merges`]), and the redeem goes into
+//! the survivor's shard log. One race remains: the customer's `MergeOut` may already be in
+//! its log, not yet applied, when its view is read; the redeem then reaches the tombstone,
+//! which has no points and refuses it. So a refused redeem is looked at once more: if its
+//! customer is by now merged away, the same request (same `request_id`) is written once into
+//! the survivor's log and that outcome is the answer. Sending it again is safe: the survivor
+//! answers a request id it has seen (directly, or through the merged customer's
+//! redemptions, which a merge unites by `request_id`) with the outcome it recorded. A reply
+//! for a merged customer carries `requested_customer_id` and `merged_into` as a query does.
 
-use crate::api::query::{error_reply, resolve_customer, Shards};
+use crate::api::query::{error_reply, resolve_customer, Followed, Shards};
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
@@ -21,6 +33,7 @@ use crm_actors::shard_message::{CustomerCommand, ShardMessage};
 use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
@@ -38,6 +51,56 @@ pub struct Commands {
     /// How far ahead of the wall clock a command's time may be (`None`: no bound); as
     /// `limits.occurred_at_future_max_days` bounds events.
     pub occurred_at_future_max_ms: Option<i64>,
+}
+
+/// A redeem for `customer_id` through its merges (see the module notes): `follow` resolves
+/// an id to the end of its merge chain, `redeem_on` writes the redeem for an id and waits
+/// for the reply. At most two redeems are written: the second only when the first was
+/// refused and its customer turned out to be merged away meanwhile.
+async fn redeem_through_merges<Fo, FoFut, Re, ReFut>(
+    customer_id: &str,
+    mut follow: Fo,
+    mut redeem_on: Re,
+) -> Value
+where
+    Fo: FnMut(String) -> FoFut,
+    FoFut: Future<Output = Result<Followed, Value>>,
+    Re: FnMut(String) -> ReFut,
+    ReFut: Future<Output = Value>,
+{
+    // A view that cannot be read (a moving shard) leaves the id as it is: the redeem is
+    // logged there, and the second look below still catches a tombstone.
+    let mut target = match follow(customer_id.to_string()).await {
+        Ok(followed) => followed.survivor,
+        Err(chain_error) => return chain_error,
+    };
+    let mut reply = redeem_on(target.clone()).await;
+    if refused(&reply) {
+        if let Ok(followed) = follow(target.clone()).await {
+            if followed.survivor != target {
+                target = followed.survivor;
+                reply = redeem_on(target.clone()).await;
+            }
+        }
+    }
+    with_merge_fields(reply, customer_id, &target)
+}
+
+/// A redeem reply that refused the request (not an error reply).
+fn refused(reply: &Value) -> bool {
+    reply.get("error").is_none() && reply.get("approved") == Some(&Value::Bool(false))
+}
+
+/// `reply` plus `requested_customer_id` and `merged_into` when the redeem was applied to
+/// the survivor of the customer asked for.
+fn with_merge_fields(mut reply: Value, requested: &str, survivor: &str) -> Value {
+    if requested != survivor && reply.get("error").is_none() {
+        if let Some(fields) = reply.as_object_mut() {
+            fields.insert("requested_customer_id".into(), json!(requested));
+            fields.insert("merged_into".into(), json!(survivor));
+        }
+    }
+    reply
 }
 
 /// [`check_rule_time`] for a command's time, against this node's wall clock.
@@ -109,6 +172,25 @@ impl Commands {
             Err(error) => return error,
         };
         Metrics::add(&self.metrics.redeems, 1);
+        redeem_through_merges(
+            &customer_id,
+            |id| async move { self.shards.follow_merges(&id).await },
+            |id| {
+                let (request_id, reward_id) = (request_id.clone(), reward_id.clone());
+                async move { self.redeem_on(id, request_id, reward_id, at_ms).await }
+            },
+        )
+        .await
+    }
+
+    /// Writes the redeem into `customer_id`'s shard log and waits for its reply.
+    async fn redeem_on(
+        &self,
+        customer_id: String,
+        request_id: String,
+        reward_id: String,
+        at_ms: i64,
+    ) -> Value {
         let inbox = self.client.new_inbox();
         let mut replies = match self.client.subscribe(inbox.clone()).await {
             Ok(subscription) => subscription,
@@ -254,5 +336,167 @@ impl Commands {
                 _ = shutdown.wait() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// The cluster as the redeem sees it: which customers are merged into which (applied
+    /// merges), and the redeems written, in order.
+    struct Cluster {
+        merged_into: Vec<(String, String)>,
+        written: RefCell<Vec<String>>,
+        points: i64,
+    }
+
+    impl Cluster {
+        fn new(merged: &[(&str, &str)]) -> Cluster {
+            Cluster {
+                merged_into: merged
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+                written: RefCell::new(Vec::new()),
+                points: 500,
+            }
+        }
+
+        fn survivor(&self, id: &str) -> String {
+            let mut id = id.to_string();
+            while let Some((_, into)) = self.merged_into.iter().find(|(from, _)| *from == id) {
+                id = into.clone();
+            }
+            id
+        }
+
+        /// A tombstone has no points: it refuses; a live customer approves.
+        fn redeem(&self, id: String) -> Value {
+            self.written.borrow_mut().push(id.clone());
+            let tombstone = self.merged_into.iter().any(|(from, _)| *from == id);
+            let approved = !tombstone && self.points >= 100;
+            json!({"request_id": "r1", "customer_id": id, "reward_id": "w", "approved": approved,
+                   "points_spent": if approved { 100 } else { 0 },
+                   "points_balance": 0,
+                   "reason": if approved { Value::Null } else { json!("insufficient_points") }})
+        }
+
+        async fn run(&self, id: &str) -> Value {
+            redeem_through_merges(
+                id,
+                |id| {
+                    let survivor = self.survivor(&id);
+                    async move {
+                        Ok(Followed {
+                            requested: id,
+                            survivor,
+                            view: json!({}),
+                        })
+                    }
+                },
+                |id| {
+                    let reply = self.redeem(id);
+                    async move { reply }
+                },
+            )
+            .await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redeem_for_a_customer_not_merged_is_written_once_for_it() {
+        let cluster = Cluster::new(&[]);
+        let reply = cluster.run("c-ann").await;
+        assert_eq!(reply["approved"], true);
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+        assert!(reply.get("merged_into").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_redeem_for_a_merged_customer_is_written_for_the_end_of_its_chain() {
+        let cluster = Cluster::new(&[("c-bob", "c-cat"), ("c-cat", "c-ann")]);
+        let reply = cluster.run("c-bob").await;
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+        assert_eq!(reply["approved"], true);
+        assert_eq!(reply["customer_id"], "c-ann");
+        assert_eq!(reply["requested_customer_id"], "c-bob");
+        assert_eq!(reply["merged_into"], "c-ann");
+    }
+
+    #[tokio::test]
+    async fn a_redeem_that_reached_a_tombstone_in_a_race_is_written_once_more_for_the_survivor() {
+        // bob's view still showed him when the redeem was written, but his MergeOut was in
+        // his log ahead of it: the tombstone refused it.
+        let cluster = Cluster::new(&[("c-bob", "c-ann")]);
+        let reply = redeem_through_merges(
+            "c-bob",
+            // The first look sees bob as he was; later looks see the merge.
+            {
+                let mut looks = 0;
+                let cluster = &cluster;
+                move |id: String| {
+                    looks += 1;
+                    let survivor = if looks == 1 {
+                        id.clone()
+                    } else {
+                        cluster.survivor(&id)
+                    };
+                    async move {
+                        Ok(Followed {
+                            requested: id,
+                            survivor,
+                            view: json!({}),
+                        })
+                    }
+                }
+            },
+            |id| {
+                let reply = cluster.redeem(id);
+                async move { reply }
+            },
+        )
+        .await;
+        assert_eq!(*cluster.written.borrow(), vec!["c-bob", "c-ann"]);
+        assert_eq!(reply["approved"], true);
+        assert_eq!(reply["customer_id"], "c-ann");
+        assert_eq!(reply["requested_customer_id"], "c-bob");
+    }
+
+    #[tokio::test]
+    async fn a_refused_redeem_of_a_customer_still_not_merged_is_not_written_again() {
+        let cluster = Cluster {
+            points: 0,
+            ..Cluster::new(&[])
+        };
+        let reply = cluster.run("c-ann").await;
+        assert_eq!(reply["approved"], false);
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+    }
+
+    #[tokio::test]
+    async fn a_merge_chain_that_cannot_be_followed_writes_nothing() {
+        let written = RefCell::new(0);
+        let reply = redeem_through_merges(
+            "c-bob",
+            |_| async { Err(error_reply("unavailable", "cyclic")) },
+            |_| {
+                *written.borrow_mut() += 1;
+                async { json!({"approved": true}) }
+            },
+        )
+        .await;
+        assert_eq!(reply["error"]["code"], "unavailable");
+        assert_eq!(*written.borrow(), 0);
+    }
+
+    #[test]
+    fn only_a_refusal_is_looked_at_again() {
+        assert!(refused(
+            &json!({"approved": false, "reason": "insufficient_points"})
+        ));
+        assert!(!refused(&json!({"approved": true})));
+        assert!(!refused(&error_reply("timeout", "logged")));
     }
 }
