@@ -13,12 +13,11 @@
 //! through the views, as a query does ([`Shards::follow_merges`]), and the redeem goes into
 //! the survivor's shard log. One race remains: the customer's `MergeOut` may already be in
 //! its log, not yet applied, when its view is read; the redeem then reaches the tombstone,
-//! which has no points and refuses it. So a refused redeem is looked at once more: if its
-//! customer is by now merged away, the same request (same `request_id`) is written once into
-//! the survivor's log and that outcome is the answer. Sending it again is safe: the survivor
-//! answers a request id it has seen (directly, or through the merged customer's
-//! redemptions, which a merge unites by `request_id`) with the outcome it recorded. A reply
-//! for a merged customer carries `requested_customer_id` and `merged_into` as a query does.
+//! which refuses it with the reason `merged_into:<survivor>` and remembers nothing. So that
+//! refusal is not the answer: the same request (same `request_id`) is written once more,
+//! for the end of the chain that starts at the named survivor, and that outcome is the
+//! answer. Writing it there is safe: the survivor never saw the request. A reply for a
+//! merged customer carries `requested_customer_id` and `merged_into` as a query does.
 
 use crate::api::query::{error_reply, resolve_customer, Followed, Shards};
 use crate::metrics::Metrics;
@@ -55,8 +54,8 @@ pub struct Commands {
 
 /// A redeem for `customer_id` through its merges (see the module notes): `follow` resolves
 /// an id to the end of its merge chain, `redeem_on` writes the redeem for an id and waits
-/// for the reply. At most two redeems are written: the second only when the first was
-/// refused and its customer turned out to be merged away meanwhile.
+/// for the reply. At most two redeems are written: the second only when a tombstone refused
+/// the first (its customer was merged away meanwhile).
 async fn redeem_through_merges<Fo, FoFut, Re, ReFut>(
     customer_id: &str,
     mut follow: Fo,
@@ -69,26 +68,35 @@ where
     ReFut: Future<Output = Value>,
 {
     // A view that cannot be read (a moving shard) leaves the id as it is: the redeem is
-    // logged there, and the second look below still catches a tombstone.
+    // logged there, and a tombstone's refusal below still sends it on.
     let mut target = match follow(customer_id.to_string()).await {
         Ok(followed) => followed.survivor,
         Err(chain_error) => return chain_error,
     };
     let mut reply = redeem_on(target.clone()).await;
-    if refused(&reply) {
-        if let Ok(followed) = follow(target.clone()).await {
-            if followed.survivor != target {
-                target = followed.survivor;
-                reply = redeem_on(target.clone()).await;
-            }
-        }
+    if let Some(into) = merged_away(&reply).filter(|into| *into != target) {
+        target = match follow(into.to_string()).await {
+            Ok(followed) => followed.survivor,
+            Err(chain_error) => return chain_error,
+        };
+        reply = redeem_on(target.clone()).await;
     }
     with_merge_fields(reply, customer_id, &target)
 }
 
-/// A redeem reply that refused the request (not an error reply).
-fn refused(reply: &Value) -> bool {
-    reply.get("error").is_none() && reply.get("approved") == Some(&Value::Bool(false))
+/// The reason prefix of a redeem a tombstone refused: `merged_into:<survivor>`.
+const MERGED_INTO_REASON: &str = "merged_into:";
+
+/// Where the customer of a refused redeem went, when a tombstone refused it.
+fn merged_away(reply: &Value) -> Option<&str> {
+    if reply.get("error").is_some() || reply.get("approved") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    reply
+        .get("reason")?
+        .as_str()?
+        .strip_prefix(MERGED_INTO_REASON)
+        .filter(|id| subjects::is_token(id))
 }
 
 /// `reply` plus `requested_customer_id` and `merged_into` when the redeem was applied to
@@ -372,15 +380,20 @@ mod tests {
             id
         }
 
-        /// A tombstone has no points: it refuses; a live customer approves.
+        /// A tombstone refuses, naming where its customer went; a live customer approves
+        /// when it has the points.
         fn redeem(&self, id: String) -> Value {
             self.written.borrow_mut().push(id.clone());
-            let tombstone = self.merged_into.iter().any(|(from, _)| *from == id);
-            let approved = !tombstone && self.points >= 100;
+            let into = self.merged_into.iter().find(|(from, _)| *from == id);
+            let approved = into.is_none() && self.points >= 100;
+            let reason = match into {
+                Some((_, into)) => json!(format!("merged_into:{into}")),
+                None if approved => Value::Null,
+                None => json!("insufficient_points"),
+            };
             json!({"request_id": "r1", "customer_id": id, "reward_id": "w", "approved": approved,
                    "points_spent": if approved { 100 } else { 0 },
-                   "points_balance": 0,
-                   "reason": if approved { Value::Null } else { json!("insufficient_points") }})
+                   "points_balance": 0, "reason": reason})
         }
 
         async fn run(&self, id: &str) -> Value {
@@ -428,8 +441,9 @@ mod tests {
     #[tokio::test]
     async fn a_redeem_that_reached_a_tombstone_in_a_race_is_written_once_more_for_the_survivor() {
         // bob's view still showed him when the redeem was written, but his MergeOut was in
-        // his log ahead of it: the tombstone refused it.
-        let cluster = Cluster::new(&[("c-bob", "c-ann")]);
+        // his log ahead of it: the tombstone refused it, naming cat, who went into ann
+        // meanwhile.
+        let cluster = Cluster::new(&[("c-bob", "c-cat"), ("c-cat", "c-ann")]);
         let reply = redeem_through_merges(
             "c-bob",
             // The first look sees bob as he was; later looks see the merge.
@@ -460,6 +474,7 @@ mod tests {
         .await;
         assert_eq!(*cluster.written.borrow(), vec!["c-bob", "c-ann"]);
         assert_eq!(reply["approved"], true);
+        assert_eq!(reply["merged_into"], "c-ann");
         assert_eq!(reply["customer_id"], "c-ann");
         assert_eq!(reply["requested_customer_id"], "c-bob");
     }
@@ -492,11 +507,16 @@ mod tests {
     }
 
     #[test]
-    fn only_a_refusal_is_looked_at_again() {
-        assert!(refused(
-            &json!({"approved": false, "reason": "insufficient_points"})
-        ));
-        assert!(!refused(&json!({"approved": true})));
-        assert!(!refused(&error_reply("timeout", "logged")));
+    fn only_a_tombstones_refusal_sends_a_redeem_on() {
+        let refusal = |reason: &str| json!({"approved": false, "reason": reason});
+        assert_eq!(merged_away(&refusal("merged_into:c-ann")), Some("c-ann"));
+        assert_eq!(merged_away(&refusal("insufficient_points")), None);
+        assert_eq!(merged_away(&refusal("merged_into:")), None);
+        assert_eq!(merged_away(&refusal("merged_into:a b")), None);
+        assert_eq!(
+            merged_away(&json!({"approved": true, "reason": "merged_into:c-ann"})),
+            None
+        );
+        assert_eq!(merged_away(&error_reply("timeout", "logged")), None);
     }
 }
