@@ -5,17 +5,22 @@
 //! merged state to the survivor's shard log as a `MergeIn`; a query or a redeem for the
 //! merged customer then reaches the survivor, and `crm-node query` says where it went.
 //! Events a survivor held while waiting for the state are released when it arrives, and a
-//! released event the rules refuse is dead-lettered.
+//! released event the rules refuse is dead-lettered. A transfer not yet acked when its
+//! shard moves travels in the shard's snapshot to the next owner.
 //!
 //! The router is bypassed on purpose: this file tests the transfer outbox, its publication
 //! and the query and command side, not the router's decision (the merge tests of the router
-//! cover that). It needs the apply side of merges (`MergeOut` -> transfer and tombstone,
-//! `MergeIn` -> merged state, a tombstone's view naming `merged_into`): the tests are
-//! ignored until it is merged (both pass with branch merge-apply at 5af914f merged in).
+//! cover that). The two node tests need the apply side of merges (`MergeOut` -> transfer
+//! and tombstone, `MergeIn` -> merged state, a tombstone's view naming `merged_into`): they
+//! are ignored until it is merged (both pass with branch merge-apply at 5af914f merged in).
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use crm_actors::codec;
-use crm_actors::shard_message::{CustomerCommand, MergeRef, ShardMessage};
+use crm_actors::shard_message::{CustomerCommand, MergeRef, MergeTransfer, ShardMessage};
+use crm_actors::state::CustomerState;
+use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, ShardMeta, Store, TransferKey};
+use crm_node::cluster::snapshot::Snapshots;
+use crm_node::jetstream::{ensure_kv, ensure_streams};
 use crm_node::sharding::shard_of;
 use crm_node::subjects;
 use crm_testkit::cluster_env::{minor, request, wait_drained};
@@ -269,4 +274,85 @@ async fn events_held_for_a_merge_are_released_when_the_state_arrives_and_a_refus
         released,
         vec![json!({"customer_id": ann, "event_id": "e-ret", "released_by_merge": true})]
     );
+}
+
+/// A shard that moves before its transfers were acked: the snapshot the old owner writes
+/// carries the transfer outbox, and the new owner's store lists the transfer to send.
+#[tokio::test]
+async fn a_pending_transfer_travels_in_the_shard_snapshot_to_the_next_owner() {
+    const SHARD: u32 = 2;
+    let server = crm_testkit::NatsServer::start();
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
+        .await
+        .expect("streams");
+    let kv = ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)
+        .await
+        .expect("bucket");
+    let snapshots = Snapshots {
+        jetstream: js.clone(),
+        kv,
+        piece_bytes: 200,
+    };
+
+    // The old owner applied bob's MergeOut (tombstone and transfer in one commit) and
+    // stopped before the survivor's log acked the transfer.
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let owner = Store::open(owner_dir.path(), 8 << 20).expect("store");
+    let mut bob = CustomerState::new("c-bob");
+    bob.created_at_ms = Some(1_000);
+    let mut tombstone = bob.clone();
+    tombstone.merge.merged_into = Some("c-ann".to_string());
+    let key = TransferKey {
+        shard: SHARD,
+        seq: 12,
+        index: 0,
+    };
+    let transfer = MergeTransfer {
+        merge: merge_of("c-bob", "c-ann"),
+        to_customer_id: "c-ann".to_string(),
+        state: bob,
+    };
+    let batch = CommitBatch {
+        customers: vec![CustomerWrite {
+            customer_id: "c-bob".to_string(),
+            state: EncodedState {
+                bytes: codec::encode(&tombstone),
+                next_due_ms: None,
+            },
+        }],
+        meta: ShardMeta {
+            applied_seq: 12,
+            clock_ms: 1_000,
+            owner_epoch: 1,
+        },
+        created: vec!["c-bob".to_string()],
+        transfers: vec![(key, transfer.clone())],
+        ..CommitBatch::default()
+    };
+    owner.commit(SHARD, &batch).expect("commit");
+    snapshots
+        .write(&owner, SHARD, 1, "node-a")
+        .await
+        .expect("snapshot written");
+
+    // The next owner restores it: the transfer is in its outbox, sent when its worker starts.
+    let taker_dir = tempfile::tempdir().expect("tempdir");
+    let taker = Store::open(taker_dir.path(), 8 << 20).expect("store");
+    assert!(taker.transfers(SHARD).expect("transfers").is_empty());
+    let restored = snapshots
+        .restore_if_newer(&taker, SHARD)
+        .await
+        .expect("restored");
+    assert!(restored.is_some());
+    assert_eq!(
+        taker.transfers(SHARD).expect("transfers"),
+        vec![(key, transfer)]
+    );
+    let stored = taker
+        .load_customer("c-bob")
+        .expect("load")
+        .expect("the tombstone");
+    assert_eq!(stored.merge.merged_into.as_deref(), Some("c-ann"));
 }
