@@ -453,6 +453,8 @@ impl ShardWorker {
         Metrics::add(&self.metrics.held_released, result.released.len() as u64);
         for released in &result.released {
             if let ApplyStatus::Rejected(rejection) = &released.status {
+                // The node's `rejected` counts every refusal it dead-letters, released
+                // ones included (the engine's batch counts leave them out).
                 Metrics::add(&self.metrics.rejected, 1);
                 self.dead_letter_released(rejection, released).await;
             }
