@@ -23,8 +23,9 @@ use crate::metrics::Metrics;
 use crate::shard::log_reader::ShardLogReader;
 use crate::shutdown::Shutdown;
 use crate::subjects;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{Context, Message};
 use crm_actors::actor_event::ActorEventData;
 use crm_actors::codec;
@@ -560,7 +561,7 @@ impl ShardWorker {
         for (key, merged_id, to_customer_id, ack) in acks {
             match ack.await {
                 Ok(_) => sent.push(key),
-                Err(error) if error.to_string().contains("maximum message size") => {
+                Err(error) if exceeds_stream_message_max(&error) => {
                     too_large(&merged_id, &to_customer_id, 0, max_payload);
                 }
                 Err(error) => {
@@ -767,6 +768,14 @@ fn merge_in_record(transfer: MergeTransfer) -> Vec<u8> {
     })
 }
 
+/// The stream refused a message larger than its `max_message_size` (JetStream error
+/// 10054): sending it again cannot succeed until the stream's limit is raised.
+fn exceeds_stream_message_max(error: &PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|error| error.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
 /// Logs a transfer the server cannot take (`size` 0: the server said so).
 fn too_large(merged_id: &str, to_customer_id: &str, size: usize, max_payload: usize) {
     error!(
@@ -820,6 +829,23 @@ mod tests {
     use super::*;
     use crm_actors::shard_message::MergeRef;
     use crm_actors::state::CustomerState;
+
+    #[test]
+    fn a_message_above_the_streams_limit_is_told_from_a_passing_failure() {
+        let refusal = |err_code: u64| {
+            let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 400, "err_code": err_code,
+                "description": "message size exceeds maximum allowed"
+            }))
+            .expect("a JetStream API error");
+            PublishError::with_source(PublishErrorKind::Other, error)
+        };
+        assert!(exceeds_stream_message_max(&refusal(10054)));
+        assert!(!exceeds_stream_message_max(&refusal(10077)));
+        assert!(!exceeds_stream_message_max(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
+    }
 
     #[test]
     fn a_transfer_travels_as_a_merge_in_for_where_it_goes() {
