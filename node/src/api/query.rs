@@ -216,18 +216,21 @@ where
 
 impl Shards {
     /// Follows `customer_id`'s merge chain through the views of the shards on the way
-    /// ([`follow_merges`]); every hop has the query's whole timeout.
+    /// ([`follow_merges`]), every hop within the one query timeout.
     pub async fn follow_merges(&self, customer_id: &str) -> Result<Followed, Value> {
-        follow_merges(customer_id, |id| async move { self.view(&id).await }).await
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        follow_merges(customer_id, |id| async move {
+            self.view_until(&id, deadline).await
+        })
+        .await
     }
 
-    /// The 360 view of a customer, or the error reply: from this node's worker when it
-    /// serves the shard, else forwarded to the owner (`crm.owner.<n>.view`). While nobody
-    /// serves the shard (it is moving) the request is retried until the timeout. A merged
-    /// customer's view is its tombstone (see [`Shards::follow_merges`]).
-    pub async fn view(&self, customer_id: &str) -> Value {
+    /// The 360 view of a customer by `deadline`, or the error reply: from this node's
+    /// worker when it serves the shard, else forwarded to the owner (`crm.owner.<n>.view`).
+    /// While nobody serves the shard (it is moving) the request is retried until the
+    /// deadline. A merged customer's view is its tombstone (see [`Shards::follow_merges`]).
+    pub async fn view_until(&self, customer_id: &str, deadline: tokio::time::Instant) -> Value {
         let shard = shard_of(customer_id, self.count);
-        let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let answer = match self.table.get(shard) {
                 Some(handle) => {
