@@ -12,6 +12,7 @@
 //! | `m/<shard u32 BE>` | [`ShardMeta`], codec bytes |
 //! | `t/<shard u32 BE>/<due ms sortable BE>/<customer_id>` | empty: the timer index |
 //! | `o/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | an [`ActorEvent`] not yet published, as its public JSON (the untyped form of older builds still reads) |
+//! | `x/<shard u32 BE>/<seq u64 BE>/<index u32 BE>` | a [`MergeTransfer`] not yet appended to the survivor's shard log, codec bytes |
 //! | `s/<shard u32 BE>/<customer_id>` | empty: the shard's customers (written when one is created) |
 //! | `v/<shard u32 BE>` | the shard's current customer-value model, codec bytes |
 //!
@@ -21,7 +22,7 @@
 //! rules; values read from disk are decoded with errors, never unwrapped.
 
 use crate::codec::{self, CodecError};
-use crate::shard_message::ActorEvent;
+use crate::shard_message::{ActorEvent, MergeTransfer};
 use crate::state::CustomerState;
 use crate::value::live::ValueModel;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,7 @@ const TIMER_PREFIX: &[u8] = b"t/";
 const OUTBOX_PREFIX: &[u8] = b"o/";
 const MEMBER_PREFIX: &[u8] = b"s/";
 const VALUE_MODEL_PREFIX: &[u8] = b"v/";
+const TRANSFER_PREFIX: &[u8] = b"x/";
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -111,31 +113,81 @@ pub struct OutboxKey {
 impl OutboxKey {
     /// `o/<shard BE>/<seq BE>/<index BE>`.
     pub fn to_bytes(self) -> Vec<u8> {
-        let mut key = Vec::with_capacity(OUTBOX_PREFIX.len() + 4 + 1 + 8 + 1 + 4);
-        key.extend_from_slice(OUTBOX_PREFIX);
-        key.extend_from_slice(&self.shard.to_be_bytes());
-        key.push(b'/');
-        key.extend_from_slice(&self.seq.to_be_bytes());
-        key.push(b'/');
-        key.extend_from_slice(&self.index.to_be_bytes());
-        key
+        sequenced_key(OUTBOX_PREFIX, self.shard, self.seq, self.index)
     }
 
     fn from_bytes(key: &[u8]) -> Result<OutboxKey, StoreError> {
-        let corrupt = || StoreError::Corrupt {
-            key: printable(key),
-            reason: "outbox key is not o/<u32>/<u64>/<u32>",
-        };
-        let rest = key.strip_prefix(OUTBOX_PREFIX).ok_or_else(corrupt)?;
-        if rest.len() != 4 + 1 + 8 + 1 + 4 || rest[4] != b'/' || rest[13] != b'/' {
-            return Err(corrupt());
-        }
-        Ok(OutboxKey {
-            shard: u32::from_be_bytes(array(&rest[0..4]).ok_or_else(corrupt)?),
-            seq: u64::from_be_bytes(array(&rest[5..13]).ok_or_else(corrupt)?),
-            index: u32::from_be_bytes(array(&rest[14..18]).ok_or_else(corrupt)?),
-        })
+        let (shard, seq, index) =
+            parse_sequenced_key(OUTBOX_PREFIX, key, "outbox key is not o/<u32>/<u64>/<u32>")?;
+        Ok(OutboxKey { shard, seq, index })
     }
+}
+
+/// Where a merge transfer waits in the transfer outbox until the node has appended it to
+/// the survivor's shard log (and JetStream acked it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransferKey {
+    pub shard: u32,
+    /// The shard-log sequence of the message whose outcome carried the transfer.
+    pub seq: u64,
+    /// Position among the transfers of that message.
+    pub index: u32,
+}
+
+impl TransferKey {
+    /// `x/<shard BE>/<seq BE>/<index BE>`.
+    pub fn to_bytes(self) -> Vec<u8> {
+        sequenced_key(TRANSFER_PREFIX, self.shard, self.seq, self.index)
+    }
+
+    fn from_bytes(key: &[u8]) -> Result<TransferKey, StoreError> {
+        let (shard, seq, index) = parse_sequenced_key(
+            TRANSFER_PREFIX,
+            key,
+            "transfer key is not x/<u32>/<u64>/<u32>",
+        )?;
+        Ok(TransferKey { shard, seq, index })
+    }
+}
+
+/// `<prefix><shard BE>/<seq BE>/<index BE>`: the outbox layouts, in commit order.
+fn sequenced_key(prefix: &[u8], shard: u32, seq: u64, index: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 4 + 1 + 8 + 1 + 4);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&shard.to_be_bytes());
+    key.push(b'/');
+    key.extend_from_slice(&seq.to_be_bytes());
+    key.push(b'/');
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn parse_sequenced_key(
+    prefix: &[u8],
+    key: &[u8],
+    reason: &'static str,
+) -> Result<(u32, u64, u32), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: printable(key),
+        reason,
+    };
+    let rest = key.strip_prefix(prefix).ok_or_else(corrupt)?;
+    if rest.len() != 4 + 1 + 8 + 1 + 4 || rest[4] != b'/' || rest[13] != b'/' {
+        return Err(corrupt());
+    }
+    Ok((
+        u32::from_be_bytes(array(&rest[0..4]).ok_or_else(corrupt)?),
+        u64::from_be_bytes(array(&rest[5..13]).ok_or_else(corrupt)?),
+        u32::from_be_bytes(array(&rest[14..18]).ok_or_else(corrupt)?),
+    ))
+}
+
+/// `<prefix><shard BE>/`: every key of one shard under an outbox prefix.
+fn shard_scoped_prefix(prefix: &[u8], shard: u32) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&shard.to_be_bytes());
+    key.push(b'/');
+    key
 }
 
 /// Everything one applied batch of a shard changes, committed atomically.
@@ -147,6 +199,8 @@ pub struct CommitBatch {
     pub meta: ShardMeta,
     /// Actor events to publish, in order.
     pub outbox: Vec<(OutboxKey, ActorEvent)>,
+    /// Merge transfers to append to the survivors' shard logs, in order.
+    pub transfers: Vec<(TransferKey, MergeTransfer)>,
     /// Customers created by the batch (they join the shard's member index).
     pub created: Vec<String>,
     /// The customer-value model the batch applied, if any.
@@ -299,8 +353,8 @@ impl Store {
     }
 
     /// Writes one batch of `shard` atomically: customer states, their timer index entries
-    /// (old entry removed, new one added), the shard meta and the outbox entries. Not
-    /// durable until [`Store::flush`].
+    /// (old entry removed, new one added), the shard meta, the outbox entries and the merge
+    /// transfers. Not durable until [`Store::flush`].
     pub fn commit(&self, shard: u32, batch: &CommitBatch) -> Result<(), StoreError> {
         let mut writes = sled::Batch::default();
         // Timer entries as this commit leaves them, for a customer listed twice.
@@ -353,6 +407,14 @@ impl Store {
                 source,
             })?;
             writes.insert(key.to_bytes(), json);
+        }
+        for (key, transfer) in &batch.transfers {
+            debug_assert_eq!(key.shard, shard, "transfer key of another shard");
+            let bytes = codec::try_encode(transfer).map_err(|source| StoreError::Codec {
+                key: printable(&key.to_bytes()),
+                source,
+            })?;
+            writes.insert(key.to_bytes(), bytes);
         }
         self.tree.apply_batch(writes)?;
         self.flusher.committed.fetch_add(1, Ordering::SeqCst);
@@ -449,11 +511,11 @@ impl Store {
 
     /// Every outbox entry of `shard`, in commit order.
     pub fn outbox(&self, shard: u32) -> Result<Vec<(OutboxKey, ActorEvent)>, StoreError> {
-        let mut prefix = OUTBOX_PREFIX.to_vec();
-        prefix.extend_from_slice(&shard.to_be_bytes());
-        prefix.push(b'/');
         let mut entries = Vec::new();
-        for item in self.tree.scan_prefix(&prefix) {
+        for item in self
+            .tree
+            .scan_prefix(shard_scoped_prefix(OUTBOX_PREFIX, shard))
+        {
             let (key, value) = item?;
             let outbox_key = OutboxKey::from_bytes(&key)?;
             match ActorEvent::from_stored_json(&value) {
@@ -475,6 +537,45 @@ impl Store {
     /// with the next flush; an entry that comes back after a crash is published again and
     /// deduplicated by its event id.
     pub fn remove_outbox(&self, keys: &[OutboxKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut writes = sled::Batch::default();
+        for key in keys {
+            writes.remove(key.to_bytes());
+        }
+        self.tree.apply_batch(writes)?;
+        Ok(())
+    }
+
+    /// Every merge transfer of `shard` not yet appended to its survivor's shard log, in
+    /// commit order. An entry this build cannot decode (written by a later format) is kept
+    /// for a build that can, and logged; it does not hide the others.
+    pub fn transfers(&self, shard: u32) -> Result<Vec<(TransferKey, MergeTransfer)>, StoreError> {
+        let mut entries = Vec::new();
+        for item in self
+            .tree
+            .scan_prefix(shard_scoped_prefix(TRANSFER_PREFIX, shard))
+        {
+            let (key, value) = item?;
+            let transfer_key = TransferKey::from_bytes(&key)?;
+            match codec::decode::<MergeTransfer>(&value) {
+                Ok(transfer) => entries.push((transfer_key, transfer)),
+                Err(error) => tracing::warn!(
+                    shard,
+                    key = %printable(&key),
+                    %error,
+                    "merge transfer unreadable by this version: kept, not sent"
+                ),
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Removes merge transfers the survivors' shard logs acked (atomically; unknown keys are
+    /// ignored). Durable with the next flush; a transfer that comes back after a crash is
+    /// appended again, and the survivor applies it once (`Nats-Msg-Id`, then `merged_from`).
+    pub fn remove_transfers(&self, keys: &[TransferKey]) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -562,9 +663,10 @@ type EntryResult = Result<(Vec<u8>, Vec<u8>), StoreError>;
 impl Store {
     /// Every key of `shard`, in pieces of about `piece_bytes` (keys plus values; a piece
     /// holds at least one entry): the member index with each member's state and timer
-    /// entry, the timer index, the outbox, the value model, and the shard meta last (so an
-    /// import that stops half-way leaves no meta and is started over). The shard must not
-    /// be written meanwhile (its worker is stopped or between batches).
+    /// entry, the timer index, the outbox, the merge transfers not yet appended to their
+    /// survivors' logs (so the next owner sends them), the value model, and the shard meta
+    /// last (so an import that stops half-way leaves no meta and is started over). The
+    /// shard must not be written meanwhile (its worker is stopped or between batches).
     pub fn export_shard(
         &self,
         shard: u32,
@@ -600,9 +702,6 @@ impl Store {
             item.map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .map_err(StoreError::from)
         };
-        let mut outbox_prefix = OUTBOX_PREFIX.to_vec();
-        outbox_prefix.extend_from_slice(&shard.to_be_bytes());
-        outbox_prefix.push(b'/');
         let singles = [
             [VALUE_MODEL_PREFIX, &shard.to_be_bytes()[..]].concat(),
             meta_key(shard),
@@ -617,7 +716,16 @@ impl Store {
             });
         let entries = members
             .chain(self.tree.scan_prefix(timer_shard_prefix(shard)).map(raw))
-            .chain(self.tree.scan_prefix(outbox_prefix).map(raw))
+            .chain(
+                self.tree
+                    .scan_prefix(shard_scoped_prefix(OUTBOX_PREFIX, shard))
+                    .map(raw),
+            )
+            .chain(
+                self.tree
+                    .scan_prefix(shard_scoped_prefix(TRANSFER_PREFIX, shard))
+                    .map(raw),
+            )
             .chain(singles);
         Pieces {
             entries: Box::new(entries),
@@ -639,10 +747,11 @@ impl Store {
             writes.remove([DUE_PREFIX, id].concat());
             writes.remove(key);
         }
-        let mut outbox_prefix = OUTBOX_PREFIX.to_vec();
-        outbox_prefix.extend_from_slice(&shard.to_be_bytes());
-        outbox_prefix.push(b'/');
-        for prefix in [timer_shard_prefix(shard), outbox_prefix] {
+        for prefix in [
+            timer_shard_prefix(shard),
+            shard_scoped_prefix(OUTBOX_PREFIX, shard),
+            shard_scoped_prefix(TRANSFER_PREFIX, shard),
+        ] {
             for key in self.tree.scan_prefix(prefix).keys() {
                 writes.remove(key?);
             }
@@ -670,6 +779,7 @@ impl Store {
                 || scoped(MEMBER_PREFIX, key)
                 || scoped(TIMER_PREFIX, key)
                 || scoped(OUTBOX_PREFIX, key)
+                || scoped(TRANSFER_PREFIX, key)
                 || scoped(VALUE_MODEL_PREFIX, key)
                 || scoped(META_PREFIX, key);
             if !known {
@@ -859,6 +969,7 @@ mod tests {
             )],
             created: ids.iter().map(|id| id.to_string()).collect(),
             value_model: None,
+            transfers: Vec::new(),
         }
     }
 
@@ -980,6 +1091,7 @@ mod tests {
                 outbox: vec![(outbox_key, event("ann", 1))],
                 created: vec!["bob".to_string(), "ann".to_string()],
                 value_model: None,
+                transfers: Vec::new(),
             };
             store.commit(3, &batch).expect("commit");
             store.flush().await.expect("flush");
@@ -1118,5 +1230,215 @@ mod tests {
             .expect("insert");
         let error = store.load_customer("ann").expect_err("bad bytes");
         assert!(error.to_string().contains("c/ann"), "{error}");
+    }
+
+    fn transfer(merged: &str, survivor: &str) -> MergeTransfer {
+        let mut state = CustomerState::new(merged);
+        state.created_at_ms = Some(1_000);
+        state.clock_ms = 2_000;
+        MergeTransfer {
+            merge: crate::shard_message::MergeRef {
+                merged_id: merged.to_string(),
+                survivor_id: survivor.to_string(),
+                cause_event_id: format!("link-{merged}"),
+                at_ms: 2_000,
+            },
+            to_customer_id: survivor.to_string(),
+            state,
+        }
+    }
+
+    fn transfer_key(shard: u32, seq: u64, index: u32) -> TransferKey {
+        TransferKey { shard, seq, index }
+    }
+
+    #[tokio::test]
+    async fn a_transfer_commits_with_its_batch_survives_reopen_and_leaves_once_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, second) = (transfer_key(5, 11, 0), transfer_key(5, 11, 1));
+        {
+            let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+            let batch = CommitBatch {
+                customers: vec![state_write("bob", None)],
+                meta: ShardMeta {
+                    applied_seq: 11,
+                    clock_ms: 2_000,
+                    owner_epoch: 1,
+                },
+                transfers: vec![
+                    (second, transfer("carl", "ann")),
+                    (first, transfer("bob", "ann")),
+                ],
+                ..CommitBatch::default()
+            };
+            store.commit(5, &batch).expect("commit");
+            // Readable at once, in key (commit) order, and only under its own shard.
+            assert_eq!(
+                store.transfers(5).expect("transfers"),
+                vec![
+                    (first, transfer("bob", "ann")),
+                    (second, transfer("carl", "ann"))
+                ]
+            );
+            assert!(store.transfers(4).expect("transfers").is_empty());
+            assert!(store.transfers(6).expect("transfers").is_empty());
+            store.flush().await.expect("flush");
+        }
+        // What a crash after the flush leaves: the batch's state, meta and transfers.
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("reopen");
+        assert!(store.load_customer("bob").expect("load").is_some());
+        assert_eq!(store.shard_meta(5).expect("meta").applied_seq, 11);
+        assert_eq!(store.transfers(5).expect("transfers").len(), 2);
+        store.remove_transfers(&[first]).expect("remove");
+        assert_eq!(
+            store.transfers(5).expect("transfers"),
+            vec![(second, transfer("carl", "ann"))]
+        );
+        // Unknown keys are ignored; the actor-event outbox is another key space.
+        store
+            .remove_transfers(&[first, transfer_key(5, 99, 0)])
+            .expect("remove again");
+        store
+            .remove_outbox(&[OutboxKey {
+                shard: 5,
+                seq: 11,
+                index: 1,
+            }])
+            .expect("remove outbox");
+        assert_eq!(store.transfers(5).expect("transfers").len(), 1);
+        store.remove_transfers(&[second]).expect("remove");
+        store.flush().await.expect("flush");
+        drop(store);
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("reopen");
+        assert!(store.transfers(5).expect("transfers").is_empty());
+        assert!(store.load_customer("bob").expect("load").is_some());
+    }
+
+    #[test]
+    fn a_transfer_is_written_by_the_same_atomic_batch_as_the_states() {
+        // A reader polls the three parts of a commit while it is made, in the order
+        // transfer, state, meta. Reads are not one snapshot, so the commit may land between
+        // two of them; but as the commit is one atomic batch, once a read sees its part every
+        // later read must see its part too. A transfer seen before its tombstone or meta (or
+        // a tombstone before its meta) is a commit seen in part.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        store
+            .commit(1, &shard_batch(1, 1, &["ann"], None))
+            .expect("commit");
+        let mut tombstone = CustomerState::new("bob");
+        tombstone.created_at_ms = Some(1_000);
+        tombstone.merge.merged_into = Some("ann".to_string());
+        let batch = CommitBatch {
+            customers: vec![CustomerWrite {
+                customer_id: "bob".to_string(),
+                state: EncodedState {
+                    bytes: codec::encode(&tombstone),
+                    next_due_ms: None,
+                },
+            }],
+            meta: ShardMeta {
+                applied_seq: 2,
+                clock_ms: 2_000,
+                owner_epoch: 3,
+            },
+            transfers: vec![(transfer_key(1, 2, 0), transfer("bob", "ann"))],
+            ..CommitBatch::default()
+        };
+        let reader = store.clone();
+        let started = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let reader_started = started.clone();
+        let watcher = std::thread::spawn(move || {
+            reader_started.wait();
+            loop {
+                let transfer = !reader.transfers(1).expect("transfers").is_empty();
+                let state = reader.load_customer("bob").expect("load").is_some();
+                let meta = reader.shard_meta(1).expect("meta").applied_seq == 2;
+                let seen = (transfer, state, meta);
+                assert!(
+                    (!transfer || state) && (!state || meta),
+                    "a commit seen in part (transfer, state, meta): {seen:?}"
+                );
+                if seen == (true, true, true) {
+                    return;
+                }
+            }
+        });
+        started.wait();
+        store.commit(1, &batch).expect("commit");
+        watcher.join().expect("the reader saw the commit whole");
+    }
+
+    #[test]
+    fn transfers_travel_with_an_exported_shard_and_are_cleared_with_it() {
+        let source_dir = tempfile::tempdir().expect("tempdir");
+        let source = Store::open(source_dir.path(), CACHE_BYTES).expect("open");
+        let mut batch = shard_batch(7, 30, &["bob"], None);
+        batch.transfers = vec![(transfer_key(7, 30, 0), transfer("bob", "ann"))];
+        source.commit(7, &batch).expect("commit");
+        let mut other = shard_batch(8, 4, &["dan"], None);
+        other.transfers = vec![(transfer_key(8, 4, 0), transfer("dan", "eve"))];
+        source.commit(8, &other).expect("commit");
+
+        let pieces = all_pieces(&source, 7, 64);
+        let entries: usize = pieces.iter().map(Vec::len).sum();
+        // Member, state, outbox entry, transfer, meta: shard 8's transfer stays home.
+        assert_eq!(entries, 5);
+        let last = pieces.last().and_then(|p| p.last()).expect("an entry");
+        assert_eq!(last.0, meta_key(7), "the meta still travels last");
+
+        let target_dir = tempfile::tempdir().expect("tempdir");
+        let target = Store::open(target_dir.path(), CACHE_BYTES).expect("open");
+        // A stale copy with a transfer the snapshot no longer has (it was sent since).
+        let mut stale = shard_batch(7, 10, &["old"], None);
+        stale.transfers = vec![(transfer_key(7, 10, 0), transfer("old", "ann"))];
+        target.commit(7, &stale).expect("commit");
+        target.clear_shard(7).expect("clear");
+        assert!(target.transfers(7).expect("transfers").is_empty());
+        for piece in &pieces {
+            target.import_piece(7, piece).expect("import");
+        }
+        assert_eq!(
+            target.transfers(7).expect("transfers"),
+            vec![(transfer_key(7, 30, 0), transfer("bob", "ann"))]
+        );
+        assert!(target.transfers(8).expect("transfers").is_empty());
+        // A transfer key of another shard is refused by the import.
+        let foreign = vec![(transfer_key(8, 4, 0).to_bytes(), vec![1u8])];
+        let error = target.import_piece(7, &foreign).unwrap_err();
+        assert!(error.to_string().contains("another shard"), "{error}");
+        // The source's other shard is untouched by an export.
+        assert_eq!(source.transfers(8).expect("transfers").len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_transfer_is_kept_and_hides_no_other() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        let batch = CommitBatch {
+            transfers: vec![(transfer_key(2, 6, 0), transfer("bob", "ann"))],
+            ..CommitBatch::default()
+        };
+        store.commit(2, &batch).expect("commit");
+        let foreign = transfer_key(2, 5, 0);
+        store
+            .tree
+            .insert(foreign.to_bytes(), &[99u8, 1, 2][..])
+            .expect("insert");
+        assert_eq!(
+            store.transfers(2).expect("transfers"),
+            vec![(transfer_key(2, 6, 0), transfer("bob", "ann"))]
+        );
+        assert!(store.tree.get(foreign.to_bytes()).expect("get").is_some());
+        // A malformed key is an error that names it, not a panic.
+        store
+            .tree
+            .insert(
+                [TRANSFER_PREFIX, &2u32.to_be_bytes()[..], b"/x"].concat(),
+                &[][..],
+            )
+            .expect("insert");
+        let error = store.transfers(2).unwrap_err();
+        assert!(error.to_string().contains("transfer key"), "{error}");
     }
 }

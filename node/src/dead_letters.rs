@@ -130,6 +130,68 @@ pub async fn publish(
     original: bytes::Bytes,
 ) -> Result<PublishAckFuture, PublishError> {
     let message_id = format!("dlq-{source_subject}-{source_sequence}");
+    publish_as(
+        jetstream,
+        rejection,
+        source_subject,
+        source_sequence,
+        message_id,
+        original,
+    )
+    .await
+}
+
+/// Publishes the dead letter of a channel event a survivor held back during a merge and
+/// refused when the merge completed. The shard record that released it (a `MergeIn`, at
+/// `source_sequence` on `source_subject`) may release several, so the event id is part of
+/// the dedup id; the body is [`ReleasedDeadLetter`] as JSON (the held event's adapter bytes
+/// are not known to the shard worker: look the event id up in `CRM_INGEST`).
+pub async fn publish_released(
+    jetstream: &Context,
+    rejection: &Rejection,
+    source_subject: &str,
+    source_sequence: u64,
+    released: &ReleasedDeadLetter,
+) -> Result<PublishAckFuture, PublishError> {
+    let message_id = released_message_id(source_subject, source_sequence, &released.event_id);
+    let body = serde_json::to_vec(released).unwrap_or_default();
+    publish_as(
+        jetstream,
+        rejection,
+        source_subject,
+        source_sequence,
+        message_id,
+        body.into(),
+    )
+    .await
+}
+
+/// The body of the dead letter of a released held event (see [`publish_released`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedDeadLetter {
+    /// The survivor that held the event and refused it when its merge completed.
+    pub customer_id: String,
+    /// The held event's id (its `Nats-Msg-Id` in `CRM_INGEST`).
+    pub event_id: String,
+    /// Always `true`: the event was held back for a merge, then refused.
+    pub released_by_merge: bool,
+}
+
+/// `dlq-<subject>-<sequence>-<event id>`, header-safe.
+fn released_message_id(source_subject: &str, source_sequence: u64, event_id: &str) -> String {
+    header_safe(&format!(
+        "dlq-{source_subject}-{source_sequence}-{event_id}"
+    ))
+}
+
+async fn publish_as(
+    jetstream: &Context,
+    rejection: &Rejection,
+    source_subject: &str,
+    source_sequence: u64,
+    message_id: String,
+    original: bytes::Bytes,
+) -> Result<PublishAckFuture, PublishError> {
     let mut headers = DeadLetterHeaders {
         reason: rejection.reason.as_str().to_string(),
         message: header_safe(&rejection.message),
@@ -181,6 +243,28 @@ fn header_safe(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_events_of_one_record_get_distinct_header_safe_dedup_ids() {
+        let first = released_message_id("crm.shard.3", 41, "e-1");
+        let second = released_message_id("crm.shard.3", 41, "e-2");
+        assert_ne!(first, second);
+        assert_eq!(first, "dlq-crm.shard.3-41-e-1");
+        assert_eq!(
+            released_message_id("crm.shard.3", 41, "bad\nid"),
+            "dlq-crm.shard.3-41-bad id"
+        );
+        let body = serde_json::to_value(ReleasedDeadLetter {
+            customer_id: "c1".into(),
+            event_id: "e-1".into(),
+            released_by_merge: true,
+        })
+        .expect("serialises");
+        assert_eq!(
+            body,
+            serde_json::json!({"customer_id": "c1", "event_id": "e-1", "released_by_merge": true})
+        );
+    }
 
     fn sample(truncated: Option<u64>) -> DeadLetterHeaders {
         DeadLetterHeaders {

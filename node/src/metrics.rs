@@ -29,6 +29,14 @@ pub struct Metrics {
     pub ticks_appended: AtomicU64,
     /// Customers stored on this node: counted at start, then one per `customer.created`.
     pub stored_customers: AtomicU64,
+    /// Merge transfers (a merged customer's state) appended to a survivor's shard log as a
+    /// `MergeIn` and acked. Not in [`MetricsSnapshot`] yet: adding a counter there changes
+    /// the `crm.node.stats` contract (docs/protocol.md, its schema, the bench's list).
+    pub transfers_published: AtomicU64,
+    /// `MergeIn`s merged into their survivor (not counting those forwarded by a tombstone).
+    pub merges_applied: AtomicU64,
+    /// Channel events a survivor held back during a merge, applied when it completed.
+    pub held_released: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`], as JSON.

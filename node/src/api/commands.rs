@@ -7,8 +7,19 @@
 //! remembers the outcome of each request id. Ticks are appended by the shard's owner: the
 //! `tick` command appends one to every shard this node serves, the ticker does the same
 //! every `tick_interval_s` with the wall clock.
+//!
+//! Merges: a redeem for a customer merged into another must spend the survivor's points.
+//! Before the redeem is written, its customer id is resolved to the end of its merge chain
+//! through the views, as a query does ([`Shards::follow_merges`]), and the redeem goes into
+//! the survivor's shard log. One race remains: the customer's `MergeOut` may already be in
+//! its log, not yet applied, when its view is read; the redeem then reaches the tombstone,
+//! which refuses it with the reason `merged_into:<survivor>` and remembers nothing. So that
+//! refusal is not the answer: the same request (same `request_id`) is written once more,
+//! for the end of the chain that starts at the named survivor, and that outcome is the
+//! answer. Writing it there is safe: the survivor never saw the request. A reply for a
+//! merged customer carries `requested_customer_id` and `merged_into` as a query does.
 
-use crate::api::query::{error_reply, resolve_customer, Shards};
+use crate::api::query::{error_reply, resolve_customer, Followed, Shards};
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
 use crate::shutdown::Shutdown;
@@ -21,6 +32,7 @@ use crm_actors::shard_message::{CustomerCommand, ShardMessage};
 use crm_actors::time::{format_rfc3339, parse_rfc3339_ms};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
@@ -38,6 +50,65 @@ pub struct Commands {
     /// How far ahead of the wall clock a command's time may be (`None`: no bound); as
     /// `limits.occurred_at_future_max_days` bounds events.
     pub occurred_at_future_max_ms: Option<i64>,
+}
+
+/// A redeem for `customer_id` through its merges (see the module notes): `follow` resolves
+/// an id to the end of its merge chain, `redeem_on` writes the redeem for an id and waits
+/// for the reply. At most two redeems are written: the second only when a tombstone refused
+/// the first (its customer was merged away meanwhile).
+async fn redeem_through_merges<Fo, FoFut, Re, ReFut>(
+    customer_id: &str,
+    mut follow: Fo,
+    mut redeem_on: Re,
+) -> Value
+where
+    Fo: FnMut(String) -> FoFut,
+    FoFut: Future<Output = Result<Followed, Value>>,
+    Re: FnMut(String) -> ReFut,
+    ReFut: Future<Output = Value>,
+{
+    // A view that cannot be read (a moving shard) leaves the id as it is: the redeem is
+    // logged there, and a tombstone's refusal below still sends it on.
+    let mut target = match follow(customer_id.to_string()).await {
+        Ok(followed) => followed.survivor,
+        Err(chain_error) => return chain_error,
+    };
+    let mut reply = redeem_on(target.clone()).await;
+    if let Some(into) = merged_away(&reply).filter(|into| *into != target) {
+        target = match follow(into.to_string()).await {
+            Ok(followed) => followed.survivor,
+            Err(chain_error) => return chain_error,
+        };
+        reply = redeem_on(target.clone()).await;
+    }
+    with_merge_fields(reply, customer_id, &target)
+}
+
+/// The reason prefix of a redeem a tombstone refused: `merged_into:<survivor>`.
+const MERGED_INTO_REASON: &str = "merged_into:";
+
+/// Where the customer of a refused redeem went, when a tombstone refused it.
+fn merged_away(reply: &Value) -> Option<&str> {
+    if reply.get("error").is_some() || reply.get("approved") != Some(&Value::Bool(false)) {
+        return None;
+    }
+    reply
+        .get("reason")?
+        .as_str()?
+        .strip_prefix(MERGED_INTO_REASON)
+        .filter(|id| subjects::is_token(id))
+}
+
+/// `reply` plus `requested_customer_id` and `merged_into` when the redeem was applied to
+/// the survivor of the customer asked for.
+fn with_merge_fields(mut reply: Value, requested: &str, survivor: &str) -> Value {
+    if requested != survivor && reply.get("error").is_none() {
+        if let Some(fields) = reply.as_object_mut() {
+            fields.insert("requested_customer_id".into(), json!(requested));
+            fields.insert("merged_into".into(), json!(survivor));
+        }
+    }
+    reply
 }
 
 /// [`check_rule_time`] for a command's time, against this node's wall clock.
@@ -109,6 +180,25 @@ impl Commands {
             Err(error) => return error,
         };
         Metrics::add(&self.metrics.redeems, 1);
+        redeem_through_merges(
+            &customer_id,
+            |id| async move { self.shards.follow_merges(&id).await },
+            |id| {
+                let (request_id, reward_id) = (request_id.clone(), reward_id.clone());
+                async move { self.redeem_on(id, request_id, reward_id, at_ms).await }
+            },
+        )
+        .await
+    }
+
+    /// Writes the redeem into `customer_id`'s shard log and waits for its reply.
+    async fn redeem_on(
+        &self,
+        customer_id: String,
+        request_id: String,
+        reward_id: String,
+        at_ms: i64,
+    ) -> Value {
         let inbox = self.client.new_inbox();
         let mut replies = match self.client.subscribe(inbox.clone()).await {
             Ok(subscription) => subscription,
@@ -254,5 +344,179 @@ impl Commands {
                 _ = shutdown.wait() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// The cluster as the redeem sees it: which customers are merged into which (applied
+    /// merges), and the redeems written, in order.
+    struct Cluster {
+        merged_into: Vec<(String, String)>,
+        written: RefCell<Vec<String>>,
+        points: i64,
+    }
+
+    impl Cluster {
+        fn new(merged: &[(&str, &str)]) -> Cluster {
+            Cluster {
+                merged_into: merged
+                    .iter()
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .collect(),
+                written: RefCell::new(Vec::new()),
+                points: 500,
+            }
+        }
+
+        fn survivor(&self, id: &str) -> String {
+            let mut id = id.to_string();
+            while let Some((_, into)) = self.merged_into.iter().find(|(from, _)| *from == id) {
+                id = into.clone();
+            }
+            id
+        }
+
+        /// A tombstone refuses, naming where its customer went; a live customer approves
+        /// when it has the points.
+        fn redeem(&self, id: String) -> Value {
+            self.written.borrow_mut().push(id.clone());
+            let into = self.merged_into.iter().find(|(from, _)| *from == id);
+            let approved = into.is_none() && self.points >= 100;
+            let reason = match into {
+                Some((_, into)) => json!(format!("merged_into:{into}")),
+                None if approved => Value::Null,
+                None => json!("insufficient_points"),
+            };
+            json!({"request_id": "r1", "customer_id": id, "reward_id": "w", "approved": approved,
+                   "points_spent": if approved { 100 } else { 0 },
+                   "points_balance": 0, "reason": reason})
+        }
+
+        async fn run(&self, id: &str) -> Value {
+            redeem_through_merges(
+                id,
+                |id| {
+                    let survivor = self.survivor(&id);
+                    async move {
+                        Ok(Followed {
+                            requested: id,
+                            survivor,
+                            view: json!({}),
+                        })
+                    }
+                },
+                |id| {
+                    let reply = self.redeem(id);
+                    async move { reply }
+                },
+            )
+            .await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redeem_for_a_customer_not_merged_is_written_once_for_it() {
+        let cluster = Cluster::new(&[]);
+        let reply = cluster.run("c-ann").await;
+        assert_eq!(reply["approved"], true);
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+        assert!(reply.get("merged_into").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_redeem_for_a_merged_customer_is_written_for_the_end_of_its_chain() {
+        let cluster = Cluster::new(&[("c-bob", "c-cat"), ("c-cat", "c-ann")]);
+        let reply = cluster.run("c-bob").await;
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+        assert_eq!(reply["approved"], true);
+        assert_eq!(reply["customer_id"], "c-ann");
+        assert_eq!(reply["requested_customer_id"], "c-bob");
+        assert_eq!(reply["merged_into"], "c-ann");
+    }
+
+    #[tokio::test]
+    async fn a_redeem_that_reached_a_tombstone_in_a_race_is_written_once_more_for_the_survivor() {
+        // bob's view still showed him when the redeem was written, but his MergeOut was in
+        // his log ahead of it: the tombstone refused it, naming cat, who went into ann
+        // meanwhile.
+        let cluster = Cluster::new(&[("c-bob", "c-cat"), ("c-cat", "c-ann")]);
+        let reply = redeem_through_merges(
+            "c-bob",
+            // The first look sees bob as he was; later looks see the merge.
+            {
+                let mut looks = 0;
+                let cluster = &cluster;
+                move |id: String| {
+                    looks += 1;
+                    let survivor = if looks == 1 {
+                        id.clone()
+                    } else {
+                        cluster.survivor(&id)
+                    };
+                    async move {
+                        Ok(Followed {
+                            requested: id,
+                            survivor,
+                            view: json!({}),
+                        })
+                    }
+                }
+            },
+            |id| {
+                let reply = cluster.redeem(id);
+                async move { reply }
+            },
+        )
+        .await;
+        assert_eq!(*cluster.written.borrow(), vec!["c-bob", "c-ann"]);
+        assert_eq!(reply["approved"], true);
+        assert_eq!(reply["merged_into"], "c-ann");
+        assert_eq!(reply["customer_id"], "c-ann");
+        assert_eq!(reply["requested_customer_id"], "c-bob");
+    }
+
+    #[tokio::test]
+    async fn a_refused_redeem_of_a_customer_still_not_merged_is_not_written_again() {
+        let cluster = Cluster {
+            points: 0,
+            ..Cluster::new(&[])
+        };
+        let reply = cluster.run("c-ann").await;
+        assert_eq!(reply["approved"], false);
+        assert_eq!(*cluster.written.borrow(), vec!["c-ann"]);
+    }
+
+    #[tokio::test]
+    async fn a_merge_chain_that_cannot_be_followed_writes_nothing() {
+        let written = RefCell::new(0);
+        let reply = redeem_through_merges(
+            "c-bob",
+            |_| async { Err(error_reply("unavailable", "cyclic")) },
+            |_| {
+                *written.borrow_mut() += 1;
+                async { json!({"approved": true}) }
+            },
+        )
+        .await;
+        assert_eq!(reply["error"]["code"], "unavailable");
+        assert_eq!(*written.borrow(), 0);
+    }
+
+    #[test]
+    fn only_a_tombstones_refusal_sends_a_redeem_on() {
+        let refusal = |reason: &str| json!({"approved": false, "reason": reason});
+        assert_eq!(merged_away(&refusal("merged_into:c-ann")), Some("c-ann"));
+        assert_eq!(merged_away(&refusal("insufficient_points")), None);
+        assert_eq!(merged_away(&refusal("merged_into:")), None);
+        assert_eq!(merged_away(&refusal("merged_into:a b")), None);
+        assert_eq!(
+            merged_away(&json!({"approved": true, "reason": "merged_into:c-ann"})),
+            None
+        );
+        assert_eq!(merged_away(&error_reply("timeout", "logged")), None);
     }
 }

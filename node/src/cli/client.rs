@@ -188,10 +188,18 @@ pub async fn query(url: &str, who: Who, raw: bool) -> Result<()> {
     Ok(())
 }
 
-/// A readable summary of a 360 view (or of an error reply).
+/// A readable summary of a 360 view (or of an error reply). A view answered for a customer
+/// merged into another (the reply names `requested_customer_id` and `merged_into`) opens
+/// with `customer <requested> was merged into <survivor>`, then shows the survivor.
 pub fn render_view(view: &Value) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    if let (Some(requested), Some(survivor)) = (
+        view.get("requested_customer_id").and_then(Value::as_str),
+        view.get("merged_into").and_then(Value::as_str),
+    ) {
+        let _ = writeln!(out, "customer {requested} was merged into {survivor}");
+    }
     if let Some(error) = view.get("error") {
         let _ = writeln!(
             out,
@@ -547,4 +555,34 @@ pub async fn load(url: &str, args: LoadArgs) -> Result<()> {
                "events_per_s": (sent as f64 / seconds.max(1e-9)).round(), "from": format_rfc3339(start_ms), "days": args.days})
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(customer_id: &str) -> Value {
+        json!({"customer_id": customer_id, "identities": ["email"],
+               "purchases": {"count": 3, "total_spend": 120.5},
+               "loyalty": {"tier": "silver", "points_balance": 240, "points_pending": 0}})
+    }
+
+    #[test]
+    fn the_view_of_a_merged_customer_opens_with_where_it_went() {
+        let mut reply = view("c-ann");
+        reply["requested_customer_id"] = json!("c-bob");
+        reply["merged_into"] = json!("c-ann");
+        let text = render_view(&reply);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("customer c-bob was merged into c-ann"));
+        assert_eq!(lines.next(), Some("customer   c-ann"));
+        assert!(text.contains("tier silver, 240 points"), "{text}");
+    }
+
+    #[test]
+    fn the_view_of_a_customer_not_merged_starts_with_the_customer() {
+        let text = render_view(&view("c-ann"));
+        assert!(text.starts_with("customer   c-ann\n"), "{text}");
+        assert!(!text.contains("merged"), "{text}");
+    }
 }

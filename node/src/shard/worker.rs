@@ -7,10 +7,15 @@
 //! [`ShardEngine`] (dedup by applied sequence, actors, rules, one sled commit and one
 //! flush), then publishes what the batch produced: dead letters for refused commands,
 //! replies to waiting redeem requests, and actor events (from the engine's durable outbox,
-//! removed once JetStream acked them). On any read or apply failure it reopens the reader
-//! from the applied sequence. Between batches it answers view requests for its customers
-//! and passivates idle actors. It holds no rules itself.
+//! removed once JetStream acked them). Merge transfers (a merged customer's state, from the
+//! engine's durable transfer outbox) are appended to the survivor's shard log as a
+//! `MergeIn` and removed once acked; one not acked stays and is sent again after a growing
+//! pause (and at the next start). Held channel events a completed merge released are counted
+//! and the refused ones dead-lettered like any refused command. On any read or apply
+//! failure it reopens the reader from the applied sequence. Between batches it answers
+//! view requests for its customers and passivates idle actors. It holds no rules itself.
 
+use crate::backoff::Backoff;
 use crate::cluster::lease::Fence;
 use crate::cluster::snapshot::Snapshots;
 use crate::dead_letters;
@@ -18,14 +23,17 @@ use crate::metrics::Metrics;
 use crate::shard::log_reader::ShardLogReader;
 use crate::shutdown::Shutdown;
 use crate::subjects;
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{Context, Message};
 use crm_actors::actor_event::ActorEventData;
 use crm_actors::codec;
-use crm_actors::engine::{OutboxKey, ShardEngine};
+use crm_actors::engine::{MessageResult, OutboxKey, ShardEngine, TransferKey};
 use crm_actors::ingest::{RejectReason, Rejection};
-use crm_actors::shard_message::{ActorEvent, ApplyStatus, ShardMessage};
+use crm_actors::shard_message::{
+    ActorEvent, ApplyStatus, CustomerCommand, MergeTransfer, ShardMessage,
+};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,8 +136,9 @@ pub const PUBLISHING_BATCHES_MAX: usize = 16;
 
 /// What became of a chunk of shard-log records.
 enum Processed {
-    /// Applied, durable, and its results published.
-    Published,
+    /// Applied, durable, and its results published; `transfers_unsent`: a merge transfer
+    /// could not be appended (it stays in the transfer outbox, to be sent again).
+    Published { transfers_unsent: bool },
     /// Nothing of it was applied; the reader must be reopened.
     NotApplied,
     /// Applied and durable here, but the lease fence expired meanwhile: nothing published,
@@ -146,6 +155,10 @@ const QUERIES_BETWEEN_BATCHES_MAX: usize = 64;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest wait for new records before the worker looks at its other duties.
 const READ_WAIT: Duration = Duration::from_millis(500);
+/// First pause before merge transfers that could not be sent are tried again (doubling,
+/// jittered, up to [`TRANSFER_RETRY_MAX`]): a survivor holds its events until they arrive.
+const TRANSFER_RETRY_FIRST: Duration = Duration::from_secs(1);
+const TRANSFER_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl ShardWorker {
     /// Runs until shutdown or until its lease fence expires; the batch in hand is finished
@@ -154,6 +167,14 @@ impl ShardWorker {
         let span = info_span!("shard", shard = self.shard);
         async move {
             self.publish_outbox().await;
+            // Merge transfers a previous run (or owner) left. Unsent ones are tried again
+            // from the transfer outbox once `transfers_retry_at` has passed.
+            let mut transfer_retry =
+                Backoff::new(TRANSFER_RETRY_FIRST, 2, TRANSFER_RETRY_MAX);
+            let mut transfers_retry_at = self
+                .send_pending_transfers()
+                .await
+                .then(|| Instant::now() + transfer_retry.next_delay());
             self.record_progress();
             let client = self.jetstream.client();
             let mut forwarded = match client.subscribe(subjects::owner_view(self.shard)).await {
@@ -196,8 +217,12 @@ impl ShardWorker {
                 if !records.is_empty() {
                     let count = records.len() as u64;
                     match self.process(records).await {
-                        Processed::Published => {
+                        Processed::Published { transfers_unsent } => {
                             since_snapshot += count;
+                            if transfers_unsent && transfers_retry_at.is_none() {
+                                transfers_retry_at =
+                                    Some(Instant::now() + transfer_retry.next_delay());
+                            }
                         }
                         Processed::NotApplied => {
                             tokio::time::sleep(RETRY_DELAY).await;
@@ -211,6 +236,16 @@ impl ShardWorker {
                     // While the log has a backlog the read above is always ready first;
                     // queries waiting meanwhile are answered between batches.
                     self.answer_waiting(&client, &mut forwarded).await;
+                }
+                if transfers_retry_at.is_some_and(|at| at <= Instant::now())
+                    && self.settings.fence.valid()
+                {
+                    transfers_retry_at = if self.send_pending_transfers().await {
+                        Some(Instant::now() + transfer_retry.next_delay())
+                    } else {
+                        transfer_retry.reset();
+                        None
+                    };
                 }
                 let every = self.settings.snapshot_every_records;
                 let due = (every > 0 && since_snapshot >= every)
@@ -415,8 +450,140 @@ impl ShardWorker {
                 }
             }
         }
+        Metrics::add(&self.metrics.merges_applied, result.merges_applied);
+        Metrics::add(&self.metrics.held_released, result.released.len() as u64);
+        for released in &result.released {
+            if let ApplyStatus::Rejected(rejection) = &released.status {
+                // The node's `rejected` counts every refusal it dead-letters, released
+                // ones included (the engine's batch counts leave them out).
+                Metrics::add(&self.metrics.rejected, 1);
+                self.dead_letter_released(rejection, released).await;
+            }
+        }
         self.publish_events(result.events).await;
-        Processed::Published
+        let transfers_unsent = self.send_transfers(result.transfers).await;
+        Processed::Published { transfers_unsent }
+    }
+
+    /// The dead letter of a held channel event refused when its merge completed.
+    async fn dead_letter_released(&self, rejection: &Rejection, released: &MessageResult) {
+        let Some(event_id) = &released.event_id else {
+            return;
+        };
+        Metrics::add(&self.metrics.dead_lettered, 1);
+        let body = dead_letters::ReleasedDeadLetter {
+            customer_id: released.customer_id.clone(),
+            event_id: event_id.clone(),
+            released_by_merge: true,
+        };
+        let subject = subjects::shard(self.shard);
+        match dead_letters::publish_released(
+            &self.jetstream,
+            rejection,
+            &subject,
+            released.seq,
+            &body,
+        )
+        .await
+        {
+            Ok(ack) => {
+                if let Err(error) = ack.await {
+                    warn!(%error, %event_id, "dead letter of a released event not acked");
+                }
+            }
+            Err(error) => warn!(%error, %event_id, "dead letter of a released event not published"),
+        }
+    }
+
+    /// Sends the transfers in the transfer outbox (left by a crash, a failed publish or the
+    /// shard's previous owner); `true` when one could not be sent and should be tried again.
+    async fn send_pending_transfers(&mut self) -> bool {
+        match self.engine.pending_transfers() {
+            Ok(transfers) => {
+                if !transfers.is_empty() {
+                    info!(
+                        count = transfers.len(),
+                        "sending merge transfers left in the transfer outbox"
+                    );
+                }
+                self.send_transfers(transfers).await
+            }
+            Err(error) => {
+                warn!(%error, "transfer outbox unreadable; tried again after the next batch");
+                true
+            }
+        }
+    }
+
+    /// Appends each merge transfer to its survivor's shard log
+    /// (`crm.shard.<shard of to_customer_id>`) as a `MergeIn` with `Nats-Msg-Id` the
+    /// transfer's message id, awaits the acks, and removes the acked ones from the transfer
+    /// outbox. Returns `true` when one failed for a reason that may pass (it stays and is
+    /// sent again). One too large for the server is logged as an error naming the customer
+    /// and kept (raise the server's `max_payload` and the shard stream's
+    /// `message_max_bytes`, then restart the node); it does not by itself cause a retry.
+    async fn send_transfers(&mut self, transfers: Vec<(TransferKey, MergeTransfer)>) -> bool {
+        if transfers.is_empty() {
+            return false;
+        }
+        let shards = self.shard_count();
+        let max_payload = self.jetstream.client().max_payload();
+        let mut unsent = false;
+        let mut acks = Vec::with_capacity(transfers.len());
+        for (key, transfer) in transfers {
+            let subject =
+                subjects::shard(crate::sharding::shard_of(&transfer.to_customer_id, shards));
+            let message_id = transfer.message_id();
+            let (merged_id, to_customer_id) = (
+                transfer.merge.merged_id.clone(),
+                transfer.to_customer_id.clone(),
+            );
+            let payload = merge_in_record(transfer);
+            if payload.len() > max_payload {
+                too_large(&merged_id, &to_customer_id, payload.len(), max_payload);
+                continue;
+            }
+            let publish = Publish::build()
+                .payload(payload.into())
+                .message_id(message_id.as_str());
+            match self.jetstream.send_publish(subject, publish).await {
+                Ok(ack) => acks.push((key, merged_id, to_customer_id, ack)),
+                Err(error) if error.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    too_large(&merged_id, &to_customer_id, 0, max_payload);
+                }
+                Err(error) => {
+                    warn!(%error, merged_id, to_customer_id, "merge transfer not sent; kept in the transfer outbox and sent again");
+                    unsent = true;
+                }
+            }
+        }
+        let mut sent = Vec::with_capacity(acks.len());
+        for (key, merged_id, to_customer_id, ack) in acks {
+            match ack.await {
+                Ok(_) => sent.push(key),
+                Err(error) if exceeds_stream_message_max(&error) => {
+                    too_large(&merged_id, &to_customer_id, 0, max_payload);
+                }
+                Err(error) => {
+                    warn!(%error, merged_id, to_customer_id, "merge transfer not acked; kept in the transfer outbox and sent again");
+                    unsent = true;
+                }
+            }
+        }
+        Metrics::add(&self.metrics.transfers_published, sent.len() as u64);
+        if let Err(error) = self.engine.transfers_sent(&sent) {
+            // Sent again later: the survivor's log drops it (message id) or the survivor
+            // finds the customer already in its merged_from.
+            warn!(%error, "transfer outbox not cleared; the transfers will be sent again");
+        }
+        unsent
+    }
+
+    /// The cluster's shard count: the node keeps one progress slot per shard.
+    fn shard_count(&self) -> u32 {
+        let count = u32::try_from(self.progress.len()).unwrap_or(u32::MAX);
+        debug_assert!(self.shard < count, "progress has a slot per shard");
+        count.max(self.shard + 1)
     }
 
     /// What a dead letter of a command of the shard record at `sequence` carries: the
@@ -583,6 +750,43 @@ async fn next_forwarded(
     }
 }
 
+/// The shard-log record that carries a merge transfer to its survivor: a `MergeIn` for
+/// `to_customer_id`, nobody waiting for a reply.
+fn merge_in_record(transfer: MergeTransfer) -> Vec<u8> {
+    let MergeTransfer {
+        merge,
+        to_customer_id,
+        state,
+    } = transfer;
+    codec::encode(&ShardMessage::Customer {
+        customer_id: to_customer_id,
+        command: CustomerCommand::MergeIn {
+            merge,
+            state: Box::new(state),
+        },
+        reply_to: None,
+    })
+}
+
+/// The stream refused a message larger than its `max_message_size` (JetStream error
+/// 10054): sending it again cannot succeed until the stream's limit is raised.
+fn exceeds_stream_message_max(error: &PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|error| error.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
+/// Logs a transfer the server cannot take (`size` 0: the server said so).
+fn too_large(merged_id: &str, to_customer_id: &str, size: usize, max_payload: usize) {
+    error!(
+        merged_id,
+        to_customer_id,
+        size,
+        max_payload,
+        "the state of customer {merged_id}, merged into {to_customer_id}, is larger than the NATS server takes in one message: it stays in the transfer outbox, and the merge waits; raise the server's max_payload and the shard stream's message_max_bytes, then restart this node to send it"
+    );
+}
+
 /// Publishes one actor event on `crm.events.<type>.<customer_id>` with its id as
 /// `Nats-Msg-Id`; `None` (logged) when it could not be sent.
 async fn send_event(jetstream: &Context, event: &ActorEvent) -> Option<PublishAckFuture> {
@@ -618,4 +822,60 @@ fn ingest_sequence_of(message: &Message) -> Option<u64> {
     let headers = message.headers.as_ref()?;
     let id = headers.get(async_nats::header::NATS_MESSAGE_ID)?;
     id.as_str().strip_prefix('i')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_actors::shard_message::MergeRef;
+    use crm_actors::state::CustomerState;
+
+    #[test]
+    fn a_message_above_the_streams_limit_is_told_from_a_passing_failure() {
+        let refusal = |err_code: u64| {
+            let error: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+                "code": 400, "err_code": err_code,
+                "description": "message size exceeds maximum allowed"
+            }))
+            .expect("a JetStream API error");
+            PublishError::with_source(PublishErrorKind::Other, error)
+        };
+        assert!(exceeds_stream_message_max(&refusal(10054)));
+        assert!(!exceeds_stream_message_max(&refusal(10077)));
+        assert!(!exceeds_stream_message_max(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
+    }
+
+    #[test]
+    fn a_transfer_travels_as_a_merge_in_for_where_it_goes() {
+        let mut state = CustomerState::new("c-bob");
+        state.created_at_ms = Some(1_000);
+        let merge = MergeRef {
+            merged_id: "c-bob".into(),
+            survivor_id: "c-ann".into(),
+            cause_event_id: "e-link".into(),
+            at_ms: 2_000,
+        };
+        // Forwarded by a tombstone: it goes where the survivor went, not to the survivor.
+        let transfer = MergeTransfer {
+            merge: merge.clone(),
+            to_customer_id: "c-cat".into(),
+            state: state.clone(),
+        };
+        assert_eq!(transfer.message_id(), "m-c-bob-c-cat");
+        let record: ShardMessage =
+            codec::decode(&merge_in_record(transfer)).expect("a shard-log record");
+        assert_eq!(
+            record,
+            ShardMessage::Customer {
+                customer_id: "c-cat".into(),
+                command: CustomerCommand::MergeIn {
+                    merge,
+                    state: Box::new(state),
+                },
+                reply_to: None,
+            }
+        );
+    }
 }
