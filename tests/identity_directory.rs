@@ -1,9 +1,13 @@
 //! The identity directory against a real nats-server: one customer per person, race-free
-//! across routers, conflicts reported, no raw identifiers in NATS, a bounded cache.
+//! across routers, merges and refusals under the identity rules, no raw identifiers in
+//! NATS, a bounded cache.
 
 use crm_actors::identity::{by_priority, Identity, IdentityKind};
+use crm_actors::rules::IdentityRules;
+use crm_actors::shard_message::{MergeRef, NoteReason};
+use crm_node::ingest::identity_directory::records::RECORD_KEY_PREFIX;
 use crm_node::ingest::identity_directory::{
-    DirectoryError, IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE,
+    DirectoryError, EventIdentities, IdentityDirectory, Resolution, READ_AHEAD_MIN_CACHE,
 };
 use crm_node::jetstream::ensure_kv;
 use crm_node::subjects;
@@ -32,7 +36,16 @@ fn ids(pairs: &[(IdentityKind, &str)]) -> Vec<Identity> {
     identities
 }
 
+/// The identifier keys of the bucket (without the customer records).
 async fn kv_keys(server: &NatsServer) -> Vec<String> {
+    all_kv_keys(server)
+        .await
+        .into_iter()
+        .filter(|key| !key.starts_with(RECORD_KEY_PREFIX))
+        .collect()
+}
+
+async fn all_kv_keys(server: &NatsServer) -> Vec<String> {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let kv = js.get_key_value(subjects::KV_IDENTITY).await.unwrap();
@@ -133,7 +146,7 @@ async fn a_known_email_with_a_new_loyalty_card_links_the_card_to_that_customer()
 }
 
 #[tokio::test]
-async fn two_identifiers_of_different_customers_are_reported_as_a_conflict_and_not_remapped() {
+async fn an_event_linking_two_known_customers_merges_them_into_the_higher_priority_one() {
     let server = NatsServer::start();
     let directory = directory(&server, 100).await;
     let by_email = directory
@@ -151,23 +164,244 @@ async fn two_identifiers_of_different_customers_are_reported_as_a_conflict_and_n
         (IdentityKind::LoyaltyCard, "LC-7"),
         (IdentityKind::DeviceId, "device-9"),
     ]);
-    let resolution = directory.resolve(&both).await.unwrap();
+    let linking = EventIdentities {
+        identities: &both,
+        event_id: "e-link",
+        at_ms: 1_700_000_000_000,
+    };
+    let resolution = directory
+        .resolve_events(&[linking])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
 
-    // The loyalty card has the highest priority: its customer wins.
+    // The loyalty card has the highest priority: its customer survives.
+    let merge = MergeRef {
+        merged_id: by_email.customer_id.clone(),
+        survivor_id: by_card.customer_id.clone(),
+        cause_event_id: "e-link".to_string(),
+        at_ms: 1_700_000_000_000,
+    };
     assert_eq!(resolution.customer_id, by_card.customer_id);
-    assert_eq!(
-        resolution.conflicts,
-        vec![(IdentityKind::Email, by_email.customer_id.clone())]
-    );
+    assert_eq!(resolution.merges, vec![merge.clone()]);
+    assert_eq!(resolution.merge_outs, vec![merge.clone()]);
+    assert!(resolution.conflicts.is_empty() && resolution.notes.is_empty());
     assert_eq!(resolution.linked, vec![IdentityKind::DeviceId]);
+    assert_eq!(directory.metrics().merges, 1);
+
+    // The email's key still names its first customer (keys never change); resolving it now
+    // gives the survivor, also for another router that never saw the merge.
     assert_eq!(
         directory
             .lookup(&ids(&[(IdentityKind::Email, "bob@example.com")]))
             .await
             .unwrap(),
-        Some(by_email.customer_id)
+        Some(by_email.customer_id.clone())
     );
-    assert_eq!(directory.metrics().conflicts, 1);
+    let other_router = self::directory(&server, 100).await;
+    let later = other_router
+        .resolve(&ids(&[(IdentityKind::Email, "bob@example.com")]))
+        .await
+        .unwrap();
+    assert_eq!(later.customer_id, by_card.customer_id);
+    assert!(later.merges.is_empty() && later.merge_outs.is_empty());
+
+    // The same event routed again (a redelivery) writes its merge again, and nothing else.
+    let again = other_router
+        .resolve_events(&[linking])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(again.customer_id, by_card.customer_id);
+    assert_eq!(again.merge_outs, vec![merge]);
+    assert_eq!(other_router.metrics().merges, 0);
+}
+
+#[tokio::test]
+async fn a_kind_that_may_not_merge_is_reported_as_a_conflict_and_dropped() {
+    let server = NatsServer::start();
+    let directory = directory(&server, 100).await;
+    let by_email = directory
+        .resolve(&ids(&[(IdentityKind::Email, "ann@example.com")]))
+        .await
+        .unwrap();
+    let by_device = directory
+        .resolve(&ids(&[(IdentityKind::DeviceId, "shared-tablet")]))
+        .await
+        .unwrap();
+    let resolution = directory
+        .resolve(&ids(&[
+            (IdentityKind::Email, "ann@example.com"),
+            (IdentityKind::DeviceId, "shared-tablet"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(resolution.customer_id, by_email.customer_id);
+    assert!(resolution.merges.is_empty());
+    assert_eq!(
+        resolution.conflicts,
+        vec![(IdentityKind::DeviceId, by_device.customer_id.clone())]
+    );
+    assert_eq!(resolution.notes.len(), 1);
+    assert_eq!(resolution.notes[0].reason, NoteReason::MergeDisabled);
+    assert_eq!(
+        resolution.dropped().collect::<Vec<_>>(),
+        vec![IdentityKind::DeviceId]
+    );
+    assert_eq!(directory.metrics().merges_refused, 1);
+}
+
+#[tokio::test]
+async fn merges_and_links_beyond_the_identity_limits_are_refused() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let kv = ensure_kv(&js, subjects::KV_IDENTITY, 1).await.unwrap();
+    let rules = IdentityRules {
+        merges_max_per_day: 2,
+        ..IdentityRules::default()
+    };
+    let directory = IdentityDirectory::new(kv, SECRET, 100).with_rules(rules);
+    let day = 1_700_000_000_000;
+    let resolve = |pairs: Vec<(IdentityKind, String)>, at_ms: i64, id: String| {
+        let directory = &directory;
+        async move {
+            let pairs: Vec<(IdentityKind, &str)> =
+                pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let identities = ids(&pairs);
+            let event = EventIdentities {
+                identities: &identities,
+                event_id: &id,
+                at_ms,
+            };
+            directory
+                .resolve_events(&[event])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap()
+        }
+    };
+    // Two customers with a loyalty card each: one card per customer, so no merge.
+    let a = resolve(
+        vec![
+            (IdentityKind::LoyaltyCard, "LC-A".into()),
+            (IdentityKind::Email, "a@x.co".into()),
+        ],
+        day,
+        "e1".into(),
+    )
+    .await;
+    let b = resolve(
+        vec![(IdentityKind::LoyaltyCard, "LC-B".into())],
+        day,
+        "e2".into(),
+    )
+    .await;
+    let both = resolve(
+        vec![
+            (IdentityKind::LoyaltyCard, "LC-B".into()),
+            (IdentityKind::Email, "a@x.co".into()),
+        ],
+        day,
+        "e3".into(),
+    )
+    .await;
+    assert_eq!(both.customer_id, b.customer_id);
+    assert!(both.merges.is_empty());
+    assert_eq!(
+        both.notes[0].reason,
+        NoteReason::MaxPerCustomer {
+            kind: IdentityKind::LoyaltyCard,
+            limit: 1
+        }
+    );
+    assert_eq!(
+        both.conflicts,
+        vec![(IdentityKind::Email, a.customer_id.clone())]
+    );
+
+    // Five emails per customer: a sixth new email is not linked.
+    for n in 2..=5 {
+        let linked = resolve(
+            vec![
+                (IdentityKind::LoyaltyCard, "LC-A".into()),
+                (IdentityKind::Email, format!("a{n}@x.co")),
+            ],
+            day,
+            format!("e-mail-{n}"),
+        )
+        .await;
+        assert_eq!(linked.linked, vec![IdentityKind::Email], "email {n}");
+    }
+    let sixth = resolve(
+        vec![
+            (IdentityKind::LoyaltyCard, "LC-A".into()),
+            (IdentityKind::Email, "a6@x.co".into()),
+        ],
+        day,
+        "e-mail-6".into(),
+    )
+    .await;
+    assert!(sixth.linked.is_empty());
+    assert_eq!(sixth.notes[0].other_customer_id, None);
+    assert_eq!(
+        sixth.notes[0].reason,
+        NoteReason::MaxPerCustomer {
+            kind: IdentityKind::Email,
+            limit: 5
+        }
+    );
+    assert_eq!(directory.metrics().identifiers_refused, 1);
+
+    // Two merges a day into one customer, then refused; the next day they go on.
+    let survivor = resolve(
+        vec![(IdentityKind::CustomerId, "S-1".into())],
+        day,
+        "s".into(),
+    )
+    .await;
+    let mut merged = 0;
+    for n in 0..3 {
+        let other = resolve(
+            vec![(IdentityKind::Phone, format!("+4915100000{n}"))],
+            day,
+            format!("p{n}"),
+        )
+        .await;
+        let link = resolve(
+            vec![
+                (IdentityKind::CustomerId, "S-1".into()),
+                (IdentityKind::Phone, format!("+4915100000{n}")),
+            ],
+            day,
+            format!("l{n}"),
+        )
+        .await;
+        assert_eq!(link.customer_id, survivor.customer_id);
+        if link.merges.is_empty() {
+            assert_eq!(link.notes[0].reason, NoteReason::MergesPerDay { limit: 2 });
+            assert_eq!(
+                link.notes[0].other_customer_id.as_deref(),
+                Some(other.customer_id.as_str())
+            );
+        } else {
+            merged += 1;
+        }
+    }
+    assert_eq!(merged, 2);
+    let next_day = resolve(
+        vec![
+            (IdentityKind::CustomerId, "S-1".into()),
+            (IdentityKind::Phone, "+49151000002".into()),
+        ],
+        day + 86_400_000,
+        "l-next".into(),
+    )
+    .await;
+    assert_eq!(next_day.merges.len(), 1, "{next_day:?}");
 }
 
 #[tokio::test]
@@ -404,8 +638,8 @@ async fn resolving_many_events_at_once_equals_resolving_them_one_by_one() {
         }
     }
     assert!(
-        expected.iter().any(|r| !r.conflicts.is_empty()),
-        "the mix has conflicts"
+        expected.iter().any(|r| !r.merges.is_empty()),
+        "the mix has merges"
     );
     assert!(
         expected.iter().any(|r| r.created),

@@ -1,7 +1,9 @@
 //! Replay determinism: a customer's state is a pure function of its shard log and the rules.
 //! A second node with an empty store replays every shard log from the start (the same
 //! JetStream records the first node applied, ticks included) and must end with
-//! byte-identical customer states and the same shard clocks.
+//! byte-identical customer states and the same shard clocks. The traffic has people who
+//! are two customers before an event links them, so merges replay too (merge-outs, the
+//! merged states appended to the survivors' logs, the held events).
 
 use crm_actors::store::Store;
 use crm_node::loadgen::Generator;
@@ -41,7 +43,9 @@ async fn replaying_the_shard_logs_into_an_empty_store_yields_byte_identical_stat
     let mut env = TestEnv::start(NodeOptions::default());
     let client = env.client().await;
     let events = outgoing_events(
-        &mut Generator::new(traffic_spec("2026-02-01T00:00:00Z", 250, 20, 5)).without_truth(),
+        &mut Generator::new(traffic_spec("2026-02-01T00:00:00Z", 250, 20, 5))
+            .with_split_identities(20)
+            .without_truth(),
     );
     publish_all(&client, events, 512, Duration::from_secs(120)).await;
     // Time-driven rules must replay too: expiry, pending release, lapse, tier review.
@@ -71,6 +75,17 @@ async fn replaying_the_shard_logs_into_an_empty_store_yields_byte_identical_stat
         original.len()
     );
     assert_eq!(original.len(), replayed.len(), "customer counts differ");
+    let tombstones = original
+        .iter()
+        .filter(|(_, bytes)| {
+            crm_actors::codec::decode_state(bytes)
+                .expect("state decodes")
+                .merge
+                .merged_into
+                .is_some()
+        })
+        .count();
+    assert!(tombstones >= 10, "only {tombstones} customers merged away");
     for ((id_a, bytes_a), (id_b, bytes_b)) in original.iter().zip(&replayed) {
         assert_eq!(id_a, id_b);
         assert!(

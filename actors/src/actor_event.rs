@@ -155,10 +155,15 @@ macro_rules! actor_events {
 actor_events! {
     /// The first event of a customer created them.
     "customer.created" => CustomerCreated(CustomerCreated),
+    /// Another customer (the same person, first seen apart) was merged into this one.
+    "customer.merged" => CustomerMerged(CustomerMerged),
     /// An event brought an identifier the customer did not have.
     "identity.linked" => IdentityLinked(IdentityLinked),
     /// An identifier of an event belongs to another customer.
     "identity.conflict" => IdentityConflict(IdentityConflictEvent),
+    /// An identifier of an event would merge another customer into this one, but this
+    /// customer already absorbed `identity.merges_max_per_day` merges that day.
+    "identity.merge_refused" => IdentityMergeRefused(IdentityMergeRefused),
     /// Points granted (pending or spendable).
     "points.earned" => PointsEarned(PointsEarned),
     /// Pending points became spendable.
@@ -212,12 +217,69 @@ pub struct IdentityLinked {
     pub event_id: String,
 }
 
+/// An identifier of an event that was not linked to the event's customer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct IdentityConflictEvent {
-    /// The kind of the identifier that belongs to another customer.
+    /// The kind of the identifier that was not linked.
     pub kind: String,
-    pub other_customer_id: String,
+    /// The customer the identifier belongs to; absent for an identifier nobody holds
+    /// (one too many of its kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_customer_id: Option<String>,
     pub event_id: String,
+    /// Why it was not linked (absent in events written before merges: `conflict`).
+    #[serde(default)]
+    pub reason: ConflictReason,
+    /// `max_per_customer`: the limit of `limit_kind` that linking would exceed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// `max_per_customer`: the kind whose `max_per_customer` is reached (the
+    /// identifier's own kind, or another kind the other customer would bring along).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_kind: Option<String>,
+}
+
+/// Why an event's identifier was not linked (`reason` of `identity.conflict`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictReason {
+    /// It belongs to another customer (a record routed before merges existed).
+    #[default]
+    Conflict,
+    /// It belongs to another customer and its kind never merges (`[identity.<kind>] merge
+    /// = false`).
+    MergeDisabled,
+    /// Linking it (or merging its customer) would exceed `[identity.<kind>]
+    /// max_per_customer`.
+    MaxPerCustomer,
+}
+
+/// A merge the rules refused: the customers stay apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct IdentityMergeRefused {
+    /// The kind of the identifier that would have merged.
+    pub kind: String,
+    /// The customer that would have been merged into this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_customer_id: Option<String>,
+    /// `identity.merges_max_per_day`.
+    pub limit: u32,
+    pub event_id: String,
+}
+
+/// A customer merged into this one (the survivor).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerMerged {
+    /// The customer merged away (a tombstone now: queries by it answer with this customer).
+    pub merged_customer_id: String,
+    /// The kinds of the merged customer's identifiers, sorted, each once.
+    pub identifier_kinds: Vec<String>,
+    /// The merged customer's points, spendable plus pending, now this customer's.
+    pub points_moved: i64,
+    /// The merged customer's orders this customer did not already have.
+    pub orders_moved: u64,
+    /// The event that linked the two customers.
+    pub cause_event_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -471,6 +533,23 @@ mod tests {
         assert_eq!(json["clv"], Value::Null);
         let back: ActorEvent = serde_json::from_value(json).unwrap();
         assert!(matches!(back.data, ActorEventData::SegmentChanged(ref s) if s.clv.is_nan()));
+    }
+
+    /// docs/protocol.md shows a `customer.merged` event: it reads as one.
+    #[test]
+    fn the_documented_merge_event_reads_back() {
+        let docs = include_str!("../../docs/protocol.md");
+        let start = docs.find("```json merged-event\n").expect("the example") + 21;
+        let end = start + docs[start..].find("```").expect("its end");
+        let event: ActorEvent = serde_json::from_str(&docs[start..end]).expect("an event");
+        let ActorEventData::CustomerMerged(merged) = &event.data else {
+            panic!("{event:?}");
+        };
+        assert_eq!(merged.identifier_kinds, vec!["email".to_string()]);
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            serde_json::from_str::<Value>(&docs[start..end]).unwrap()
+        );
     }
 
     #[test]

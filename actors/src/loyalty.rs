@@ -487,3 +487,135 @@ pub fn review_tier(loyalty: &mut Loyalty, rules: &Rules, now_ms: i64, emitter: &
         }
     }
 }
+
+/// Merges: `from`'s points, redemptions, totals, spend days and tier history join
+/// `into`'s (docs/rules.md, Merges). No point is created or lost: every lot and pending
+/// entry keeps its own dates (lots with the same dates and source add up), redemptions
+/// unite by request id, bonus flags are or-ed, totals add up. The tier is
+/// [`absorb_tier`]'s; the `lots_max` bound is [`fold_lots_to_max`]'s, run after the time
+/// rules so that folding never makes points expire at the merge.
+pub fn absorb(into: &mut Loyalty, from: Loyalty, rules: &Rules) {
+    let mut lots = std::mem::take(&mut into.lots);
+    lots.extend(from.lots);
+    lots.sort_by(|a, b| lot_key(a).cmp(&lot_key(b)));
+    let mut combined: Vec<PointsLot> = Vec::with_capacity(lots.len());
+    for lot in lots {
+        match combined.last_mut() {
+            Some(last) if lot_key(last) == lot_key(&lot) => {
+                last.points = last.points.saturating_add(lot.points);
+            }
+            _ => combined.push(lot),
+        }
+    }
+    into.lots = combined;
+
+    into.pending.extend(from.pending);
+    into.pending
+        .sort_by(|a, b| (a.release_at_ms, &a.source).cmp(&(b.release_at_ms, &b.source)));
+
+    for redemption in from.redemptions {
+        let known = into
+            .redemptions
+            .iter()
+            .any(|r| r.outcome.request_id == redemption.outcome.request_id);
+        if !known {
+            into.redemptions.push_back(redemption);
+        }
+    }
+    into.redemptions.make_contiguous().sort_by_key(|r| r.at_ms);
+    while into.redemptions.len() > rules.limits.redemptions_max {
+        into.redemptions.pop_front();
+    }
+
+    for (day, minor) in from.spend_by_day_minor {
+        let entry = into.spend_by_day_minor.entry(day).or_insert(0);
+        *entry = entry.saturating_add(minor);
+        if *entry == 0 {
+            into.spend_by_day_minor.remove(&day);
+        }
+    }
+
+    into.tier_history.extend(from.tier_history);
+    into.tier_history.make_contiguous().sort_by_key(|c| c.at_ms);
+    while into.tier_history.len() > rules.limits.tier_history_max {
+        into.tier_history.pop_front();
+    }
+
+    into.shortfall_points = into.shortfall_points.saturating_add(from.shortfall_points);
+    into.profile_bonus_granted |= from.profile_bonus_granted;
+    into.first_purchase_bonus_granted |= from.first_purchase_bonus_granted;
+    into.earned_total = into.earned_total.saturating_add(from.earned_total);
+    into.redeemed_total = into.redeemed_total.saturating_add(from.redeemed_total);
+    into.expired_total = into.expired_total.saturating_add(from.expired_total);
+    into.reversed_total = into.reversed_total.saturating_add(from.reversed_total);
+}
+
+/// Merges: the tier after `into` absorbed a customer whose tier was `from_tier` (with its
+/// `since` and review date): the higher of the two, then an upgrade at `now_ms` if the
+/// combined rolling spend qualifies for more. Never a downgrade. Taking the merged
+/// customer's higher tier is recorded in the history and announced (`tier.changed`, `up`)
+/// like any upgrade; it keeps that tier's review date. A survivor without a tier (no event
+/// of its own applied) takes the merged customer's quietly.
+pub fn absorb_tier(
+    into: &mut Loyalty,
+    from_tier: &Loyalty,
+    rules: &Rules,
+    now_ms: i64,
+    emitter: &mut Emitter,
+) {
+    let from_index = from_tier.tier.as_deref().and_then(|n| rules.tier_index(n));
+    if into.tier.is_none() {
+        into.tier.clone_from(&from_tier.tier);
+        into.tier_since_ms = from_tier.tier_since_ms;
+        into.tier_review_at_ms = from_tier.tier_review_at_ms;
+    } else if let Some(from_index) = from_index {
+        if from_index > tier_index(into, rules) {
+            let spend = rolling_spend(into, rules, now_ms);
+            let from = into.tier.clone();
+            let name = rules.tiers[from_index].name.clone();
+            into.tier = Some(name.clone());
+            into.tier_since_ms = from_tier.tier_since_ms.or(Some(now_ms));
+            into.tier_review_at_ms = from_tier.tier_review_at_ms.or_else(|| {
+                Some(now_ms.saturating_add(Rules::days_ms(rules.tiering.review_period_days)))
+            });
+            into.tier_history.push_back(TierChange {
+                at_ms: now_ms,
+                from: from.clone(),
+                to: name.clone(),
+                direction: "up".to_string(),
+                rolling_spend_minor: spend,
+            });
+            while into.tier_history.len() > rules.limits.tier_history_max {
+                into.tier_history.pop_front();
+            }
+            emitter.emit(
+                now_ms,
+                TierChanged {
+                    from,
+                    to: name,
+                    direction: "up".to_string(),
+                    rolling_spend: Money(spend),
+                    review_at: format_optional(into.tier_review_at_ms),
+                },
+            );
+        }
+    }
+    upgrade_if_qualified(into, rules, now_ms, emitter);
+}
+
+/// Keeps at most `lots_max` lots without losing a point: each lot beyond the bound (the
+/// latest-expiring ones) is folded into the latest-expiring lot kept, whose expiry is the
+/// same or earlier (its source becomes `merged` when they differ).
+pub fn fold_lots_to_max(loyalty: &mut Loyalty, rules: &Rules) {
+    let max = rules.limits.lots_max.max(1);
+    while loyalty.lots.len() > max {
+        let (Some(dropped), Some(mut kept)) = (loyalty.lots.pop(), loyalty.lots.pop()) else {
+            return;
+        };
+        kept.points = kept.points.saturating_add(dropped.points);
+        if kept.source != dropped.source {
+            kept.source = "merged".to_string();
+        }
+        insert_lot(loyalty, kept);
+    }
+}

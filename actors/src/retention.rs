@@ -153,3 +153,31 @@ pub fn offer_winback(retention: &mut RetentionState, now_ms: i64, emitter: &mut 
         },
     );
 }
+
+/// Merges: `from`'s purchase times join `into`'s (at most `orders_max`, the oldest
+/// dropped) and the lapse state is recomputed from them: the side whose last purchase is
+/// the later one (ties: `into`) says whether the customer is active or lapsed (with its
+/// lapse time, reason and win-back), lapse and reactivation counts add up, and the next
+/// lapse is scheduled from the combined mean gap (the caller's time rules then run, so a
+/// combined history already past its threshold lapses at the merge).
+pub fn absorb(into: &mut RetentionState, from: RetentionState, rules: &Rules) {
+    let from_is_later = from.last_purchase_ms() > into.last_purchase_ms();
+    into.purchase_times_ms
+        .extend(from.purchase_times_ms.iter().copied());
+    while into.purchase_times_ms.len() > rules.limits.orders_max {
+        into.purchase_times_ms.pop_first();
+    }
+    into.lapse_count = into.lapse_count.saturating_add(from.lapse_count);
+    into.reactivated_count = into
+        .reactivated_count
+        .saturating_add(from.reactivated_count);
+    if from_is_later {
+        into.status = from.status;
+        into.lapsed_at_ms = from.lapsed_at_ms;
+        into.lapse_reason = from.lapse_reason;
+        into.winback_due_ms = from.winback_due_ms;
+        into.winback_offered = from.winback_offered;
+        into.winback_offered_at_ms = from.winback_offered_at_ms;
+    }
+    schedule(into, rules);
+}

@@ -70,6 +70,24 @@ pub struct MergeState {
     pub held: VecDeque<HeldCommand>,
 }
 
+impl MergeState {
+    /// Does this customer take part in a merge (merged away, merged into, or waiting)?
+    pub fn is_involved(&self) -> bool {
+        self.merged_into.is_some()
+            || !self.merged_from.is_empty()
+            || !self.awaiting.is_empty()
+            || !self.held.is_empty()
+    }
+
+    /// Is a merge of `customer_id` into this customer already applied (while remembered:
+    /// at most `limits.merged_from_max` merges)?
+    pub fn has_merged(&self, customer_id: &str) -> bool {
+        self.merged_from
+            .iter()
+            .any(|m| m.customer_id == customer_id)
+    }
+}
+
 /// A command a survivor holds back while a merge is under way: channel events and
 /// merge-outs (redeems, ticks and rescores apply at once).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,15 +411,27 @@ impl CustomerState {
         }
     }
 
-    /// Has any event been applied (should the state be stored)?
+    /// Should the state be stored: an event was applied to the customer, or it takes part
+    /// in a merge (a tombstone, a survivor holding events back or remembering whom it
+    /// merged, even one whose own events were all refused).
     pub fn exists(&self) -> bool {
+        self.is_created() || self.merge.is_involved()
+    }
+
+    /// Has an event been applied to this customer itself (or merged into it)?
+    pub fn is_created(&self) -> bool {
         self.created_at_ms.is_some()
     }
 
+    /// Was this customer merged into another (is it a tombstone)?
+    pub fn is_tombstone(&self) -> bool {
+        self.merge.merged_into.is_some()
+    }
+
     /// The earliest event time at which a time-driven rule may fire (lot expiry, pending
-    /// release, tier review, lapse, win-back), if any.
+    /// release, tier review, lapse, win-back), if any. A tombstone has none.
     pub fn next_due_ms(&self) -> Option<i64> {
-        if !self.exists() {
+        if !self.is_created() || self.is_tombstone() {
             return None;
         }
         let lots = self.loyalty.lots.iter().filter_map(|l| l.expires_at_ms);

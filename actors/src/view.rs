@@ -43,7 +43,8 @@ pub struct CustomerView {
     /// The view format version, [`VIEW_VERSION`].
     pub v: u64,
     pub customer_id: String,
-    /// `false`: no event of this customer was ever applied (every block is empty).
+    /// `false`: nothing is known of this customer: no event of it was ever applied and it
+    /// takes part in no merge (every block is empty). A tombstone exists.
     pub exists: bool,
     pub created_at: Option<String>,
     /// The time the view is rendered at (the shard's rule clock, at least the customer's).
@@ -67,6 +68,26 @@ pub struct CustomerView {
     pub email: EmailView,
     pub browsing: BrowsingView,
     pub visits: VisitsView,
+    /// Set when this customer was merged into another (a tombstone): every block is empty
+    /// and the survivor, at the end of this chain, holds everything (a query by this
+    /// customer answers with the survivor's view).
+    pub merged_into: Option<String>,
+    /// When it was merged away; `null` unless `merged_into` is set.
+    pub merged_at: Option<String>,
+    /// The customers merged into this one (directly or through chains), oldest first.
+    pub merged_from: Vec<MergedFromView>,
+    /// Merged customers whose state has not arrived yet: a merge under way.
+    pub awaiting_merges: Vec<String>,
+    /// Channel events (and merge-outs) held back until the awaited states arrive.
+    pub held_commands: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MergedFromView {
+    pub customer_id: String,
+    /// The time of the event that linked the two customers.
+    pub merged_at: String,
+    pub cause_event_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -236,9 +257,16 @@ pub struct VisitsView {
 
 /// What `crm.query.customer` answers for a customer: the [`CustomerView`] plus the `value`
 /// block scored under the published model and the `next_best_actions` (see
-/// [`crate::value::live`]).
+/// [`crate::value::live`]). A tombstone's reply is small (its blocks are empty); the query
+/// responder follows its `merged_into` and answers with the survivor's reply, naming the
+/// customer asked for in `requested_customer_id` (and `merged_into` then says where that
+/// customer went: the survivor).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CustomerReply {
+    /// Present only on a survivor's reply to a query that named a merged customer: that
+    /// customer's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_customer_id: Option<String>,
     #[serde(flatten)]
     pub view: CustomerView,
     /// Customer value under the published model, tagged by `status`.
@@ -261,6 +289,7 @@ impl CustomerReply {
         let value = live::value_block(state, value_model);
         let next_best_actions = live::next_best_actions(state, &value, rules, as_of_ms);
         CustomerReply {
+            requested_customer_id: None,
             view,
             value,
             next_best_actions,
@@ -379,6 +408,20 @@ impl CustomerView {
                 last_at: format_optional(state.visits.last_at_ms),
                 last_store_id: state.visits.last_store_id.clone(),
             },
+            merged_into: state.merge.merged_into.clone(),
+            merged_at: format_optional(state.merge.merged_at_ms),
+            merged_from: state
+                .merge
+                .merged_from
+                .iter()
+                .map(|merged| MergedFromView {
+                    customer_id: merged.customer_id.clone(),
+                    merged_at: format_rfc3339(merged.at_ms),
+                    cause_event_id: merged.cause_event_id.clone(),
+                })
+                .collect(),
+            awaiting_merges: state.merge.awaiting.iter().cloned().collect(),
+            held_commands: state.merge.held.len() as u64,
         }
     }
 }
@@ -567,6 +610,43 @@ mod tests {
             view["loyalty"]["next_tier"]["spend_needed"],
             serde_json::json!(400.0)
         );
+    }
+
+    #[test]
+    fn a_tombstones_reply_is_small_and_says_where_the_customer_went() {
+        let rules = Rules::from_toml_str(crate::rules::tests::SHIPPED).unwrap();
+        let mut state = CustomerState::new("b");
+        state.created_at_ms = Some(5);
+        state.merge.merged_into = Some("a".to_string());
+        state.merge.merged_at_ms = Some(7);
+        let reply = serde_json::to_value(CustomerReply::of(&state, 10, &rules, None)).unwrap();
+        assert_eq!(reply["merged_into"], "a");
+        assert_eq!(reply["merged_at"], "1970-01-01T00:00:00.007Z");
+        assert_eq!(reply["exists"], true);
+        assert_eq!(reply["purchases"]["count"], 0);
+        assert!(reply.get("requested_customer_id").is_none());
+        assert!(reply.to_string().len() < 2_000, "{reply}");
+
+        let mut survivor = CustomerState::new("a");
+        survivor.created_at_ms = Some(1);
+        survivor.merge.merged_from.push(crate::state::MergedFrom {
+            customer_id: "b".to_string(),
+            at_ms: 7,
+            cause_event_id: "e9".to_string(),
+        });
+        survivor.merge.awaiting.insert("c".to_string());
+        let view = customer_view(&survivor, 10, &rules);
+        assert_eq!(view["merged_into"], Value::Null);
+        assert_eq!(view["merged_from"][0]["customer_id"], "b");
+        assert_eq!(view["merged_from"][0]["cause_event_id"], "e9");
+        assert_eq!(view["awaiting_merges"], serde_json::json!(["c"]));
+        assert_eq!(view["held_commands"], 0);
+        let schema = serde_json::to_value(schemars::schema_for!(CustomerReply)).unwrap();
+        assert!(
+            schema.to_string().contains("requested_customer_id"),
+            "{schema}"
+        );
+        assert!(schema.to_string().contains("awaiting_merges"), "{schema}");
     }
 
     #[test]

@@ -122,6 +122,10 @@ fn combine_identity(
             created_first,
             read_ahead,
             read_ahead_used,
+            merges,
+            merges_refused,
+            identifiers_refused,
+            record_writes,
         ]
     )
 }

@@ -257,7 +257,7 @@ async fn session(node: &NodeParts<'_>) -> Result<SessionEnd> {
     let mut process_shutdown = node.trigger.subscribe();
     let connection = connect_session(node.config, &mut process_shutdown).await?;
     let shutdown = connection.session_trigger.subscribe();
-    let infrastructure = set_up(&connection.client, node.config).await?;
+    let infrastructure = set_up(&connection.client, node.config, node.rules).await?;
     let mut tasks = spawn_tasks(node, &connection.client, infrastructure, &shutdown);
     info!(node_id = %node.config.node.node_id, shards = node.config.cluster.shards, nats = %node.config.nats.url, "crm-node ready");
     let failure = run_until_stopped(node, &connection, &mut tasks, shutdown).await;
@@ -305,7 +305,11 @@ async fn connect_session(config: &Config, process_shutdown: &mut Shutdown) -> Re
 
 /// Creates or checks the streams, the buckets, the recorded shard count and the identity
 /// secret's fingerprint (idempotent; a mismatch with the cluster is an error).
-async fn set_up(client: &async_nats::Client, config: &Config) -> Result<Infrastructure> {
+async fn set_up(
+    client: &async_nats::Client,
+    config: &Config,
+    rules: &Rules,
+) -> Result<Infrastructure> {
     let jetstream = async_nats::jetstream::new(client.clone());
     setup::ensure_streams(&jetstream, &config.stream_settings()).await?;
     let replicas = config.cluster.stream_replicas;
@@ -314,11 +318,14 @@ async fn set_up(client: &async_nats::Client, config: &Config) -> Result<Infrastr
     setup::ensure_shard_count(&cluster_kv, config.cluster.shards).await?;
     let identity_kv =
         setup::ensure_kv_replicated(&jetstream, subjects::KV_IDENTITY, 1, replicas).await?;
-    let directory = Arc::new(IdentityDirectory::new(
-        identity_kv,
-        config.cluster.identity_secret.as_bytes(),
-        config.limits.identity_cache_max_entries,
-    ));
+    let directory = Arc::new(
+        IdentityDirectory::new(
+            identity_kv,
+            config.cluster.identity_secret.as_bytes(),
+            config.limits.identity_cache_max_entries,
+        )
+        .with_rules(rules.identity.clone()),
+    );
     setup::ensure_identity_fingerprint(&cluster_kv, &directory.secret_fingerprint()).await?;
     let nodes_kv = setup::ensure_kv_replicated(&jetstream, subjects::KV_NODES, 1, replicas).await?;
     let leases_kv =

@@ -4,14 +4,28 @@
 //! channel counts and the timeline. Deterministic like all of [`super`].
 
 use super::{activity, outcome, profile, purchase, run_due, settle, unapplicable};
-use crate::actor_event::{CustomerCreated, IdentityConflictEvent, IdentityLinked, IdentityValue};
+use crate::actor_event::{
+    ConflictReason, CustomerCreated, IdentityConflictEvent, IdentityLinked, IdentityMergeRefused,
+    IdentityValue,
+};
 use crate::emit::Emitter;
 use crate::ingest::{ChannelEvent, EventKind, RejectReason, Rejection};
 use crate::loyalty;
 use crate::money::Money;
 use crate::rules::Rules;
-use crate::shard_message::{ApplyOutcome, ApplyStatus, IdentityConflict};
+use crate::shard_message::{ApplyOutcome, ApplyStatus, IdentityConflict, IdentityNote, NoteReason};
 use crate::state::{ChannelActivity, CustomerState, TimelineEntry};
+
+/// What the router reported about an event's identifiers, each an actor event when the
+/// event applies.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum IdentityReport<'a> {
+    /// A record routed before merges: `identity.conflict`, reason `conflict`.
+    Conflict(&'a IdentityConflict),
+    /// A note of a resolved event: `identity.conflict` with the note's reason, or
+    /// `identity.merge_refused`.
+    Note(&'a IdentityNote),
+}
 
 /// Refusals that must be decided before anything changes.
 fn check_event(state: &CustomerState, event: &ChannelEvent, rules: &Rules) -> Option<ApplyOutcome> {
@@ -79,12 +93,12 @@ fn check_event(state: &CustomerState, event: &ChannelEvent, rules: &Rules) -> Op
 
 /// Applies one channel event, phase by phase: refusals decided before anything changes;
 /// the customer created (or the time rules due by the event fired); identities linked and
-/// conflicts reported; the channel counted; the event's own kind applied; then the
+/// the router's identity reports published; the channel counted; the event's own kind applied; then the
 /// timeline, the dedup memory and the housekeeping every command ends with.
 pub(super) fn apply_event(
     state: &mut CustomerState,
     event: &ChannelEvent,
-    conflict: Option<&IdentityConflict>,
+    reports: &[IdentityReport<'_>],
     rules: &Rules,
 ) -> ApplyOutcome {
     if let Some(refused) = check_event(state, event, rules) {
@@ -92,7 +106,7 @@ pub(super) fn apply_event(
     }
     let mut emitter = Emitter::new(&state.customer_id, &event.event_id);
     let is_new = start_or_catch_up(state, event, rules, &mut emitter);
-    link_identities(state, event, conflict, is_new, rules, &mut emitter);
+    link_identities(state, event, reports, is_new, rules, &mut emitter);
     count_channel(state, event, rules);
     let summary = apply_kind(state, event, rules, &mut emitter);
     let at = event.occurred_at_ms;
@@ -123,7 +137,7 @@ fn start_or_catch_up(
     emitter: &mut Emitter,
 ) -> bool {
     let at = event.occurred_at_ms;
-    let is_new = !state.exists();
+    let is_new = !state.is_created();
     if is_new {
         state.created_at_ms = Some(at);
         state.clock_ms = at;
@@ -152,11 +166,11 @@ fn start_or_catch_up(
 }
 
 /// Adds the event's identifiers the customer lacks (up to `identities_max`;
-/// `identity.linked` unless the customer is new) and reports a conflict the router found.
+/// `identity.linked` unless the customer is new) and publishes what the router reported.
 fn link_identities(
     state: &mut CustomerState,
     event: &ChannelEvent,
-    conflict: Option<&IdentityConflict>,
+    reports: &[IdentityReport<'_>],
     is_new: bool,
     rules: &Rules,
     emitter: &mut Emitter,
@@ -181,15 +195,64 @@ fn link_identities(
             );
         }
     }
-    if let Some(conflict) = conflict {
-        emitter.emit(
+    for report in reports {
+        report_identity(report, &event.event_id, now, emitter);
+    }
+}
+
+/// The actor event of one identity report.
+fn report_identity(report: &IdentityReport<'_>, event_id: &str, now: i64, emitter: &mut Emitter) {
+    let conflict = |kind: &str, other: Option<&String>, reason, limit: Option<(&str, u32)>| {
+        IdentityConflictEvent {
+            kind: kind.to_string(),
+            other_customer_id: other.cloned(),
+            event_id: event_id.to_string(),
+            reason,
+            limit: limit.map(|(_, limit)| limit),
+            limit_kind: limit.map(|(kind, _)| kind.to_string()),
+        }
+    };
+    match report {
+        IdentityReport::Conflict(found) => emitter.emit(
             now,
-            IdentityConflictEvent {
-                kind: conflict.kind.as_str().to_string(),
-                other_customer_id: conflict.other_customer_id.clone(),
-                event_id: event.event_id.clone(),
-            },
-        );
+            conflict(
+                found.kind.as_str(),
+                Some(&found.other_customer_id),
+                ConflictReason::Conflict,
+                None,
+            ),
+        ),
+        IdentityReport::Note(note) => {
+            let other = note.other_customer_id.as_ref();
+            let kind = note.kind.as_str();
+            match note.reason {
+                NoteReason::MergeDisabled => emitter.emit(
+                    now,
+                    conflict(kind, other, ConflictReason::MergeDisabled, None),
+                ),
+                NoteReason::MaxPerCustomer {
+                    kind: limit_kind,
+                    limit,
+                } => emitter.emit(
+                    now,
+                    conflict(
+                        kind,
+                        other,
+                        ConflictReason::MaxPerCustomer,
+                        Some((limit_kind.as_str(), limit)),
+                    ),
+                ),
+                NoteReason::MergesPerDay { limit } => emitter.emit(
+                    now,
+                    IdentityMergeRefused {
+                        kind: kind.to_string(),
+                        other_customer_id: other.cloned(),
+                        limit,
+                        event_id: event_id.to_string(),
+                    },
+                ),
+            }
+        }
     }
 }
 

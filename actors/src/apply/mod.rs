@@ -13,15 +13,23 @@
 //! By concern: this file holds the entry point and the time rules (ticks, settling);
 //! [`event`] a channel event's phases; [`purchase`] purchases and returns; [`profile`]
 //! identify (and its completion bonus); [`activity`] the counted interactions (views, carts,
-//! support, email, visits, consent); [`redeem`] redeem requests.
+//! support, email, visits, consent); [`redeem`] redeem requests; [`merge`] the merge
+//! commands, the events a survivor holds back while a merge is under way, and the state
+//! merge. A tombstone (a customer merged away) refuses channel events, denies redeems
+//! (`merged_into:<survivor>`) and has no time rules or score.
 
 mod activity;
 mod event;
+mod merge;
+#[cfg(test)]
+mod merge_tests;
 mod profile;
 mod purchase;
 mod redeem;
 #[cfg(test)]
 mod tests;
+
+pub use merge::merge_into;
 
 use crate::emit::Emitter;
 use crate::ingest::{RejectReason, Rejection};
@@ -38,16 +46,35 @@ const FIRINGS_MAX: usize = 1_000_000;
 /// Applies one command. See the module docs for the order of things.
 pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules) -> ApplyOutcome {
     match command {
-        CustomerCommand::Event { event, conflict } => {
-            event::apply_event(state, event, conflict.as_ref(), rules)
-        }
-        // MERGE-INTERFACE: the merge helper replaces these three arms.
-        CustomerCommand::ResolvedEvent { event, .. } => {
-            event::apply_event(state, event, None, rules)
-        }
-        CustomerCommand::MergeOut { .. } | CustomerCommand::MergeIn { .. } => {
-            unapplicable("merges are not applied by this build".to_string())
-        }
+        CustomerCommand::Event { event, conflict } => merge::apply_channel(
+            state,
+            merge::Channel {
+                event,
+                notes: &[],
+                merges: &[],
+                conflict: conflict.as_ref(),
+            },
+            rules,
+        ),
+        CustomerCommand::ResolvedEvent {
+            event,
+            notes,
+            merges,
+        } => merge::apply_channel(
+            state,
+            merge::Channel {
+                event,
+                notes,
+                merges,
+                conflict: None,
+            },
+            rules,
+        ),
+        CustomerCommand::MergeOut { merge } => merge::apply_merge_out(state, merge, rules),
+        CustomerCommand::MergeIn {
+            merge,
+            state: merged,
+        } => merge::apply_merge_in(state, merge, merged, rules),
         CustomerCommand::Redeem {
             request_id,
             reward_id,
@@ -55,7 +82,7 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
         } => redeem::apply_redeem(state, request_id, reward_id, *at_ms, rules),
         CustomerCommand::Tick { at_ms } => apply_tick(state, *at_ms, rules),
         CustomerCommand::Rescore { model } => {
-            if !state.exists() {
+            if !state.is_created() || state.is_tombstone() {
                 return outcome(ApplyStatus::Applied, Vec::new());
             }
             let cause = format!("value-{}-{}", model.version, state.customer_id);
@@ -150,7 +177,7 @@ fn settle(state: &mut CustomerState, rules: &Rules, emitter: &mut Emitter) {
 }
 
 fn apply_tick(state: &mut CustomerState, at_ms: i64, rules: &Rules) -> ApplyOutcome {
-    if !state.exists() {
+    if !state.is_created() || state.is_tombstone() {
         return outcome(ApplyStatus::Applied, Vec::new());
     }
     // A tick reaches every due customer of the shard: the cause names the customer too, or

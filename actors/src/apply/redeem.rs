@@ -27,7 +27,14 @@ pub(super) fn apply_redeem(
         points_balance: state.loyalty.balance(),
         reason: Some(reason.to_string()),
     };
-    if !state.exists() {
+    if let Some(into) = &state.merge.merged_into {
+        // Merged away: the requester asks again of the survivor; nothing is remembered.
+        return ApplyOutcome {
+            redeem: Some(deny(state, &format!("merged_into:{into}"))),
+            ..ApplyOutcome::default()
+        };
+    }
+    if !state.is_created() {
         return ApplyOutcome {
             status: ApplyStatus::Applied,
             events: Vec::new(),

@@ -10,12 +10,12 @@ use crate::time::{parse_rfc3339_ms, DAY_MS};
 use crate::view::customer_view;
 use std::collections::BTreeMap;
 
-struct Setup {
-    pending_days: i64,
-    first_bonus: i64,
-    winback_delay_days: i64,
-    extra_earning: &'static str,
-    extra_limits: &'static str,
+pub(super) struct Setup {
+    pub(super) pending_days: i64,
+    pub(super) first_bonus: i64,
+    pub(super) winback_delay_days: i64,
+    pub(super) extra_earning: &'static str,
+    pub(super) extra_limits: &'static str,
 }
 
 impl Default for Setup {
@@ -30,7 +30,7 @@ impl Default for Setup {
     }
 }
 
-fn rules_with(setup: Setup) -> Rules {
+pub(super) fn rules_with(setup: Setup) -> Rules {
     let text = format!(
         r#"
 version = 7
@@ -77,15 +77,15 @@ winback_delay_days = {winback}
     Rules::from_toml_str(&text).unwrap()
 }
 
-fn rules() -> Rules {
+pub(super) fn rules() -> Rules {
     rules_with(Setup::default())
 }
 
-fn day(n: i64) -> i64 {
+pub(super) fn day(n: i64) -> i64 {
     parse_rfc3339_ms("2026-01-01T00:00:00Z").unwrap() + n * DAY_MS
 }
 
-fn event(event_id: &str, channel: &str, at_ms: i64, kind: EventKind) -> CustomerCommand {
+pub(super) fn event(event_id: &str, channel: &str, at_ms: i64, kind: EventKind) -> CustomerCommand {
     CustomerCommand::Event {
         event: ChannelEvent {
             event_id: event_id.to_string(),
@@ -98,7 +98,7 @@ fn event(event_id: &str, channel: &str, at_ms: i64, kind: EventKind) -> Customer
     }
 }
 
-fn purchase_with(
+pub(super) fn purchase_with(
     event_id: &str,
     order_id: &str,
     channel: &str,
@@ -130,18 +130,28 @@ fn in_dollars(mut command: CustomerCommand) -> CustomerCommand {
     command
 }
 
-fn status(outcome: &ApplyOutcome) -> Option<RejectReason> {
+pub(super) fn status(outcome: &ApplyOutcome) -> Option<RejectReason> {
     match &outcome.status {
         ApplyStatus::Rejected(rejection) => Some(rejection.reason),
         _ => None,
     }
 }
 
-fn purchase(event_id: &str, order_id: &str, at_ms: i64, amount_minor: i64) -> CustomerCommand {
+pub(super) fn purchase(
+    event_id: &str,
+    order_id: &str,
+    at_ms: i64,
+    amount_minor: i64,
+) -> CustomerCommand {
     purchase_with(event_id, order_id, "web", at_ms, amount_minor, Vec::new())
 }
 
-fn give_back(event_id: &str, order_id: &str, at_ms: i64, amount_minor: i64) -> CustomerCommand {
+pub(super) fn give_back(
+    event_id: &str,
+    order_id: &str,
+    at_ms: i64,
+    amount_minor: i64,
+) -> CustomerCommand {
     event(
         event_id,
         "store",
@@ -154,11 +164,11 @@ fn give_back(event_id: &str, order_id: &str, at_ms: i64, amount_minor: i64) -> C
     )
 }
 
-fn tick(at_ms: i64) -> CustomerCommand {
+pub(super) fn tick(at_ms: i64) -> CustomerCommand {
     CustomerCommand::Tick { at_ms }
 }
 
-fn redeem(request_id: &str, reward_id: &str, at_ms: i64) -> CustomerCommand {
+pub(super) fn redeem(request_id: &str, reward_id: &str, at_ms: i64) -> CustomerCommand {
     CustomerCommand::Redeem {
         request_id: request_id.to_string(),
         reward_id: reward_id.to_string(),
@@ -166,7 +176,7 @@ fn redeem(request_id: &str, reward_id: &str, at_ms: i64) -> CustomerCommand {
     }
 }
 
-fn item(category: &str, qty: u32, price_minor: i64) -> LineItem {
+pub(super) fn item(category: &str, qty: u32, price_minor: i64) -> LineItem {
     LineItem {
         sku: format!("sku-{category}"),
         category: category.to_string(),
@@ -175,25 +185,29 @@ fn item(category: &str, qty: u32, price_minor: i64) -> LineItem {
     }
 }
 
-fn run(state: &mut CustomerState, rules: &Rules, commands: &[CustomerCommand]) -> Vec<ActorEvent> {
+pub(super) fn run(
+    state: &mut CustomerState,
+    rules: &Rules,
+    commands: &[CustomerCommand],
+) -> Vec<ActorEvent> {
     commands
         .iter()
         .flat_map(|c| apply(state, c, rules).events)
         .collect()
 }
 
-fn types(events: &[ActorEvent]) -> Vec<&str> {
+pub(super) fn types(events: &[ActorEvent]) -> Vec<&str> {
     events.iter().map(|e| e.event_type()).collect()
 }
 
-fn find<'a>(events: &'a [ActorEvent], event_type: &str) -> &'a ActorEvent {
+pub(super) fn find<'a>(events: &'a [ActorEvent], event_type: &str) -> &'a ActorEvent {
     events
         .iter()
         .find(|e| e.event_type() == event_type)
         .unwrap_or_else(|| panic!("no {event_type} in {:?}", types(events)))
 }
 
-fn bytes(state: &CustomerState) -> Vec<u8> {
+pub(super) fn bytes(state: &CustomerState) -> Vec<u8> {
     bincode::serde::encode_to_vec(state, bincode::config::standard()).unwrap()
 }
 

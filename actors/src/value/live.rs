@@ -73,7 +73,8 @@ pub fn summary(
 }
 
 /// The summary of one customer as of `as_of_day` with their mean spend per purchase day
-/// (see [`summary`]), or `None` without a purchase by then: one row of the input of
+/// (see [`summary`]), or `None` without a purchase by then (or for a merged-away
+/// customer, a tombstone): one row of the input of
 /// [`fit_value_model`]. The engine's [`crate::engine::summaries_from_store`] reads the
 /// stored customers and calls this for each.
 pub fn summary_with_spend(
@@ -81,6 +82,10 @@ pub fn summary_with_spend(
     as_of_day: i32,
     unit: TimeUnit,
 ) -> Option<(CustomerSummary, f64)> {
+    if state.is_tombstone() {
+        // Merged away: its purchases are counted with the survivor.
+        return None;
+    }
     summary(&state.customer_id, &state.value, as_of_day, unit)
         .map(|summary| (summary, mean_spend_per_day(&state.value, as_of_day)))
 }
@@ -103,6 +108,12 @@ pub(crate) fn record_purchase_day(
     }
     let day_total = history.days.entry(day).or_insert(0);
     *day_total = day_total.saturating_add(amount_minor);
+    fold_excess(history, days_max);
+}
+
+/// Folds the oldest days beyond `days_max` into [`crate::state::FoldedDays`].
+fn fold_excess(history: &mut ValueHistory, days_max: usize) {
+    let folded = &mut history.folded;
     while history.days.len() > days_max.max(1) {
         let Some((oldest, amount)) = history.days.pop_first() else {
             break;
@@ -120,6 +131,48 @@ pub(crate) fn record_purchase_day(
         folded.count += 1;
         folded.amount_minor = folded.amount_minor.saturating_add(amount);
     }
+}
+
+/// Merges: `from`'s purchase days join `into`'s, amounts of the same day added up; folded
+/// days add up (their counts, amounts; the first day is the earlier one, the last the
+/// later), a listed day that is the folded first day joins it, and days beyond `days_max`
+/// fold as usual. Exact unless both customers bought on the same folded day (counted
+/// twice then, like a late purchase on a folded day).
+pub(crate) fn absorb_history(into: &mut ValueHistory, from: ValueHistory, days_max: usize) {
+    let (a, b) = (into.folded, from.folded);
+    into.folded = match (a.count > 0, b.count > 0) {
+        (_, false) => a,
+        (false, true) => b,
+        (true, true) => {
+            let (first_day, first_amount_minor) = match a.first_day.cmp(&b.first_day) {
+                std::cmp::Ordering::Less => (a.first_day, a.first_amount_minor),
+                std::cmp::Ordering::Greater => (b.first_day, b.first_amount_minor),
+                std::cmp::Ordering::Equal => (
+                    a.first_day,
+                    a.first_amount_minor.saturating_add(b.first_amount_minor),
+                ),
+            };
+            crate::state::FoldedDays {
+                count: a.count.saturating_add(b.count) - u32::from(a.first_day == b.first_day),
+                amount_minor: a.amount_minor.saturating_add(b.amount_minor),
+                first_day,
+                first_amount_minor,
+                last_day: a.last_day.max(b.last_day),
+            }
+        }
+    };
+    for (day, amount) in from.days {
+        let total = into.days.entry(day).or_insert(0);
+        *total = total.saturating_add(amount);
+    }
+    let folded = &mut into.folded;
+    if folded.count > 0 {
+        if let Some(amount) = into.days.remove(&folded.first_day) {
+            folded.amount_minor = folded.amount_minor.saturating_add(amount);
+            folded.first_amount_minor = folded.first_amount_minor.saturating_add(amount);
+        }
+    }
+    fold_excess(into, days_max);
 }
 
 /// How a fit is asked for.
@@ -507,6 +560,10 @@ pub fn rescore(
     rules: &Rules,
     emitter: &mut Emitter,
 ) {
+    if state.is_tombstone() {
+        // Merged away: the survivor is scored instead.
+        return;
+    }
     let (segment, p_alive, clv) = match assess(state, Some(model)) {
         Assessment::Scored(scored) => (
             Some(scored.segment.to_string()),

@@ -1,6 +1,7 @@
 //! The identity directory: which customer an identifier (loyalty card, customer id, email,
 //! phone, device id) belongs to, shared by every router of the cluster through the
-//! `crm_identity` JetStream KV bucket.
+//! `crm_identity` JetStream KV bucket, and the identity rules applied when an event links
+//! identifiers (`max_per_customer`, `merge`, `merges_max_per_day`: `docs/rules.md`).
 //!
 //! Keys are `hex(HMAC-SHA256(cluster_secret, "<kind>:<normalised value>"))`, so no raw PII
 //! ever appears in a NATS key, subject or log line; the value is the customer id (UTF-8).
@@ -10,16 +11,21 @@
 //! minted deterministically from its primary identifier (`c` + the first 24 hex characters
 //! of that identifier's key), so racing routers even mint the same id.
 //!
-//! A mapping never changes once created (merging two customers is later work and will add
-//! an alias record rather than rewrite keys), so the bounded in-memory cache of key ->
-//! customer id can never go stale. Identifiers that already belong to another customer are
-//! reported as conflicts and never remapped. Called by the router (resolve, may create) and
-//! the query responder (lookup, never creates).
+//! An identifier key never changes once created, so the bounded in-memory cache of key ->
+//! customer id can never go stale. Merging two customers does not rewrite keys: it sets
+//! `merged_into` on the merged customer's record (`records.rs`, compare-and-set), which
+//! moves all of its identifiers at once; the customer an identifier belongs to now is the
+//! end of that chain (its root). Records change, so only the router (the one writer, by its
+//! lease) caches them, and it forgets them whenever it starts routing. Called by the router
+//! (resolve, may create and merge) and the query responder (lookup, never creates; it
+//! answers with the identifier's first customer, whose tombstone view names the survivor).
 
 use crate::backoff::Backoff;
 use crate::subjects;
 use async_nats::jetstream::kv;
 use crm_actors::identity::{Identity, IdentityKind};
+use crm_actors::rules::IdentityRules;
+use crm_actors::shard_message::{IdentityNote, MergeRef};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -28,7 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub mod records;
 mod resolve_many;
+
+pub use records::CustomerRecord;
 
 /// Hex characters of the identifier key used in a minted customer id (96 bits).
 pub const CUSTOMER_ID_HEX_CHARS: usize = 24;
@@ -78,9 +87,33 @@ pub struct Resolution {
     /// Identifiers that were unknown when looked up and now map to `customer_id`, in input
     /// order (includes the primary identifier when `created`).
     pub linked: Vec<IdentityKind>,
-    /// Identifiers of the event that belong to another customer: (kind, that customer's id).
-    /// They are left as they are.
+    /// Identifiers of the event that belong to another customer that was not merged:
+    /// (kind, that customer's id). They are left as they are, and dropped from the event.
     pub conflicts: Vec<(IdentityKind, String)>,
+    /// Identifiers not linked as sent, with the reason (the conflicts above, and unknown
+    /// identifiers one too many for the customer): drop them from the event.
+    pub notes: Vec<IdentityNote>,
+    /// Customers this event merges into `customer_id` (the survivor waits for their states).
+    pub merges: Vec<MergeRef>,
+    /// Merge-outs to write, each into the shard log of its `merged_id`: this event's merges,
+    /// and those an earlier routing of the same event recorded (written again: idempotent).
+    pub merge_outs: Vec<MergeRef>,
+}
+
+impl Resolution {
+    /// The kinds of the event's identifiers that must be dropped from it.
+    pub fn dropped(&self) -> impl Iterator<Item = IdentityKind> + '_ {
+        self.notes.iter().map(|note| note.kind)
+    }
+}
+
+/// What the directory needs of one event: its identifiers (normalised, highest priority
+/// first), its id (the cause a merge records) and its time (the day merges are counted on).
+#[derive(Debug, Clone, Copy)]
+pub struct EventIdentities<'a> {
+    pub identities: &'a [Identity],
+    pub event_id: &'a str,
+    pub at_ms: i64,
 }
 
 /// Counters of a directory, read with [`IdentityDirectory::metrics`].
@@ -117,6 +150,16 @@ pub struct DirectoryMetrics {
     pub read_ahead: u64,
     /// Uncached identifiers `resolve_many` took from the answers read ahead.
     pub read_ahead_used: u64,
+    /// Customers merged into another by this directory.
+    pub merges: u64,
+    /// Merges refused by the identity rules (`merge = false`, `max_per_customer`,
+    /// `merges_max_per_day`).
+    pub merges_refused: u64,
+    /// Unknown identifiers not linked because the customer holds `max_per_customer` of
+    /// their kind.
+    pub identifiers_refused: u64,
+    /// Customer records written (compare-and-set).
+    pub record_writes: u64,
 }
 
 /// The KV key of `identity` under the secret `hmac` was made from: hex HMAC-SHA256 of
@@ -152,6 +195,31 @@ pub enum DirectoryError {
     },
     #[error("identity keys are no longer created here: the router lease ran out, and another router may be mapping these identifiers; the next holder of the lease routes the chunk again")]
     Fenced,
+    #[error("identity directory (KV bucket {bucket}) record of customer {customer_id} was written meanwhile by another router with another merge (into {stored}); the chunk is routed again against what is stored")]
+    Contended {
+        bucket: &'static str,
+        customer_id: String,
+        stored: String,
+    },
+    #[error("identity directory (KV bucket {bucket}) record of customer {customer_id} is {problem}; fix or delete that key (`nats kv del {bucket} customer.{customer_id}`)")]
+    CorruptRecord {
+        bucket: &'static str,
+        customer_id: String,
+        problem: String,
+    },
+}
+
+impl DirectoryError {
+    /// Whether routing the chunk again later can succeed (the directory was unreachable,
+    /// contended or fenced), as opposed to an input the directory cannot answer for.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            DirectoryError::Unavailable { .. }
+                | DirectoryError::Fenced
+                | DirectoryError::Contended { .. }
+        )
+    }
 }
 
 /// Asked just before each identity key is created: may this caller still write? (The
@@ -163,7 +231,10 @@ pub struct IdentityDirectory {
     kv: kv::Store,
     /// HMAC key state with the cluster secret already absorbed; cloned per identifier.
     hmac: Hmac<Sha256>,
-    cache: Mutex<BoundedCache>,
+    cache: Mutex<BoundedCache<String>>,
+    /// Customer records with their KV revision (the router's own, see the module notes).
+    records: Mutex<BoundedCache<(CustomerRecord, u64)>>,
+    rules: IdentityRules,
     /// What [`read_ahead`](Self::read_ahead) learnt of uncached keys. At most
     /// [`READ_AHEAD_MAX`] entries.
     read_ahead: Mutex<HashMap<String, Hint>>,
@@ -185,6 +256,10 @@ struct Counters {
     created_first: AtomicU64,
     read_ahead: AtomicU64,
     read_ahead_used: AtomicU64,
+    merges: AtomicU64,
+    merges_refused: AtomicU64,
+    identifiers_refused: AtomicU64,
+    record_writes: AtomicU64,
 }
 
 impl IdentityDirectory {
@@ -203,10 +278,23 @@ impl IdentityDirectory {
             kv,
             hmac,
             cache: Mutex::new(BoundedCache::new(cache_max_entries)),
+            records: Mutex::new(BoundedCache::new(cache_max_entries)),
+            rules: IdentityRules::default(),
             read_ahead: Mutex::new(HashMap::new()),
             read_ahead_epoch: AtomicU64::new(0),
             counters: Counters::default(),
         }
+    }
+
+    /// The directory applying these identity rules (the default rules otherwise).
+    pub fn with_rules(mut self, rules: IdentityRules) -> IdentityDirectory {
+        self.rules = rules;
+        self
+    }
+
+    /// The identity rules applied.
+    pub fn rules(&self) -> &IdentityRules {
+        &self.rules
     }
 
     /// A fingerprint of the secret (16 hex characters of the HMAC of a fixed text): equal on
@@ -228,89 +316,32 @@ impl IdentityDirectory {
         format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS])
     }
 
-    /// The customer of these identifiers, creating it and linking unknown identifiers to it.
+    /// The customer of these identifiers, creating it and linking unknown identifiers to it,
+    /// and merging the customers they belong to when the identity rules allow it (see
+    /// [`resolve_events`](Self::resolve_events), of which this is the one-event case with no
+    /// event id and time 0).
     ///
     /// `identities` are normalised and highest priority first (as `ChannelEvent::identities`
-    /// are). The customer is the one of the highest-priority identifier already known; when
-    /// none is known, a customer is minted from the first identifier. Every unknown
-    /// identifier is then mapped to that customer; known identifiers of other customers
-    /// are reported in [`Resolution::conflicts`].
+    /// are). The customer is the owner now (the root) of the highest-priority identifier
+    /// already known; when none is known, a customer is minted from the first identifier.
     pub async fn resolve(&self, identities: &[Identity]) -> Result<Resolution, DirectoryError> {
-        self.resolve_guarded(identities, &|| true).await
+        let event = EventIdentities {
+            identities,
+            event_id: "",
+            at_ms: 0,
+        };
+        let mut results = self.resolve_events_guarded(&[event], &|| true).await?;
+        results.pop().unwrap_or(Err(DirectoryError::NoIdentity))
     }
 
-    /// [`resolve`](Self::resolve) that asks `may_create` before every key it creates (see
-    /// [`resolve_many_guarded`](Self::resolve_many_guarded)).
+    /// [`resolve`](Self::resolve) for one event, asking `may_create` before every write.
     async fn resolve_guarded(
         &self,
-        identities: &[Identity],
+        event: EventIdentities<'_>,
         may_create: MayCreate<'_>,
     ) -> Result<Resolution, DirectoryError> {
-        let Some(primary) = identities.first() else {
-            return Err(DirectoryError::NoIdentity);
-        };
-        debug_assert!(
-            identities.windows(2).all(|w| w[0].kind <= w[1].kind),
-            "identities must be highest priority first"
-        );
-        let keys: Vec<String> = identities.iter().map(|id| self.key_of(id)).collect();
-        let known = self.lookup_keys(identities, &keys).await?;
-
-        let mut created = false;
-        let mut linked = Vec::new();
-        let mut conflicts = Vec::new();
-        let winner = match known.iter().flatten().next() {
-            Some(customer_id) => customer_id.clone(),
-            None => {
-                let minted = format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]);
-                match self
-                    .create(primary.kind, &keys[0], &minted, may_create)
-                    .await?
-                {
-                    Created::Won => {
-                        created = true;
-                        linked.push(primary.kind);
-                        self.counters.creates.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(customer_id = %minted, "customer created");
-                        minted
-                    }
-                    // A concurrent router mapped the primary identifier first: use its answer.
-                    Created::Lost(stored) => stored,
-                }
-            }
-        };
-
-        for (index, (identity, found)) in identities.iter().zip(&known).enumerate() {
-            match found {
-                Some(customer_id) if *customer_id == winner => {}
-                Some(other) => conflicts.push((identity.kind, other.clone())),
-                None if index == 0 && created => {}
-                None => match self
-                    .create(identity.kind, &keys[index], &winner, may_create)
-                    .await?
-                {
-                    Created::Won => {
-                        linked.push(identity.kind);
-                        self.counters.links.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // Mapped concurrently by another router to the same customer.
-                    Created::Lost(stored) if stored == winner => linked.push(identity.kind),
-                    Created::Lost(stored) => conflicts.push((identity.kind, stored)),
-                },
-            }
-        }
-        if !conflicts.is_empty() {
-            self.counters
-                .conflicts
-                .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
-            tracing::debug!(customer_id = %winner, conflicts = conflicts.len(), "identity conflict");
-        }
-        Ok(Resolution {
-            customer_id: winner,
-            created,
-            linked,
-            conflicts,
-        })
+        let mut results = Box::pin(self.resolve_events_guarded(&[event], may_create)).await?;
+        results.pop().unwrap_or(Err(DirectoryError::NoIdentity))
     }
 
     /// Reads, ahead of [`resolve_many`](Self::resolve_many), the uncached identifiers it
@@ -438,6 +469,10 @@ impl IdentityDirectory {
             created_first: c.created_first.load(Ordering::Relaxed),
             read_ahead: c.read_ahead.load(Ordering::Relaxed),
             read_ahead_used: c.read_ahead_used.load(Ordering::Relaxed),
+            merges: c.merges.load(Ordering::Relaxed),
+            merges_refused: c.merges_refused.load(Ordering::Relaxed),
+            identifiers_refused: c.identifiers_refused.load(Ordering::Relaxed),
+            record_writes: c.record_writes.load(Ordering::Relaxed),
         }
     }
 
@@ -453,7 +488,20 @@ impl IdentityDirectory {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, BoundedCache> {
+    fn lock_records(&self) -> std::sync::MutexGuard<'_, BoundedCache<(CustomerRecord, u64)>> {
+        // A record is replaced whole: a panicking holder leaves the old one or the new one.
+        self.records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets the customer records cached: the router calls it when it starts routing,
+    /// since another node's router may have written records meanwhile.
+    pub fn forget_records(&self) {
+        self.lock_records().clear();
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, BoundedCache<String>> {
         // The cache holds no invariant a panicking holder could break half-way.
         self.cache
             .lock()
@@ -624,18 +672,18 @@ enum Created {
 /// and inserts go to `recent`; when `recent` holds half the capacity it becomes `older`
 /// (dropping the previous `older`), and a hit in `older` moves the entry back to `recent`.
 /// At most `capacity` entries, O(1) per operation, no per-entry bookkeeping.
-struct BoundedCache {
+struct BoundedCache<V> {
     capacity: usize,
-    recent: HashMap<String, String>,
-    older: HashMap<String, String>,
+    recent: HashMap<String, V>,
+    older: HashMap<String, V>,
     /// Generations filled so far: each time `recent` became `older` (or, with a capacity
     /// of 1, was emptied). With a capacity of 2 or more, an entry inserted stays cached
     /// until two more have filled (with 1, until the next; with 0 nothing is cached).
     generations: u64,
 }
 
-impl BoundedCache {
-    fn new(capacity: usize) -> BoundedCache {
+impl<V: Clone> BoundedCache<V> {
+    fn new(capacity: usize) -> BoundedCache<V> {
         BoundedCache {
             capacity,
             recent: HashMap::new(),
@@ -652,7 +700,7 @@ impl BoundedCache {
         self.recent.len() + self.older.len()
     }
 
-    fn get(&mut self, key: &str) -> Option<String> {
+    fn get(&mut self, key: &str) -> Option<V> {
         if let Some(value) = self.recent.get(key) {
             return Some(value.clone());
         }
@@ -666,15 +714,43 @@ impl BoundedCache {
         self.recent.contains_key(key) || self.older.contains_key(key)
     }
 
-    fn insert(&mut self, key: &str, value: &str) {
+    fn insert(&mut self, key: &str, value: &str)
+    where
+        V: for<'a> From<&'a str>,
+    {
         if self.capacity == 0 || self.recent.contains_key(key) {
             return;
         }
         self.older.remove(key);
-        self.put(key.to_string(), value.to_string());
+        self.put(key.to_string(), V::from(value));
     }
 
-    fn put(&mut self, key: String, value: String) {
+    /// Sets `key` to `value` (replacing what was cached).
+    fn set(&mut self, key: &str, value: V) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.older.remove(key);
+        if let Some(slot) = self.recent.get_mut(key) {
+            *slot = value;
+            return;
+        }
+        self.put(key.to_string(), value);
+    }
+
+    /// Forgets `key`.
+    fn remove(&mut self, key: &str) {
+        self.recent.remove(key);
+        self.older.remove(key);
+    }
+
+    /// Forgets everything.
+    fn clear(&mut self) {
+        self.recent.clear();
+        self.older.clear();
+    }
+
+    fn put(&mut self, key: String, value: V) {
         if self.capacity == 1 {
             self.recent.clear();
             self.older.clear();
@@ -722,7 +798,7 @@ mod tests {
 
     #[test]
     fn an_entry_stays_cached_while_at_most_one_generation_fills_after_it() {
-        let mut cache = BoundedCache::new(8);
+        let mut cache = BoundedCache::<String>::new(8);
         cache.insert("k", "c1");
         let inserted = cache.generations;
         let mut n = 0;
@@ -752,7 +828,7 @@ mod tests {
     #[test]
     fn the_cache_never_holds_more_than_its_capacity() {
         for capacity in [1, 2, 3, 10, 101] {
-            let mut cache = BoundedCache::new(capacity);
+            let mut cache = BoundedCache::<String>::new(capacity);
             for i in 0..1_000 {
                 cache.insert(&format!("k{i}"), "c1");
                 let _ = cache.get(&format!("k{}", i / 2));
@@ -763,14 +839,14 @@ mod tests {
                 );
             }
         }
-        let mut none = BoundedCache::new(0);
+        let mut none = BoundedCache::<String>::new(0);
         none.insert("k", "c");
         assert_eq!(none.get("k"), None);
     }
 
     #[test]
     fn a_recently_used_entry_survives_eviction() {
-        let mut cache = BoundedCache::new(10);
+        let mut cache = BoundedCache::<String>::new(10);
         cache.insert("hot", "c1");
         for i in 0..100 {
             cache.insert(&format!("k{i}"), "c2");

@@ -18,11 +18,19 @@
 //! customer state and applies no rules itself: its [`IngestLimits`] carry what the rules
 //! file says about ingest (accepted currencies, blocked identifiers), and `parse_ingest`
 //! applies it (a blocked identifier is taken out before the directory ever sees it).
+//!
+//! Merges: when the directory merges customers for an event (the identity rules allow it),
+//! the event goes to the survivor as a `ResolvedEvent` naming the merges, and a `MergeOut`
+//! goes into each merged customer's shard log, at the event's place in ingest order: the
+//! merged customer's earlier events are before it in its log, its later ones are routed to
+//! the survivor. An ingest message is acked only once every record it is part of is acked.
 
 use crate::backoff::Backoff;
 use crate::cluster::lease::Fence;
 use crate::dead_letters;
-use crate::ingest::identity_directory::{DirectoryError, IdentityDirectory, Resolution};
+use crate::ingest::identity_directory::{
+    DirectoryError, EventIdentities, IdentityDirectory, Resolution,
+};
 use crate::jetstream::{self as setup, IngestConsumerSettings};
 use crate::metrics::Metrics;
 use crate::sharding::shard_of;
@@ -36,7 +44,7 @@ use async_nats::jetstream::{Context, Message};
 use crm_actors::codec;
 use crm_actors::identity::Identity;
 use crm_actors::ingest::{parse_ingest, ChannelEvent, IngestLimits, RejectReason, Rejection};
-use crm_actors::shard_message::{CustomerCommand, IdentityConflict, RoutedCommand, ShardMessage};
+use crm_actors::shard_message::{CustomerCommand, RoutedCommand, ShardMessage};
 use futures::{FutureExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -75,8 +83,10 @@ impl Router {
     /// The router sets up (and rewinds) the durable consumer itself, retrying until it
     /// can, so whoever starts it is not held up by a slow JetStream.
     pub async fn run(self, mut shutdown: Shutdown) {
-        // Another node may have routed (and mapped identifiers) since this one last did.
+        // Another node may have routed (mapped identifiers, written customer records) since
+        // this one last did.
         self.directory.clear_read_ahead();
+        self.directory.forget_records();
         let mut backoff = Backoff::new(Duration::from_millis(100), 2, Duration::from_secs(5));
         let mut consumer: Option<PullConsumer> = None;
         let mut fenced = false;
@@ -226,17 +236,21 @@ impl Router {
                 resolutions: Vec::new(),
             };
         }
-        let identities: Vec<&[Identity]> = parsed
+        let events: Vec<EventIdentities<'_>> = parsed
             .iter()
             .filter_map(|event| event.as_ref().ok())
-            .map(|event| event.identities.as_slice())
+            .map(|event| EventIdentities {
+                identities: event.identities.as_slice(),
+                event_id: &event.event_id,
+                at_ms: event.occurred_at_ms,
+            })
             .collect();
-        // No identity key is created once the lease is gone: another router may be
-        // mapping the same identifiers by then.
+        // No identity key or record is written once the lease is gone: another router may
+        // be mapping the same identifiers by then.
         let may_create = || self.fence.valid();
         let resolutions = match self
             .directory
-            .resolve_many_guarded(&identities, &may_create)
+            .resolve_events_guarded(&events, &may_create)
             .await
         {
             Ok(resolutions) => resolutions,
@@ -279,15 +293,14 @@ impl Router {
                     Ok(event) => match resolutions.next() {
                         Some(Ok(resolution)) => {
                             let size = message.payload.len() + resolution.customer_id.len();
-                            let (shard, entry) = self.entry(&message, event, resolution);
-                            by_shard
-                                .entry(shard)
-                                .or_default()
-                                .push((index, entry, size));
+                            for (shard, entry) in self.entries(&message, event, resolution) {
+                                by_shard
+                                    .entry(shard)
+                                    .or_default()
+                                    .push((index, entry, size));
+                            }
                         }
-                        Some(Err(
-                            error @ (DirectoryError::Unavailable { .. } | DirectoryError::Fenced),
-                        )) => {
+                        Some(Err(error)) if error.is_transient() => {
                             warn!(%error, event_id = %event.event_id, "router: identity not resolved");
                             chunk.complete = false;
                         }
@@ -336,7 +349,10 @@ impl Router {
                         chunk.acks.push(AckSlot::Pending(ack));
                         sent.push(ack_index);
                         for index in indexes {
-                            chunk.messages[index].1 = Outcome::Routed(ack_index);
+                            match &mut chunk.messages[index].1 {
+                                Outcome::Routed(acks) => acks.push(ack_index),
+                                outcome => *outcome = Outcome::Routed(vec![ack_index]),
+                            }
                         }
                     }
                     None => chunk.complete = false,
@@ -381,36 +397,51 @@ impl Router {
         .ok()
     }
 
-    /// The shard and the shard-log entry of a resolved event.
-    fn entry(
+    /// The shard-log entries of a resolved event, each with its shard: the event for its
+    /// customer (identifiers the directory did not link dropped, its notes and merges
+    /// attached), and a merge-out for each customer it merges away.
+    fn entries(
         &self,
         message: &Message,
         mut event: ChannelEvent,
         resolution: Resolution,
-    ) -> (u32, RoutedCommand) {
+    ) -> Vec<(u32, RoutedCommand)> {
         let ingest_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let conflict = resolution
-            .conflicts
-            .first()
-            .map(|(kind, other)| IdentityConflict {
-                kind: *kind,
-                other_customer_id: other.clone(),
-            });
-        // An identifier that belongs to another customer is not the winner's: it must not be
-        // linked to it (merging two customers is an explicit, later operation).
-        event.identities.retain(|identity| {
-            !resolution
-                .conflicts
-                .iter()
-                .any(|(kind, _)| *kind == identity.kind)
-        });
+        // An identifier the directory did not link to the customer (it belongs to another
+        // customer that was not merged, or is one too many of its kind) must not reach its
+        // state.
+        let dropped: Vec<_> = resolution.dropped().collect();
+        event
+            .identities
+            .retain(|identity| !dropped.contains(&identity.kind));
+        let mut entries: Vec<(u32, RoutedCommand)> = resolution
+            .merge_outs
+            .iter()
+            .map(|merge| {
+                let entry = RoutedCommand {
+                    ingest_seq,
+                    customer_id: merge.merged_id.clone(),
+                    command: CustomerCommand::MergeOut {
+                        merge: merge.clone(),
+                    },
+                };
+                (shard_of(&merge.merged_id, self.shards), entry)
+            })
+            .collect();
         let shard = shard_of(&resolution.customer_id, self.shards);
-        let entry = RoutedCommand {
-            ingest_seq,
-            customer_id: resolution.customer_id,
-            command: CustomerCommand::Event { event, conflict },
-        };
-        (shard, entry)
+        entries.push((
+            shard,
+            RoutedCommand {
+                ingest_seq,
+                customer_id: resolution.customer_id,
+                command: CustomerCommand::ResolvedEvent {
+                    event,
+                    notes: resolution.notes,
+                    merges: resolution.merges,
+                },
+            },
+        ));
+        entries
     }
 
     /// Publishes one routed record to `crm.shard.<shard>`. Returns the ack future (None
@@ -420,7 +451,7 @@ impl Router {
         shard: u32,
         entries: Vec<RoutedCommand>,
     ) -> Option<PublishAckFuture> {
-        let id = record_id(&entries);
+        let id = record_id(shard, &entries);
         let record = ShardMessage::Routed { entries };
         let publish = Publish::build()
             .payload(codec::encode(&record).into())
@@ -468,12 +499,17 @@ fn split_records<T>(entries: Vec<(usize, T, usize)>) -> Vec<Vec<(usize, T, usize
     records
 }
 
-/// The `Nats-Msg-Id` of a routed record: `r<first ingest seq>-<entries>-<hash of every
-/// ingest seq>`. The same entries routed again (a redelivered chunk) make the same id and
-/// are stored once; a regrouped redelivery makes another record, whose repeated events the
-/// customer actors recognise by event id.
-fn record_id(entries: &[RoutedCommand]) -> String {
+/// The `Nats-Msg-Id` of a routed record: `r<first ingest seq>-<entries>-<hash of the shard
+/// and every ingest seq>`. The same entries routed again (a redelivered chunk) make the
+/// same id and are stored once; a regrouped redelivery makes another record, whose repeated
+/// events the customer actors recognise by event id. The shard is in the hash because one
+/// ingest message can be in the records of two shards (an event and its merge-out).
+fn record_id(shard: u32, entries: &[RoutedCommand]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in shard.to_le_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
     for entry in entries {
         for byte in entry.ingest_seq.to_le_bytes() {
             hash ^= u64::from(byte);
@@ -484,11 +520,12 @@ fn record_id(entries: &[RoutedCommand]) -> String {
     format!("r{first}-{}-{hash:016x}", entries.len())
 }
 
-/// What became of one ingest message of a chunk: published in the record (or dead letter)
+/// What became of one ingest message of a chunk: published in the records whose acks are
+/// `acks[i]` (more than one when it merges customers of other shards) or in the dead letter
 /// whose ack is `acks[i]`, or not published (it comes back when the router rewinds).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Outcome {
-    Routed(usize),
+    Routed(Vec<usize>),
     DeadLetter(usize),
     NotPublished,
 }
@@ -615,7 +652,13 @@ async fn settle(chunk: Option<RoutedChunk>, metrics: &Metrics) -> bool {
     let mut complete = chunk.complete;
     for (message, outcome) in chunk.messages {
         let (result, counter) = match outcome {
-            Outcome::Routed(i) => (&acked[i], &metrics.ingest_routed),
+            Outcome::Routed(acks) => (
+                acks.iter()
+                    .map(|i| &acked[*i])
+                    .find(|result| result.is_err())
+                    .unwrap_or(&acked[acks[0]]),
+                &metrics.ingest_routed,
+            ),
             Outcome::DeadLetter(i) => (&acked[i], &metrics.dead_lettered),
             Outcome::NotPublished => {
                 complete = false;
@@ -680,8 +723,10 @@ mod tests {
 
     #[test]
     fn a_record_id_names_exactly_its_set_of_ingest_sequences() {
-        let id = |seqs: &[u64]| record_id(&seqs.iter().map(|s| entry(*s)).collect::<Vec<_>>());
+        let id = |seqs: &[u64]| record_id(3, &seqs.iter().map(|s| entry(*s)).collect::<Vec<_>>());
         assert_eq!(id(&[5, 7, 9]), id(&[5, 7, 9]));
+        // An event's record and its merge-out's record (same sequence, two shards) differ.
+        assert_ne!(record_id(3, &[entry(5)]), record_id(4, &[entry(5)]));
         assert_ne!(id(&[5, 7, 9]), id(&[5, 9]));
         assert_ne!(id(&[5, 7, 9]), id(&[5, 8, 9]));
         assert!(id(&[5, 7, 9]).starts_with("r5-3-"));

@@ -35,11 +35,16 @@ pub struct Generator {
     next_event: u64,
     next_order: u64,
     next_ticket: u64,
+    /// Percent of people who first become two customers (see
+    /// [`Generator::with_split_identities`]).
+    split_percent: u8,
 }
 
 struct PersonState {
     /// Identifiers already used in planned events.
     introduced: u8,
+    /// The person already made a second customer and linked it (split people do it once).
+    split_done: bool,
     /// Identifiers already recorded in the truth (emitted).
     recorded: u8,
     email_consent: bool,
@@ -179,6 +184,7 @@ impl Generator {
             );
             people.push(PersonState {
                 introduced: 0,
+                split_done: false,
                 recorded: 0,
                 email_consent: false,
                 favourite_category: rng.gen_range(0..CATEGORIES.len()),
@@ -216,7 +222,32 @@ impl Generator {
             next_event: 0,
             next_order: 0,
             next_ticket: 0,
+            split_percent: 0,
         }
+    }
+
+    /// Makes `percent` of the people (chosen by index, so the choice uses no randomness)
+    /// become two customers before they are one: the first time such a person uses an
+    /// identifier the engine does not know yet beside one it knows, an `identify` with the
+    /// new identifier alone comes first (a second customer), then the `identify` with both
+    /// that links them (the engine merges the two). Every other event is as without it;
+    /// the truth is still one customer per person. The ids of the traffic change (its
+    /// prefix includes the percent) so it never collides with the traffic without splits.
+    pub fn with_split_identities(mut self, percent: u8) -> Generator {
+        self.split_percent = percent.min(100);
+        if self.split_percent > 0 {
+            let mut hash = crate::fnv::Fnv1a64::new();
+            hash.write(self.prefix.as_bytes());
+            hash.write(&[self.split_percent]);
+            let hash = hash.finish();
+            self.prefix = format!("{:08x}", (hash ^ (hash >> 32)) as u32);
+        }
+        self
+    }
+
+    /// Whether `person` is one of the split people (see `with_split_identities`).
+    fn is_split(&self, person: usize) -> bool {
+        (person.wrapping_mul(37) % 100) < usize::from(self.split_percent)
     }
 
     /// Stops recording purchases and returns in the truth (for long loads where only the
@@ -314,6 +345,7 @@ impl Generator {
     /// links it to the same customer); with nothing known yet, the first event introduces
     /// them together.
     fn ensure(&mut self, session: &mut Session, channel: &'static str, wanted: u8) {
+        let split = self.is_split(session.person);
         let state = &mut self.people[session.person];
         let missing = wanted & !state.introduced;
         if missing == 0 {
@@ -325,6 +357,13 @@ impl Generator {
                 .or(lowest_bit(state.introduced))
                 .unwrap_or(0);
             state.introduced |= missing;
+            // Devices never merge (the rules' default), so a device alone makes no split.
+            if split && !state.split_done && missing & (CARD | EMAIL | PHONE) != 0 {
+                // A second customer first, then the event that links the two.
+                state.split_done = true;
+                session.push(channel, missing, Body::Identify { profile: false });
+                self.step(session, 5, 60);
+            }
             session.push(channel, missing | known, Body::Identify { profile: false });
             self.step(session, 5, 60);
         } else {

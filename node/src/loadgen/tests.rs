@@ -352,3 +352,66 @@ fn identifier_helpers_are_already_normal_and_distinct() {
     }
     assert_ne!(device_id_of(1), device_id_of(2));
 }
+
+/// The identifiers of an event (kind, raw value), read back from its payload.
+fn identity_pairs(event: &GeneratedEvent) -> Vec<(String, String)> {
+    let json: Value = serde_json::from_slice(&event.payload).expect("json");
+    let mut pairs: Vec<(String, String)> = json["identity"]
+        .as_object()
+        .expect("identity")
+        .iter()
+        .map(|(kind, value)| {
+            let kind = IdentityKind::parse(kind).expect("a kind");
+            let identity = Identity::normalise(kind, value.as_str().unwrap_or("")).expect("valid");
+            (kind.as_str().to_string(), identity.value)
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+#[test]
+fn split_people_first_become_a_second_customer_then_an_identify_links_both() {
+    let plain: Vec<GeneratedEvent> = Generator::new(spec(300, 30, 11, 0)).collect();
+    let mut split_generator = Generator::new(spec(300, 30, 11, 0)).with_split_identities(20);
+    let split: Vec<GeneratedEvent> = split_generator.by_ref().collect();
+    let again: Vec<GeneratedEvent> = Generator::new(spec(300, 30, 11, 0))
+        .with_split_identities(20)
+        .collect();
+    assert_eq!(split, again, "the same split traffic every time");
+    assert!(
+        split.len() > plain.len(),
+        "{} vs {}",
+        split.len(),
+        plain.len()
+    );
+    assert_ne!(split[0].event_id, plain[0].event_id, "another id prefix");
+    // Walk each person's events: a split shows as an event whose identifiers are all new,
+    // after the person already had a known one, followed by one holding both.
+    let mut known: HashMap<usize, HashSet<(String, String)>> = HashMap::new();
+    let mut splits = 0;
+    for (index, event) in split.iter().enumerate() {
+        let pairs = identity_pairs(event);
+        let seen = known.entry(event.person).or_default();
+        if !seen.is_empty() && pairs.iter().all(|pair| !seen.contains(pair)) {
+            splits += 1;
+            assert!(
+                event.person.wrapping_mul(37) % 100 < 20,
+                "only split people"
+            );
+            let link = split[index + 1..]
+                .iter()
+                .find(|next| next.person == event.person)
+                .expect("a linking event follows");
+            let link_pairs = identity_pairs(link);
+            assert!(pairs.iter().all(|pair| link_pairs.contains(pair)));
+            assert!(
+                link_pairs.iter().any(|pair| seen.contains(pair)),
+                "{pairs:?} then {link_pairs:?}, known {seen:?}"
+            );
+        }
+        seen.extend(pairs);
+    }
+    assert!(splits > 10, "{splits} splits");
+    assert_eq!(split_generator.truth().people.len(), 300);
+}

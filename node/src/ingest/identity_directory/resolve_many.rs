@@ -1,16 +1,22 @@
-//! Resolving a chunk of events at once ([`IdentityDirectory::resolve_many`]), with the same
-//! outcome as resolving them one by one, in a few concurrent rounds of KV round trips. Its
-//! phases, in order: what the cache and the read-ahead already know ([`Learnt`]); a
-//! concurrent probe (create or read) of every other key; a plan per event, in order, as if
-//! every create wins; the planned creates, concurrently; and the results, events from the
-//! first lost create on resolved again one by one. Called by the router only; it never
-//! rewrites a stored mapping.
+//! Resolving a chunk of events at once ([`IdentityDirectory::resolve_events`]), with the
+//! same outcome as resolving them one by one, in a few concurrent rounds of KV round trips.
+//! Its phases, in order: what the cache and the read-ahead already know ([`Learnt`]); a
+//! concurrent probe (create or read) of every other key; the customer records of every
+//! customer found, and of every customer their merges lead to; a plan per event, in order,
+//! as if every create wins, under the identity rules (merges, `max_per_customer`,
+//! `merges_max_per_day`); the planned creates and record writes, concurrently; and the
+//! results, events from the first lost create on resolved again one by one. Called by the
+//! router only; it never rewrites a stored identifier key.
 
+use super::records::{day_of, CustomerRecord, CHAIN_MAX};
 use super::{
-    Created, DirectoryError, IdentityDirectory, MayCreate, Resolution, CUSTOMER_ID_HEX_CHARS,
-    KV_IN_FLIGHT_MAX,
+    Counters, Created, DirectoryError, EventIdentities, IdentityDirectory, MayCreate, Resolution,
+    CUSTOMER_ID_HEX_CHARS, KV_IN_FLIGHT_MAX,
 };
+use crate::subjects;
 use crm_actors::identity::{Identity, IdentityKind};
+use crm_actors::rules::IdentityRules;
+use crm_actors::shard_message::{IdentityNote, MergeRef, NoteReason};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -25,28 +31,16 @@ enum Probe {
     Corrupt(DirectoryError),
 }
 
-/// The customer that uncached `key` (first seen in the event whose keys are `event_keys`)
-/// maps to if it is unmapped, when that does not depend on any other unknown key: the
-/// event's other keys are all known (`known` holds their customer), or it has no other key
-/// (the customer minted from it). Such a key can be created straight away: a create that
-/// wins gives what a read of "absent" followed by the create would, one that loses reads
-/// the stored customer. `None` when another key of the event is unknown too: which customer
-/// the event belongs to depends on whether those keys exist, so they are read first.
-fn create_first(
-    event_keys: &[String],
-    key: &str,
-    known: &HashMap<String, Option<String>>,
-) -> Option<String> {
-    let mut winner = None;
-    for other in event_keys.iter().filter(|other| *other != key) {
-        match known.get(other) {
-            Some(Some(customer_id)) => {
-                winner.get_or_insert_with(|| customer_id.clone());
-            }
-            _ => return None,
-        }
-    }
-    winner.or_else(|| Some(format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS])))
+/// The customer that uncached `key` maps to if it is unmapped, when that does not depend on
+/// anything else: the event whose keys are `event_keys` has no other key, so the key is
+/// its new customer's primary identifier (the customer minted from it). Such a key can be
+/// created straight away: a create that wins gives what a read of "absent" followed by the
+/// create would, one that loses reads the stored customer. `None` when the event has other
+/// keys: which customer they belong to, and whether the identity rules let this key join
+/// it (`max_per_customer`), is decided by the plan, so the key is read first.
+fn create_first(event_keys: &[String], key: &str) -> Option<String> {
+    (event_keys.len() == 1 && event_keys[0] == key)
+        .then(|| format!("c{}", &key[..CUSTOMER_ID_HEX_CHARS]))
 }
 
 /// What the rounds before the plan learnt about the keys of a chunk.
@@ -62,6 +56,52 @@ struct Learnt {
     /// Keys whose stored value is not a customer id: their events fail alone, as with
     /// `resolve`, so the router dead-letters them instead of retrying the whole chunk.
     corrupt: HashMap<String, DirectoryError>,
+    /// Customer records: of every customer found and every customer their merges lead to,
+    /// and those the plan creates or changes.
+    records: HashMap<String, Slot>,
+}
+
+/// A customer record as the plan sees it.
+#[derive(Default)]
+struct Slot {
+    record: CustomerRecord,
+    /// The stored revision it was read at (`None`: none stored).
+    revision: Option<u64>,
+    /// Changed by the plan: to be written.
+    dirty: bool,
+}
+
+impl Learnt {
+    /// The customer `customer_id` belongs to now: the end of its merge chain.
+    fn root(&self, customer_id: &str) -> Result<String, DirectoryError> {
+        let mut at = customer_id;
+        for _ in 0..CHAIN_MAX {
+            match self
+                .records
+                .get(at)
+                .and_then(|slot| slot.record.merged_into.as_deref())
+            {
+                Some(next) => at = next,
+                None => return Ok(at.to_string()),
+            }
+        }
+        Err(DirectoryError::CorruptRecord {
+            bucket: subjects::KV_IDENTITY,
+            customer_id: customer_id.to_string(),
+            problem: format!("the start of a merge chain longer than {CHAIN_MAX} (a cycle?)"),
+        })
+    }
+
+    fn slot(&mut self, customer_id: &str) -> &mut Slot {
+        self.records.entry(customer_id.to_string()).or_default()
+    }
+
+    fn record(&self, customer_id: &str) -> CustomerRecord {
+        self.records
+            .get(customer_id)
+            .map(|slot| slot.record.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// One event's resolution as planned in round 2, assuming every create wins.
@@ -76,20 +116,8 @@ struct Plan {
 type Outcome = (usize, usize, bool, bool);
 
 impl IdentityDirectory {
-    /// [`resolve`](Self::resolve) for many events at once, with the same outcome as
-    /// resolving them one after the other in order, in a few concurrent rounds of KV round
-    /// trips instead of two per unknown identifier.
-    ///
-    /// The identifiers not in the cache are looked up concurrently, each distinct key once:
-    /// a key whose mapping would not depend on any other unknown key (it is its event's
-    /// only unknown identifier and first appears in that event) is created at once, which
-    /// costs one round trip when it is new, the usual case with a warm cache; every other
-    /// one is read. The events are then resolved in order against what was learnt, an event
-    /// seeing the mappings that the events before it create; those creates are then issued
-    /// concurrently. A create that another router won with a different customer makes every
-    /// event from the first one that planned it resolve again, one by one, against what is
-    /// now stored (as [`resolve`](Self::resolve) does when it loses a race). The result has
-    /// one entry per input, in order; an event without identifiers gets `NoIdentity`.
+    /// [`resolve`](Self::resolve) for many events at once (no event ids, time 0): see
+    /// [`resolve_events`](Self::resolve_events).
     pub async fn resolve_many(
         &self,
         events: &[&[Identity]],
@@ -97,30 +125,151 @@ impl IdentityDirectory {
         self.resolve_many_guarded(events, &|| true).await
     }
 
-    /// [`resolve_many`](Self::resolve_many) that asks `may_create` before every key it
-    /// creates, and fails with [`DirectoryError::Fenced`] (creating nothing more) once the
-    /// answer is no. Keys already created stay: mappings never change, and the next router
-    /// reads them.
+    /// [`resolve_many`](Self::resolve_many) that asks `may_create` before every write (see
+    /// [`resolve_events_guarded`](Self::resolve_events_guarded)).
     pub async fn resolve_many_guarded(
         &self,
         events: &[&[Identity]],
         may_create: MayCreate<'_>,
     ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
-        let keys: Vec<Vec<String>> = events
+        let events: Vec<EventIdentities<'_>> = events
+            .iter()
+            .map(|identities| EventIdentities {
+                identities,
+                event_id: "",
+                at_ms: 0,
+            })
+            .collect();
+        self.resolve_events_guarded(&events, may_create).await
+    }
+
+    /// The customer of each event, in order, with the same outcome as resolving them one
+    /// after the other, in a few concurrent rounds of KV round trips instead of two per
+    /// unknown identifier.
+    ///
+    /// The identifiers not in the cache are looked up concurrently, each distinct key once:
+    /// the key of an event with no other identifier is created at once (it mints the
+    /// customer when new); every other one is read. The records of the customers found are
+    /// read (and of those their merges lead to). The events are then planned in order
+    /// against what was learnt, an event seeing what the events before it create and merge:
+    /// the customer is the root of the highest-priority known identifier; every other
+    /// customer the event's identifiers belong to is merged into it when the identity rules
+    /// allow it (the kinds' `merge`, `merges_max_per_day`, `max_per_customer` of the united
+    /// identifiers), else its identifiers are noted and dropped; an unknown identifier is
+    /// linked while the customer holds fewer than `max_per_customer` of its kind. The
+    /// planned creates and record writes are then issued concurrently. A create that
+    /// another router won with a different customer makes every event from the first one
+    /// that planned it resolve again, one by one, against what is now stored. The result
+    /// has one entry per input, in order; an event without identifiers gets `NoIdentity`.
+    pub async fn resolve_events(
+        &self,
+        events: &[EventIdentities<'_>],
+    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
+        self.resolve_events_guarded(events, &|| true).await
+    }
+
+    /// [`resolve_events`](Self::resolve_events) that asks `may_create` before every key or
+    /// record it writes, and fails with [`DirectoryError::Fenced`] (writing nothing more)
+    /// once the answer is no. What was written stays: keys never change, records only grow,
+    /// and the next router reads them.
+    pub async fn resolve_events_guarded(
+        &self,
+        events: &[EventIdentities<'_>],
+        may_create: MayCreate<'_>,
+    ) -> Result<Vec<Result<Resolution, DirectoryError>>, DirectoryError> {
+        let identities: Vec<&[Identity]> = events.iter().map(|e| e.identities).collect();
+        let keys: Vec<Vec<String>> = identities
             .iter()
             .map(|identities| identities.iter().map(|id| self.key_of(id)).collect())
             .collect();
         // Round 1: the current value of every distinct key: the cache, the read-ahead, then
-        // concurrently a create for each uncached key whose value does not depend on any
-        // other uncached key (see `create_first`), a read for every other one.
-        let mut learnt = self.learn_from_cache(events, &keys);
+        // concurrently a create for each uncached key that mints its event's customer (see
+        // `create_first`), a read for every other one.
+        let mut learnt = self.learn_from_cache(&identities, &keys);
         self.learn_from_read_ahead(&keys, &mut learnt);
         self.probe_missed(&keys, &mut learnt, may_create).await?;
-        // Round 2: plan, in order, as if every create wins.
-        let mut plans = plan(events, &keys, &mut learnt);
-        // Round 3: the planned creates, concurrently.
-        let outcomes = self.create_planned(events, &plans, may_create).await?;
+        // Round 2: the records of the customers found, to the ends of their merge chains.
+        self.load_records(&mut learnt).await?;
+        // Round 3: plan, in order, as if every create wins.
+        let mut plans = plan(&self.rules, &self.counters, events, &keys, &mut learnt);
+        // Round 4: the planned creates and record writes, concurrently.
+        let (outcomes, ()) = futures::try_join!(
+            self.create_planned(&identities, &plans, may_create),
+            self.write_records(&mut learnt, may_create),
+        )?;
         self.settle(events, &mut plans, &outcomes, may_create).await
+    }
+
+    /// Round 2: the record of every customer found, and of every customer a record's
+    /// `merged_into` names, until the chains end (a few rounds of concurrent reads).
+    async fn load_records(&self, learnt: &mut Learnt) -> Result<(), DirectoryError> {
+        let mut wanted: Vec<String> = learnt
+            .known
+            .values()
+            .flatten()
+            .filter(|id| !learnt.records.contains_key(*id))
+            .cloned()
+            .collect::<HashSet<String>>()
+            .into_iter()
+            .collect();
+        for _ in 0..CHAIN_MAX {
+            if wanted.is_empty() {
+                return Ok(());
+            }
+            let found: Vec<(String, Option<(CustomerRecord, u64)>)> =
+                futures::stream::iter(wanted.into_iter().map(|id| async move {
+                    let record = self.record(&id).await?;
+                    Ok::<_, DirectoryError>((id, record))
+                }))
+                .buffer_unordered(KV_IN_FLIGHT_MAX)
+                .try_collect()
+                .await?;
+            let mut next = HashSet::new();
+            for (id, record) in found {
+                let slot = match record {
+                    Some((record, revision)) => Slot {
+                        record,
+                        revision: Some(revision),
+                        dirty: false,
+                    },
+                    None => Slot::default(),
+                };
+                if let Some(into) = &slot.record.merged_into {
+                    if !learnt.records.contains_key(into) {
+                        next.insert(into.clone());
+                    }
+                }
+                learnt.records.insert(id, slot);
+            }
+            next.retain(|id| !learnt.records.contains_key(id));
+            wanted = next.into_iter().collect();
+        }
+        // A chain this long is a cycle: the events on it fail alone (`Learnt::root`).
+        Ok(())
+    }
+
+    /// Round 4b: every record the plan changed, concurrently.
+    async fn write_records(
+        &self,
+        learnt: &mut Learnt,
+        may_create: MayCreate<'_>,
+    ) -> Result<(), DirectoryError> {
+        let dirty: Vec<(String, CustomerRecord, Option<u64>)> = learnt
+            .records
+            .iter_mut()
+            .filter(|(_, slot)| slot.dirty)
+            .map(|(id, slot)| {
+                slot.dirty = false;
+                (id.clone(), slot.record.clone(), slot.revision)
+            })
+            .collect();
+        futures::stream::iter(dirty.into_iter().map(|(id, record, revision)| async move {
+            self.write_record(&id, record, revision, may_create).await
+        }))
+        .buffer_unordered(KV_IN_FLIGHT_MAX)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
     }
 
     /// Round 1a: the cached customer of every distinct key; the others are `missed`.
@@ -185,11 +334,10 @@ impl IdentityDirectory {
         learnt: &mut Learnt,
         may_create: MayCreate<'_>,
     ) -> Result<(), DirectoryError> {
-        let known = &learnt.known;
         let probes = std::mem::take(&mut learnt.missed)
             .into_iter()
             .map(|(kind, key, event)| {
-                let value = create_first(&keys[event], &key, known);
+                let value = create_first(&keys[event], &key);
                 async move {
                     let probe = match value {
                         Some(value) => {
@@ -277,7 +425,7 @@ impl IdentityDirectory {
     /// from the first event with a create that did not, each event resolved again alone.
     async fn settle(
         &self,
-        events: &[&[Identity]],
+        events: &[EventIdentities<'_>],
         plans: &mut Vec<Result<Plan, DirectoryError>>,
         outcomes: &[Outcome],
         may_create: MayCreate<'_>,
@@ -293,7 +441,7 @@ impl IdentityDirectory {
             if *index == 0 && !*won && *as_planned {
                 if let Some(Ok(plan)) = plans.get_mut(*event) {
                     plan.resolution.created = false;
-                    let primary = events[*event][0].kind;
+                    let primary = events[*event].identities[0].kind;
                     plan.resolution.linked.retain(|kind| *kind != primary);
                 }
             }
@@ -302,7 +450,7 @@ impl IdentityDirectory {
         for (event, plan) in std::mem::take(plans).into_iter().enumerate() {
             if first_lost.is_some_and(|lost| event >= lost) {
                 match self.resolve_guarded(events[event], may_create).await {
-                    Err(DirectoryError::Fenced) => return Err(DirectoryError::Fenced),
+                    Err(error) if error.is_transient() => return Err(error),
                     result => results.push(result),
                 }
                 continue;
@@ -330,15 +478,19 @@ impl IdentityDirectory {
     }
 }
 
-/// Round 2: each event's resolution, in order, against what was learnt, as if every create
-/// wins: an event sees the mappings the events before it plan (they go into `known`).
+/// Round 3: each event's resolution, in order, against what was learnt, as if every create
+/// wins: an event sees the mappings and merges the events before it plan (they go into
+/// `known` and the records). See [`IdentityDirectory::resolve_events`] for the rules.
 fn plan(
-    events: &[&[Identity]],
+    rules: &IdentityRules,
+    counters: &Counters,
+    events: &[EventIdentities<'_>],
     keys: &[Vec<String>],
     learnt: &mut Learnt,
 ) -> Vec<Result<Plan, DirectoryError>> {
     let mut plans = Vec::with_capacity(events.len());
-    for (identities, keys) in events.iter().zip(keys) {
+    for (event, keys) in events.iter().zip(keys) {
+        let identities = event.identities;
         if identities.is_empty() {
             plans.push(Err(DirectoryError::NoIdentity));
             continue;
@@ -347,36 +499,201 @@ fn plan(
             plans.push(Err(error.clone()));
             continue;
         }
-        let known = &mut learnt.known;
-        let found: Vec<Option<String>> = keys.iter().map(|k| known[k].clone()).collect();
-        let (winner, created) = match found.iter().flatten().next() {
-            Some(customer_id) => (customer_id.clone(), false),
-            None => (format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]), true),
+        plans.push(plan_event(rules, counters, event, keys, learnt));
+    }
+    plans
+}
+
+/// One event's plan (see [`plan`]).
+fn plan_event(
+    rules: &IdentityRules,
+    counters: &Counters,
+    event: &EventIdentities<'_>,
+    keys: &[String],
+    learnt: &mut Learnt,
+) -> Result<Plan, DirectoryError> {
+    let identities = event.identities;
+    let found: Vec<Option<String>> = keys.iter().map(|k| learnt.known[k].clone()).collect();
+    let mut roots: Vec<Option<String>> = Vec::with_capacity(found.len());
+    for customer in &found {
+        roots.push(match customer {
+            Some(customer) => Some(learnt.root(customer)?),
+            None => None,
+        });
+    }
+    let first_known = roots.iter().position(Option::is_some);
+    let (winner, created) = match first_known {
+        Some(index) => (roots[index].clone().unwrap_or_default(), false),
+        None => (format!("c{}", &keys[0][..CUSTOMER_ID_HEX_CHARS]), true),
+    };
+    let mut resolution = Resolution {
+        customer_id: winner.clone(),
+        created,
+        linked: Vec::new(),
+        conflicts: Vec::new(),
+        notes: Vec::new(),
+        merges: Vec::new(),
+        merge_outs: Vec::new(),
+    };
+    rewrite_recorded_merges(event, &found, &winner, learnt, &mut resolution);
+
+    // Every other customer the event's identifiers belong to: merged, or its identifiers
+    // noted and dropped.
+    let day = day_of(event.at_ms);
+    let mut others: Vec<String> = Vec::new();
+    for root in roots.iter().flatten() {
+        if *root != winner && !others.contains(root) {
+            others.push(root.clone());
+        }
+    }
+    let winner_kind = first_known.map(|index| identities[index].kind);
+    for other in others {
+        let held: Vec<usize> = (0..identities.len())
+            .filter(|i| roots[*i].as_deref() == Some(other.as_str()))
+            .collect();
+        let survivor = learnt.record(&winner);
+        let merged = learnt.record(&other);
+        let may_merge = winner_kind.is_some_and(|kind| rules.kind(kind).merge)
+            && held.iter().any(|i| rules.kind(identities[*i].kind).merge);
+        let limit = rules.merges_max_per_day as usize;
+        let refusal = if !may_merge {
+            Some(NoteReason::MergeDisabled)
+        } else if survivor.merges_on(day) + merged.merges_on(day) >= limit {
+            Some(NoteReason::MergesPerDay {
+                limit: rules.merges_max_per_day,
+            })
+        } else {
+            IdentityKind::ALL
+                .into_iter()
+                .find(|kind| {
+                    survivor.united_count(&merged, *kind)
+                        > rules.kind(*kind).max_per_customer as usize
+                })
+                .map(|kind| NoteReason::MaxPerCustomer {
+                    kind,
+                    limit: rules.kind(kind).max_per_customer,
+                })
         };
-        let mut resolution = Resolution {
-            customer_id: winner.clone(),
-            created,
-            linked: Vec::new(),
-            conflicts: Vec::new(),
-        };
-        let mut creates = Vec::new();
-        for (index, (identity, found)) in identities.iter().zip(found).enumerate() {
-            match found {
-                Some(customer_id) if customer_id == winner => {}
-                Some(other) => resolution.conflicts.push((identity.kind, other)),
-                None => {
-                    resolution.linked.push(identity.kind);
-                    known.insert(keys[index].clone(), Some(winner.clone()));
-                    if !learnt.created_first.contains(&keys[index]) {
-                        creates.push((index, keys[index].clone(), winner.clone()));
+        match refusal {
+            Some(reason) => {
+                counters.merges_refused.fetch_add(1, Ordering::Relaxed);
+                for index in held {
+                    resolution.notes.push(IdentityNote {
+                        kind: identities[index].kind,
+                        other_customer_id: Some(other.clone()),
+                        reason,
+                    });
+                    resolution
+                        .conflicts
+                        .push((identities[index].kind, other.clone()));
+                }
+            }
+            None => {
+                counters.merges.fetch_add(1, Ordering::Relaxed);
+                let survivor_slot = learnt.slot(&winner);
+                survivor_slot.record.absorb(&other, &merged, day);
+                survivor_slot.dirty = true;
+                let merged_slot = learnt.slot(&other);
+                merged_slot.record.merged_into = Some(winner.clone());
+                merged_slot.record.merge_cause = Some(event.event_id.to_string());
+                merged_slot.dirty = true;
+                let merge = MergeRef {
+                    merged_id: other.clone(),
+                    survivor_id: winner.clone(),
+                    cause_event_id: event.event_id.to_string(),
+                    at_ms: event.at_ms,
+                };
+                resolution.merges.push(merge.clone());
+                resolution.merge_outs.push(merge);
+            }
+        }
+    }
+
+    // The identifiers: known ones of the winner recorded (a record from before records
+    // learns them), unknown ones linked while the customer has room for their kind.
+    let mut creates = Vec::new();
+    for (index, (identity, customer)) in identities.iter().zip(&found).enumerate() {
+        let key = &keys[index];
+        let kind = identity.kind;
+        match customer {
+            Some(customer) => {
+                if learnt.root(customer)? == winner {
+                    let slot = learnt.slot(&winner);
+                    if slot.record.add(kind, key) {
+                        slot.dirty = true;
                     }
                 }
             }
+            None => {
+                let slot = learnt.slot(&winner);
+                let max = rules.kind(kind).max_per_customer as usize;
+                let primary = index == 0 && created;
+                if !primary && slot.record.count(kind) >= max && !slot.record.holds(kind, key) {
+                    counters.identifiers_refused.fetch_add(1, Ordering::Relaxed);
+                    resolution.notes.push(IdentityNote {
+                        kind,
+                        other_customer_id: None,
+                        reason: NoteReason::MaxPerCustomer {
+                            kind,
+                            limit: rules.kind(kind).max_per_customer,
+                        },
+                    });
+                    continue;
+                }
+                slot.record.add(kind, key);
+                slot.dirty = true;
+                resolution.linked.push(kind);
+                learnt.known.insert(key.clone(), Some(winner.clone()));
+                if !learnt.created_first.contains(key) {
+                    creates.push((index, key.clone(), winner.clone()));
+                }
+            }
         }
-        plans.push(Ok(Plan {
-            resolution,
-            creates,
-        }));
     }
-    plans
+    Ok(Plan {
+        resolution,
+        creates,
+    })
+}
+
+/// The merges an earlier routing of this same event recorded (a record's `merge_cause` is
+/// the event's id): written again, so that a routing that stopped after writing the
+/// records but before the shard logs took the merge still completes it. Applying a merge
+/// twice changes nothing (the actors recognise it).
+fn rewrite_recorded_merges(
+    event: &EventIdentities<'_>,
+    found: &[Option<String>],
+    winner: &str,
+    learnt: &Learnt,
+    resolution: &mut Resolution,
+) {
+    if event.event_id.is_empty() {
+        return;
+    }
+    for start in found.iter().flatten() {
+        let mut at = start.as_str();
+        for _ in 0..CHAIN_MAX {
+            let Some(slot) = learnt.records.get(at) else {
+                break;
+            };
+            let Some(next) = slot.record.merged_into.as_deref() else {
+                break;
+            };
+            if slot.record.merge_cause.as_deref() == Some(event.event_id) {
+                let merge = MergeRef {
+                    merged_id: at.to_string(),
+                    survivor_id: next.to_string(),
+                    cause_event_id: event.event_id.to_string(),
+                    at_ms: event.at_ms,
+                };
+                if next == winner && !resolution.merges.contains(&merge) {
+                    resolution.merges.push(merge.clone());
+                }
+                if !resolution.merge_outs.contains(&merge) {
+                    resolution.merge_outs.push(merge);
+                }
+            }
+            at = next;
+        }
+    }
 }
