@@ -10,9 +10,7 @@
 //!
 //! The router is bypassed on purpose: this file tests the transfer outbox, its publication
 //! and the query and command side, not the router's decision (the merge tests of the router
-//! cover that). The two node tests need the apply side of merges (`MergeOut` -> transfer
-//! and tombstone, `MergeIn` -> merged state, a tombstone's view naming `merged_into`): they
-//! are ignored until it is merged (both pass with branch merge-apply at 5af914f merged in).
+//! cover that).
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use crm_actors::codec;
@@ -118,7 +116,6 @@ async fn wait_merged(client: &async_nats::Client, bob: &str, ann: &str) -> Value
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the apply side of merges (MergeOut, MergeIn, the tombstone's view); run with --ignored once it lands"]
 async fn a_merged_customers_state_reaches_the_survivor_and_queries_and_redeems_follow_it() {
     let env = start_env(RULES);
     let client = env.client().await;
@@ -195,7 +192,6 @@ async fn a_merged_customers_state_reaches_the_survivor_and_queries_and_redeems_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the apply side of merges (holding and release); run with --ignored once it lands"]
 async fn events_held_for_a_merge_are_released_when_the_state_arrives_and_a_refused_one_is_dead_lettered(
 ) {
     let env = start_env(RULES);

@@ -1222,10 +1222,8 @@ mod tests {
         )
     }
 
-    /// End to end through the actors and the rules: needs the apply side of merges
-    /// (`MergeOut` makes a transfer). Until it lands, `apply` refuses merge commands.
+    /// End to end through the actors and the rules: a `MergeOut` makes a transfer.
     #[tokio::test]
-    #[ignore = "needs the apply side of merges (MergeOut -> transfer); run with --ignored once it lands"]
     async fn a_merge_out_applied_in_a_batch_returns_and_persists_its_transfer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
