@@ -96,6 +96,9 @@ fn combine_metrics(
             redeems,
             ticks_appended,
             stored_customers,
+            transfers_published,
+            merges_applied,
+            held_released,
         ]
     )
 }

@@ -30,8 +30,7 @@ pub struct Metrics {
     /// Customers stored on this node: counted at start, then one per `customer.created`.
     pub stored_customers: AtomicU64,
     /// Merge transfers (a merged customer's state) appended to a survivor's shard log as a
-    /// `MergeIn` and acked. Not in [`MetricsSnapshot`] yet: adding a counter there changes
-    /// the `crm.node.stats` contract (docs/protocol.md, its schema, the bench's list).
+    /// `MergeIn` and acked.
     pub transfers_published: AtomicU64,
     /// `MergeIn`s merged into their survivor (not counting those forwarded by a tombstone).
     pub merges_applied: AtomicU64,
@@ -57,6 +56,9 @@ pub struct MetricsSnapshot {
     pub redeems: u64,
     pub ticks_appended: u64,
     pub stored_customers: u64,
+    pub transfers_published: u64,
+    pub merges_applied: u64,
+    pub held_released: u64,
 }
 
 /// The reply to `crm.node.stats`: one node's counters since its process started.
@@ -102,6 +104,9 @@ impl Metrics {
             redeems: get(&self.redeems),
             ticks_appended: get(&self.ticks_appended),
             stored_customers: get(&self.stored_customers),
+            transfers_published: get(&self.transfers_published),
+            merges_applied: get(&self.merges_applied),
+            held_released: get(&self.held_released),
         }
     }
 }
