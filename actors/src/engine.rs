@@ -173,7 +173,9 @@ impl PendingMessage {
             CustomerCommand::MergeOut { merge } | CustomerCommand::MergeIn { merge, .. } => {
                 Some(merge.cause_event_id.clone())
             }
-            CustomerCommand::Tick { .. } | CustomerCommand::Rescore { .. } => None,
+            CustomerCommand::Tick { .. }
+            | CustomerCommand::Rescore { .. }
+            | CustomerCommand::RescoreMerged { .. } => None,
         };
         PendingMessage {
             reply_to,
@@ -416,15 +418,28 @@ impl ShardEngine {
                 } => {
                     let message = PendingMessage::new(&command, reply_to, None);
                     clock_ms = clock_ms.max(command_time_ms(&command));
+                    let rescore = self.rescore_after(&command, &work);
                     let (reply, _) = self
                         .send_apply(&customer_id, command, &work.changed)
                         .await?;
                     pending.push(Pending {
                         seq,
-                        customer_id,
+                        customer_id: customer_id.clone(),
                         message: Some(message),
                         reply,
                     });
+                    if let Some(rescore) = rescore {
+                        // Right behind it in the actor's mailbox: the merged state scored.
+                        let (reply, _) = self
+                            .send_apply(&customer_id, rescore, &work.changed)
+                            .await?;
+                        pending.push(Pending {
+                            seq,
+                            customer_id,
+                            message: None,
+                            reply,
+                        });
+                    }
                 }
                 ShardMessage::Routed { entries } => {
                     for entry in entries {
@@ -529,6 +544,28 @@ impl ShardEngine {
         work.result.transfers = batch.transfers;
         work.result.meta = meta;
         Ok(work.result)
+    }
+
+    /// The rescore that follows `command`: after a merged state comes in (`MergeIn`), the
+    /// survivor is scored under the shard's current value model (this batch's, else the
+    /// committed one), if there is one. Deterministic: the model is the one the log has
+    /// applied up to this record.
+    fn rescore_after(
+        &self,
+        command: &CustomerCommand,
+        work: &BatchWork,
+    ) -> Option<CustomerCommand> {
+        let CustomerCommand::MergeIn { merge, .. } = command else {
+            return None;
+        };
+        let model = work
+            .value_model
+            .clone()
+            .or_else(|| self.value_model.as_deref().cloned())?;
+        Some(CustomerCommand::RescoreMerged {
+            model,
+            merged_id: merge.merged_id.clone(),
+        })
     }
 
     /// Sends `command` to the customer's actor without waiting; activates the actor (from
@@ -986,7 +1023,7 @@ fn command_time_ms(command: &CustomerCommand) -> i64 {
         CustomerCommand::Redeem { at_ms, .. } | CustomerCommand::Tick { at_ms } => *at_ms,
         CustomerCommand::MergeOut { merge } | CustomerCommand::MergeIn { merge, .. } => merge.at_ms,
         // A model is not an event in time: it never moves the clock.
-        CustomerCommand::Rescore { .. } => i64::MIN,
+        CustomerCommand::Rescore { .. } | CustomerCommand::RescoreMerged { .. } => i64::MIN,
     }
 }
 
@@ -1261,6 +1298,91 @@ mod tests {
             .await
             .expect("apply");
         assert!(again.transfers.is_empty());
+        engine.shutdown().await;
+    }
+
+    /// A model usable for scoring (parameters of a fitted one).
+    fn value_model(version: u64) -> crate::value::live::ValueModel {
+        use crate::value::live::{BgNbdJson, GammaGammaJson, ValueModel};
+        ValueModel {
+            version,
+            as_of_day: 20_460,
+            as_of: "2026-01-07".to_string(),
+            time_unit: "days".to_string(),
+            horizon_periods: 365,
+            discount_rate: 0.0,
+            bgnbd: BgNbdJson {
+                r: 0.24,
+                alpha: 4.4,
+                a: 0.79,
+                b: 2.4,
+            },
+            gamma_gamma: GammaGammaJson {
+                p: 6.25,
+                q: 3.74,
+                gamma: 15.4,
+            },
+            log_likelihood: -1.0,
+            customers: 10,
+            repeat_buyers: 5,
+            recency_days_quintiles: [1.0, 2.0, 3.0, 4.0],
+            frequency_quintiles: [1.0, 2.0, 3.0, 4.0],
+            monetary_quintiles: [1.0, 2.0, 3.0, 4.0],
+            clv_p99: 3.0,
+            clv_p80: 2.0,
+            clv_p50: 1.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_survivor_is_rescored_under_the_current_model_when_a_merged_state_comes_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), CACHE_BYTES).expect("open");
+        let mut engine = new_engine(&store);
+        let model = (
+            2,
+            ShardMessage::ValueModel {
+                model: value_model(7),
+            },
+        );
+        let mut merged = CustomerState::new("bob");
+        merged.created_at_ms = Some(1_000);
+        let merge_in = (
+            3,
+            ShardMessage::Customer {
+                customer_id: "ann".into(),
+                command: CustomerCommand::MergeIn {
+                    merge: merge("bob", "ann"),
+                    state: Box::new(merged),
+                },
+                reply_to: None,
+            },
+        );
+        // The model comes before ann's first purchase: nothing scores ann until the merge.
+        let model = (1, model.1);
+        let result = engine
+            .apply_batch(vec![model, purchase(2, "ann", "e1")], 1)
+            .await
+            .expect("apply");
+        assert_eq!(result.rejected, 0);
+        let ann = store.load_customer("ann").expect("load").expect("stored");
+        assert_eq!(ann.value_standing.model_version, 0);
+        let result = engine.apply_batch(vec![merge_in], 1).await.expect("apply");
+        assert_eq!(result.merges_applied, 1);
+        let ann = store.load_customer("ann").expect("load").expect("stored");
+        assert_eq!(
+            ann.value_standing.model_version, 7,
+            "{:?}",
+            ann.value_standing
+        );
+        assert!(
+            result
+                .events
+                .iter()
+                .any(|(_, event)| event.id.starts_with("merge-bob-value-7")),
+            "{:?}",
+            result.events
+        );
         engine.shutdown().await;
     }
 }

@@ -90,6 +90,15 @@ pub enum CustomerCommand {
         merge: MergeRef,
         state: Box<crate::state::CustomerState>,
     },
+    /// Score a survivor under the shard's current customer-value model right after a
+    /// merged customer's state came in (made by the engine after each `MergeIn` when the
+    /// shard has a model; never written to a log, like `Rescore`): the merged purchases
+    /// change the survivor's value at once, not at the next model. Its events are caused by
+    /// `merge-<merged_id>-value-<version>`.
+    RescoreMerged {
+        model: ValueModel,
+        merged_id: String,
+    },
 }
 
 /// One merge: `merged_id` goes into `survivor_id` because of the event `cause_event_id`.

@@ -81,16 +81,34 @@ pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules
             at_ms,
         } => redeem::apply_redeem(state, request_id, reward_id, *at_ms, rules),
         CustomerCommand::Tick { at_ms } => apply_tick(state, *at_ms, rules),
-        CustomerCommand::Rescore { model } => {
-            if !state.is_created() || state.is_tombstone() {
-                return outcome(ApplyStatus::Applied, Vec::new());
-            }
-            let cause = format!("value-{}-{}", model.version, state.customer_id);
-            let mut emitter = Emitter::new(&state.customer_id, &cause);
-            crate::value::live::rescore(state, model, rules, &mut emitter);
-            outcome(ApplyStatus::Applied, emitter.into_events())
-        }
+        CustomerCommand::Rescore { model } => rescore(
+            state,
+            model,
+            rules,
+            &format!("value-{}-{}", model.version, state.customer_id),
+        ),
+        CustomerCommand::RescoreMerged { model, merged_id } => rescore(
+            state,
+            model,
+            rules,
+            &format!("merge-{merged_id}-value-{}", model.version),
+        ),
     }
+}
+
+/// Scores the customer under `model` (nothing for a tombstone or a customer not created).
+fn rescore(
+    state: &mut CustomerState,
+    model: &crate::value::live::ValueModel,
+    rules: &Rules,
+    cause: &str,
+) -> ApplyOutcome {
+    if !state.is_created() || state.is_tombstone() {
+        return outcome(ApplyStatus::Applied, Vec::new());
+    }
+    let mut emitter = Emitter::new(&state.customer_id, cause);
+    crate::value::live::rescore(state, model, rules, &mut emitter);
+    outcome(ApplyStatus::Applied, emitter.into_events())
 }
 
 fn outcome(status: ApplyStatus, events: Vec<ActorEvent>) -> ApplyOutcome {
