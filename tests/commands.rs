@@ -676,13 +676,14 @@ async fn a_web_email_and_a_store_loyalty_card_linked_by_identify_are_one_custome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loyalty_cards_customer()
-{
+async fn identifiers_of_two_customers_that_may_not_merge_raise_identity_conflict_and_go_to_the_emails_customer(
+) {
+    // Devices never merge (the rules' default): a kiosk shared by many is not a person.
     let env = start_env(RULES);
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = json!({"email": "fay@example.com"});
-    let card = json!({"loyalty_card": "LC-FAY"});
+    let device = json!({"device_id": "kiosk-fay"});
     send(
         &client,
         vec![
@@ -697,7 +698,7 @@ async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loya
             purchase(
                 "store",
                 "f-2",
-                card.clone(),
+                device.clone(),
                 "o-f2",
                 "2026-11-01T11:00:00Z",
                 20.0,
@@ -709,19 +710,19 @@ async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loya
         .as_str()
         .unwrap()
         .to_string();
-    let card_customer = view_of(&client, card.clone()).await["customer_id"]
+    let device_customer = view_of(&client, device.clone()).await["customer_id"]
         .as_str()
         .unwrap()
         .to_string();
-    assert_ne!(email_customer, card_customer);
+    assert_ne!(email_customer, device_customer);
 
-    // One event names both: it goes to the loyalty card's customer.
+    // One event names both: it goes to the email's customer (the higher priority).
     send(
         &client,
         vec![purchase(
             "store",
             "f-3",
-            json!({"loyalty_card": "LC-FAY", "email": "fay@example.com"}),
+            json!({"device_id": "kiosk-fay", "email": "fay@example.com"}),
             "o-f3",
             "2026-11-02T10:00:00Z",
             30.0,
@@ -729,26 +730,28 @@ async fn identifiers_of_two_customers_raise_identity_conflict_and_go_to_the_loya
     )
     .await;
     let conflict = events
-        .wait_for(&card_customer, "identity.conflict", 1)
+        .wait_for(&email_customer, "identity.conflict", 1)
         .await;
     assert_eq!(conflict.len(), 1);
-    assert_eq!(conflict[0]["kind"], "email");
-    assert_eq!(conflict[0]["other_customer_id"], email_customer.as_str());
+    assert_eq!(conflict[0]["kind"], "device_id");
+    assert_eq!(conflict[0]["reason"], "merge_disabled");
+    assert_eq!(conflict[0]["other_customer_id"], device_customer.as_str());
     assert_eq!(conflict[0]["event_id"], "f-3");
     assert_eq!(
         conflict[0]["id"].as_str().unwrap().split(':').next(),
         Some("f-3")
     );
 
-    let by_card = view_of(&client, card).await;
-    assert_eq!(by_card["customer_id"], card_customer.as_str());
-    assert_eq!(by_card["purchases"]["count"], 2);
-    assert_eq!(minor(&by_card["purchases"]["total_spend"]), 5_000);
-    // The email stays with its own customer, untouched.
     let by_email = view_of(&client, email).await;
     assert_eq!(by_email["customer_id"], email_customer.as_str());
-    assert_eq!(by_email["purchases"]["count"], 1);
-    assert!(events.of(&email_customer, "identity.conflict").is_empty());
+    assert_eq!(by_email["purchases"]["count"], 2);
+    assert_eq!(minor(&by_email["purchases"]["total_spend"]), 4_000);
+    // The device stays with its own customer, untouched.
+    let by_device = view_of(&client, device).await;
+    assert_eq!(by_device["customer_id"], device_customer.as_str());
+    assert_eq!(by_device["purchases"]["count"], 1);
+    assert!(events.of(&device_customer, "identity.conflict").is_empty());
+    assert!(events.of(&email_customer, "customer.merged").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -757,7 +760,7 @@ async fn a_conflicting_identifier_stays_with_its_own_customer_only() {
     let client = env.client().await;
     let events = EventLog::start(&client).await;
     let email = json!({"email": "gus@example.com"});
-    let card = json!({"loyalty_card": "LC-GUS"});
+    let device = json!({"device_id": "kiosk-gus"});
     send(
         &client,
         vec![
@@ -772,7 +775,7 @@ async fn a_conflicting_identifier_stays_with_its_own_customer_only() {
             purchase(
                 "store",
                 "g-2",
-                card.clone(),
+                device.clone(),
                 "o-g2",
                 "2026-11-01T11:00:00Z",
                 20.0,
@@ -785,28 +788,29 @@ async fn a_conflicting_identifier_stays_with_its_own_customer_only() {
         vec![purchase(
             "store",
             "g-3",
-            json!({"loyalty_card": "LC-GUS", "email": "gus@example.com"}),
+            json!({"device_id": "kiosk-gus", "email": "gus@example.com"}),
             "o-g3",
             "2026-11-02T10:00:00Z",
             30.0,
         )],
     )
     .await;
-    let by_card = view_of(&client, card).await;
-    let card_customer = by_card["customer_id"].as_str().unwrap().to_string();
+    let by_email = view_of(&client, email).await;
+    let email_customer = by_email["customer_id"].as_str().unwrap().to_string();
     events
-        .wait_for(&card_customer, "identity.conflict", 1)
+        .wait_for(&email_customer, "identity.conflict", 1)
         .await;
-    // docs/protocol.md: "identifiers not seen before are linked to the customer"; the email
-    // was seen (it is the other customer's), so it is reported, not linked.
+    // docs/protocol.md: "identifiers not seen before are linked to the customer"; the
+    // device was seen (it is the other customer's, and devices never merge), so it is
+    // reported, not linked.
     assert!(
-        events.of(&card_customer, "identity.linked").is_empty(),
+        events.of(&email_customer, "identity.linked").is_empty(),
         "{:?}",
-        events.of(&card_customer, "identity.linked")
+        events.of(&email_customer, "identity.linked")
     );
     assert_eq!(
-        by_card["identities"],
-        json!({"loyalty_card": ["LC-GUS"]}),
-        "the card's customer claims an email that resolves to another customer"
+        by_email["identities"],
+        json!({"email": ["gus@example.com"]}),
+        "the email's customer claims a device that resolves to another customer"
     );
 }
