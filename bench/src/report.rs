@@ -768,6 +768,7 @@ mod tests {
                     "plain",
                     "with_links",
                     "link_share_target",
+                    "link_share_expected",
                     "split_percent",
                     "ratio_with_links",
                 ],

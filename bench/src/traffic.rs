@@ -235,13 +235,17 @@ pub fn generated_traffic_split(
 }
 
 /// The split percent expected to make `link_share` (0..1) of the events linking events,
-/// from the probe population's events without splits and with every person split (each
-/// split adds one event, the second customer's `identify`, and turns the `identify` that
-/// links into a merge, so the difference counts the links of a 100 % split).
-pub fn split_percent_for_link_share(seed: u64, link_share: f64) -> u8 {
+/// and the share it is expected to make (less than asked when even a 100 % split links
+/// fewer), from the probe population's events without splits and with every person split
+/// (each split adds one event, the second customer's `identify`, and turns the `identify`
+/// that links into a merge, so the difference counts the links of a 100 % split).
+pub fn split_percent_for_link_share(seed: u64, link_share: f64) -> (u8, f64) {
     let plain = generator(spec(PROBE_PEOPLE, seed), 0).count() as u64;
     let all_split = generator(spec(PROBE_PEOPLE, seed), 100).count() as u64;
-    split_percent_for(plain, all_split, link_share)
+    let percent = split_percent_for(plain, all_split, link_share);
+    let links = f64::from(percent) / 100.0 * all_split.saturating_sub(plain) as f64;
+    let expected = links / (plain as f64 + links).max(1.0);
+    (percent, crate::figures::round(expected, 4))
 }
 
 /// With `plain` events without splits and `all_split` with every person split, the percent

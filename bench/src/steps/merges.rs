@@ -52,8 +52,11 @@ pub struct MergesDetails {
     pub with_links: Option<LinksRun>,
     /// The share of linking events asked for (`--link-share`).
     pub link_share_target: f64,
-    /// `with_split_identities` percent chosen for that share.
+    /// `with_split_identities` percent chosen for that share (100 when even that links
+    /// fewer events than asked).
     pub split_percent: u8,
+    /// The share that percent is expected to give, by the generator's probe population.
+    pub link_share_expected: f64,
     /// `with_links.events_per_s / plain.events_per_s`; target >= 0.85.
     pub ratio_with_links: Option<f64>,
 }
@@ -117,7 +120,15 @@ pub async fn merges(plan: &Plan, report: &mut Report) {
         }
         Err(error) => report.fail("merges_pairs", error),
     }
-    details.split_percent = split_percent_for_link_share(plan.seed, plan.link_share);
+    (details.split_percent, details.link_share_expected) =
+        split_percent_for_link_share(plan.seed, plan.link_share);
+    if details.link_share_expected + 0.005 < plan.link_share {
+        say(format!(
+            "    note: the generator links at most about {:.1} % of its events (every person split); --link-share {} is out of its reach",
+            details.link_share_expected * 100.0,
+            plan.link_share
+        ));
+    }
     for split_percent in [0, details.split_percent] {
         say(format!(
             "step merges 2/2: end-to-end, {} events, {split_percent} % of people split",
