@@ -28,7 +28,8 @@
 //!    shard with nothing left to apply.
 //! 8. `merges`: on fresh servers and nodes: N pairs of customers linked by N `identify`
 //!    events until every merge is applied (merges/s); then the e2e run twice, the sample
-//!    traffic as is and with about 5 % linking events, and the ratio of the two rates.
+//!    traffic as is and with about `--link-share` linking events (as many as the
+//!    generator makes, 1.8 % at most), and the ratio of the two rates.
 //! 9. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
 //!    sled store was closed and reopened.
 //!
