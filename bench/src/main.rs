@@ -26,7 +26,11 @@
 //! 7. `handoff`: one node, one shard holding N customers; a second node starts and the
 //!    first is drained; seconds from the drain request until the second node serves the
 //!    shard with nothing left to apply.
-//! 8. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
+//! 8. `merges`: on fresh servers and nodes: N pairs of customers linked by N `identify`
+//!    events until every merge is applied (merges/s); then the e2e run twice, the sample
+//!    traffic as is and with about `--link-share` linking events (as many as the
+//!    generator makes, 1.8 % at most), and the ratio of the two rates.
+//! 9. `cold`: in-process, no NATS: `ShardEngine::view` of customers not resident, after the
 //!    sled store was closed and reopened.
 //!
 //! Between 1 and 2 a diagnostic (`kv`) times the identity directory's KV round trips alone.
@@ -92,7 +96,7 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
     let client = connect(&nats.url()).await?;
     if plan.runs("raw") {
         say(format!(
-            "step 1/8: raw JetStream baseline ({} events, {} in flight)",
+            "step 1/9: raw JetStream baseline ({} events, {} in flight)",
             traffic.len(),
             plan.in_flight
         ));
@@ -121,7 +125,7 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
     let mut node = BenchNode::start(plan, &nats.url(), &NodeSettings::single(plan.shards, None))?;
     if plan.runs("e2e") {
         say(format!(
-            "step 2/8: end-to-end throughput ({} events)",
+            "step 2/9: end-to-end throughput ({} events)",
             traffic.len()
         ));
         match steps::e2e::end_to_end(&client, &mut node, traffic, plan, nats_pid(&nats)).await {
@@ -139,7 +143,7 @@ async fn throughput_and_latency(plan: &Plan, report: &mut Report) -> Result<()> 
         match rate {
             Some(rate) => {
                 say(format!(
-                    "step 3/8: latency at {rate:.0} events/s for {} s",
+                    "step 3/9: latency at {rate:.0} events/s for {} s",
                     plan.latency_seconds
                 ));
                 match steps::latency::latency(&client, &mut node, plan, rate, nats_pid(&nats)).await
@@ -178,7 +182,7 @@ async fn nats_steps(plan: &Plan, report: &mut Report) {
     }
     if plan.runs("rss") {
         say(format!(
-            "step 4/8: memory: {} new customers through a fresh node (resident cap {})",
+            "step 4/9: memory: {} new customers through a fresh node (resident cap {})",
             plan.customers, plan.resident_cap
         ));
         match steps::rss::memory(plan).await {
@@ -201,6 +205,9 @@ async fn nats_steps(plan: &Plan, report: &mut Report) {
     }
     if plan.runs("handoff") {
         steps::handoff::handoff(plan, report).await;
+    }
+    if plan.runs("merges") {
+        steps::merges::merges(plan, report).await;
     }
 }
 
@@ -271,7 +278,7 @@ fn run() -> Result<bool> {
 /// Step 8, in-process on a runtime of its own (two workers, like a node's).
 fn cold_step(plan: &Plan, report: &mut Report) -> Result<()> {
     say(format!(
-        "step 8/8: cold activation ({} customers stored, {} activations timed)",
+        "step 9/9: cold activation ({} customers stored, {} activations timed)",
         plan.cold_customers, plan.cold_samples
     ));
     let runtime = tokio::runtime::Builder::new_multi_thread()

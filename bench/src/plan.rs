@@ -10,14 +10,14 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// Every step, in the order they run (`--skip` names).
-pub const STEPS: [&str; 9] = [
-    "raw", "kv", "e2e", "latency", "rss", "cluster", "failover", "handoff", "cold",
+pub const STEPS: [&str; 10] = [
+    "raw", "kv", "e2e", "latency", "rss", "cluster", "failover", "handoff", "merges", "cold",
 ];
 
 #[derive(Parser, Debug)]
 #[command(
     name = "crm-bench",
-    about = "Benchmark of crm-node: JetStream baseline, end-to-end throughput, latency, memory, cluster scaling, failover, shard hand-off, cold activation. Writes bench/results.json."
+    about = "Benchmark of crm-node: JetStream baseline, end-to-end throughput, latency, memory, cluster scaling, failover, shard hand-off, identity merges, cold activation. Writes bench/results.json."
 )]
 pub struct Args {
     /// Small sizes for a smoke run (a few minutes).
@@ -84,11 +84,22 @@ pub struct Args {
     /// [default: 10000,100000; --quick 1000].
     #[arg(long, value_delimiter = ',')]
     handoff_customers: Vec<u64>,
+    /// Pairs of customers merged by the `merges` step's first part [default: 5000,
+    /// --quick 1000].
+    #[arg(long)]
+    merge_pairs: Option<u64>,
+    /// Events of each of the `merges` step's end-to-end runs (without and with links)
+    /// [default: --events].
+    #[arg(long)]
+    merge_events: Option<u64>,
+    /// Share of linking events (0 to 0.5) the `merges` step's run with links aims at.
+    #[arg(long, default_value_t = 0.05)]
+    link_share: f64,
     /// Seed of the generated traffic and of the samples.
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Steps to skip, comma-separated: raw, kv, e2e, latency, rss, cluster, failover,
-    /// handoff, cold.
+    /// handoff, merges, cold.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Keep every node's log in this directory (crm-node-<node id>-<pid>.log); default:
@@ -132,6 +143,9 @@ pub struct Plan {
     pub failover_runs: u32,
     pub failover_rate: f64,
     pub handoff_customers: Vec<u64>,
+    pub merge_pairs: u64,
+    pub merge_events: u64,
+    pub link_share: f64,
     pub seed: u64,
     pub skip: BTreeSet<String>,
     pub node_logs: Option<PathBuf>,
@@ -164,6 +178,12 @@ impl Plan {
         } else {
             args.handoff_customers.iter().map(|&c| c.max(1)).collect()
         };
+        if !(0.0..=0.5).contains(&args.link_share) {
+            bail!(
+                "--link-share {}: not a share of events; use a number from 0 to 0.5 (e.g. 0.05 for 5 %)",
+                args.link_share
+            );
+        }
         let crm_node = match args.crm_node {
             Some(path) => path,
             None => std::env::current_exe()
@@ -200,6 +220,9 @@ impl Plan {
                 .max(1),
             failover_rate: args.failover_rate.max(1.0),
             handoff_customers,
+            merge_pairs: pick(args.merge_pairs, 5_000, 1_000).max(1),
+            merge_events: args.merge_events.unwrap_or(events).max(1),
+            link_share: args.link_share,
             seed: args.seed,
             skip: args.skip.into_iter().collect(),
             node_logs: args.node_logs,

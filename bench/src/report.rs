@@ -12,6 +12,7 @@ use crate::steps::e2e::EndToEndDetails;
 use crate::steps::failover::FailoverRunDetails;
 use crate::steps::kv::KvDiagnostic;
 use crate::steps::latency::LatencyDetails;
+use crate::steps::merges::{MergesDetails, RATIO_WITH_LINKS_MIN};
 use crate::steps::raw::RawDetails;
 use crate::steps::rss::MemoryDetails;
 use crate::traffic::TrafficDetails;
@@ -54,6 +55,15 @@ pub struct BenchResults {
     pub failover_caught_up_median_s: Option<f64>,
     pub handoff_10k_s: Option<f64>,
     pub handoff_100k_s: Option<f64>,
+    /// Merges applied per second (the `merges` step's pairs).
+    pub merges_per_s: Option<f64>,
+    /// The `merges` step's end-to-end rate without links and with them.
+    pub merges_plain_events_per_s: Option<f64>,
+    pub merges_links_events_per_s: Option<f64>,
+    /// Linking events / events of the run with links.
+    pub link_share: Option<f64>,
+    /// With links over without; target >= 0.85.
+    pub ratio_with_links: Option<f64>,
     /// `handoff_<customers>_s` of other `--handoff-customers` sizes.
     #[serde(flatten)]
     pub handoff_other_s: BTreeMap<String, Option<f64>>,
@@ -86,6 +96,8 @@ pub struct BenchResults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffResults>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merges: Option<MergesDetails>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cold_activation: Option<ColdDetails>,
     /// Step name -> what failed.
     pub errors: BTreeMap<String, String>,
@@ -98,6 +110,7 @@ pub struct Targets {
     pub p99_latency_ms_max: f64,
     pub failover_s_max: f64,
     pub handoff_10k_s_max: f64,
+    pub ratio_with_links_min: f64,
 }
 
 impl Default for Targets {
@@ -107,6 +120,7 @@ impl Default for Targets {
             p99_latency_ms_max: 50.0,
             failover_s_max: 10.0,
             handoff_10k_s_max: 2.0,
+            ratio_with_links_min: RATIO_WITH_LINKS_MIN,
         }
     }
 }
@@ -402,6 +416,7 @@ pub fn print_table(results: &BenchResults) {
     rows.extend(cluster_rows(results));
     rows.extend(failover_rows(results));
     rows.extend(handoff_rows(results));
+    rows.extend(merges_rows(results));
     println!("{:<62} {:>12}  target", "metric", "value");
     for (name, value, target) in rows {
         println!("{name:<62} {value:>12}  {target}");
@@ -471,6 +486,42 @@ fn single_node_rows(r: &BenchResults) -> Vec<Row> {
             "cold activation, p99 (us)".into(),
             figure(r.cold_activation_p99_us, 1),
             String::new(),
+        ),
+    ]
+}
+
+fn merges_rows(r: &BenchResults) -> Vec<Row> {
+    let targets = Targets::default();
+    let share = r.link_share.map(|share| share * 100.0);
+    vec![
+        (
+            "merges applied, pairs linked on one node (merges/s)".into(),
+            figure(r.merges_per_s, 0),
+            String::new(),
+        ),
+        (
+            "end-to-end without links (events/s)".into(),
+            figure(r.merges_plain_events_per_s, 0),
+            String::new(),
+        ),
+        (
+            format!(
+                "end-to-end with {} % linking events (events/s)",
+                figure(share, 1)
+            ),
+            figure(r.merges_links_events_per_s, 0),
+            String::new(),
+        ),
+        (
+            "  ratio with links / without".into(),
+            figure(r.ratio_with_links, 3),
+            format!(
+                ">= 0.85: {}",
+                verdict(
+                    r.ratio_with_links
+                        .map(|x| x >= targets.ratio_with_links_min)
+                )
+            ),
         ),
     ]
 }
@@ -596,6 +647,8 @@ mod tests {
             "failover_s",
             "handoff_10k_s",
             "handoff_100k_s",
+            "merges_per_s",
+            "ratio_with_links",
         ] {
             assert_eq!(value[key], serde_json::Value::Null, "{key}");
         }
@@ -653,6 +706,12 @@ mod tests {
                 }],
                 ..Default::default()
             }),
+            merges: Some(MergesDetails {
+                pairs: Some(Default::default()),
+                plain: Some(Default::default()),
+                with_links: Some(Default::default()),
+                ..Default::default()
+            }),
             cold_activation: Some(Default::default()),
             ..Default::default()
         }
@@ -701,7 +760,48 @@ mod tests {
             "other_cores",
         ]);
         assert_eq!(keys(&value, "/raw/cpu_publish"), cpu);
-        let expected: [(&str, &[&str]); 17] = [
+        let expected: [(&str, &[&str]); 20] = [
+            (
+                "/merges",
+                &[
+                    "pairs",
+                    "plain",
+                    "with_links",
+                    "link_share_target",
+                    "link_share_expected",
+                    "split_percent",
+                    "ratio_with_links",
+                ],
+            ),
+            (
+                "/merges/pairs",
+                &[
+                    "pairs",
+                    "setup_seconds",
+                    "seconds",
+                    "merges_per_s",
+                    "publish_done_s",
+                    "logs_applied_s",
+                    "duplicates_acked",
+                    "node_counters",
+                    "identity_counters",
+                    "cpu",
+                ],
+            ),
+            (
+                "/merges/with_links",
+                &[
+                    "split_percent",
+                    "events",
+                    "seconds",
+                    "events_per_s",
+                    "links",
+                    "link_share",
+                    "merges_applied_s",
+                    "logs_applied_s",
+                    "end_to_end",
+                ],
+            ),
             ("/traffic", &["generator", "events", "mean_payload_bytes"]),
             (
                 "/traffic/generator",

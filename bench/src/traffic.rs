@@ -194,16 +194,32 @@ pub fn spec(customers: usize, seed: u64) -> GeneratorSpec {
 /// The first `events` messages of generated multi-channel traffic (no duplicates), from a
 /// population sized so that the generator's whole week yields about that many.
 pub fn generated_traffic(events: u64, seed: u64) -> (Vec<Outgoing>, GeneratorSpec) {
-    const PROBE_PEOPLE: usize = 2_000;
-    let probe = Generator::new(spec(PROBE_PEOPLE, seed))
+    generated_traffic_split(events, seed, 0)
+}
+
+/// The generator of the sample traffic, `split_percent` of its people split in two
+/// customers that a later `identify` links (`Generator::with_split_identities`; 0: none).
+fn generator(spec: GeneratorSpec, split_percent: u8) -> Generator {
+    Generator::new(spec)
+        .with_split_identities(split_percent)
         .without_truth()
-        .count();
+}
+
+/// People of the probe that sizes a population (and estimates the share of links).
+const PROBE_PEOPLE: usize = 2_000;
+
+/// [`generated_traffic`] with `split_percent` of the people split (see [`generator`]).
+pub fn generated_traffic_split(
+    events: u64,
+    seed: u64,
+    split_percent: u8,
+) -> (Vec<Outgoing>, GeneratorSpec) {
+    let probe = generator(spec(PROBE_PEOPLE, seed), split_percent).count();
     let per_person = (probe as f64 / PROBE_PEOPLE as f64).max(0.1);
     let mut people = ((events as f64 / per_person) * 1.02).ceil() as usize;
     loop {
         let spec = spec(people.max(10), seed);
-        let messages: Vec<Outgoing> = Generator::new(spec.clone())
-            .without_truth()
+        let messages: Vec<Outgoing> = generator(spec.clone(), split_percent)
             .take(events as usize)
             .map(|event| Outgoing {
                 subject: subjects::ingest(&event.channel),
@@ -216,6 +232,44 @@ pub fn generated_traffic(events: u64, seed: u64) -> (Vec<Outgoing>, GeneratorSpe
         }
         people = people * 3 / 2 + 10;
     }
+}
+
+/// The split percent expected to make `link_share` (0..1) of the events linking events,
+/// and the share it is expected to make (less than asked when even a 100 % split links
+/// fewer), from the probe population's events without splits and with every person split
+/// (each split adds one event, the second customer's `identify`, and turns the `identify`
+/// that links into a merge, so the difference counts the links of a 100 % split).
+pub fn split_percent_for_link_share(seed: u64, link_share: f64) -> (u8, f64) {
+    let plain = generator(spec(PROBE_PEOPLE, seed), 0).count() as u64;
+    let all_split = generator(spec(PROBE_PEOPLE, seed), 100).count() as u64;
+    let percent = split_percent_for(plain, all_split, link_share);
+    let links = f64::from(percent) / 100.0 * all_split.saturating_sub(plain) as f64;
+    let expected = links / (plain as f64 + links).max(1.0);
+    (percent, crate::figures::round(expected, 4))
+}
+
+/// With `plain` events without splits and `all_split` with every person split, the percent
+/// p (1 to 100) where links / events = `link_share`: links = p/100 * (all_split - plain),
+/// events = plain + links, so p/100 = share * plain / ((all_split - plain) * (1 - share)).
+/// 100 when even a full split yields fewer links than asked; 0 for a share of 0.
+pub fn split_percent_for(plain: u64, all_split: u64, link_share: f64) -> u8 {
+    if link_share <= 0.0 {
+        return 0;
+    }
+    let links_at_full = all_split.saturating_sub(plain) as f64;
+    if links_at_full <= 0.0 || link_share >= 1.0 {
+        return 100;
+    }
+    let fraction = link_share * plain as f64 / (links_at_full * (1.0 - link_share));
+    (fraction * 100.0).round().clamp(1.0, 100.0) as u8
+}
+
+/// Linking events over events, rounded to 4 decimals; 0 without events.
+pub fn link_share(links: u64, events: u64) -> f64 {
+    if events == 0 {
+        return 0.0;
+    }
+    crate::figures::round(links as f64 / events as f64, 4)
 }
 
 /// Aborts a background task when the step that spawned it ends, however it ends (a step
@@ -343,4 +397,57 @@ pub fn spawn_paced_load(
         failures += acks.await.unwrap_or(0);
         (published, failures)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_percent_solves_links_over_events_for_the_share() {
+        // 1,000 events without splits, 1,200 with everyone split: 200 links at 100 %.
+        // 5 %: p/100 * 200 = 0.05 * (1000 + p/100 * 200) -> p = 26.3 %.
+        assert_eq!(split_percent_for(1_000, 1_200, 0.05), 26);
+        let p = f64::from(split_percent_for(1_000, 1_200, 0.05)) / 100.0;
+        let share = p * 200.0 / (1_000.0 + p * 200.0);
+        assert!((share - 0.05).abs() < 0.002, "{share}");
+    }
+
+    #[test]
+    fn the_split_percent_is_bounded() {
+        assert_eq!(split_percent_for(1_000, 1_010, 0.05), 100, "too few links");
+        assert_eq!(
+            split_percent_for(1_000, 1_000, 0.05),
+            100,
+            "no links at all"
+        );
+        assert_eq!(
+            split_percent_for(1_000, 900_000, 0.05),
+            1,
+            "at least one percent"
+        );
+        assert_eq!(
+            split_percent_for(1_000, 1_200, 0.0),
+            0,
+            "no share, no split"
+        );
+    }
+
+    #[test]
+    fn the_link_share_is_links_over_events() {
+        assert_eq!(link_share(50, 1_000), 0.05);
+        assert_eq!(link_share(1, 3), 0.3333);
+        assert_eq!(link_share(5, 0), 0.0);
+    }
+
+    #[test]
+    fn split_traffic_has_more_events_per_person_and_other_ids() {
+        let plain = generator(spec(200, 7), 0).count();
+        let split = generator(spec(200, 7), 100).count();
+        assert!(split > plain, "{split} <= {plain}");
+        let (traffic, _) = generated_traffic_split(500, 7, 20);
+        assert_eq!(traffic.len(), 500);
+        let (plain_traffic, _) = generated_traffic(500, 7);
+        assert_ne!(traffic[0].msg_id, plain_traffic[0].msg_id);
+    }
 }

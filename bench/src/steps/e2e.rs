@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 pub struct EndToEnd {
     /// Events published and applied per second.
     pub events_per_s: f64,
+    /// The first publish (where its `seconds` start).
+    pub first_publish: Instant,
     pub details: EndToEndDetails,
 }
 
@@ -114,6 +116,7 @@ pub async fn end_to_end(
     };
     Ok(EndToEnd {
         events_per_s,
+        first_publish: first,
         details,
     })
 }
