@@ -915,3 +915,42 @@ async fn a_router_whose_lease_ran_out_creates_no_more_identity_keys() {
     );
     assert_eq!(kv_keys(&server).await.len(), 1 + 6 + 1);
 }
+
+#[tokio::test]
+async fn an_email_stored_decomposed_before_nfc_keeps_resolving_to_its_customer() {
+    let server = NatsServer::start();
+    let router = directory(&server, 100).await;
+    // As a build before NFC normalisation stored it: the key of the decomposed text.
+    let legacy = Identity {
+        kind: IdentityKind::Email,
+        value: "rene\u{301}@example.com".to_string(),
+    };
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value(subjects::KV_IDENTITY)
+        .await
+        .unwrap();
+    kv.create(router.key_of(&legacy), "cstoredbefore01".into())
+        .await
+        .unwrap();
+    // Typed decomposed or composed, it normalises to the composed (NFC) form now.
+    let current = ids(&[(IdentityKind::Email, "Rene\u{301}@Example.com")]);
+    assert_ne!(current[0].value, legacy.value);
+    let fresh = directory(&server, 100).await;
+    assert_eq!(
+        fresh.lookup(&current).await.unwrap().as_deref(),
+        Some("cstoredbefore01"),
+        "a query finds the customer under the legacy form"
+    );
+    // An event alone with it (which would otherwise mint a customer at once) goes to the
+    // stored customer, and the current form is mapped to it.
+    let resolution = router.resolve(&current).await.unwrap();
+    assert_eq!(resolution.customer_id, "cstoredbefore01");
+    assert!(!resolution.created);
+    assert!(kv_keys(&server).await.contains(&router.key_of(&current[0])));
+    let later = directory(&server, 0).await;
+    assert_eq!(
+        later.lookup(&current).await.unwrap().as_deref(),
+        Some("cstoredbefore01")
+    );
+}

@@ -164,6 +164,25 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The form this identifier was stored under before emails were NFC-normalised, when
+    /// it differs: an email typed decomposed (`e` + U+0301, as macOS keyboards send) was
+    /// lower-cased as typed, so its directory key was made from the decomposed (NFD) text.
+    /// `None` for every other kind and for emails whose NFD form is the same (all ASCII
+    /// ones). The identity directory looks this form up when the current one is unknown,
+    /// so customers stored before keep resolving.
+    pub fn legacy_form(&self) -> Option<Identity> {
+        if self.kind != IdentityKind::Email || self.value.is_ascii() {
+            return None;
+        }
+        let decomposed: String = self.value.nfd().collect();
+        (decomposed != self.value).then_some(Identity {
+            kind: IdentityKind::Email,
+            value: decomposed,
+        })
+    }
+}
+
 /// `text` in Unicode Normalization Form C.
 fn nfc(text: &str) -> String {
     if is_nfc(text) {
@@ -432,5 +451,24 @@ mod tests {
         by_priority(&mut ids);
         assert_eq!(ids[0].kind, IdentityKind::LoyaltyCard);
         assert_eq!(ids[2].kind, IdentityKind::DeviceId);
+    }
+
+    #[test]
+    fn an_email_with_accents_has_its_decomposed_legacy_form_and_ascii_ones_none() {
+        let composed = Identity::normalise(IdentityKind::Email, "Ren\u{e9}@example.com").unwrap();
+        let typed_decomposed =
+            Identity::normalise(IdentityKind::Email, "Rene\u{301}@example.com").unwrap();
+        assert_eq!(composed, typed_decomposed, "one mailbox");
+        let legacy = composed.legacy_form().expect("a decomposed form");
+        assert_eq!(legacy.value, "rene\u{301}@example.com");
+        assert_eq!(
+            legacy.legacy_form(),
+            None,
+            "already decomposed: nothing older"
+        );
+        let ascii = Identity::normalise(IdentityKind::Email, "ann@example.com").unwrap();
+        assert_eq!(ascii.legacy_form(), None);
+        let card = Identity::normalise(IdentityKind::LoyaltyCard, "K\u{e4}se-1").unwrap();
+        assert_eq!(card.legacy_form(), None);
     }
 }

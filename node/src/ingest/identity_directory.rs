@@ -11,6 +11,10 @@
 //! minted deterministically from its primary identifier (`c` + the first 24 hex characters
 //! of that identifier's key), so racing routers even mint the same id.
 //!
+//! An email whose key an older build made from its decomposed form
+//! (`Identity::legacy_form`) is looked up under that form when its current key is unknown,
+//! and the router then maps the current key to the same customer.
+//!
 //! An identifier key never changes once created, so the bounded in-memory cache of key ->
 //! customer id can never go stale. Merging two customers does not rewrite keys: it sets
 //! `merged_into` on the merged customer's record (`records.rs`, compare-and-set), which
@@ -517,7 +521,16 @@ impl IdentityDirectory {
         let lookups = identities
             .iter()
             .zip(keys)
-            .map(|(identity, key)| self.lookup_key(identity.kind, key));
+            .map(|(identity, key)| async move {
+                match self.lookup_key(identity.kind, key).await? {
+                    None => match identity.legacy_form() {
+                        // Stored before emails were NFC-normalised: found under that form.
+                        Some(legacy) => self.lookup_key(identity.kind, &self.key_of(&legacy)).await,
+                        None => Ok(None),
+                    },
+                    found => Ok(found),
+                }
+            });
         futures::future::try_join_all(lookups).await
     }
 

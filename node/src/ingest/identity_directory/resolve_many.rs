@@ -59,6 +59,12 @@ struct Learnt {
     /// Customer records: of every customer found and every customer their merges lead to,
     /// and those the plan creates or changes.
     records: HashMap<String, Slot>,
+    /// Keys of identifiers that had another form before (`Identity::legacy_form`): key ->
+    /// the legacy form's key, looked up when the key is unknown.
+    legacy: HashMap<String, String>,
+    /// Keys found only under their legacy form: (kind, key, customer), created in round 4
+    /// so that the current form is found directly from then on.
+    aliases: Vec<(IdentityKind, String, String)>,
 }
 
 /// A customer record as the plan sees it.
@@ -193,9 +199,11 @@ impl IdentityDirectory {
         // Round 3: plan, in order, as if every create wins.
         let mut plans = plan(&self.rules, &self.counters, events, &keys, &mut learnt);
         // Round 4: the planned creates and record writes, concurrently.
-        let (outcomes, ()) = futures::try_join!(
+        let aliases = std::mem::take(&mut learnt.aliases);
+        let (outcomes, (), ()) = futures::try_join!(
             self.create_planned(&identities, &plans, may_create),
             self.write_records(&mut learnt, may_create),
+            self.create_aliases(aliases, may_create),
         )?;
         self.settle(events, &mut plans, &outcomes, may_create).await
     }
@@ -248,6 +256,24 @@ impl IdentityDirectory {
         Ok(())
     }
 
+    /// Round 4c: the current form of identifiers found only under their legacy form,
+    /// mapped to the same customer (a create lost to another writer is as good).
+    async fn create_aliases(
+        &self,
+        aliases: Vec<(IdentityKind, String, String)>,
+        may_create: MayCreate<'_>,
+    ) -> Result<(), DirectoryError> {
+        futures::stream::iter(aliases.into_iter().map(|(kind, key, customer)| async move {
+            self.create(kind, &key, &customer, may_create)
+                .await
+                .map(|_| ())
+        }))
+        .buffer_unordered(KV_IN_FLIGHT_MAX)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
+    }
+
     /// Round 4b: every record the plan changed, concurrently.
     async fn write_records(
         &self,
@@ -281,6 +307,9 @@ impl IdentityDirectory {
                 if learnt.known.contains_key(key) {
                     continue;
                 }
+                if let Some(legacy) = identity.legacy_form() {
+                    learnt.legacy.insert(key.clone(), self.key_of(&legacy));
+                }
                 match cache.get(key) {
                     Some(customer_id) => {
                         self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -308,10 +337,15 @@ impl IdentityDirectory {
             }
         }
         let known = &mut learnt.known;
+        let legacy = &learnt.legacy;
         learnt.missed.retain(|(_, key, _)| {
             let Some(hint) = answers.remove(key) else {
                 return true;
             };
+            // "Absent" is not the whole answer for a key with a legacy form.
+            if hint.found.is_none() && legacy.contains_key(key) {
+                return true;
+            }
             if !hint.usable(cache.generations) {
                 return true;
             }
@@ -334,11 +368,16 @@ impl IdentityDirectory {
         learnt: &mut Learnt,
         may_create: MayCreate<'_>,
     ) -> Result<(), DirectoryError> {
+        let legacy = &learnt.legacy;
         let probes = std::mem::take(&mut learnt.missed)
             .into_iter()
             .map(|(kind, key, event)| {
-                let value = create_first(&keys[event], &key);
+                // A key with a legacy form is never created blind: its customer may be
+                // stored under the legacy form.
+                let legacy_key = legacy.get(&key).cloned();
+                let value = create_first(&keys[event], &key).filter(|_| legacy_key.is_none());
                 async move {
+                    let mut alias = None;
                     let probe = match value {
                         Some(value) => {
                             self.create(kind, &key, &value, may_create)
@@ -348,23 +387,36 @@ impl IdentityDirectory {
                                     Created::Lost(stored) => Probe::Found(Some(stored)),
                                 })
                         }
-                        None => self.read(kind, &key).await.map(Probe::Found),
+                        None => match self.read(kind, &key).await {
+                            Ok(None) if legacy_key.is_some() => {
+                                let legacy_key = legacy_key.unwrap_or_default();
+                                self.read(kind, &legacy_key).await.map(|found| {
+                                    alias = found.clone();
+                                    Probe::Found(found)
+                                })
+                            }
+                            read => read.map(Probe::Found),
+                        },
                     };
                     match probe {
-                        Ok(probe) => Ok((key, probe)),
+                        Ok(probe) => Ok((kind, key, probe, alias)),
                         Err(error @ DirectoryError::CorruptValue { .. }) => {
-                            Ok((key, Probe::Corrupt(error)))
+                            Ok((kind, key, Probe::Corrupt(error), None))
                         }
                         Err(error) => Err(error),
                     }
                 }
             });
-        let probes: Vec<(String, Probe)> = futures::stream::iter(probes)
-            .buffer_unordered(KV_IN_FLIGHT_MAX)
-            .try_collect()
-            .await?;
+        let probes: Vec<(IdentityKind, String, Probe, Option<String>)> =
+            futures::stream::iter(probes)
+                .buffer_unordered(KV_IN_FLIGHT_MAX)
+                .try_collect()
+                .await?;
         let mut cache = self.lock_cache();
-        for (key, probe) in probes {
+        for (kind, key, probe, alias) in probes {
+            if let Some(customer_id) = alias {
+                learnt.aliases.push((kind, key.clone(), customer_id));
+            }
             match probe {
                 Probe::Found(found) => {
                     self.counters.kv_reads.fetch_add(1, Ordering::Relaxed);
