@@ -168,6 +168,7 @@ async fn an_event_linking_two_known_customers_merges_them_into_the_higher_priori
         identities: &both,
         event_id: "e-link",
         at_ms: 1_700_000_000_000,
+        ingest_seq: 100,
     };
     let resolution = directory
         .resolve_events(&[linking])
@@ -206,6 +207,23 @@ async fn an_event_linking_two_known_customers_merges_them_into_the_higher_priori
         .unwrap();
     assert_eq!(later.customer_id, by_card.customer_id);
     assert!(later.merges.is_empty() && later.merge_outs.is_empty());
+
+    // An event before the merge in ingest order, redelivered, still belongs to the merged
+    // customer (it is before the merge-out in that customer's log).
+    let email_only = ids(&[(IdentityKind::Email, "bob@example.com")]);
+    let earlier = EventIdentities {
+        identities: &email_only,
+        event_id: "e-before",
+        at_ms: 1_600_000_000_000,
+        ingest_seq: 99,
+    };
+    let before = other_router
+        .resolve_events(&[earlier])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(before.customer_id, by_email.customer_id);
 
     // The same event routed again (a redelivery) writes its merge again, and nothing else.
     let again = other_router
@@ -275,6 +293,7 @@ async fn merges_and_links_beyond_the_identity_limits_are_refused() {
                 identities: &identities,
                 event_id: &id,
                 at_ms,
+                ingest_seq: u64::MAX,
             };
             directory
                 .resolve_events(&[event])

@@ -65,6 +65,11 @@ fn channel(
     wait: Wait,
 ) -> ApplyOutcome {
     let event = command.event;
+    // A tombstone keeps the event ids it applied: an event redelivered after the merge is
+    // recognised as applied already (the survivor has it from the merged state).
+    if state.is_tombstone() && state.dedup.contains(&event.event_id) {
+        return outcome(ApplyStatus::Duplicate, Vec::new());
+    }
     if let Some(into) = &state.merge.merged_into {
         return unapplicable(format!(
             "event {} reached customer {}, which was merged into {into}: nothing was applied; send it again, the router now routes the customer's identifiers to {into}",
@@ -237,6 +242,8 @@ fn merge_out(state: &mut CustomerState, merge: &MergeRef, rules: &Rules) -> Appl
     tombstone.rules_version = rules.version;
     tombstone.merge.merged_into = Some(merge.survivor_id.clone());
     tombstone.merge.merged_at_ms = Some(merge.at_ms);
+    // Its event ids stay (bounded as before): a redelivered event is a duplicate here.
+    tombstone.dedup = state.dedup.clone();
     let leaving = std::mem::replace(state, tombstone);
     ApplyOutcome {
         transfer: Some(Box::new(MergeTransfer {

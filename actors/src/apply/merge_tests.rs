@@ -213,10 +213,14 @@ fn a_survivor_holds_channel_events_until_the_merged_state_arrives_then_applies_t
     assert_eq!(apply(&mut a, &link, &rules).status, ApplyStatus::Duplicate);
     assert_eq!(apply(&mut a, &later, &rules).status, ApplyStatus::Duplicate);
     assert_eq!(a.merge.held.len(), 2);
-    // Redeems and ticks are never held.
+    // Redeems are never held: while a merged state is on its way they are refused
+    // `merge_pending` (ask again), and nothing is spent.
     let spent = apply(&mut a, &redeem("r1", "sticker", day(5)), &rules);
-    assert_eq!(spent.redeem.as_ref().map(|r| r.approved), Some(true));
-    assert_eq!(a.loyalty.balance(), 300 - 50);
+    assert_eq!(
+        spent.redeem.as_ref().and_then(|r| r.reason.as_deref()),
+        Some("merge_pending")
+    );
+    assert_eq!(a.loyalty.balance(), 300);
     let view = CustomerView::of(&a, day(6), &rules);
     assert_eq!(view.awaiting_merges, vec!["b".to_string()]);
     assert_eq!(view.held_commands, 2);
@@ -1015,4 +1019,47 @@ fn a_shared_order_filed_under_other_categories_on_each_side_still_leaves_spend_c
     assert_eq!(a.purchases.by_category_minor.values().sum::<i64>(), 13_000);
     assert_eq!(a.purchases.by_category_minor["shoes"], 10_000);
     assert_eq!(a.purchases.by_channel_minor["web"], 13_000);
+}
+
+#[test]
+fn a_tombstone_recognises_an_event_it_applied_before_its_merge_out() {
+    let rules = rules();
+    let mut b = customer("b", &rules, &[purchase("b1", "ob1", day(1), 10_000)]);
+    apply(
+        &mut b,
+        &merge_out(&merge_ref("b", "a", "link", day(2))),
+        &rules,
+    );
+    // The same event again (a redelivery): applied already, a duplicate, not refused.
+    let again = resolved(purchase("b1", "ob1", day(1), 10_000), vec![], vec![]);
+    let outcome = apply(&mut b, &again, &rules);
+    assert_eq!(outcome.status, ApplyStatus::Duplicate);
+    // A new event is refused: it belongs to the survivor.
+    let new = resolved(purchase("b2", "ob2", day(3), 10_000), vec![], vec![]);
+    assert_eq!(
+        status_reason(&apply(&mut b, &new, &rules)),
+        Some(RejectReason::Unapplicable)
+    );
+}
+
+#[test]
+fn a_redeem_while_a_merged_state_is_on_its_way_is_refused_merge_pending_and_not_remembered() {
+    let rules = rules();
+    let mut a = customer("a", &rules, &[purchase("a1", "oa1", day(0), 30_000)]);
+    let link = resolved(
+        purchase("link", "o-link", day(1), 1_000),
+        vec![],
+        vec![merge_ref("b", "a", "link", day(1))],
+    );
+    apply(&mut a, &link, &rules);
+    let redeem = CustomerCommand::Redeem {
+        request_id: "r-1".into(),
+        reward_id: "coffee".into(),
+        at_ms: day(1) + 1,
+    };
+    let outcome = apply(&mut a, &redeem, &rules);
+    let reply = outcome.redeem.expect("a reply");
+    assert!(!reply.approved);
+    assert_eq!(reply.reason.as_deref(), Some("merge_pending"));
+    assert!(a.loyalty.redemptions.is_empty(), "nothing remembered");
 }

@@ -34,14 +34,6 @@ pub(super) fn apply_redeem(
             ..ApplyOutcome::default()
         };
     }
-    if !state.is_created() {
-        return ApplyOutcome {
-            status: ApplyStatus::Applied,
-            events: Vec::new(),
-            redeem: Some(deny(state, "unknown_customer")),
-            ..ApplyOutcome::default()
-        };
-    }
     if let Some(previous) = state
         .loyalty
         .redemptions
@@ -52,6 +44,23 @@ pub(super) fn apply_redeem(
             status: ApplyStatus::Duplicate,
             events: Vec::new(),
             redeem: Some(previous.outcome.clone()),
+            ..ApplyOutcome::default()
+        };
+    }
+    if !state.merge.awaiting.is_empty() {
+        // A merged customer's state is on its way: the request may be one that customer
+        // already answered (a retry), which only its state can tell. Nothing is remembered:
+        // asked again once the merge completed, it gets the right answer.
+        return ApplyOutcome {
+            redeem: Some(deny(state, "merge_pending")),
+            ..ApplyOutcome::default()
+        };
+    }
+    if !state.is_created() {
+        return ApplyOutcome {
+            status: ApplyStatus::Applied,
+            events: Vec::new(),
+            redeem: Some(deny(state, "unknown_customer")),
             ..ApplyOutcome::default()
         };
     }

@@ -118,6 +118,9 @@ pub struct EventIdentities<'a> {
     pub identities: &'a [Identity],
     pub event_id: &'a str,
     pub at_ms: i64,
+    /// Its `CRM_INGEST` sequence: a merge decided by a later event does not apply to it
+    /// (`u64::MAX`: after every merge).
+    pub ingest_seq: u64,
 }
 
 /// Counters of a directory, read with [`IdentityDirectory::metrics`].
@@ -333,6 +336,7 @@ impl IdentityDirectory {
             identities,
             event_id: "",
             at_ms: 0,
+            ingest_seq: u64::MAX,
         };
         let mut results = self.resolve_events_guarded(&[event], &|| true).await?;
         results.pop().unwrap_or(Err(DirectoryError::NoIdentity))

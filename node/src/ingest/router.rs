@@ -236,13 +236,15 @@ impl Router {
                 resolutions: Vec::new(),
             };
         }
-        let events: Vec<EventIdentities<'_>> = parsed
+        let events: Vec<EventIdentities<'_>> = messages
             .iter()
-            .filter_map(|event| event.as_ref().ok())
-            .map(|event| EventIdentities {
+            .zip(&parsed)
+            .filter_map(|(message, event)| Some((message, event.as_ref().ok()?)))
+            .map(|(message, event)| EventIdentities {
                 identities: event.identities.as_slice(),
                 event_id: &event.event_id,
                 at_ms: event.occurred_at_ms,
+                ingest_seq: message.info().map_or(u64::MAX, |i| i.stream_sequence),
             })
             .collect();
         // No identity key or record is written once the lease is gone: another router may
@@ -293,7 +295,13 @@ impl Router {
                     Ok(event) => match resolutions.next() {
                         Some(Ok(resolution)) => {
                             let size = message.payload.len() + resolution.customer_id.len();
-                            for (shard, entry) in self.entries(&message, event, resolution) {
+                            let entries = self.entries(&message, event, resolution);
+                            // Acked only once every one of its records is stored.
+                            outcome = Outcome::Routed {
+                                records: entries.len(),
+                                acks: Vec::new(),
+                            };
+                            for (shard, entry) in entries {
                                 by_shard
                                     .entry(shard)
                                     .or_default()
@@ -349,9 +357,8 @@ impl Router {
                         chunk.acks.push(AckSlot::Pending(ack));
                         sent.push(ack_index);
                         for index in indexes {
-                            match &mut chunk.messages[index].1 {
-                                Outcome::Routed(acks) => acks.push(ack_index),
-                                outcome => *outcome = Outcome::Routed(vec![ack_index]),
+                            if let Outcome::Routed { acks, .. } = &mut chunk.messages[index].1 {
+                                acks.push(ack_index);
                             }
                         }
                     }
@@ -520,12 +527,14 @@ fn record_id(shard: u32, entries: &[RoutedCommand]) -> String {
     format!("r{first}-{}-{hash:016x}", entries.len())
 }
 
-/// What became of one ingest message of a chunk: published in the records whose acks are
-/// `acks[i]` (more than one when it merges customers of other shards) or in the dead letter
-/// whose ack is `acks[i]`, or not published (it comes back when the router rewinds).
+/// What became of one ingest message of a chunk: routed into `records` shard-log records
+/// (more than one when it merges customers of other shards), of which those published so
+/// far have their acks at `acks` (routed only once all `records` are there and acked); in
+/// the dead letter whose ack is `acks[i]`; or not published (it comes back when the router
+/// rewinds).
 #[derive(Debug, Clone)]
 enum Outcome {
-    Routed(Vec<usize>),
+    Routed { records: usize, acks: Vec<usize> },
     DeadLetter(usize),
     NotPublished,
 }
@@ -652,7 +661,12 @@ async fn settle(chunk: Option<RoutedChunk>, metrics: &Metrics) -> bool {
     let mut complete = chunk.complete;
     for (message, outcome) in chunk.messages {
         let (result, counter) = match outcome {
-            Outcome::Routed(acks) => (
+            // A record of it was never published: it comes back when the router rewinds.
+            Outcome::Routed { records, acks } if acks.len() < records || acks.is_empty() => {
+                complete = false;
+                continue;
+            }
+            Outcome::Routed { acks, .. } => (
                 acks.iter()
                     .map(|i| &acked[*i])
                     .find(|result| result.is_err())

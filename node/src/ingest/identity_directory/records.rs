@@ -55,6 +55,11 @@ pub struct CustomerRecord {
     /// The event id that caused that merge (a re-routed event writes its merge again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge_cause: Option<String>,
+    /// The `CRM_INGEST` sequence of that event: events before it in ingest order still
+    /// belong to this customer (they are before the merge-out in its shard log), so a
+    /// redelivered one is routed here again, not to the survivor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_seq: Option<u64>,
     /// Identifier kind -> the identifiers held, as key prefixes.
     #[serde(default)]
     pub ids: BTreeMap<String, BTreeSet<String>>,
@@ -120,6 +125,7 @@ impl CustomerRecord {
             (None, Some(theirs)) => {
                 self.merged_into = Some(theirs.clone());
                 self.merge_cause = stored.merge_cause.clone();
+                self.merge_seq = stored.merge_seq;
             }
             _ => {}
         }

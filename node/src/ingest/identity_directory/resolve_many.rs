@@ -78,15 +78,19 @@ struct Slot {
 }
 
 impl Learnt {
-    /// The customer `customer_id` belongs to now: the end of its merge chain.
-    fn root(&self, customer_id: &str) -> Result<String, DirectoryError> {
+    /// The customer `customer_id` belongs to for an event at ingest sequence `seq`: the end
+    /// of its merge chain, following only the merges decided by that event or earlier ones
+    /// (an event before a merge in ingest order stays with the merged customer, before its
+    /// merge-out in its log: a redelivered one is recognised there by its event id).
+    fn root(&self, customer_id: &str, seq: u64) -> Result<String, DirectoryError> {
         let mut at = customer_id;
         for _ in 0..CHAIN_MAX {
-            match self
-                .records
-                .get(at)
-                .and_then(|slot| slot.record.merged_into.as_deref())
-            {
+            let next = self.records.get(at).and_then(|slot| {
+                let record = &slot.record;
+                let applies = record.merge_seq.is_none_or(|merge_seq| seq >= merge_seq);
+                record.merged_into.as_deref().filter(|_| applies)
+            });
+            match next {
                 Some(next) => at = next,
                 None => return Ok(at.to_string()),
             }
@@ -144,6 +148,7 @@ impl IdentityDirectory {
                 identities,
                 event_id: "",
                 at_ms: 0,
+                ingest_seq: u64::MAX,
             })
             .collect();
         self.resolve_events_guarded(&events, may_create).await
@@ -274,7 +279,11 @@ impl IdentityDirectory {
         .map(|_| ())
     }
 
-    /// Round 4b: every record the plan changed, concurrently.
+    /// Round 4b: every record the plan changed, concurrently; those of customers merged
+    /// away last, once the others (their survivors' included) are stored: a merge that
+    /// stops half-way leaves the survivor counting the merged customer's identifiers (a
+    /// routing again of the event finds the merge undecided and decides it again), never a
+    /// merged customer whose survivor does not count them.
     async fn write_records(
         &self,
         learnt: &mut Learnt,
@@ -289,13 +298,18 @@ impl IdentityDirectory {
                 (id.clone(), slot.record.clone(), slot.revision)
             })
             .collect();
-        futures::stream::iter(dirty.into_iter().map(|(id, record, revision)| async move {
-            self.write_record(&id, record, revision, may_create).await
-        }))
-        .buffer_unordered(KV_IN_FLIGHT_MAX)
-        .try_collect::<Vec<()>>()
-        .await
-        .map(|_| ())
+        let (merged, others): (Vec<_>, Vec<_>) = dirty
+            .into_iter()
+            .partition(|(_, record, _)| record.merged_into.is_some());
+        for wave in [others, merged] {
+            futures::stream::iter(wave.into_iter().map(|(id, record, revision)| async move {
+                self.write_record(&id, record, revision, may_create).await
+            }))
+            .buffer_unordered(KV_IN_FLIGHT_MAX)
+            .try_collect::<Vec<()>>()
+            .await?;
+        }
+        Ok(())
     }
 
     /// Round 1a: the cached customer of every distinct key; the others are `missed`.
@@ -569,7 +583,7 @@ fn plan_event(
     let mut roots: Vec<Option<String>> = Vec::with_capacity(found.len());
     for customer in &found {
         roots.push(match customer {
-            Some(customer) => Some(learnt.root(customer)?),
+            Some(customer) => Some(learnt.root(customer, event.ingest_seq)?),
             None => None,
         });
     }
@@ -610,7 +624,11 @@ fn plan_event(
         let limit = rules.merges_max_per_day as usize;
         let refusal = if !may_merge {
             Some(NoteReason::MergeDisabled)
-        } else if survivor.merges_on(day) + merged.merges_on(day) >= limit {
+        } else if survivor.merges_on(day) + merged.merges_on(day)
+            // A merge that stopped half-way counted this customer already.
+            - usize::from(survivor.merges.get(&other) == Some(&day))
+            >= limit
+        {
             Some(NoteReason::MergesPerDay {
                 limit: rules.merges_max_per_day,
             })
@@ -648,6 +666,7 @@ fn plan_event(
                 let merged_slot = learnt.slot(&other);
                 merged_slot.record.merged_into = Some(winner.clone());
                 merged_slot.record.merge_cause = Some(event.event_id.to_string());
+                merged_slot.record.merge_seq = Some(event.ingest_seq);
                 merged_slot.dirty = true;
                 let merge = MergeRef {
                     merged_id: other.clone(),
@@ -669,7 +688,7 @@ fn plan_event(
         let kind = identity.kind;
         match customer {
             Some(customer) => {
-                if learnt.root(customer)? == winner {
+                if learnt.root(customer, event.ingest_seq)? == winner {
                     let slot = learnt.slot(&winner);
                     if slot.record.add(kind, key) {
                         slot.dirty = true;
