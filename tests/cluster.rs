@@ -15,8 +15,8 @@ use crm_testkit::cluster_env::{
     purchase_arrivals, traffic_spec, NodeOptions, NODE_READY_TIMEOUT,
 };
 use crm_testkit::multi_node::{
-    assert_single_writer, audit_records, owned_by, status, status_cli, wait_cluster_settled,
-    wait_status, ClusterEnv,
+    assert_single_writer, audit_records, owned_by, settled, status, status_cli,
+    wait_cluster_settled, wait_status, ClusterEnv,
 };
 use crm_testkit::node_process::run_cli;
 use crm_testkit::schemas::assert_matches_schema;
@@ -58,14 +58,6 @@ fn has_keys_of(example: &Value, real: &Value, path: &str) {
 }
 
 /// Every shard has an owner, the one the coordinator assigned.
-fn settled(status: &Value) -> bool {
-    status["shards"].as_array().is_some_and(|shards| {
-        shards
-            .iter()
-            .all(|s| !s["owner"].is_null() && s["owner"] == s["assigned"])
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_lose_one_gain_one_and_drain_one_under_load_and_stay_exact() {
     let options = NodeOptions {

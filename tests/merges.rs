@@ -245,18 +245,11 @@ async fn three_nodes_merge_many_split_people_through_a_sigkill_and_a_join_and_st
         traffic_spec, view, NodeOptions,
     };
     use crm_testkit::multi_node::{
-        assert_single_writer, audit_records, owned_by, wait_cluster_settled, wait_status,
+        assert_single_writer, audit_records, owned_by, settled, wait_cluster_settled, wait_status,
         ClusterEnv,
     };
     use std::time::Duration;
     const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
-    let settled = |status: &Value| {
-        status["shards"].as_array().is_some_and(|shards| {
-            shards
-                .iter()
-                .all(|s| !s["owner"].is_null() && s["owner"] == s["assigned"])
-        })
-    };
 
     let options = NodeOptions {
         shards: 12,

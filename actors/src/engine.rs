@@ -1301,39 +1301,6 @@ mod tests {
         engine.shutdown().await;
     }
 
-    /// A model usable for scoring (parameters of a fitted one).
-    fn value_model(version: u64) -> crate::value::live::ValueModel {
-        use crate::value::live::{BgNbdJson, GammaGammaJson, ValueModel};
-        ValueModel {
-            version,
-            as_of_day: 20_460,
-            as_of: "2026-01-07".to_string(),
-            time_unit: "days".to_string(),
-            horizon_periods: 365,
-            discount_rate: 0.0,
-            bgnbd: BgNbdJson {
-                r: 0.24,
-                alpha: 4.4,
-                a: 0.79,
-                b: 2.4,
-            },
-            gamma_gamma: GammaGammaJson {
-                p: 6.25,
-                q: 3.74,
-                gamma: 15.4,
-            },
-            log_likelihood: -1.0,
-            customers: 10,
-            repeat_buyers: 5,
-            recency_days_quintiles: [1.0, 2.0, 3.0, 4.0],
-            frequency_quintiles: [1.0, 2.0, 3.0, 4.0],
-            monetary_quintiles: [1.0, 2.0, 3.0, 4.0],
-            clv_p99: 3.0,
-            clv_p80: 2.0,
-            clv_p50: 1.0,
-        }
-    }
-
     #[tokio::test]
     async fn a_survivor_is_rescored_under_the_current_model_when_a_merged_state_comes_in() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1342,7 +1309,14 @@ mod tests {
         let model = (
             2,
             ShardMessage::ValueModel {
-                model: value_model(7),
+                model: crate::value::live::ValueModel {
+                    as_of_day: 20_460,
+                    as_of: "2026-01-07".to_string(),
+                    recency_days_quintiles: [1.0, 2.0, 3.0, 4.0],
+                    frequency_quintiles: [1.0, 2.0, 3.0, 4.0],
+                    monetary_quintiles: [1.0, 2.0, 3.0, 4.0],
+                    ..crate::value::live::ValueModel::example(7)
+                },
             },
         );
         let mut merged = CustomerState::new("bob");

@@ -231,6 +231,15 @@ pub async fn wait_status(
     }
 }
 
+/// Whether every shard of a status is served by the node it is assigned to.
+pub fn settled(status: &Value) -> bool {
+    status["shards"].as_array().is_some_and(|shards| {
+        shards
+            .iter()
+            .all(|s| !s["owner"].is_null() && s["owner"] == s["assigned"])
+    })
+}
+
 /// The shards `node` owns according to a status.
 pub fn owned_by(status: &Value, node: &str) -> Vec<u64> {
     status["shards"]

@@ -715,6 +715,41 @@ pub fn day_text(day: i32) -> String {
 }
 
 #[cfg(test)]
+impl ValueModel {
+    /// A model with the parameters of a real fit (for tests that score customers).
+    pub(crate) fn example(version: u64) -> ValueModel {
+        ValueModel {
+            version,
+            as_of_day: 100,
+            as_of: "1970-04-11".to_string(),
+            time_unit: "days".to_string(),
+            horizon_periods: 365,
+            discount_rate: 0.0,
+            bgnbd: BgNbdJson {
+                r: 0.24,
+                alpha: 4.4,
+                a: 0.79,
+                b: 2.4,
+            },
+            gamma_gamma: GammaGammaJson {
+                p: 6.25,
+                q: 3.74,
+                gamma: 15.4,
+            },
+            log_likelihood: -1.0,
+            customers: 10,
+            repeat_buyers: 5,
+            recency_days_quintiles: [0.0; 4],
+            frequency_quintiles: [0.0; 4],
+            monetary_quintiles: [0.0; 4],
+            clv_p99: 3.0,
+            clv_p80: 2.0,
+            clv_p50: 1.0,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::FoldedDays;
@@ -900,34 +935,7 @@ mod tests {
 
     #[test]
     fn a_published_model_with_unusable_parameters_is_refused_naming_the_field() {
-        let good = ValueModel {
-            version: 1,
-            as_of_day: 100,
-            as_of: "1970-04-11".to_string(),
-            time_unit: "days".to_string(),
-            horizon_periods: 365,
-            discount_rate: 0.0,
-            bgnbd: BgNbdJson {
-                r: 0.24,
-                alpha: 4.4,
-                a: 0.79,
-                b: 2.4,
-            },
-            gamma_gamma: GammaGammaJson {
-                p: 6.25,
-                q: 3.74,
-                gamma: 15.4,
-            },
-            log_likelihood: -1.0,
-            customers: 10,
-            repeat_buyers: 5,
-            recency_days_quintiles: [0.0; 4],
-            frequency_quintiles: [0.0; 4],
-            monetary_quintiles: [0.0; 4],
-            clv_p99: 3.0,
-            clv_p80: 2.0,
-            clv_p50: 1.0,
-        };
+        let good = ValueModel::example(1);
         good.validate().expect("a fitted model's parameters");
         let refused = |change: fn(&mut ValueModel), field: &str| {
             let mut model = good.clone();
