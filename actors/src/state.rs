@@ -70,25 +70,7 @@ pub struct MergeState {
     pub held: VecDeque<HeldCommand>,
 }
 
-/// Longest a survivor waits for a merged customer's state, in rule time from its first held
-/// command: at a tick (or any command) that late it stops waiting and applies what it
-/// holds, as when its buffer is full; a state that comes later still merges.
-pub const MERGE_WAIT_MAX_MS: i64 = 15 * 60 * 1000;
-
 impl MergeState {
-    /// When the current wait gives up (`MERGE_WAIT_MAX_MS` after the first held command's
-    /// time); `None` when not waiting.
-    pub fn wait_deadline_ms(&self) -> Option<i64> {
-        if self.awaiting.is_empty() {
-            return None;
-        }
-        let since = match self.held.front()? {
-            HeldCommand::Event { event, .. } => event.occurred_at_ms,
-            HeldCommand::MergeOut { merge } => merge.at_ms,
-        };
-        Some(since.saturating_add(MERGE_WAIT_MAX_MS))
-    }
-
     /// Does this customer take part in a merge (merged away, merged into, or waiting)?
     pub fn is_involved(&self) -> bool {
         self.merged_into.is_some()
@@ -458,7 +440,6 @@ impl CustomerState {
             .chain(self.loyalty.tier_review_at_ms)
             .chain(self.retention.lapse_due_ms)
             .chain(self.retention.winback_due_ms)
-            .chain(self.merge.wait_deadline_ms())
             .min()
     }
 }

@@ -132,43 +132,6 @@ fn hold(state: &mut CustomerState, command: HeldCommand, rules: &Rules) -> Apply
     released
 }
 
-/// Applies what a survivor holds once it no longer waits for anyone (its wait ran out);
-/// `None` when there is nothing to release.
-pub(super) fn release_after_wait(state: &mut CustomerState, rules: &Rules) -> Option<ApplyOutcome> {
-    if !state.merge.awaiting.is_empty() || state.merge.held.is_empty() || state.is_tombstone() {
-        return None;
-    }
-    let mut out = ApplyOutcome::default();
-    release_held(state, rules, &mut out, Wait::No);
-    Some(out)
-}
-
-/// `outcome` with what was released before and after it: events in order, released
-/// statuses, the one transfer; the status and the redeem reply are the command's.
-pub(super) fn around(
-    before: Option<ApplyOutcome>,
-    outcome: ApplyOutcome,
-    after: Option<ApplyOutcome>,
-) -> ApplyOutcome {
-    if before.is_none() && after.is_none() {
-        return outcome;
-    }
-    let mut combined = ApplyOutcome {
-        status: outcome.status.clone(),
-        redeem: outcome.redeem.clone(),
-        ..ApplyOutcome::default()
-    };
-    for part in [before, Some(outcome), after].into_iter().flatten() {
-        combined.events.extend(part.events);
-        combined.released.extend(part.released);
-        if part.transfer.is_some() {
-            debug_assert!(combined.transfer.is_none(), "one merge-out per customer");
-            combined.transfer = part.transfer;
-        }
-    }
-    combined
-}
-
 fn run_held(
     state: &mut CustomerState,
     command: &HeldCommand,

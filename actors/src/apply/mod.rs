@@ -43,21 +43,8 @@ use crate::state::CustomerState;
 /// with daily reviews stays far below it).
 const FIRINGS_MAX: usize = 1_000_000;
 
-/// Applies one command. See the module docs for the order of things. A survivor whose wait
-/// for a merged state ran out (`MERGE_WAIT_MAX_MS`, noticed by the time rules) applies what
-/// it held before and after the command, in order.
+/// Applies one command. See the module docs for the order of things.
 pub fn apply(state: &mut CustomerState, command: &CustomerCommand, rules: &Rules) -> ApplyOutcome {
-    let before = merge::release_after_wait(state, rules);
-    let outcome = apply_command(state, command, rules);
-    let after = merge::release_after_wait(state, rules);
-    merge::around(before, outcome, after)
-}
-
-fn apply_command(
-    state: &mut CustomerState,
-    command: &CustomerCommand,
-    rules: &Rules,
-) -> ApplyOutcome {
     match command {
         CustomerCommand::Event { event, conflict } => merge::apply_channel(
             state,
@@ -171,14 +158,6 @@ fn run_due(state: &mut CustomerState, rules: &Rules, until_ms: i64, emitter: &mu
 
 fn fire_at(state: &mut CustomerState, rules: &Rules, now_ms: i64, emitter: &mut Emitter) {
     state.clock_ms = state.clock_ms.max(now_ms);
-    if state
-        .merge
-        .wait_deadline_ms()
-        .is_some_and(|at| at <= now_ms)
-    {
-        // Waited long enough: what is held is applied once this command is done.
-        state.merge.awaiting.clear();
-    }
     loyalty::release_due(&mut state.loyalty, rules, now_ms, emitter);
     for (source, points) in loyalty::expire_due(&mut state.loyalty, now_ms, emitter) {
         // A return of that order must not take these points again from other lots.
