@@ -17,8 +17,6 @@ use crm_actors::codec;
 use crm_actors::shard_message::{CustomerCommand, MergeRef, MergeTransfer, ShardMessage};
 use crm_actors::state::CustomerState;
 use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, ShardMeta, Store, TransferKey};
-use crm_node::cluster::snapshot::Snapshots;
-use crm_node::jetstream::{ensure_kv, ensure_streams};
 use crm_node::sharding::shard_of;
 use crm_node::subjects;
 use crm_testkit::cluster_env::{minor, request, wait_drained};
@@ -278,19 +276,7 @@ async fn events_held_for_a_merge_are_released_when_the_state_arrives_and_a_refus
 async fn a_pending_transfer_travels_in_the_shard_snapshot_to_the_next_owner() {
     const SHARD: u32 = 2;
     let server = crm_testkit::NatsServer::start();
-    let client = async_nats::connect(server.url()).await.expect("connect");
-    let js = jetstream::new(client);
-    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
-        .await
-        .expect("streams");
-    let kv = ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)
-        .await
-        .expect("bucket");
-    let snapshots = Snapshots {
-        jetstream: js.clone(),
-        kv,
-        piece_bytes: 200,
-    };
+    let (snapshots, _js) = crm_testkit::cluster_env::test_snapshots(&server).await;
 
     // The old owner applied bob's MergeOut (tombstone and transfer in one commit) and
     // stopped before the survivor's log acked the transfer.

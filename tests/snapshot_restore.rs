@@ -6,29 +6,11 @@ use crm_actors::codec;
 use crm_actors::state::CustomerState;
 use crm_actors::store::{CommitBatch, CustomerWrite, EncodedState, ShardMeta, Store};
 use crm_node::cluster::snapshot::{SnapshotError, Snapshots};
-use crm_node::jetstream::{ensure_kv, ensure_streams};
 use crm_node::subjects;
+use crm_testkit::cluster_env::test_snapshots;
 use crm_testkit::NatsServer;
 
 const SHARD: u32 = 3;
-
-async fn snapshots(server: &NatsServer) -> (Snapshots, async_nats::jetstream::Context) {
-    let client = async_nats::connect(server.url()).await.expect("connect");
-    let js = async_nats::jetstream::new(client);
-    ensure_streams(&js, &crm_testkit::cluster_env::test_stream_settings())
-        .await
-        .expect("streams");
-    let kv = ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)
-        .await
-        .expect("bucket");
-    let snapshots = Snapshots {
-        jetstream: js.clone(),
-        kv,
-        // Small pieces: a snapshot of a few customers takes several.
-        piece_bytes: 200,
-    };
-    (snapshots, js)
-}
 
 /// Commits `customers` to `SHARD` of `store` as applied up to `applied_seq`.
 fn commit(store: &Store, applied_seq: u64, customers: &[&str]) {
@@ -76,7 +58,7 @@ async fn refused_as_damaged(snapshots: &Snapshots, taker: &Store) -> String {
 #[tokio::test]
 async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores_exactly() {
     let server = NatsServer::start();
-    let (snapshots, js) = snapshots(&server).await;
+    let (snapshots, js) = test_snapshots(&server).await;
     let owner_dir = tempfile::tempdir().expect("tempdir");
     let owner = Store::open(owner_dir.path(), 8 << 20).expect("store");
     let customers: Vec<String> = (0..20).map(|i| format!("customer-{i:02}")).collect();
@@ -170,7 +152,7 @@ async fn a_damaged_snapshot_leaves_no_half_imported_copy_and_a_good_one_restores
 #[tokio::test]
 async fn snapshots_written_at_once_leave_only_the_pieces_their_manifest_names() {
     let server = NatsServer::start();
-    let (snapshots, js) = snapshots(&server).await;
+    let (snapshots, js) = test_snapshots(&server).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), 8 << 20).expect("store");
     let customers: Vec<String> = (0..20).map(|i| format!("customer-{i:02}")).collect();

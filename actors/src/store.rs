@@ -537,15 +537,7 @@ impl Store {
     /// with the next flush; an entry that comes back after a crash is published again and
     /// deduplicated by its event id.
     pub fn remove_outbox(&self, keys: &[OutboxKey]) -> Result<(), StoreError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut writes = sled::Batch::default();
-        for key in keys {
-            writes.remove(key.to_bytes());
-        }
-        self.tree.apply_batch(writes)?;
-        Ok(())
+        self.remove_all(keys.iter().map(|key| key.to_bytes()))
     }
 
     /// Every merge transfer of `shard` not yet appended to its survivor's shard log, in
@@ -576,14 +568,23 @@ impl Store {
     /// ignored). Durable with the next flush; a transfer that comes back after a crash is
     /// appended again, and the survivor applies it once (`Nats-Msg-Id`, then `merged_from`).
     pub fn remove_transfers(&self, keys: &[TransferKey]) -> Result<(), StoreError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
+        self.remove_all(keys.iter().map(|key| key.to_bytes()))
+    }
+
+    /// Removes these keys in one atomic batch (nothing to do for none).
+    fn remove_all<K: Into<sled::IVec>>(
+        &self,
+        keys: impl Iterator<Item = K>,
+    ) -> Result<(), StoreError> {
         let mut writes = sled::Batch::default();
+        let mut any = false;
         for key in keys {
-            writes.remove(key.to_bytes());
+            writes.remove(key);
+            any = true;
         }
-        self.tree.apply_batch(writes)?;
+        if any {
+            self.tree.apply_batch(writes)?;
+        }
         Ok(())
     }
 

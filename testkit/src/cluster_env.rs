@@ -588,3 +588,25 @@ pub async fn assert_buyers_exact(
     );
     checked
 }
+
+/// The shard snapshot store of a private server (its streams and the snapshot bucket set
+/// up), with small pieces so that a snapshot of a few customers takes several, and the
+/// JetStream context it uses.
+pub async fn test_snapshots(
+    server: &NatsServer,
+) -> (crm_node::cluster::snapshot::Snapshots, jetstream::Context) {
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    crm_node::jetstream::ensure_streams(&js, &test_stream_settings())
+        .await
+        .expect("streams");
+    let kv = crm_node::jetstream::ensure_kv(&js, subjects::KV_SNAPSHOTS, 1)
+        .await
+        .expect("bucket");
+    let snapshots = crm_node::cluster::snapshot::Snapshots {
+        jetstream: js.clone(),
+        kv,
+        piece_bytes: 200,
+    };
+    (snapshots, js)
+}

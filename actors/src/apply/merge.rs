@@ -613,15 +613,11 @@ fn merge_activity(survivor: &mut CustomerState, merged: &mut CustomerState, rule
     b.views = b.views.saturating_add(from.views);
     b.cart_adds = b.cart_adds.saturating_add(from.cart_adds);
     b.cart_removes = b.cart_removes.saturating_add(from.cart_removes);
-    b.last_viewed_category = if from.last_at_ms > b.last_at_ms {
-        from.last_viewed_category
-            .take()
-            .or(b.last_viewed_category.take())
-    } else {
-        b.last_viewed_category
-            .take()
-            .or(from.last_viewed_category.take())
-    };
+    b.last_viewed_category = later_value(
+        &mut b.last_viewed_category,
+        &mut from.last_viewed_category,
+        from.last_at_ms > b.last_at_ms,
+    );
     b.last_at_ms = b.last_at_ms.max(from.last_at_ms);
 
     let (s, from) = (&mut survivor.support, &mut merged.support);
@@ -641,11 +637,11 @@ fn merge_activity(survivor: &mut CustomerState, merged: &mut CustomerState, rule
     e.sent = e.sent.saturating_add(from.sent);
     e.opened = e.opened.saturating_add(from.opened);
     e.clicked = e.clicked.saturating_add(from.clicked);
-    e.last_campaign = if from.last_engaged_at_ms > e.last_engaged_at_ms {
-        from.last_campaign.take().or(e.last_campaign.take())
-    } else {
-        e.last_campaign.take().or(from.last_campaign.take())
-    };
+    e.last_campaign = later_value(
+        &mut e.last_campaign,
+        &mut from.last_campaign,
+        from.last_engaged_at_ms > e.last_engaged_at_ms,
+    );
     e.last_engaged_at_ms = e.last_engaged_at_ms.max(from.last_engaged_at_ms);
 
     let (v, from) = (&mut survivor.visits, &mut merged.visits);
@@ -659,6 +655,20 @@ fn merge_activity(survivor: &mut CustomerState, merged: &mut CustomerState, rule
 /// Purchases, returns and orders (shared orders were taken out of the merged side): the
 /// summaries add up, the merged customer's orders join as applied after the survivor's
 /// (the order applied longest ago dropped beyond `orders_max`).
+/// A "last" value of the merged state: the merged side's when it is the later one
+/// (`merged_is_later`), else the survivor's; either side's when the other has none.
+fn later_value(
+    survivor: &mut Option<String>,
+    merged: &mut Option<String>,
+    merged_is_later: bool,
+) -> Option<String> {
+    if merged_is_later {
+        merged.take().or(survivor.take())
+    } else {
+        survivor.take().or(merged.take())
+    }
+}
+
 fn merge_purchases(survivor: &mut CustomerState, merged: &mut CustomerState, rules: &Rules) {
     let applied_before = survivor.purchases.count;
     for (order_id, mut order) in std::mem::take(&mut merged.orders) {
